@@ -1,0 +1,135 @@
+"""Cluster description and every environment variable AdaPM reads (see docs/configuration.md).
+
+A ClusterSpec says what the cluster is (shape, table, init, mode); a WorkerEnv says where
+one worker process finds its node. adapm.run and adapm-launch pass a WorkerEnv to workers
+through the environment, so both start workers in exactly the same way."""
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adapm.initializers import parse_init
+from adapm.table import normalise_lengths
+
+MODES = ("adaptive", "static", "replicate_only", "relocate_only", "replicate_all")
+DTYPES = ("float32", "float64")
+
+# Environment variables set for every worker process (by adapm.run and adapm-launch).
+ENV_RANK = "ADAPM_RANK"                  # global worker rank, 0 .. num_workers-1
+ENV_LOCAL_RANK = "ADAPM_LOCAL_RANK"      # index of the worker on its node
+ENV_NODE = "ADAPM_NODE"                  # node id, 0 .. num_nodes-1
+ENV_NUM_NODES = "ADAPM_NUM_NODES"
+ENV_WORKERS_PER_NODE = "ADAPM_WORKERS_PER_NODE"
+ENV_SERVER = "ADAPM_SERVER"              # ZeroMQ address of the node server
+ENV_TABLE = "ADAPM_TABLE"                # POSIX shared-memory name of the node's table
+ENV_CLUSTER_ID = "ADAPM_CLUSTER_ID"
+# Tuning that users may set, each with a default that needs no tuning.
+ENV_HEARTBEAT_TIMEOUT = "ADAPM_HEARTBEAT_TIMEOUT"  # seconds without a server heartbeat
+ENV_LOCK_TIMEOUT = "ADAPM_LOCK_TIMEOUT"            # seconds a key's lock may be held
+ENV_START_TIMEOUT = "ADAPM_START_TIMEOUT"          # seconds for a node server to start
+
+DEFAULT_HEARTBEAT_TIMEOUT = 5.0
+DEFAULT_LOCK_TIMEOUT = 5.0
+DEFAULT_START_TIMEOUT = 60.0
+
+
+def env_float(name, default):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"environment variable {name} must be > 0, got {raw}")
+    return value
+
+
+def new_cluster_id():
+    return secrets.token_hex(6)
+
+
+@dataclass
+class ClusterSpec:
+    """What a cluster is. Validated on construction, in the calling process."""
+
+    num_keys: int
+    value_length: Any = 1
+    num_nodes: int = 1
+    workers_per_node: int = 1
+    dtype: str = "float32"
+    init: Any = None
+    mode: str = "adaptive"
+    host: str = "127.0.0.1"
+    cluster_id: str = field(default_factory=new_cluster_id)
+
+    def __post_init__(self):
+        self.num_keys = _positive_int("num_keys", self.num_keys)
+        self.num_nodes = _positive_int("nodes", self.num_nodes)
+        self.workers_per_node = _positive_int("workers_per_node", self.workers_per_node)
+        if self.num_nodes > 65535:
+            raise ValueError("at most 65535 nodes")
+        uniform, lengths = normalise_lengths(self.num_keys, self.value_length)
+        self.value_length = uniform if uniform else lengths
+        if str(np.dtype(self.dtype)) not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.dtype = str(np.dtype(self.dtype))
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.init = parse_init(self.init)
+
+    @property
+    def num_workers(self):
+        return self.num_nodes * self.workers_per_node
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+@dataclass
+class WorkerEnv:
+    """Where one worker finds its node; travels as ADAPM_* environment variables."""
+
+    rank: int
+    local_rank: int
+    node: int
+    num_nodes: int
+    workers_per_node: int
+    server: str
+    table: str
+    cluster_id: str
+
+    _FIELDS = (
+        ("rank", ENV_RANK, int), ("local_rank", ENV_LOCAL_RANK, int), ("node", ENV_NODE, int),
+        ("num_nodes", ENV_NUM_NODES, int), ("workers_per_node", ENV_WORKERS_PER_NODE, int),
+        ("server", ENV_SERVER, str), ("table", ENV_TABLE, str),
+        ("cluster_id", ENV_CLUSTER_ID, str),
+    )
+
+    def to_environ(self):
+        return {var: str(getattr(self, name)) for name, var, _ in self._FIELDS}
+
+    @classmethod
+    def from_environ(cls, environ=None):
+        environ = os.environ if environ is None else environ
+        missing = [var for _, var, _ in cls._FIELDS if var not in environ]
+        if missing:
+            raise RuntimeError(
+                "not started by adapm-launch or adapm.run: missing environment variables "
+                + ", ".join(missing))
+        values = {}
+        for name, var, kind in cls._FIELDS:
+            try:
+                values[name] = kind(environ[var])
+            except ValueError:
+                raise RuntimeError(f"malformed {var}={environ[var]!r}") from None
+        return cls(**values)

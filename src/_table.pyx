@@ -1,0 +1,557 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The node's shared-memory parameter table: mapping, layout and the batched hot path.
+
+This module knows the byte layout of the segment (src/table_layout.h) and nothing of
+the network, the manager or the cluster. Creating and unlinking the POSIX segment is
+done by adapm.table; here we only map a file descriptor and work on the memory.
+
+Concurrency (see docs/table.md): every key has a 32-bit sequence word. Writers take it
+with a CAS from even to odd and release it with +2; readers copy optimistically and
+retry when the word was odd or changed (a seqlock). A state or slot change by the node
+server goes through the same lock, so a reader never sees a value from a stale slot.
+A spin that lasts longer than the lock timeout (a writer died holding the key) makes
+the call fail instead of hanging.
+"""
+
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.stat cimport fstat, struct_stat
+
+from atomic cimport (
+    adapm_load_acquire_u32, adapm_load_relaxed_u32, adapm_store_release_u32,
+    adapm_cas_acquire_u32, adapm_load_relaxed_u64, adapm_store_relaxed_u64,
+    adapm_fence_acquire, adapm_fence_release, adapm_cpu_relax, adapm_prefetch_read,
+    adapm_prefetch_write, adapm_monotonic_ns, adapm_yield,
+)
+from layout cimport (
+    adapm_header_t, adapm_entry_t, ADAPM_MAGIC, ADAPM_LAYOUT_VERSION, ADAPM_HEADER_BYTES,
+    ADAPM_WORKER_BLOCK_SLOTS, ADAPM_NODE_COUNTER_SLOTS, ADAPM_ABSENT, ADAPM_OWNED,
+    ADAPM_REPLICA, ADAPM_PENDING,
+)
+
+import numpy as np
+
+cnp.import_array()
+
+ABSENT = ADAPM_ABSENT
+OWNED = ADAPM_OWNED
+REPLICA = ADAPM_REPLICA
+PENDING = ADAPM_PENDING
+HEADER_BYTES = ADAPM_HEADER_BYTES
+ENTRY_BYTES = sizeof(adapm_entry_t)
+WORKER_BLOCK_SLOTS = ADAPM_WORKER_BLOCK_SLOTS
+NODE_COUNTER_SLOTS = ADAPM_NODE_COUNTER_SLOTS
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# numpy view of one directory entry; must match adapm_entry_t.
+ENTRY_DTYPE = np.dtype([
+    ("seq", "<u4"), ("state", "u1"), ("flags", "u1"), ("owner", "<u2"),
+    ("version", "<u4"), ("length", "<u4"), ("offset", "<u8"),
+])
+assert ENTRY_DTYPE.itemsize == sizeof(adapm_entry_t)
+
+ctypedef fused real:
+    float
+    double
+
+# How far ahead the batch loops prefetch directory entries and value slots.
+cdef enum:
+    PREFETCH_ENTRY = 8
+    PREFETCH_VALUE = 4
+    # Spins between two looks at the clock while waiting for a key's lock.
+    SPINS_PER_CHECK = 256
+
+cdef inline uint64_t _align64(uint64_t x) nogil:
+    return (x + 63) & ~(<uint64_t>63)
+
+
+def layout_sizes(uint64_t num_keys, uint32_t num_workers, uint64_t arena_capacity,
+                 uint32_t itemsize):
+    """Byte offsets of the regions and the total size of a segment."""
+    cdef uint64_t directory = ADAPM_HEADER_BYTES
+    cdef uint64_t workers = _align64(directory + num_keys * sizeof(adapm_entry_t))
+    cdef uint64_t arena = _align64(workers + num_workers * ADAPM_WORKER_BLOCK_SLOTS * 8)
+    return {
+        "directory_offset": directory,
+        "workers_offset": workers,
+        "arena_offset": arena,
+        "total_bytes": arena + arena_capacity * itemsize,
+    }
+
+
+class LockTimeout(Exception):
+    """A key's lock was held longer than the timeout: its writer is presumed dead."""
+
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------
+# Per-key lock (writers) and spinning with a deadline.
+
+cdef struct Spinner:
+    uint64_t spins
+    uint64_t deadline_ns
+    uint64_t timeout_ns
+
+cdef inline bint _spin(Spinner* sp) noexcept nogil:
+    """One wait step. Returns True when the deadline passed."""
+    cdef uint64_t now
+    sp.spins += 1
+    if sp.spins < 64:
+        adapm_cpu_relax()
+        return False
+    adapm_yield()
+    if sp.spins % SPINS_PER_CHECK != 0:
+        return False
+    now = adapm_monotonic_ns()
+    if sp.deadline_ns == 0:
+        sp.deadline_ns = now + sp.timeout_ns
+        return False
+    return now > sp.deadline_ns
+
+cdef inline int _lock(adapm_entry_t* e, uint32_t* seq_out, uint64_t timeout_ns) noexcept nogil:
+    """Take the key's write lock; 0 on success, -1 on timeout."""
+    cdef uint32_t s
+    cdef Spinner sp
+    sp.spins = 0
+    sp.deadline_ns = 0
+    sp.timeout_ns = timeout_ns
+    while True:
+        s = adapm_load_relaxed_u32(&e.seq)
+        if (s & 1) == 0 and adapm_cas_acquire_u32(&e.seq, s, s + 1):
+            # Order the odd sequence word before the value stores (seqlock writer rule).
+            adapm_fence_release()
+            seq_out[0] = s
+            return 0
+        if _spin(&sp):
+            return -1
+
+cdef inline void _unlock(adapm_entry_t* e, uint32_t seq_before, bint changed) noexcept nogil:
+    # Unchanged: restore the old word, so optimistic readers need not retry.
+    adapm_store_release_u32(&e.seq, seq_before + 2 if changed else seq_before)
+
+cdef inline bint _usable(uint8_t state) noexcept nogil:
+    return state == ADAPM_OWNED or state == ADAPM_REPLICA
+
+
+# ---------------------------------------------------------------------------
+# Batched kernels. Each returns the number of misses (keys not usable here, their
+# indices written to `misses`), or -1 when a lock timed out (index in misses[0]).
+
+cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
+                   const uint64_t* keys, Py_ssize_t n, real* out, uint64_t* misses,
+                   uint64_t timeout_ns) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int64_t nmiss = 0
+    cdef uint64_t pos = 0, off, length
+    cdef uint32_t s1, s2
+    cdef uint8_t state
+    cdef adapm_entry_t* e
+    cdef Spinner sp
+    for i in range(n):
+        if i + PREFETCH_ENTRY < n:
+            adapm_prefetch_read(&directory[keys[i + PREFETCH_ENTRY]])
+        if i + PREFETCH_VALUE < n:
+            e = &directory[keys[i + PREFETCH_VALUE]]
+            if e.offset < capacity:
+                adapm_prefetch_read(arena + e.offset)
+        e = &directory[keys[i]]
+        length = e.length  # fixed at creation
+        sp.spins = 0
+        sp.deadline_ns = 0
+        sp.timeout_ns = timeout_ns
+        while True:
+            s1 = adapm_load_acquire_u32(&e.seq)
+            if s1 & 1:
+                if _spin(&sp):
+                    misses[0] = i
+                    return -1
+                continue
+            state = e.state
+            off = e.offset
+            if not _usable(state) or off + length > capacity:
+                adapm_fence_acquire()
+                if adapm_load_relaxed_u32(&e.seq) != s1:
+                    continue
+                misses[nmiss] = i
+                nmiss += 1
+                break
+            memcpy(out + pos, arena + off, length * sizeof(real))
+            adapm_fence_acquire()
+            s2 = adapm_load_relaxed_u32(&e.seq)
+            if s1 == s2:
+                break
+        pos += length
+    return nmiss
+
+
+cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
+                     const uint64_t* keys, Py_ssize_t n, const real* values,
+                     uint64_t* misses, uint64_t timeout_ns, bint additive) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef uint64_t j, pos = 0, length
+    cdef int64_t nmiss = 0
+    cdef uint32_t s
+    cdef adapm_entry_t* e
+    cdef real* dst
+    for i in range(n):
+        if i + PREFETCH_ENTRY < n:
+            adapm_prefetch_write(&directory[keys[i + PREFETCH_ENTRY]])
+        if i + PREFETCH_VALUE < n:
+            e = &directory[keys[i + PREFETCH_VALUE]]
+            if e.offset < capacity:
+                adapm_prefetch_write(arena + e.offset)
+        e = &directory[keys[i]]
+        length = e.length
+        if _lock(e, &s, timeout_ns) != 0:
+            misses[0] = i
+            return -1
+        if _usable(e.state) and e.offset + length <= capacity:
+            dst = arena + e.offset
+            if additive:
+                for j in range(length):
+                    dst[j] += values[pos + j]
+            else:
+                memcpy(dst, values + pos, length * sizeof(real))
+            e.version += 1
+            _unlock(e, s, True)
+        else:
+            _unlock(e, s, False)
+            misses[nmiss] = i
+            nmiss += 1
+        pos += length
+    return nmiss
+
+
+cdef class TableView:
+    """A mapping of one node's table segment, shared by the server and its workers."""
+
+    cdef char* base
+    cdef uint64_t size
+    cdef adapm_header_t* header
+    cdef adapm_entry_t* directory
+    cdef uint64_t* workers
+    cdef char* arena
+    cdef readonly object dtype
+    cdef readonly uint64_t num_keys
+    cdef readonly uint64_t uniform_length
+    cdef readonly uint32_t num_workers
+    cdef readonly uint64_t arena_capacity
+    cdef public uint64_t lock_timeout_ns
+
+    def __cinit__(self):
+        self.base = NULL
+        self.lock_timeout_ns = 10_000_000_000
+
+    # -- mapping -----------------------------------------------------------------
+
+    cdef _map(self, int fd, uint64_t size):
+        cdef void* p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if p == MAP_FAILED:
+            raise OSError("mmap of the parameter table failed")
+        self.base = <char*>p
+        self.size = size
+        self.header = <adapm_header_t*>p
+
+    cdef _bind_regions(self):
+        cdef adapm_header_t* h = self.header
+        self.directory = <adapm_entry_t*>(self.base + h.directory_offset)
+        self.workers = <uint64_t*>(self.base + h.workers_offset)
+        self.arena = self.base + h.arena_offset
+        self.dtype = DTYPES[h.dtype]
+        self.num_keys = h.num_keys
+        self.uniform_length = h.uniform_length
+        self.num_workers = h.num_workers
+        self.arena_capacity = h.arena_capacity
+
+    @staticmethod
+    def create(int fd, uint64_t num_keys, uint64_t uniform_length, dtype,
+               uint32_t node, uint32_t num_nodes, uint32_t num_workers,
+               uint64_t arena_capacity, bytes cluster_id):
+        """Map a freshly sized segment and write its header. The directory is left zeroed
+        (every key ABSENT); the creator fills it through `directory_array()`."""
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be float32 or float64, not {dtype}")
+        sizes = layout_sizes(num_keys, num_workers, arena_capacity, dtype.itemsize)
+        cdef TableView view = TableView()
+        view._map(fd, sizes["total_bytes"])
+        cdef adapm_header_t* h = view.header
+        h.layout_version = ADAPM_LAYOUT_VERSION
+        h.dtype = DTYPES.index(dtype)
+        h.num_keys = num_keys
+        h.uniform_length = uniform_length
+        h.node = node
+        h.num_nodes = num_nodes
+        h.num_workers = num_workers
+        h.directory_offset = sizes["directory_offset"]
+        h.workers_offset = sizes["workers_offset"]
+        h.arena_offset = sizes["arena_offset"]
+        h.arena_capacity = arena_capacity
+        h.total_bytes = sizes["total_bytes"]
+        cid = cluster_id[:16].ljust(16, b"\0")
+        for i in range(16):
+            h.cluster_id[i] = cid[i]
+        h.heartbeat_ns = adapm_monotonic_ns()
+        view._bind_regions()
+        return view
+
+    def publish(self):
+        """Make the segment attachable: the magic is written last, with release order."""
+        adapm_fence_release()
+        adapm_store_relaxed_u64(&self.header.magic, ADAPM_MAGIC)
+
+    @staticmethod
+    def attach(int fd):
+        """Map an existing segment and check its header."""
+        cdef struct_stat st
+        if fstat(fd, &st) != 0:
+            raise OSError("fstat of the parameter table failed")
+        if <uint64_t>st.st_size < ADAPM_HEADER_BYTES:
+            raise ValueError("shared-memory segment too small to be an AdaPM table")
+        cdef TableView view = TableView()
+        view._map(fd, st.st_size)
+        cdef adapm_header_t* h = view.header
+        if adapm_load_relaxed_u64(&h.magic) != ADAPM_MAGIC:
+            view.close()
+            raise ValueError("shared-memory segment is not a (published) AdaPM table")
+        adapm_fence_acquire()
+        if h.layout_version != ADAPM_LAYOUT_VERSION:
+            version = h.layout_version
+            view.close()
+            raise ValueError(f"table layout version {version}, expected {ADAPM_LAYOUT_VERSION}")
+        if h.total_bytes != <uint64_t>st.st_size or h.dtype > 1:
+            view.close()
+            raise ValueError("corrupt AdaPM table header")
+        view._bind_regions()
+        return view
+
+    def close(self):
+        if self.base != NULL:
+            munmap(self.base, self.size)
+            self.base = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+    @property
+    def closed(self):
+        return self.base == NULL
+
+    cdef inline _check_open(self):
+        if self.base == NULL:
+            raise ValueError("table is closed")
+
+    # -- header ------------------------------------------------------------------
+
+    @property
+    def node(self):
+        self._check_open()
+        return self.header.node
+
+    @property
+    def num_nodes(self):
+        self._check_open()
+        return self.header.num_nodes
+
+    @property
+    def cluster_id(self):
+        self._check_open()
+        return bytes(self.header.cluster_id[:16]).rstrip(b"\0")
+
+    @property
+    def total_bytes(self):
+        self._check_open()
+        return self.header.total_bytes
+
+    def heartbeat(self):
+        """Server: note that it is alive (workers read the age)."""
+        self._check_open()
+        adapm_store_relaxed_u64(&self.header.heartbeat_ns, adapm_monotonic_ns())
+
+    def heartbeat_age(self):
+        """Seconds since the server's last heartbeat."""
+        self._check_open()
+        cdef uint64_t now = adapm_monotonic_ns()
+        cdef uint64_t beat = adapm_load_relaxed_u64(&self.header.heartbeat_ns)
+        return (now - beat) / 1e9 if now > beat else 0.0
+
+    def mark_failed(self, uint32_t code=1):
+        self._check_open()
+        adapm_store_release_u32(&self.header.failed, code)
+
+    @property
+    def failed(self):
+        self._check_open()
+        return adapm_load_acquire_u32(&self.header.failed)
+
+    # -- counters ----------------------------------------------------------------
+
+    def counter_add(self, uint32_t worker, uint32_t slot, uint64_t amount):
+        """Add to one of a worker's counters. Each block has a single writer (its
+        worker), so a relaxed load and store suffice and no lock is taken."""
+        if self.base == NULL or worker >= self.num_workers or slot >= ADAPM_WORKER_BLOCK_SLOTS:
+            raise IndexError("no such worker counter")
+        cdef uint64_t* c = self.workers + worker * ADAPM_WORKER_BLOCK_SLOTS + slot
+        adapm_store_relaxed_u64(c, adapm_load_relaxed_u64(c) + amount)
+
+    def counter_set(self, uint32_t worker, uint32_t slot, uint64_t value):
+        if self.base == NULL or worker >= self.num_workers or slot >= ADAPM_WORKER_BLOCK_SLOTS:
+            raise IndexError("no such worker counter")
+        adapm_store_relaxed_u64(self.workers + worker * ADAPM_WORKER_BLOCK_SLOTS + slot, value)
+
+    def counter_get(self, uint32_t worker, uint32_t slot):
+        if self.base == NULL or worker >= self.num_workers or slot >= ADAPM_WORKER_BLOCK_SLOTS:
+            raise IndexError("no such worker counter")
+        return adapm_load_relaxed_u64(self.workers + worker * ADAPM_WORKER_BLOCK_SLOTS + slot)
+
+    def counters(self):
+        """A copy of every worker's counters, shape (num_workers, WORKER_BLOCK_SLOTS)."""
+        self._check_open()
+        out = np.empty((self.num_workers, ADAPM_WORKER_BLOCK_SLOTS), dtype=np.uint64)
+        cdef uint64_t[:, ::1] o = out
+        cdef uint32_t w, s
+        for w in range(self.num_workers):
+            for s in range(ADAPM_WORKER_BLOCK_SLOTS):
+                o[w, s] = adapm_load_relaxed_u64(self.workers + w * ADAPM_WORKER_BLOCK_SLOTS + s)
+        return out
+
+    def node_counter_add(self, uint32_t slot, uint64_t amount):
+        """Node-level counters; written by the node server only."""
+        if self.base == NULL or slot >= ADAPM_NODE_COUNTER_SLOTS:
+            raise IndexError("no such node counter")
+        cdef uint64_t* c = &self.header.node_counters[slot]
+        adapm_store_relaxed_u64(c, adapm_load_relaxed_u64(c) + amount)
+
+    def node_counter_get(self, uint32_t slot):
+        if self.base == NULL or slot >= ADAPM_NODE_COUNTER_SLOTS:
+            raise IndexError("no such node counter")
+        return adapm_load_relaxed_u64(&self.header.node_counters[slot])
+
+    # -- raw views for the creator (node server) -----------------------------------
+
+    def directory_array(self):
+        """Structured numpy view of the whole directory (no copy). For the node server
+        while no worker is attached, and for inspection; workers use the kernels."""
+        self._check_open()
+        cdef uint8_t[::1] raw = <uint8_t[:self.num_keys * sizeof(adapm_entry_t)]> <uint8_t*>self.directory
+        return np.asarray(raw).view(ENTRY_DTYPE)
+
+    def arena_array(self):
+        """Flat numpy view of the value arena (no copy); see directory_array."""
+        self._check_open()
+        cdef uint64_t nbytes = self.arena_capacity * self.dtype.itemsize
+        if nbytes == 0:
+            return np.empty(0, dtype=self.dtype)
+        cdef uint8_t[::1] raw = <uint8_t[:nbytes]> <uint8_t*>self.arena
+        return np.asarray(raw).view(self.dtype)
+
+    # -- batched hot path ----------------------------------------------------------
+
+    def first_invalid_key(self, cnp.ndarray keys):
+        """Index of the first key >= num_keys, or -1. `keys`: contiguous uint64."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        cdef uint64_t limit = self.num_keys
+        cdef Py_ssize_t bad = -1
+        with nogil:
+            for i in range(n):
+                if k[i] >= limit:
+                    bad = i
+                    break
+        return bad
+
+    def lengths_of(self, cnp.ndarray keys, cnp.ndarray out):
+        """Fill `out` (uint64) with each key's value length; returns their sum."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint64_t* o = <uint64_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        cdef uint64_t total = 0
+        with nogil:
+            for i in range(n):
+                o[i] = self.directory[k[i]].length
+                total += o[i]
+        return total
+
+    def total_length(self, cnp.ndarray keys):
+        """Sum of the keys' value lengths (elements)."""
+        self._check_open()
+        if self.uniform_length:
+            return <uint64_t>keys.shape[0] * self.uniform_length
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        cdef uint64_t total = 0
+        with nogil:
+            for i in range(n):
+                total += self.directory[k[i]].length
+        return total
+
+    def pull(self, cnp.ndarray keys, cnp.ndarray out, cnp.ndarray misses):
+        """Copy the values of usable keys into `out` (flat, key order). Returns the number
+        of misses, whose indices into `keys` are written to `misses` (uint64, len(keys)).
+        Arguments must be contiguous, validated arrays of the right dtypes."""
+        self._check_open()
+        cdef Py_ssize_t n = keys.shape[0]
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint64_t* m = <uint64_t*>cnp.PyArray_DATA(misses)
+        cdef int64_t r
+        if self.header.dtype == 0:
+            with nogil:
+                r = _pull(self.directory, <float*>self.arena, self.arena_capacity, k, n,
+                          <float*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns)
+        else:
+            with nogil:
+                r = _pull(self.directory, <double*>self.arena, self.arena_capacity, k, n,
+                          <double*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns)
+        if r < 0:
+            raise LockTimeout(int(k[m[0]]))
+        return r
+
+    def update(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray misses, bint additive):
+        """Add (`additive`) or write `values` (flat, key order) to the usable keys. Returns
+        the number of misses, as `pull`."""
+        self._check_open()
+        cdef Py_ssize_t n = keys.shape[0]
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint64_t* m = <uint64_t*>cnp.PyArray_DATA(misses)
+        cdef int64_t r
+        if self.header.dtype == 0:
+            with nogil:
+                r = _update(self.directory, <float*>self.arena, self.arena_capacity, k, n,
+                            <const float*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
+                            additive)
+        else:
+            with nogil:
+                r = _update(self.directory, <double*>self.arena, self.arena_capacity, k, n,
+                            <const double*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
+                            additive)
+        if r < 0:
+            raise LockTimeout(int(k[m[0]]))
+        return r
+
+    def hold_lock(self, uint64_t key):
+        """Take a key's write lock and keep it (returns the sequence word to pass to
+        `release_lock`). For the node server's state changes and for tests."""
+        self._check_open()
+        if key >= self.num_keys:
+            raise IndexError(key)
+        cdef uint32_t s
+        cdef int r
+        with nogil:
+            r = _lock(&self.directory[key], &s, self.lock_timeout_ns)
+        if r != 0:
+            raise LockTimeout(int(key))
+        return s
+
+    def release_lock(self, uint64_t key, uint32_t seq_before, bint changed=True):
+        self._check_open()
+        if key >= self.num_keys:
+            raise IndexError(key)
+        _unlock(&self.directory[key], seq_before, changed)

@@ -1,0 +1,57 @@
+/* Byte layout of a node's shared-memory parameter table (see docs/table.md).
+ *
+ *   [header: 4096 bytes][directory: num_keys x 24 bytes][worker blocks][value arena]
+ *
+ * The header and directory are fixed at creation. Every region starts on a
+ * 64-byte boundary so that no two workers' counters share a cache line. */
+#ifndef ADAPM_TABLE_LAYOUT_H
+#define ADAPM_TABLE_LAYOUT_H
+
+#include <stdint.h>
+
+#define ADAPM_MAGIC 0x31764d5041414441ULL /* "ADAAPMv1" little endian */
+#define ADAPM_LAYOUT_VERSION 1u
+#define ADAPM_HEADER_BYTES 4096u
+#define ADAPM_WORKER_BLOCK_SLOTS 64u      /* uint64 counters per worker: 512 bytes */
+#define ADAPM_NODE_COUNTER_SLOTS 64u
+
+/* Key states. Only the node server changes them. */
+#define ADAPM_ABSENT 0u   /* not held here: a miss, served remotely */
+#define ADAPM_OWNED 1u    /* held and owned by this node */
+#define ADAPM_REPLICA 2u  /* held as a replica of another node's key */
+#define ADAPM_PENDING 3u  /* replica requested, value not yet usable */
+
+typedef struct {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t dtype;             /* 0: float32, 1: float64 */
+    uint64_t num_keys;
+    uint64_t uniform_length;    /* 0 when lengths are per key */
+    uint32_t node;
+    uint32_t num_nodes;
+    uint32_t num_workers;       /* worker blocks on this node */
+    uint32_t _pad0;
+    uint64_t directory_offset;  /* bytes from the segment start */
+    uint64_t workers_offset;
+    uint64_t arena_offset;
+    uint64_t arena_capacity;    /* elements */
+    uint64_t total_bytes;
+    uint8_t cluster_id[16];
+    uint64_t heartbeat_ns;      /* server's CLOCK_MONOTONIC, refreshed every loop */
+    uint32_t failed;            /* non-zero: the cluster failed, every call must raise */
+    uint32_t _pad1;
+    uint64_t node_counters[ADAPM_NODE_COUNTER_SLOTS];
+} adapm_header_t;
+
+/* One per key, dense over [0, num_keys). 24 bytes. */
+typedef struct {
+    uint32_t seq;      /* seqlock: odd while a writer holds the key */
+    uint8_t state;     /* ADAPM_ABSENT ... ADAPM_PENDING */
+    uint8_t flags;
+    uint16_t owner;    /* location cache: owning node as far as this node knows */
+    uint32_t version;  /* count of updates applied here */
+    uint32_t length;   /* value length in elements (fixed at creation) */
+    uint64_t offset;   /* element offset of the value slot in the arena */
+} adapm_entry_t;
+
+#endif
