@@ -7,7 +7,7 @@ from multiprocessing.connection import wait
 from adapm.cluster import LocalCluster, signals_unwind
 from adapm.config import ClusterSpec
 from adapm.errors import ClusterError, WorkerError
-from adapm.process import die_with_parent
+from adapm.process import die_with_parent, set_process_name
 
 
 def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
@@ -84,6 +84,7 @@ def _worker_main(env, fn, args, kwargs, send):
     from adapm.worker import worker
 
     die_with_parent()
+    set_process_name(f"adapm-w{env.rank}")
     os.environ.update(env.to_environ())
     try:
         with worker() as w:

@@ -16,7 +16,7 @@ from adapm import protocol
 from adapm.errors import ProtocolError
 from adapm.initializers import chunks, initial_values
 from adapm.intents import IntentStore
-from adapm.process import die_with_parent
+from adapm.process import die_with_parent, set_process_name
 from adapm.protocol import Message, MsgType
 from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
 
@@ -203,6 +203,7 @@ def serve(spec, node, ready):
     """Entry point of a node server process. `ready` is a multiprocessing connection on
     which it reports ("ready", address) or ("error", text) once."""
     die_with_parent()
+    set_process_name(f"adapm-node{node}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launching process decides
     server = NodeServer(spec, node)
     signal.signal(signal.SIGTERM, server.request_stop)

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from adapm import protocol
+from adapm.errors import ProtocolError
+from adapm.protocol import HEADER_BYTES, Message, MsgType
+
+
+def frames_of(msg):
+    return [bytes(f) for f in msg.encode()]
+
+
+def test_round_trip_with_keys():
+    keys = np.array([5, 1, 2**40], dtype=np.uint64)
+    msg = Message(MsgType.INTENT, src_node=3, src_worker=7, request_id=9, arg0=4, arg1=10,
+                  keys=keys)
+    got = protocol.decode(frames_of(msg))
+    assert (got.type, got.src_node, got.src_worker, got.request_id, got.arg0, got.arg1) == \
+        (MsgType.INTENT, 3, 7, 9, 4, 10)
+    np.testing.assert_array_equal(got.keys, keys)
+
+
+def test_header_is_fixed_size():
+    assert len(frames_of(Message(MsgType.BARRIER))[0]) == HEADER_BYTES
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda f: [],
+    lambda f: [f[0][:-1]],
+    lambda f: [b"\x00" * HEADER_BYTES],
+    lambda f: [f[0][:2] + b"\x09" + f[0][3:]] + f[1:],      # wrong version
+    lambda f: [f[0][:3] + b"\xee" + f[0][4:]] + f[1:],      # unknown type
+    lambda f: f[:1],                                       # keys frame missing
+    lambda f: f + [b"extra"],                              # one frame too many
+    lambda f: [f[0], f[1][:-3]],                           # keys not whole uint64
+])
+def test_malformed_messages_are_rejected(mangle):
+    good = frames_of(Message(MsgType.INTENT, arg0=0, arg1=1, keys=np.arange(4)))
+    with pytest.raises(ProtocolError):
+        protocol.decode(mangle(good))
+
+
+def test_random_bytes_never_decode_into_anything_but_protocol_error():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        frames = [rng.bytes(int(rng.integers(0, 80))) for _ in range(int(rng.integers(1, 4)))]
+        try:
+            protocol.decode(frames)
+        except ProtocolError:
+            pass

@@ -1,0 +1,207 @@
+"""The shared-memory table as a component of its own: no server, no network."""
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import pytest
+
+from adapm.table import (ABSENT, OWNED, LockTimeout, SharedTable, normalise_lengths,
+                         segment_name)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def make_table():
+    made = []
+
+    def make(num_keys=100, value_length=4, dtype="float32", workers=2, values=None,
+             publish=True):
+        name = segment_name(f"t{os.getpid()}x{len(made)}", 0)
+        table = SharedTable.create(name, num_keys, value_length, dtype, workers)
+        made.append(table)
+        keys = np.arange(num_keys, dtype=np.uint64)
+        table.install(keys, OWNED, values)
+        if publish:
+            table.publish()
+        return table
+
+    yield make
+    for table in made:
+        table.unlink()
+        table.close()
+
+
+def kernel_pull(view, keys):
+    keys = np.asarray(keys, dtype=np.uint64)
+    out = np.empty(view.total_length(keys), dtype=view.dtype)
+    misses = np.empty(len(keys), dtype=np.uint64)
+    nmiss = view.pull(keys, out, misses)
+    return out, misses[:nmiss]
+
+
+def kernel_update(view, keys, values, additive=True):
+    keys = np.asarray(keys, dtype=np.uint64)
+    values = np.ascontiguousarray(values, dtype=view.dtype).reshape(-1)
+    misses = np.empty(len(keys), dtype=np.uint64)
+    return view.update(keys, values, misses, additive)
+
+
+def test_header_round_trips_through_attach(make_table):
+    table = make_table(num_keys=50, value_length=3, dtype="float64", workers=3)
+    other = SharedTable.attach(table.name)
+    try:
+        v = other.view
+        assert (v.num_keys, v.uniform_length, v.num_workers, v.dtype) == \
+            (50, 3, 3, np.dtype("float64"))
+        assert v.node == 0 and v.num_nodes == 1
+    finally:
+        other.close()
+
+
+def test_attach_refuses_unpublished_and_missing(make_table):
+    table = make_table(publish=False)
+    with pytest.raises(ValueError, match="not a"):
+        SharedTable.attach(table.name)
+    with pytest.raises(FileNotFoundError):
+        SharedTable.attach("/adapm-does-not-exist")
+
+
+def test_pull_push_set_semantics(make_table):
+    init = np.arange(400, dtype=np.float32)
+    table = make_table(values=init)
+    view = table.view
+    out, misses = kernel_pull(view, [3, 7, 3])
+    assert len(misses) == 0
+    np.testing.assert_array_equal(out.reshape(3, 4), init.reshape(100, 4)[[3, 7, 3]])
+    # duplicates add twice
+    assert kernel_update(view, [5, 5, 6], np.ones((3, 4))) == 0
+    out, _ = kernel_pull(view, [5, 6])
+    np.testing.assert_array_equal(out.reshape(2, 4), init.reshape(100, 4)[[5, 6]] + [[2], [1]])
+    # set: last one wins
+    kernel_update(view, [9, 9], [[1] * 4, [2] * 4], additive=False)
+    out, _ = kernel_pull(view, [9])
+    np.testing.assert_array_equal(out, [2, 2, 2, 2])
+
+
+def test_absent_keys_are_reported_as_misses_and_untouched(make_table):
+    table = make_table()
+    directory = table.view.directory_array()
+    directory["state"][[10, 12]] = ABSENT
+    out, misses = kernel_pull(table.view, [9, 10, 11, 12])
+    assert misses.tolist() == [1, 3]
+    assert kernel_update(table.view, [10, 11], np.ones(8)) == 1
+    directory["state"][[10, 12]] = OWNED
+    out, _ = kernel_pull(table.view, [10, 11])
+    np.testing.assert_array_equal(out, [0] * 4 + [1] * 4)
+
+
+def test_per_key_lengths(make_table):
+    lengths = np.array([1, 3, 2, 5] * 5)
+    total = int(lengths.sum())
+    table = make_table(num_keys=20, value_length=lengths, values=np.arange(total, dtype=float))
+    view = table.view
+    assert view.uniform_length == 0
+    starts = np.cumsum(lengths) - lengths
+    out, _ = kernel_pull(view, [3, 0, 1])
+    expect = np.concatenate([np.arange(starts[k], starts[k] + lengths[k]) for k in (3, 0, 1)])
+    np.testing.assert_array_equal(out, expect)
+    kernel_update(view, [1, 1], np.ones(6))
+    out, _ = kernel_pull(view, [1])
+    np.testing.assert_array_equal(out, np.arange(starts[1], starts[1] + 3) + 2)
+
+
+def test_uniform_per_key_lengths_collapse():
+    assert normalise_lengths(3, np.array([4, 4, 4]))[0] == 4
+    with pytest.raises(ValueError):
+        normalise_lengths(3, np.array([4, 0, 4]))
+    with pytest.raises(ValueError):
+        normalise_lengths(3, np.array([4, 4]))
+
+
+def test_float64_keeps_precision(make_table):
+    table = make_table(dtype="float64")
+    kernel_update(table.view, [1], np.full(4, 1e-12) + 1.0)
+    out, _ = kernel_pull(table.view, [1])
+    assert out[0] == 1.0 + 1e-12
+
+
+def test_stuck_lock_times_out_instead_of_hanging(make_table):
+    table = make_table()
+    view = table.view
+    view.lock_timeout_ns = 200_000_000
+    seq = view.hold_lock(7)
+    with pytest.raises(LockTimeout) as info:
+        kernel_pull(view, [1, 7])
+    assert info.value.key == 7
+    with pytest.raises(LockTimeout):
+        kernel_update(view, [7], np.ones(4))
+    view.release_lock(7, seq, changed=False)
+    kernel_update(view, [7], np.ones(4))
+
+
+def test_counters_are_per_worker(make_table):
+    table = make_table(workers=3)
+    table.view.counter_add(1, 2, 5)
+    table.view.counter_add(1, 2, 2)
+    table.view.counter_set(2, 0, 9)
+    counters = table.view.counters()
+    assert counters[1, 2] == 7 and counters[2, 0] == 9 and counters.sum() == 16
+    with pytest.raises(IndexError):
+        table.view.counter_add(3, 0, 1)
+
+
+def _adder(name, seed, go, seconds, q):
+    """Push ones to random hot keys for `seconds`; report how many rows it pushed."""
+    table = SharedTable.attach(name)
+    rng = np.random.default_rng(seed)
+    pushed = 0
+    go.wait()
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            keys = rng.integers(0, 8, size=50)
+            kernel_update(table.view, keys, np.ones((50, 512)))
+            pushed += 50
+    finally:
+        table.close()
+    q.put(("writer", pushed))
+
+
+def _torn_reader(name, go, seconds, q):
+    table = SharedTable.attach(name)
+    torn = reads = 0
+    go.wait()
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            out, _ = kernel_pull(table.view, np.arange(8))
+            rows = out.reshape(8, 512)
+            torn += int((rows != rows[:, :1]).any(axis=1).sum())
+            reads += 1
+    finally:
+        table.close()
+    q.put(("torn", torn))
+
+
+def test_processes_lose_no_update_and_read_no_torn_vector(make_table):
+    """Two writers add ones to hot keys while two readers check every vector is uniform."""
+    table = make_table(num_keys=8, value_length=512, workers=4)
+    ctx = multiprocessing.get_context("spawn")
+    q, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_adder, args=(table.name, s, go, 1.0, q)) for s in range(2)]
+    procs += [ctx.Process(target=_torn_reader, args=(table.name, go, 1.0, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    go.set()
+    results = [q.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert [n for kind, n in results if kind == "torn"] == [0, 0]
+    pushed = sum(n for kind, n in results if kind == "writer")
+    out, _ = kernel_pull(table.view, np.arange(8))
+    rows = out.reshape(8, 512)
+    assert pushed > 0 and rows.sum() == pushed * 512
+    assert (rows == rows[:, :1]).all()
