@@ -1,6 +1,7 @@
 """adapm.run: a whole cluster on this machine, from Python, torn down when it returns."""
 
 import os
+import time
 import traceback
 from multiprocessing.connection import wait
 
@@ -40,18 +41,29 @@ def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
                 receive.close()
 
 
-def _collect(cluster, workers):
-    """Wait for every worker's result; raise at the first failure of a worker or server."""
+def _collect(cluster, workers, grace=2.0):
+    """Wait for every worker's result; raise at the first failure of a worker or server.
+
+    A worker failing with ClusterError is usually a consequence of another failure (its
+    barrier could not complete because a peer left): for `grace` seconds the cause may
+    still arrive, and is raised in preference."""
     results = [None] * len(workers)
     waiting = {receive: rank for rank, (_, receive) in enumerate(workers)}
     exited = {proc.sentinel: rank for rank, (proc, _) in enumerate(workers)}
     servers = cluster.server_sentinels()
+    consequence, deadline = None, None
     while waiting:
-        ready = wait([*waiting, *exited, *servers], timeout=1.0)
+        if consequence is not None and time.monotonic() > deadline:
+            raise consequence
+        ready = wait([*waiting, *exited, *servers], timeout=0.2)
         for handle in ready:
             if handle in waiting:
                 rank = waiting.pop(handle)
-                results[rank] = _receive_result(rank, handle, workers[rank][0])
+                try:
+                    results[rank] = _receive_result(rank, handle, workers[rank][0])
+                except _Consequence as exc:
+                    if consequence is None:
+                        consequence, deadline = exc.error, time.monotonic() + grace
             elif handle in exited:
                 rank = exited.pop(handle)
                 receive = workers[rank][1]
@@ -63,7 +75,15 @@ def _collect(cluster, workers):
             elif handle in servers:
                 cluster.check_servers()
                 raise ClusterError(f"node {servers[handle]}: server died")
+    if consequence is not None:
+        raise consequence
     return results
+
+
+class _Consequence(Exception):
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _receive_result(rank, receive, proc):
@@ -75,7 +95,9 @@ def _receive_result(rank, receive, proc):
                                 "a result") from None
     if message[0] == "ok":
         return message[1]
-    _, text, remote_tb = message
+    kind, text, remote_tb = message
+    if kind == "cluster_error":
+        raise _Consequence(WorkerError(rank, text, remote_tb))
     raise WorkerError(rank, text, remote_tb)
 
 
@@ -86,15 +108,21 @@ def _worker_main(env, fn, args, kwargs, send):
     die_with_parent()
     set_process_name(f"adapm-w{env.rank}")
     os.environ.update(env.to_environ())
+    w = None
     try:
-        with worker() as w:
-            result = fn(w, *args, **kwargs)
+        w = worker()
+        result = fn(w, *args, **kwargs)
+        w.finalize()
         send.send(("ok", result))
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
+        # Report before leaving the cluster, so the cause arrives before its consequences.
+        kind = "cluster_error" if isinstance(exc, ClusterError) else "error"
         try:
-            send.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            send.send((kind, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         except Exception:
             pass
         raise SystemExit(1) from None
     finally:
+        if w is not None:
+            w.finalize()
         send.close()

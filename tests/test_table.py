@@ -6,8 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from adapm.table import (ABSENT, OWNED, LockTimeout, SharedTable, normalise_lengths,
-                         segment_name)
+from adapm.table import ABSENT, OWNED, LockTimeout, SharedTable, normalise_lengths, segment_name
 
 pytestmark = pytest.mark.timeout(60)
 

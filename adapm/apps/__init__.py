@@ -1,0 +1,1 @@
+"""Example training tasks built on AdaPM."""

@@ -1,0 +1,41 @@
+"""How adapm-launch starts a worker: `python -m adapm.bootstrap SCRIPT|-m MODULE ARGS...`.
+
+Names the process (adapm-wRANK), makes it die with the launcher, then runs the user's
+script or module as __main__ with its own arguments, exactly as `python SCRIPT ARGS`."""
+
+import os
+import runpy
+import sys
+import traceback
+
+from adapm.config import ENV_RANK
+from adapm.errors import ClusterError
+from adapm.process import die_with_parent, set_process_name
+
+# Exit code of a worker that stopped because the cluster failed (an uncaught ClusterError):
+# a consequence of another failure, which adapm-launch reports in preference to this one.
+EXIT_CLUSTER_FAILED = 75
+
+
+def main(argv):
+    die_with_parent()
+    set_process_name(f"adapm-w{os.environ.get(ENV_RANK, '')}")
+    try:
+        run_target(argv)
+    except ClusterError:
+        traceback.print_exc()
+        sys.exit(EXIT_CLUSTER_FAILED)
+
+
+def run_target(argv):
+    if len(argv) >= 2 and argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,22 @@
+"""A training script for adapm-launch tests: usage launch_script.py ok|fail|wait DIR"""
+import os
+import sys
+import time
+
+import numpy as np
+
+import adapm
+
+how, marker_dir = sys.argv[1], sys.argv[2]
+with adapm.worker() as w:
+    w.push(np.arange(w.num_keys), np.ones((w.num_keys, 2)))
+    w.barrier()
+    print(f"rank {w.rank} of {w.num_workers} sees {w.pull(np.arange(w.num_keys)).sum():.0f}")
+    if how == "fail" and w.rank == 1:
+        print("failing on purpose", file=sys.stderr)
+        sys.exit(5)
+    if how == "wait":
+        open(os.path.join(marker_dir, f"ready{w.rank}"), "w").close()
+        while True:
+            time.sleep(0.05)
+    w.barrier()

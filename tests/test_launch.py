@@ -1,0 +1,64 @@
+"""adapm-launch on this machine: real launcher, node server and worker processes."""
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_until_clean
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = str(Path(__file__).with_name("launch_script.py"))
+
+
+def launch(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "adapm.launch", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_runs_script_in_every_worker_with_prefixed_output(tmp_path):
+    proc = launch("--workers-per-node", "3", "--num-keys", "5", "--value-length", "2",
+                  SCRIPT, "ok", str(tmp_path))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    for rank in range(3):
+        assert f"[n0 w{rank}] rank {rank} of 3 sees 30" in out
+
+
+def test_failing_worker_sets_exit_code_and_stops_everyone(tmp_path):
+    proc = launch("--workers-per-node", "2", "--num-keys", "5", "--value-length", "2",
+                  SCRIPT, "fail", str(tmp_path))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 5, out
+    assert "[n0 w1] failing on purpose" in out
+    assert "worker 1 failed with exit code 5" in out
+    segments, processes = wait_until_clean()
+    assert not segments and not processes
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_the_cluster(tmp_path, sig):
+    proc = launch("--workers-per-node", "2", "--num-keys", "5", "--value-length", "2",
+                  SCRIPT, "wait", str(tmp_path))
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("ready*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, out
+    segments, processes = wait_until_clean()
+    assert not segments and not processes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-keys", "0", "x.py"], "num_keys must be >= 1"),
+    (["--num-keys", "5", "--init", "gauss:1", "x.py"], "use zeros, uniform"),
+    (["--num-keys", "5"], "give a SCRIPT"),
+])
+def test_bad_options_are_usage_errors(args, message):
+    proc = launch(*args)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and message in out, out
