@@ -1,7 +1,9 @@
-"""How adapm-launch starts a worker: `python -m adapm.bootstrap SCRIPT|-m MODULE ARGS...`.
+"""How adapm-launch starts a worker: `python -c BOOTSTRAP SCRIPT|-m MODULE ARGS...`.
 
 Names the process (adapm-wRANK), makes it die with the launcher, then runs the user's
-script or module as __main__ with its own arguments, exactly as `python SCRIPT ARGS`."""
+script or module as __main__ with its own arguments and the same sys.path as
+`python SCRIPT ARGS` (the script's folder first) or `python -m MODULE ARGS` (the current
+folder first)."""
 
 import os
 import runpy
@@ -11,6 +13,10 @@ import traceback
 from adapm.config import ENV_RANK
 from adapm.errors import ClusterError
 from adapm.process import die_with_parent, set_process_name
+
+# `python -c` puts the current folder first on sys.path; drop it before importing adapm,
+# so that a source checkout in the current folder cannot shadow the installed package.
+BOOTSTRAP = "import sys; del sys.path[0]; from adapm.bootstrap import main; main(sys.argv[1:])"
 
 # Exit code of a worker that stopped because the cluster failed (an uncaught ClusterError):
 # a consequence of another failure, which adapm-launch reports in preference to this one.
@@ -30,6 +36,7 @@ def main(argv):
 def run_target(argv):
     if len(argv) >= 2 and argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
+        sys.path.insert(0, os.getcwd())
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(argv)
@@ -38,4 +45,4 @@ def run_target(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit("adapm.bootstrap is started by adapm-launch")

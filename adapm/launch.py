@@ -18,7 +18,7 @@ import time
 import click
 import numpy as np
 
-from adapm.bootstrap import EXIT_CLUSTER_FAILED
+from adapm.bootstrap import BOOTSTRAP, EXIT_CLUSTER_FAILED
 from adapm.cluster import LocalCluster, Terminated, signals_unwind
 from adapm.config import MODES, ClusterSpec
 from adapm.errors import AdapmError
@@ -126,7 +126,7 @@ def launch(spec, target):
             for rank in range(spec.num_workers):
                 env = dict(os.environ, **cluster.worker_env(rank).to_environ())
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "adapm.bootstrap", *target], env=env,
+                    [sys.executable, "-c", BOOTSTRAP, *target], env=env,
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
             for rank, proc in enumerate(procs):
                 node, local = divmod(rank, spec.workers_per_node)

@@ -13,9 +13,13 @@ pytestmark = pytest.mark.timeout(90)
 SCRIPT = str(Path(__file__).with_name("launch_script.py"))
 
 
-def launch(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "adapm.launch", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+# The console script that `pip install` made, beside this interpreter.
+LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
+
+
+def launch(*args):
+    return subprocess.Popen([LAUNCHER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def test_runs_script_in_every_worker_with_prefixed_output(tmp_path):
