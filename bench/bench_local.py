@@ -58,20 +58,26 @@ def local_task(w, batches, seed):
     return figures
 
 
-def concurrent_task(w, rounds, hot_keys):
-    """B3: every worker pulls and pushes the same hot keys; returns keys/s of this worker."""
+def concurrent_task(w, seconds, hot_keys):
+    """B3: every worker pulls and pushes batches of 100 of the same hot keys for `seconds`.
+    Returns (keys accessed, seconds, rows pushed, final table sum or None)."""
     rng = np.random.default_rng(w.rank)
-    keys = rng.integers(0, hot_keys, size=(rounds, 100))
+    keys = rng.integers(0, hot_keys, size=(1000, 100))
     ones = np.ones((100, D), dtype=np.float32)
     w.barrier()
     start = time.perf_counter()
-    for k in keys:
-        w.pull(k)
-        w.push(k, ones)
+    deadline = start + seconds
+    rounds = 0
+    while time.perf_counter() < deadline:
+        for k in keys[:100]:
+            w.pull(k)
+            w.push(k, ones)
+        rounds += 100
+        keys = np.roll(keys, 100, axis=0)
     elapsed = time.perf_counter() - start
     w.barrier()
-    total = float(w.pull(np.arange(hot_keys)).sum()) if w.rank == 0 else None
-    return 2 * rounds * 100, elapsed, total
+    total = float(w.pull(np.arange(hot_keys)).sum(dtype=np.float64)) if w.rank == 0 else None
+    return 2 * rounds * 100, elapsed, rounds * 100, total
 
 
 def bench_b1_b2(num_keys, batches):
@@ -91,16 +97,16 @@ def bench_b1_b2(num_keys, batches):
     return {"figures": fig, "b1_ratio": r1, "b2_ratio_add_at": r2a, "b2_ratio_fancy": r2b}
 
 
-def bench_b3(worker_counts, rounds, hot_keys=1000):
+def bench_b3(worker_counts, seconds, hot_keys=1000):
     rows = []
     base = None
     for workers in worker_counts:
-        results = adapm.run(concurrent_task, args=(rounds, hot_keys),
+        results = adapm.run(concurrent_task, args=(seconds, hot_keys),
                             workers_per_node=workers, num_keys=hot_keys, value_length=D)
         keys = sum(r[0] for r in results)
         elapsed = max(r[1] for r in results)
-        expected = workers * rounds * 100 * D  # every push adds ones
-        lost = expected - results[0][2]
+        expected = sum(r[2] for r in results) * D  # every push adds ones
+        lost = expected - results[0][3]
         aggregate = keys / elapsed
         base = base or aggregate
         rows.append({"workers": workers, "keys_per_s": aggregate, "lost_updates": lost,
@@ -119,7 +125,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     batches = 1000 if args.full else 200
     b12 = bench_b1_b2(1_000_000, batches)
-    b3 = bench_b3((1, 2, 4) if args.full else (1, 2), rounds=20000 if args.full else 5000)
+    b3 = bench_b3((1, 2, 4) if args.full else (1, 2), seconds=3.0 if args.full else 1.0)
     path = save("local", {"B1_B2": b12, "B3": b3, "full": args.full})
     print(f"    results: {path}")
 
