@@ -64,79 +64,96 @@ def signals_deferred():
 
 
 class LocalCluster:
-    """The node servers of one cluster, as child processes of this one."""
+    """The node servers of one cluster that run on this machine, as child processes.
 
-    def __init__(self, spec):
-        if spec.num_nodes != 1:
-            raise ValueError(
-                f"nodes={spec.num_nodes}: this version runs single-node clusters only "
-                "(nodes=1); multi-node messaging is not implemented yet")
+    `nodes`: which node ids to run here (default: all, a whole cluster on one machine).
+    `coordinator`: the coordinator's address; node 0 binds it. Default: a free port on
+    the spec's host (only possible when node 0 runs here). `port`: the node servers'
+    listening port: 0 (any free port), a number, or LOW-HIGH."""
+
+    def __init__(self, spec, nodes=None, coordinator=None, port="0"):
         self.spec = spec
+        self.nodes = list(range(spec.num_nodes)) if nodes is None else list(nodes)
+        if coordinator is None and 0 not in self.nodes:
+            raise ValueError("the coordinator's address is needed when node 0 runs elsewhere")
+        self.coordinator = coordinator or f"tcp://{spec.host}:0"
+        self.port = port
         self.mp = multiprocessing.get_context("spawn")
-        self.servers = []
-        self.addresses = []
-        self.segments = [segment_name(spec.cluster_id, n) for n in range(spec.num_nodes)]
+        self.servers = {}
+        self.addresses = {}
+        self.segments = [segment_name(spec.cluster_id, n) for n in self.nodes]
 
     def start(self):
         timeout = config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
-        pipes = []
-        for node in range(self.spec.num_nodes):
-            receive, send = self.mp.Pipe(duplex=False)
-            proc = self.mp.Process(target=serve, args=(self.spec, node, send),
-                                   name=f"adapm-node{node}")
-            proc.start()
-            send.close()
-            self.servers.append(proc)
-            pipes.append(receive)
-        for node, (proc, receive) in enumerate(zip(self.servers, pipes)):
-            self.addresses.append(self._await_ready(node, proc, receive, timeout))
+        deadline = time.monotonic() + timeout
+        pipes = {}
+        if 0 in self.nodes:  # node 0 first: it binds the coordinator the others join
+            pipes[0] = self._start_server(0)
+            self.coordinator = self._await(0, pipes[0], "coordinator", deadline)
+        for node in self.nodes:
+            if node != 0:
+                pipes[node] = self._start_server(node)
+        for node in self.nodes:
+            self.addresses[node] = self._await(node, pipes[node], "ready", deadline)
+            pipes[node].close()
         return self
 
-    @staticmethod
-    def _await_ready(node, proc, receive, timeout):
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ClusterError(f"node {node}: server did not start within {timeout} s")
-                ready = wait([receive, proc.sentinel], timeout=left)
-                if receive in ready:
-                    try:
-                        status, detail = receive.recv()
-                    except EOFError:
-                        status, detail = "error", "exited during start"
-                    if status == "ready":
-                        return detail
-                    raise ClusterError(f"node {node}: server failed to start: {detail}")
-                if proc.sentinel in ready:
-                    raise ClusterError(
-                        f"node {node}: server exited with code {proc.exitcode} during start")
-        finally:
-            receive.close()
+    def _start_server(self, node):
+        receive, send = self.mp.Pipe(duplex=False)
+        listen = f"tcp://{self.spec.host}:{self.port}"
+        proc = self.mp.Process(target=serve, name=f"adapm-node{node}",
+                               args=(self.spec, node, self.coordinator, send, listen))
+        proc.start()
+        send.close()
+        self.servers[node] = proc
+        return receive
+
+    def _await(self, node, receive, wanted, deadline):
+        proc = self.servers[node]
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClusterError(f"node {node}: cluster did not form within the start "
+                                   f"timeout ({config.ENV_START_TIMEOUT})")
+            ready = wait([receive, proc.sentinel], timeout=left)
+            if receive in ready:
+                try:
+                    status, detail = receive.recv()
+                except EOFError:
+                    status, detail = "error", "exited during start"
+                if status == wanted:
+                    return detail
+                raise ClusterError(f"node {node}: server failed to start: {detail}")
+            if proc.sentinel in ready:
+                raise ClusterError(
+                    f"node {node}: server exited with code {proc.exitcode} during start")
 
     def worker_env(self, rank):
         node, local = divmod(rank, self.spec.workers_per_node)
         return WorkerEnv(rank=rank, local_rank=local, node=node,
                          num_nodes=self.spec.num_nodes,
                          workers_per_node=self.spec.workers_per_node,
-                         server=self.addresses[node], table=self.segments[node],
+                         server=self.addresses[node],
+                         table=segment_name(self.spec.cluster_id, node),
                          cluster_id=self.spec.cluster_id)
 
     def server_sentinels(self):
-        return {proc.sentinel: node for node, proc in enumerate(self.servers)}
+        return {proc.sentinel: node for node, proc in self.servers.items()}
 
-    def check_servers(self):
-        for node, proc in enumerate(self.servers):
-            if proc.exitcode is not None:
-                raise ClusterError(f"node {node}: server died (exit code {proc.exitcode})")
+    def server_failure(self, node):
+        """None when node's server ended normally (the cluster shut down), else the error."""
+        proc = self.servers[node]
+        proc.join(1.0)
+        if proc.exitcode == 0:
+            return None
+        return ClusterError(f"node {node}: server died (exit code {proc.exitcode})")
 
     def teardown(self, extra_processes=()):
         """Stop `extra_processes` (workers) and every server, then unlink every segment."""
         with signals_deferred():
             for proc in extra_processes:
                 stop_process(proc)
-            for proc in self.servers:
+            for proc in self.servers.values():
                 stop_process(proc)
             for name in self.segments:
                 unlink_segment(name)

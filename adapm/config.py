@@ -4,6 +4,7 @@ A ClusterSpec says what the cluster is (shape, table, init, mode); a WorkerEnv s
 one worker process finds its node. adapm.run and adapm-launch pass a WorkerEnv to workers
 through the environment, so both start workers in exactly the same way."""
 
+import hashlib
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from adapm.initializers import parse_init
 from adapm.table import normalise_lengths
 
 MODES = ("adaptive", "static", "replicate_only", "relocate_only", "replicate_all")
+RELOCATING_MODES = ("adaptive", "relocate_only")  # modes in which keys change owner
 DTYPES = ("float32", "float64")
 
 # Environment variables set for every worker process (by adapm.run and adapm-launch).
@@ -29,11 +31,13 @@ ENV_CLUSTER_ID = "ADAPM_CLUSTER_ID"
 # Tuning that users may set, each with a default that needs no tuning.
 ENV_HEARTBEAT_TIMEOUT = "ADAPM_HEARTBEAT_TIMEOUT"  # seconds without a server heartbeat
 ENV_LOCK_TIMEOUT = "ADAPM_LOCK_TIMEOUT"            # seconds a key's lock may be held
-ENV_START_TIMEOUT = "ADAPM_START_TIMEOUT"          # seconds for a node server to start
+ENV_START_TIMEOUT = "ADAPM_START_TIMEOUT"          # seconds for a cluster to form
+ENV_NODE_TIMEOUT = "ADAPM_NODE_TIMEOUT"            # seconds of silence before a node is dead
 
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 DEFAULT_LOCK_TIMEOUT = 5.0
 DEFAULT_START_TIMEOUT = 60.0
+DEFAULT_NODE_TIMEOUT = 3.0
 
 
 def env_float(name, default):
@@ -85,6 +89,19 @@ class ClusterSpec:
     @property
     def num_workers(self):
         return self.num_nodes * self.workers_per_node
+
+    def fingerprint(self):
+        """A 63-bit digest of what every node must agree on (checked when nodes join)."""
+        digest = hashlib.sha256()
+        init = self.init if not callable(self.init) else ("callable",)
+        for part in (self.num_keys, self.num_nodes, self.workers_per_node, self.dtype,
+                     self.mode, repr(init), self.cluster_id):
+            digest.update(repr(part).encode())
+        if isinstance(self.value_length, np.ndarray):
+            digest.update(self.value_length.tobytes())
+        else:
+            digest.update(repr(self.value_length).encode())
+        return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def _positive_int(name, value):

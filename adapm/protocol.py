@@ -1,16 +1,18 @@
 """The wire format: the only module that knows byte layouts of messages.
 
 A message is a ZeroMQ multipart message: one fixed 48-byte little-endian header frame,
-followed by raw array frames (keys as uint64, values in the table's dtype), sent without
-copying. Nothing is ever unpickled. `decode` checks everything a peer could get wrong
-(size, magic, version, type, frame count and frame sizes) and raises ProtocolError; the
-receiver then drops and counts the message.
+followed by raw frames (keys as uint64, positions as uint32, values in the table's dtype,
+counters as uint32, addresses as UTF-8 text), sent without copying. Nothing is ever
+unpickled. `decode` checks what a peer could get wrong (size, magic, version, type,
+frame count, frame sizes) and raises ProtocolError; the receiver drops and counts the
+message. Value frames are checked against the table by `values_of` (only the receiver
+knows the dtype and the keys' lengths).
 
 Header fields:
     magic u16 | version u8 | type u8 | src_node u16 | flags u16 | src_worker u32 |
     request_id u64 | count u64 | arg0 i64 | arg1 i64
-`src_worker` is SERVER for messages from a node server. The meaning of count/arg0/arg1
-depends on the type (see MsgType)."""
+`src_worker` is a worker's global rank, or SERVER for a node server. The meaning of
+count/arg0/arg1 per type is given in MsgType."""
 
 import enum
 import struct
@@ -21,33 +23,83 @@ import numpy as np
 from adapm.errors import ProtocolError
 
 MAGIC = 0xADA0
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<HBBHHIQQqq")
 HEADER_BYTES = HEADER.size
-SERVER = 0xFFFFFFFF  # src_worker of a node server
+SERVER = 0xFFFFFFFF          # src_worker of a node server
 MAX_KEYS_PER_MESSAGE = 1 << 28
+MAX_HOPS = 64                # forwarding bound: more means a routing bug, not a busy key
+
+# flags
+ALL_POSITIONS = 1            # PULL_REPLY: values for every key of the request, in order
+HOPS_SHIFT = 8               # bits 8..15 of flags: how often a request was forwarded
+
+
+def worker_identity(rank):
+    """ZeroMQ routing identity of a worker's sockets (the same towards every node)."""
+    return b"W" + struct.pack("<I", rank)
+
+
+def node_identity(node):
+    """ZeroMQ routing identity of a node server's sockets towards its peers."""
+    return b"N" + struct.pack("<H", node)
 
 
 class MsgType(enum.IntEnum):
-    # worker -> its node server
-    HELLO = 1        # count: pid
-    BARRIER = 2      # request_id: barrier generation
+    # worker -> node server (any node for data, its own node for control)
+    HELLO = 1          # count: pid
+    BARRIER = 2        # request_id: barrier generation
     WAIT_SYNC = 3
-    INTENT = 4       # frames: keys; arg0: start clock, arg1: end clock
+    INTENT = 4         # keys; arg0: start clock, arg1: end clock
     GOODBYE = 5
+    PULL = 6           # keys
+    PUSH = 7           # keys, values
+    SET = 8            # keys, values
+    LOCALIZE = 9       # keys: bring them to this node (relocation)
     # node server -> worker
-    WELCOME = 16
-    RELEASE = 17     # request_id: barrier generation
+    WELCOME = 16       # addresses (every node's server, by node id)
+    RELEASE = 17       # request_id: barrier generation
     SYNCED = 18
-    FAILED = 19      # the cluster failed; arg0: failure code
+    FAILED = 19        # arg0: failure code, count: detail (node or worker)
+    PULL_REPLY = 20    # positions, values (flags ALL_POSITIONS: positions empty)
+    UPDATE_ACK = 21    # count: keys applied
+    LOCALIZED = 22     # count: keys now owned by the node
+    # node server -> node server
+    FWD_PULL = 32      # keys, positions; arg0: requester rank
+    FWD_PUSH = 33      # keys, values; arg0: requester rank
+    FWD_SET = 34       # keys, values; arg0: requester rank
+    MOVE_REQUEST = 35  # keys; arg0: node that wants them; request_id: its request
+    MOVE = 36          # keys, values, counters; request_id: the requester's request
+    OWNER_UPDATE = 37  # keys, counters; arg0: new owner
+    # node server <-> coordinator
+    JOIN = 48          # addresses (the joining server's own); arg0: spec fingerprint
+    PEERS = 49         # addresses (every node's server, by node id)
+    NODE_BARRIER = 50  # request_id: generation
+    NODE_RELEASE = 51  # request_id: generation
+    HEARTBEAT = 52
+    NODE_DONE = 53     # every worker of the node finalized
+    SHUTDOWN = 54      # every node is done: stop serving
+    NODE_FAILED = 55   # arg0: failure code, count: detail; to and from the coordinator
 
 
-# Frames that follow the header, per type: a tuple of frame kinds ("keys").
+# Frames that follow the header, per type.
 _FRAMES = {
     MsgType.HELLO: (), MsgType.BARRIER: (), MsgType.WAIT_SYNC: (), MsgType.GOODBYE: (),
-    MsgType.INTENT: ("keys",),
-    MsgType.WELCOME: (), MsgType.RELEASE: (), MsgType.SYNCED: (), MsgType.FAILED: (),
+    MsgType.INTENT: ("keys",), MsgType.PULL: ("keys",), MsgType.PUSH: ("keys", "values"),
+    MsgType.SET: ("keys", "values"), MsgType.LOCALIZE: ("keys",),
+    MsgType.WELCOME: ("addresses",), MsgType.RELEASE: (), MsgType.SYNCED: (),
+    MsgType.FAILED: (), MsgType.PULL_REPLY: ("positions", "values"),
+    MsgType.UPDATE_ACK: (), MsgType.LOCALIZED: (),
+    MsgType.FWD_PULL: ("keys", "positions"), MsgType.FWD_PUSH: ("keys", "values"),
+    MsgType.FWD_SET: ("keys", "values"), MsgType.MOVE_REQUEST: ("keys",),
+    MsgType.MOVE: ("keys", "values", "counters"), MsgType.OWNER_UPDATE: ("keys", "counters"),
+    MsgType.JOIN: ("addresses",), MsgType.PEERS: ("addresses",), MsgType.NODE_BARRIER: (),
+    MsgType.NODE_RELEASE: (), MsgType.HEARTBEAT: (), MsgType.NODE_DONE: (),
+    MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: (),
 }
+_DTYPES = {"keys": np.uint64, "positions": np.uint32, "counters": np.uint32}
+# Frames whose element count must equal the keys frame's.
+_PER_KEY = ("positions", "counters")
 
 
 @dataclass
@@ -61,6 +113,14 @@ class Message:
     arg1: int = 0
     flags: int = 0
     keys: np.ndarray = None
+    positions: np.ndarray = None
+    values: object = None       # outgoing: array; incoming: raw bytes (see values_of)
+    counters: np.ndarray = None
+    addresses: list = None
+
+    @property
+    def hops(self):
+        return self.flags >> HOPS_SHIFT
 
     def encode(self):
         """Frames to pass to socket.send_multipart(copy=False)."""
@@ -68,18 +128,39 @@ class Message:
                              self.src_worker, self.request_id, self.count, self.arg0, self.arg1)
         frames = [header]
         for kind in _FRAMES[self.type]:
-            if kind == "keys":
-                frames.append(_as_frame(self.keys, np.uint64))
+            if kind == "values":
+                frames.append(_array_frame(self.values, None))
+            elif kind == "addresses":
+                frames.append("\n".join(self.addresses).encode())
+            else:
+                arr = getattr(self, kind)
+                frames.append(_array_frame(np.empty(0) if arr is None else arr, _DTYPES[kind]))
         return frames
 
 
-def _as_frame(arr, dtype):
+def forwarded(msg, mtype, **fields):
+    """A copy of `msg` as a forwarded message of `mtype`, one hop further."""
+    hops = msg.hops + 1
+    if hops > MAX_HOPS:
+        raise ProtocolError(f"{msg.type.name} forwarded more than {MAX_HOPS} times")
+    out = Message(mtype, request_id=msg.request_id, flags=(msg.flags & 0xFF) |
+                  (hops << HOPS_SHIFT))
+    for name, value in fields.items():
+        setattr(out, name, value)
+    return out
+
+
+def _array_frame(arr, dtype):
     arr = np.ascontiguousarray(arr, dtype=dtype)
     return memoryview(arr).cast("B")
 
 
 def _frame_bytes(frame):
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def frame_size(frames):
+    return sum(_frame_bytes(f).nbytes for f in frames)
 
 
 def decode(frames):
@@ -105,15 +186,48 @@ def decode(frames):
                             f"expected {len(kinds)}")
     msg = Message(mtype, src_node, src_worker, request_id, count, arg0, arg1, flags)
     for kind, frame in zip(kinds, frames[1:]):
-        if kind == "keys":
-            msg.keys = _keys_frame(frame)
+        buf = _frame_bytes(frame)
+        if kind == "values":
+            msg.values = buf
+        elif kind == "addresses":
+            msg.addresses = _addresses(buf)
+        else:
+            setattr(msg, kind, _typed(buf, kind))
+    for kind in _PER_KEY:
+        arr = getattr(msg, kind)
+        if arr is not None and msg.keys is not None and arr.shape[0] != msg.keys.shape[0]:
+            raise ProtocolError(f"{mtype.name}: {arr.shape[0]} {kind} for "
+                                f"{msg.keys.shape[0]} keys")
     return msg
 
 
-def _keys_frame(frame):
-    buf = _frame_bytes(frame)
-    if buf.nbytes % 8 != 0:
-        raise ProtocolError(f"keys frame of {buf.nbytes} bytes is not a whole number of uint64")
-    if buf.nbytes // 8 > MAX_KEYS_PER_MESSAGE:
-        raise ProtocolError("keys frame too large")
-    return np.frombuffer(buf, dtype=np.uint64)
+def _typed(buf, kind):
+    dtype = np.dtype(_DTYPES[kind])
+    if buf.nbytes % dtype.itemsize != 0:
+        raise ProtocolError(f"{kind} frame of {buf.nbytes} bytes is not a whole number "
+                            f"of {dtype}")
+    if buf.nbytes // dtype.itemsize > MAX_KEYS_PER_MESSAGE:
+        raise ProtocolError(f"{kind} frame too large")
+    return np.frombuffer(buf, dtype=dtype)
+
+
+def _addresses(buf):
+    try:
+        text = bytes(buf).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("addresses frame is not UTF-8") from None
+    addresses = text.split("\n") if text else []
+    if any(not a.startswith("tcp://") or len(a) > 255 for a in addresses):
+        raise ProtocolError("malformed address in addresses frame")
+    return addresses
+
+
+def values_of(msg, dtype, elements):
+    """The message's values frame as `elements` values of `dtype`, or ProtocolError."""
+    dtype = np.dtype(dtype)
+    buf = msg.values
+    if buf is None or buf.nbytes != elements * dtype.itemsize:
+        got = None if buf is None else buf.nbytes
+        raise ProtocolError(f"{msg.type.name}: values frame of {got} bytes, expected "
+                            f"{elements} x {dtype}")
+    return np.frombuffer(buf, dtype=dtype)

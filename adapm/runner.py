@@ -73,8 +73,9 @@ def _collect(cluster, workers, grace=2.0):
                     raise WorkerError(rank, f"exited with code {proc.exitcode} "
                                             "before returning a result")
             elif handle in servers:
-                cluster.check_servers()
-                raise ClusterError(f"node {servers[handle]}: server died")
+                error = cluster.server_failure(servers.pop(handle))
+                if error is not None:
+                    raise error
     if consequence is not None:
         raise consequence
     return results

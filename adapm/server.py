@@ -1,9 +1,19 @@
-"""The node server: creates and owns the node's shared-memory table, serves its workers'
-control requests (hello, barrier, wait_sync, intents, goodbye) over a ZeroMQ ROUTER socket,
-and keeps a heartbeat in the table so that workers notice when it is gone.
+"""The node server: creates and owns the node's shared-memory table and serves everything
+that is not a local access.
 
-It runs as its own process (`serve`). It never touches the values a worker reads or writes
-on the hot path: workers do that in shared memory, with no message."""
+- Workers of any node send it PULL/PUSH/SET for keys their node does not hold; it answers
+  from the table, and forwards what it does not own along the key's ownership path
+  (its location cache), so the final owner replies straight to the worker.
+- Its own workers send it control requests: hello, barrier, wait_sync, intents, localize,
+  goodbye.
+- Peers send it forwarded requests and relocations: MOVE_REQUEST (give me these keys),
+  MOVE (value, ownership and counter in one message) and OWNER_UPDATE (to a key's home).
+- It talks to the coordinator (adapm.coordinator; node 0 hosts it) for membership,
+  barriers, heartbeats and failures, and writes a heartbeat into the table for its
+  workers.
+
+It runs as its own process (`serve`). It never touches values on the workers' hot path:
+workers read and write held keys in shared memory, with no message."""
 
 import logging
 import signal
@@ -12,19 +22,41 @@ import time
 import numpy as np
 import zmq
 
-from adapm import protocol
+from adapm import config, protocol
+from adapm.config import MODES, RELOCATING_MODES
+from adapm.coordinator import (
+    FAIL_BARRIER,
+    FAIL_COORDINATOR,
+    FAIL_REJECTED,
+    FAIL_ROUTING,
+    FAIL_WORKER_DIED,
+    Coordinator,
+    bind_address,
+    failure_text,
+)
 from adapm.errors import ProtocolError
 from adapm.initializers import chunks, initial_values
 from adapm.intents import IntentStore
+from adapm.ownership import Ownership, home_of, route, split_by
 from adapm.process import die_with_parent, set_process_name
-from adapm.protocol import Message, MsgType
+from adapm.protocol import ALL_POSITIONS, Message, MsgType, node_identity, worker_identity
+from adapm.segments import Segments
 from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
 
 log = logging.getLogger("adapm.server")
 
-POLL_MS = 1             # a sync round is at most this long when idle
-HEARTBEAT_EVERY = 0.05  # seconds between two heartbeat writes
-MAX_BATCH = 256         # messages handled per round before the round's housekeeping
+POLL_MS = 1              # longest idle wait of a round
+HOUSEKEEPING_EVERY = 0.05
+MAX_BATCH = 256          # messages handled per round before the round's housekeeping
+WORKER_CHECK_EVERY = 0.5
+
+# Who may send which message: workers (identity W<rank>) or peer servers (N<node>).
+WORKER_REQUESTS = {MsgType.HELLO, MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT,
+                   MsgType.GOODBYE, MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.LOCALIZE}
+LOCAL_ONLY = {MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT, MsgType.GOODBYE,
+              MsgType.LOCALIZE}
+PEER_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.MOVE_REQUEST,
+                 MsgType.MOVE, MsgType.OWNER_UPDATE}
 
 
 def home_keys(num_keys, node, num_nodes):
@@ -33,30 +65,65 @@ def home_keys(num_keys, node, num_nodes):
 
 
 class NodeServer:
-    def __init__(self, spec, node):
+    def __init__(self, spec, node, coordinator, listen=None):
+        """`coordinator`: address of the coordinator; node 0 binds it. `listen`: the
+        address this server binds (tcp://HOST:PORT, PORT may be 0 or LOW-HIGH)."""
         self.spec = spec
         self.node = node
         self.workers = spec.workers_per_node
+        self.first_rank = node * spec.workers_per_node
+        self.coordinator_address = coordinator
+        self.listen = listen or f"tcp://{spec.host}:0"
+        self.node_timeout = config.env_float(config.ENV_NODE_TIMEOUT,
+                                             config.DEFAULT_NODE_TIMEOUT)
         self.table = None
+        self.view = None
         self.ctx = None
-        self.socket = None
+        self.router = None
+        self.coordinator = None     # Coordinator, on node 0 only
+        self.to_coordinator = None  # DEALER
+        self.peers = {}             # node -> DEALER
         self.address = None
+        self.addresses = None       # every node's address, once the coordinator sent PEERS
+        self.ownership = Ownership(node, spec.num_nodes, spec.num_keys)
         self.intents = IntentStore(self.workers)
-        self._identities = [None] * self.workers  # ROUTER identity per local worker
-        self._left = set()                         # local workers that said goodbye
-        self._barrier = {}                         # generation -> set of local workers
+        self.on_ready = None        # called with the address once the cluster is complete
+        self._local = {}            # local worker index -> routing identity
+        self._left = set()          # local workers that said goodbye
+        self._barrier = {}          # generation -> set of local workers
+        self._localizing = {}       # request id -> [identity, worker request id, keys left]
+        self._next_op = 0
+        self._failed = None
         self._stop = False
+        self._coordinator_seen = time.monotonic()
+        self._done_sent = False
 
     # -- start ---------------------------------------------------------------------
 
     def start(self):
         self._create_table()
         self.ctx = zmq.Context()
-        self.socket = self.ctx.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        port = self.socket.bind_to_random_port(f"tcp://{self.spec.host}")
-        self.address = f"tcp://{self.spec.host}:{port}"
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.RCVHWM, 0)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.address = bind_address(self.router, self.listen)
+        if self.node == 0:
+            self.coordinator = Coordinator(self.ctx, self.coordinator_address,
+                                           self.spec.num_nodes, self.node_timeout)
+            self.coordinator_address = self.coordinator.address
+        self.to_coordinator = self._dealer(self.coordinator_address)
+        self._to_coordinator(Message(MsgType.JOIN, arg0=self.spec.fingerprint(),
+                                     addresses=[self.address]))
+
+    def _dealer(self, address):
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.IDENTITY, node_identity(self.node))
+        sock.connect(address)
+        return sock
 
     def _create_table(self):
         spec = self.spec
@@ -64,19 +131,18 @@ class NodeServer:
         table = SharedTable.create(
             name, spec.num_keys, spec.value_length, spec.dtype, self.workers,
             node=self.node, num_nodes=spec.num_nodes,
-            cluster_id=spec.cluster_id.encode())
-        self.table = table
+            arena_capacity=_arena_capacity(spec), cluster_id=spec.cluster_id.encode())
+        self.table, self.view = table, table.view
         home = home_keys(spec.num_keys, self.node, spec.num_nodes)
         if spec.num_nodes > 1:
             everyone = np.arange(spec.num_keys, dtype=np.uint64)
-            table.set_owners(everyone, (everyone % spec.num_nodes).astype(np.uint16))
+            table.set_owners(everyone, home_of(everyone, spec.num_nodes))
         lengths = table.view.directory_array()["length"][home].astype(np.uint64)
         if spec.init == ("zeros",):
             table.install(home, OWNED)  # fresh shared memory reads as zeros
         else:
             for keys, lens in chunks(home, lengths):
-                values = initial_values(spec.init, keys, lens, spec.dtype)
-                table.install(keys, OWNED, values)
+                table.install(keys, OWNED, initial_values(spec.init, keys, lens, spec.dtype))
         table.publish()
 
     # -- loop ----------------------------------------------------------------------
@@ -85,95 +151,423 @@ class NodeServer:
         self._stop = True
 
     def serve_forever(self):
-        last_beat = 0.0
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.to_coordinator, zmq.POLLIN)
+        if self.coordinator is not None:
+            poller.register(self.coordinator.socket, zmq.POLLIN)
+        last_housekeeping = last_worker_check = 0.0
         while not self._stop:
-            if self.socket.poll(POLL_MS, zmq.POLLIN):
-                for _ in range(MAX_BATCH):
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._dispatch(frames)
+            ready = dict(poller.poll(POLL_MS))
+            if self.coordinator is not None and self.coordinator.socket in ready:
+                self.coordinator.handle_ready()
+            if self.to_coordinator in ready:
+                self._drain(self.to_coordinator, self._from_coordinator)
+            if self.router in ready:
+                self._drain(self.router, self._from_router)
+            if self.coordinator is not None:
+                self.coordinator.tick()
             now = time.monotonic()
-            if now - last_beat >= HEARTBEAT_EVERY:
-                self.table.view.heartbeat()
-                self.intents.expire(self._clocks())
-                last_beat = now
+            if now - last_housekeeping >= HOUSEKEEPING_EVERY:
+                last_housekeeping = now
+                self._housekeeping(now)
+            if now - last_worker_check >= WORKER_CHECK_EVERY:
+                last_worker_check = now
+                self._check_local_workers()
 
-    def _clocks(self):
-        return self.table.view.counters()[:, WORKER_SLOT["clock"]]
+    def _drain(self, sock, handle):
+        for _ in range(MAX_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
 
-    def _dispatch(self, frames):
+    def _housekeeping(self, now):
+        self.view.heartbeat()
+        self._to_coordinator(Message(MsgType.HEARTBEAT))
+        self.intents.expire(self.view.counters()[:, WORKER_SLOT["clock"]])
+        if self._failed is None and now - self._coordinator_seen > self.node_timeout:
+            self._fail(FAIL_COORDINATOR, 0)
+
+    def _check_local_workers(self):
+        """A local worker that died without saying goodbye fails the cluster."""
+        if self._failed is not None:
+            return
+        for local in self._local:
+            if local in self._left:
+                continue
+            pid = int(self.view.counter_get(local, WORKER_SLOT["pid"]))
+            if pid and not _alive(pid):
+                self._report_failure(FAIL_WORKER_DIED, self.first_rank + local)
+                return
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def _from_router(self, frames):
         identity, body = frames[0].bytes, frames[1:]
         try:
             msg = protocol.decode(body)
             self._check_sender(identity, msg)
         except ProtocolError as exc:
-            self.table.view.node_counter_add(NODE_SLOT["malformed_messages"], 1)
+            self._count("malformed_messages", 1)
             log.warning("node %d: dropped a malformed message: %s", self.node, exc)
             return
-        self.table.view.node_counter_add(
-            NODE_SLOT["bytes_received"], sum(len(f) for f in body))
-        handler = self._handlers.get(msg.type)
-        handler(self, identity, msg)
+        self._count("bytes_received", protocol.frame_size(body))
+        if self._failed is not None and msg.type in WORKER_REQUESTS and \
+                msg.type not in (MsgType.GOODBYE, MsgType.INTENT):
+            self._reply_failed(identity, msg.request_id)
+            return
+        try:
+            self._handlers[msg.type](self, identity, msg)
+        except ProtocolError as exc:
+            self._count("malformed_messages", 1)
+            log.warning("node %d: rejected %s: %s", self.node, msg.type.name, exc)
+            if msg.type in WORKER_REQUESTS:  # the worker must not wait for an answer
+                self._to_identity(identity, Message(MsgType.FAILED, request_id=msg.request_id,
+                                                    arg0=FAIL_REJECTED, count=self.node))
 
     def _check_sender(self, identity, msg):
-        if msg.type not in self._handlers:
+        if msg.type in WORKER_REQUESTS:
+            if identity != worker_identity(msg.src_worker):
+                raise ProtocolError(f"{msg.type.name} with a sender that is not worker "
+                                    f"{msg.src_worker}")
+            if msg.type in LOCAL_ONLY and self._local.get(msg.src_worker - self.first_rank) \
+                    != identity:
+                raise ProtocolError(f"{msg.type.name} from worker {msg.src_worker}, which is "
+                                    f"not a registered worker of node {self.node}")
+        elif msg.type in PEER_REQUESTS:
+            if identity != node_identity(msg.src_node) or msg.src_node >= self.spec.num_nodes:
+                raise ProtocolError(f"{msg.type.name} from an unknown peer")
+        else:
             raise ProtocolError(f"{msg.type.name} is not a request for a node server")
-        if not 0 <= msg.src_worker < self.workers:
-            raise ProtocolError(f"unknown worker {msg.src_worker} on node {self.node}")
-        if msg.type != MsgType.HELLO and self._identities[msg.src_worker] != identity:
-            raise ProtocolError(f"{msg.type.name} from worker {msg.src_worker} before HELLO")
 
-    def _send(self, identity, msg):
-        msg.src_node = self.node
-        frames = msg.encode()
+    def _from_coordinator(self, frames):
         try:
-            self.socket.send_multipart([identity, *frames], copy=False)
+            msg = protocol.decode(frames)
+        except ProtocolError as exc:
+            self._count("malformed_messages", 1)
+            log.warning("node %d: dropped a malformed coordinator message: %s", self.node, exc)
+            return
+        self._coordinator_seen = time.monotonic()
+        if msg.type == MsgType.PEERS:
+            self._on_peers(msg)
+        elif msg.type == MsgType.NODE_RELEASE:
+            self._release_barrier(msg.request_id)
+        elif msg.type == MsgType.SHUTDOWN:
+            self._stop = True
+        elif msg.type == MsgType.NODE_FAILED:
+            self._fail(msg.arg0, msg.count)
+
+    # -- sending -------------------------------------------------------------------
+
+    def _count(self, name, n):
+        self.view.node_counter_add(NODE_SLOT[name], n)
+
+    def _send_frames(self, sock, frames):
+        sock.send_multipart(frames, copy=False)
+        self._count("bytes_sent", protocol.frame_size(frames))
+
+    def _to_worker(self, rank, msg):
+        self._to_identity(worker_identity(rank), msg)
+
+    def _to_identity(self, identity, msg):
+        msg.src_node = self.node
+        try:
+            self._send_frames(self.router, [identity, *msg.encode()])
         except zmq.ZMQError as exc:  # the worker is gone (ROUTER_MANDATORY)
             log.warning("node %d: could not reply to a worker: %s", self.node, exc)
-            return
-        self.table.view.node_counter_add(NODE_SLOT["bytes_sent"], sum(len(f) for f in frames))
 
-    # -- handlers ------------------------------------------------------------------
+    def _to_peer(self, node, msg):
+        msg.src_node = self.node
+        self._send_frames(self.peers[node], msg.encode())
+
+    def _to_coordinator(self, msg):
+        msg.src_node = self.node
+        self.to_coordinator.send_multipart(msg.encode(), copy=False)
+
+    def _reply_failed(self, identity, request_id):
+        code, detail = self._failed
+        self._to_identity(identity, Message(MsgType.FAILED, request_id=request_id,
+                                            arg0=code, count=detail))
+
+    # -- routing -------------------------------------------------------------------
+
+    def _route(self, keys):
+        return route(self.view, keys, self.node, self.spec.num_nodes)
+
+    def _forward(self, msg, mtype, keys, rank, extra):
+        """Forward the keys' part of a request to where `_route` says; extra(idx) gives the
+        other fields of the forwarded message for the keys at indices idx."""
+        for dest, idx in split_by(self._route(keys)).items():
+            if dest < 0:
+                log.error("node %d: keys %s.. of a %s from worker %d cannot be routed",
+                          self.node, keys[idx][:4], msg.type.name, rank)
+                self._to_worker(rank, Message(MsgType.FAILED, request_id=msg.request_id,
+                                              arg0=FAIL_ROUTING, count=int(keys[idx][0])))
+                continue
+            out = protocol.forwarded(msg, mtype, keys=keys[idx], arg0=rank, **extra(idx))
+            self._to_peer(dest, out)
+
+    # -- data requests -------------------------------------------------------------
+
+    def _on_pull(self, identity, msg):
+        self._serve_pull(msg, msg.src_worker, msg.keys, None)
+
+    def _on_fwd_pull(self, identity, msg):
+        self._serve_pull(msg, int(msg.arg0), msg.keys, msg.positions)
+
+    def _serve_pull(self, msg, rank, keys, positions):
+        _check_keys(keys, self.spec.num_keys)
+        n = keys.shape[0]
+        out = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
+        misses = np.empty(n, dtype=np.uint64)
+        nmiss = self.view.pull(keys, out, misses)
+        if nmiss == 0:
+            reply = Message(MsgType.PULL_REPLY, request_id=msg.request_id, values=out)
+            if positions is None:
+                reply.flags = ALL_POSITIONS
+            else:
+                reply.positions = positions
+            self._to_worker(rank, reply)
+            return
+        missed = misses[:nmiss].astype(np.intp)
+        served = np.setdiff1d(np.arange(n), missed, assume_unique=True)
+        own_positions = np.arange(n, dtype=np.uint32) if positions is None else positions
+        if served.shape[0]:
+            segs = Segments.of(self.view, keys)
+            self._to_worker(rank, Message(MsgType.PULL_REPLY, request_id=msg.request_id,
+                                          positions=own_positions[served],
+                                          values=segs.take(out, served)))
+        fwd_positions = own_positions[missed]
+        self._forward(msg, MsgType.FWD_PULL, keys[missed], rank,
+                      lambda idx: {"positions": fwd_positions[idx]})
+
+    def _on_push(self, identity, msg):
+        self._serve_update(msg, msg.src_worker, True, MsgType.FWD_PUSH)
+
+    def _on_set(self, identity, msg):
+        self._serve_update(msg, msg.src_worker, False, MsgType.FWD_SET)
+
+    def _on_fwd_push(self, identity, msg):
+        self._serve_update(msg, int(msg.arg0), True, MsgType.FWD_PUSH)
+
+    def _on_fwd_set(self, identity, msg):
+        self._serve_update(msg, int(msg.arg0), False, MsgType.FWD_SET)
+
+    def _serve_update(self, msg, rank, additive, fwd_type):
+        keys = msg.keys
+        _check_keys(keys, self.spec.num_keys)
+        values = protocol.values_of(msg, self.view.dtype, self.view.total_length(keys))
+        misses = np.empty(keys.shape[0], dtype=np.uint64)
+        nmiss = self.view.update(keys, values, misses, additive)
+        applied = keys.shape[0] - nmiss
+        if applied:
+            self._to_worker(rank, Message(MsgType.UPDATE_ACK, request_id=msg.request_id,
+                                          count=applied))
+        if nmiss:
+            missed = misses[:nmiss].astype(np.intp)
+            segs = Segments.of(self.view, keys)
+            fwd_values = segs.take(values, missed)
+            fwd_segs = Segments.of(self.view, keys[missed])
+            self._forward(msg, fwd_type, keys[missed], rank,
+                          lambda idx: {"values": fwd_segs.take(fwd_values, idx)})
+
+    # -- relocation ----------------------------------------------------------------
+
+    def _on_localize(self, identity, msg):
+        """A local worker asks for keys to be owned here (relocation)."""
+        if self.spec.mode not in RELOCATING_MODES:
+            raise ProtocolError(f"localize in mode {self.spec.mode}")
+        _check_keys(msg.keys, self.spec.num_keys)
+        keys = np.unique(msg.keys)
+        wanted = keys[self._not_owned(keys)]
+        if wanted.shape[0] == 0:
+            self._to_identity(identity, Message(MsgType.LOCALIZED, request_id=msg.request_id,
+                                                count=keys.shape[0]))
+            return
+        self._next_op += 1
+        self._localizing[self._next_op] = [identity, msg.request_id, wanted.shape[0]]
+        request = Message(MsgType.MOVE_REQUEST, request_id=self._next_op, arg0=self.node)
+        self._forward_move_request(request, wanted)
+
+    def _not_owned(self, keys):
+        directory = self.view.directory_array()
+        return directory["state"][keys] != OWNED
+
+    def _forward_move_request(self, msg, keys):
+        for dest, idx in split_by(self._route(keys)).items():
+            if dest < 0:
+                log.error("node %d: cannot route a move request for keys %s..", self.node,
+                          keys[idx][:4])
+                continue
+            out = protocol.forwarded(msg, MsgType.MOVE_REQUEST, keys=keys[idx], arg0=msg.arg0)
+            self._to_peer(dest, out)
+
+    def _on_move_request(self, identity, msg):
+        """Give the keys this node owns to node arg0; pass the rest on along their path."""
+        _check_keys(msg.keys, self.spec.num_keys)
+        target = int(msg.arg0)
+        if not 0 <= target < self.spec.num_nodes:
+            raise ProtocolError(f"move request for node {target}")
+        keys = msg.keys
+        if target == self.node:  # the path led back: these keys are owned here already
+            owned = ~self._not_owned(keys)
+            self._localized(msg.request_id, int(owned.sum()))
+            if (~owned).any():
+                self._forward_move_request(msg, keys[~owned])
+            return
+        segs = Segments.of(self.view, keys)
+        values = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
+        offsets = np.zeros(keys.shape[0], dtype=np.uint64)
+        taken = np.zeros(keys.shape[0], dtype=np.uint8)
+        self.view.evict(keys, target, values, offsets, taken)
+        taken = taken.astype(bool)
+        if taken.any():
+            idx = np.flatnonzero(taken)
+            moved = keys[idx]
+            counters = self.ownership.counter[moved.astype(np.intp)] + np.uint32(1)
+            self._to_peer(target, Message(MsgType.MOVE, request_id=msg.request_id,
+                                          keys=moved, values=segs.take(values, idx),
+                                          counters=counters))
+            lengths = self.view.directory_array()["length"][moved].astype(np.uint64)
+            self.table.allocator.free(offsets[idx], lengths)
+            self._owners_changed()
+        if (~taken).any():
+            self._forward_move_request(msg, keys[~taken])
+
+    def _on_move(self, identity, msg):
+        """Keys arrive with value and ownership: install them and tell their homes."""
+        keys = msg.keys
+        _check_keys(keys, self.spec.num_keys)
+        values = protocol.values_of(msg, self.view.dtype, self.view.total_length(keys))
+        lengths = self.view.directory_array()["length"][keys].astype(np.uint64)
+        offsets = self.table.allocator.allocate(lengths)
+        admitted = np.zeros(keys.shape[0], dtype=np.uint8)
+        self.view.admit(keys, values, offsets, OWNED, self.node, admitted)
+        admitted = admitted.astype(bool)
+        if not admitted.all():
+            log.error("node %d: received keys it already holds: %s..", self.node,
+                      keys[~admitted][:4])
+            self.table.allocator.free(offsets[~admitted], lengths[~admitted])
+        keys = keys[admitted]
+        counters = msg.counters[admitted]
+        self.ownership.counter[keys.astype(np.intp)] = counters
+        self._count("relocations", keys.shape[0])
+        self._owners_changed()
+        for home, idx in split_by(home_of(keys, self.spec.num_nodes)).items():
+            update = Message(MsgType.OWNER_UPDATE, arg0=self.node, keys=keys[idx],
+                             counters=counters[idx])
+            if home == self.node:
+                self.ownership.record(keys[idx], self.node, counters[idx])
+            else:
+                self._to_peer(home, update)
+        self._localized(msg.request_id, msg.keys.shape[0])
+
+    def _on_owner_update(self, identity, msg):
+        _check_keys(msg.keys, self.spec.num_keys)
+        owner = int(msg.arg0)
+        if not 0 <= owner < self.spec.num_nodes:
+            raise ProtocolError(f"owner update naming node {owner}")
+        if not self.ownership.is_home(msg.keys).all():
+            raise ProtocolError("owner update for keys whose home is elsewhere")
+        newer = self.ownership.record(msg.keys, owner, msg.counters)
+        keys = msg.keys[newer]
+        keys = keys[self._not_owned(keys)]
+        if keys.shape[0]:
+            self.table.set_owners(keys, owner)
+            self._owners_changed()
+
+    def _localized(self, op, count):
+        entry = self._localizing.get(op)
+        if entry is None:
+            return
+        entry[2] -= count
+        if entry[2] <= 0:
+            del self._localizing[op]
+            self._to_identity(entry[0], Message(MsgType.LOCALIZED, request_id=entry[1]))
+
+    def _owners_changed(self):
+        self._count("owner_changes", 1)
+
+    # -- control -------------------------------------------------------------------
 
     def _on_hello(self, identity, msg):
-        self._identities[msg.src_worker] = identity
-        self._left.discard(msg.src_worker)
-        self._send(identity, Message(MsgType.WELCOME, request_id=msg.request_id))
+        local = msg.src_worker - self.first_rank
+        if 0 <= local < self.workers:
+            self._local[local] = identity
+            self._left.discard(local)
+        self._to_identity(identity, Message(MsgType.WELCOME, request_id=msg.request_id,
+                                            arg0=MODES.index(self.spec.mode),
+                                            addresses=self.addresses))
 
     def _on_barrier(self, identity, msg):
-        generation = msg.request_id
-        arrived = self._barrier.setdefault(generation, set())
-        arrived.add(msg.src_worker)
+        generation = msg.arg0
+        arrived = self._barrier.setdefault(generation, {})
+        arrived[msg.src_worker - self.first_rank] = msg.request_id
         if self._left:
-            # A worker that finalized can never arrive: fail the barrier instead of hanging.
-            for worker in arrived:
-                self._send(self._identities[worker],
-                           Message(MsgType.FAILED, request_id=generation, arg0=1,
-                                   count=min(self._left)))
-            del self._barrier[generation]
+            # A worker that finalized can never arrive: fail instead of hanging.
+            self._report_failure(FAIL_BARRIER, self.first_rank + min(self._left))
             return
         if len(arrived) == self.workers:
-            for worker in arrived:
-                self._send(self._identities[worker],
-                           Message(MsgType.RELEASE, request_id=generation))
-            del self._barrier[generation]
+            self._to_coordinator(Message(MsgType.NODE_BARRIER, request_id=generation))
+
+    def _release_barrier(self, generation):
+        for local, request_id in self._barrier.pop(generation, {}).items():
+            self._to_identity(self._local[local], Message(MsgType.RELEASE,
+                                                          request_id=request_id))
 
     def _on_wait_sync(self, identity, msg):
-        # The node holds no replicas that could lag (every key is owned where it lives),
-        # so every exchange is complete.
-        self._send(identity, Message(MsgType.SYNCED, request_id=msg.request_id))
+        # This node holds no replicas that could lag (every key it holds it owns), so
+        # every exchange is complete.
+        self._to_identity(identity, Message(MsgType.SYNCED, request_id=msg.request_id))
 
     def _on_intent(self, identity, msg):
         if msg.arg1 <= msg.arg0 or msg.arg0 < 0:
-            self.table.view.node_counter_add(NODE_SLOT["malformed_messages"], 1)
-            return
-        self.intents.add(msg.src_worker, msg.keys.copy(), msg.arg0, msg.arg1)
-        self.table.view.node_counter_add(NODE_SLOT["intents_received"], msg.keys.shape[0])
+            raise ProtocolError(f"intent window [{msg.arg0}, {msg.arg1})")
+        _check_keys(msg.keys, self.spec.num_keys)
+        self.intents.add(msg.src_worker - self.first_rank, msg.keys.copy(), msg.arg0, msg.arg1)
+        self._count("intents_received", msg.keys.shape[0])
 
     def _on_goodbye(self, identity, msg):
-        self._left.add(msg.src_worker)
+        self._left.add(msg.src_worker - self.first_rank)
+        if len(self._left) == self.workers and not self._done_sent:
+            self._done_sent = True
+            self._to_coordinator(Message(MsgType.NODE_DONE))
+
+    def _on_peers(self, msg):
+        if len(msg.addresses) != self.spec.num_nodes:
+            log.error("node %d: coordinator sent %d addresses", self.node, len(msg.addresses))
+            return
+        if self.addresses is not None:
+            return
+        self.addresses = msg.addresses
+        for node, address in enumerate(self.addresses):
+            if node != self.node:
+                self.peers[node] = self._dealer(address)
+        if self.on_ready is not None:
+            self.on_ready(self.address)
+
+    # -- failure -------------------------------------------------------------------
+
+    def _report_failure(self, code, detail):
+        self._to_coordinator(Message(MsgType.NODE_FAILED, arg0=code, count=detail))
+        self._fail(code, detail)
+
+    def _fail(self, code, detail):
+        """The cluster failed: every waiting and later call of every worker raises."""
+        if self._failed is not None:
+            return
+        self._failed = (code, detail)
+        log.error("node %d: %s", self.node, failure_text(code, detail))
+        self.view.mark_failed(code)
+        for arrived in self._barrier.values():
+            for local, request_id in arrived.items():
+                self._reply_failed(self._local[local], request_id)
+        self._barrier.clear()
+        for identity, request_id, _ in self._localizing.values():
+            self._reply_failed(identity, request_id)
+        self._localizing.clear()
 
     _handlers = {
         MsgType.HELLO: _on_hello,
@@ -181,15 +575,30 @@ class NodeServer:
         MsgType.WAIT_SYNC: _on_wait_sync,
         MsgType.INTENT: _on_intent,
         MsgType.GOODBYE: _on_goodbye,
+        MsgType.PULL: _on_pull,
+        MsgType.PUSH: _on_push,
+        MsgType.SET: _on_set,
+        MsgType.LOCALIZE: _on_localize,
+        MsgType.FWD_PULL: _on_fwd_pull,
+        MsgType.FWD_PUSH: _on_fwd_push,
+        MsgType.FWD_SET: _on_fwd_set,
+        MsgType.MOVE_REQUEST: _on_move_request,
+        MsgType.MOVE: _on_move,
+        MsgType.OWNER_UPDATE: _on_owner_update,
     }
 
     # -- shutdown ------------------------------------------------------------------
 
     def close(self):
-        """Close the socket and context, unmap and unlink the table. Idempotent."""
-        if self.socket is not None:
-            self.socket.close(linger=0)
-            self.socket = None
+        """Close sockets and context, unmap and unlink the table. Idempotent."""
+        sockets = [self.router, self.to_coordinator, *self.peers.values()]
+        if self.coordinator is not None:
+            self.coordinator.close()
+        for sock in sockets:
+            if sock is not None:
+                sock.close(linger=0)
+        self.router = self.to_coordinator = self.coordinator = None
+        self.peers = {}
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
@@ -199,23 +608,50 @@ class NodeServer:
             self.table = None
 
 
-def serve(spec, node, ready):
+def _check_keys(keys, num_keys):
+    if keys.shape[0] and int(keys.max()) >= num_keys:
+        raise ProtocolError(f"key {int(keys.max())} out of range [0, {num_keys})")
+
+
+def _arena_capacity(spec):
+    """Room for every key: keys relocated here need slots. The segment is sparse, so
+    the room costs memory only when used."""
+    if spec.num_nodes == 1:
+        return None
+    total = spec.num_keys * spec.value_length if np.ndim(spec.value_length) == 0 \
+        else int(np.sum(spec.value_length))
+    return total
+
+
+def _alive(pid):
+    """True unless process `pid` is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def serve(spec, node, coordinator, ready, listen=None):
     """Entry point of a node server process. `ready` is a multiprocessing connection on
-    which it reports ("ready", address) or ("error", text) once."""
+    which it reports ("coordinator", address) (node 0), then ("ready", address) once the
+    cluster is complete, or ("error", text)."""
     die_with_parent()
     set_process_name(f"adapm-node{node}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launching process decides
-    server = NodeServer(spec, node)
+    server = NodeServer(spec, node, coordinator, listen)
     signal.signal(signal.SIGTERM, server.request_stop)
     try:
         try:
             server.start()
         except Exception as exc:
-            ready.send(("error", f"node {node}: could not start: {exc!r}"))
+            ready.send(("error", f"node {node}: could not start: {exc}"))
             return 1
-        ready.send(("ready", server.address))
-        ready.close()
+        if node == 0:
+            ready.send(("coordinator", server.coordinator_address))
+        server.on_ready = lambda address: ready.send(("ready", address))
         server.serve_forever()
         return 0
     finally:
         server.close()
+        ready.close()

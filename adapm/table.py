@@ -24,7 +24,7 @@ WORKER_SLOT = {name: i for i, name in enumerate(WORKER_COUNTERS)}
 # Node-level counters, written by the node server only.
 NODE_COUNTERS = (
     "relocations", "replicas_made", "replicas_dropped", "late_intents", "bytes_sent",
-    "bytes_received", "malformed_messages", "intents_received",
+    "bytes_received", "malformed_messages", "intents_received", "owner_changes",
 )
 NODE_SLOT = {name: i for i, name in enumerate(NODE_COUNTERS)}
 

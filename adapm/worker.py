@@ -1,44 +1,111 @@
 """The worker client: what a training script holds (adapm.Worker).
 
 Reads and writes of keys the node holds go straight to the node's shared-memory table
-(adapm.table, Cython hot path): no message, no copy through a server. Control calls
-(barrier, wait_sync, intents, finalize) are ZeroMQ messages to the node server. Every
-wait also watches the server's heartbeat in the table, so a dead server turns into
-ClusterError within the heartbeat timeout instead of a hang."""
+(Cython hot path): no message, no copy through a server. Keys the node does not hold
+are batched per destination (the node's location cache says where each key lives), one
+message each; replies come straight back from whichever node owns the keys. Control
+calls (barrier, wait_sync, intents, localize, finalize) are messages to the worker's own
+node server. Every wait also watches the cluster's health, so a dead peer turns into
+ClusterError within seconds instead of a hang."""
 
 import os
+import time
 
 import numpy as np
 import zmq
 
 from adapm import config, protocol
+from adapm.coordinator import failure_text
 from adapm.errors import ClosedError, ClusterError, ProtocolError
 from adapm.keys import as_keys, as_values, pull_buffer
-from adapm.protocol import Message, MsgType
+from adapm.ownership import route, split_by
+from adapm.protocol import ALL_POSITIONS, Message, MsgType, worker_identity
+from adapm.segments import Segments
 from adapm.table import NODE_COUNTERS, NODE_SLOT, WORKER_SLOT, LockTimeout, SharedTable
 
-POLL_SLICE_MS = 100  # how often a waiting call checks that the cluster is alive
+POLL_SLICE_MS = 100        # how often a waiting call checks that the cluster is alive
+MAX_UPDATES_IN_FLIGHT = 64  # unacknowledged push/set messages before a push waits
 STAT_NAMES = ("pulls_local", "pulls_remote", "pushes_local", "pushes_remote",
               "sets_local", "sets_remote", "intents", "bytes_sent", "bytes_received")
+
+
+class _Op:
+    """An operation waiting for replies: `left` keys (or replies) still to come."""
+
+    __slots__ = ("left", "error", "result")
+
+    def __init__(self):
+        self.left = 0
+        self.error = None
+        self.result = None
+
+    @property
+    def done(self):
+        return self.left <= 0 or self.error is not None
+
+
+class _PullOp(_Op):
+    __slots__ = ("out", "segments", "parts")
+
+    def __init__(self, out, segments):
+        super().__init__()
+        self.out, self.segments, self.parts = out, segments, {}
+        self.result = out
+
+    def feed(self, msg, dtype):
+        part = self.parts[msg.request_id]
+        if msg.flags & ALL_POSITIONS:
+            idx = part
+        else:
+            if msg.positions.shape[0] and int(msg.positions.max()) >= part.shape[0]:
+                raise ProtocolError("pull reply with positions outside the request")
+            idx = part[msg.positions.astype(np.intp)]
+        values = protocol.values_of(msg, dtype, self.segments.size(idx))
+        self.segments.put(self.out, idx, values)
+        return idx.shape[0]
+
+
+class _CountOp(_Op):
+    """Update acknowledgements (count of keys applied) or one control reply."""
+
+    __slots__ = ("reply_type", "reply")
+
+    def __init__(self, reply_type=None):
+        super().__init__()
+        self.reply_type, self.reply = reply_type, None
+
+    def feed(self, msg, dtype):
+        if self.reply_type is None:
+            if msg.type != MsgType.UPDATE_ACK:
+                raise ProtocolError(f"{msg.type.name} answering an update")
+            return msg.count
+        if msg.type != self.reply_type:
+            raise ProtocolError(f"{msg.type.name} answering a {self.reply_type.name} request")
+        self.reply = msg
+        return 1
 
 
 class Pending:
     """Handle of an asynchronous operation; wait() returns its result (pull: the array)."""
 
-    __slots__ = ("_result",)
+    __slots__ = ("_worker", "_op")
 
-    def __init__(self, result=None):
-        self._result = result
+    def __init__(self, worker, op):
+        self._worker, self._op = worker, op
 
     def done(self):
-        return True
+        if not self._op.done:
+            self._worker._pump(0)
+        return self._op.done
 
     def wait(self, timeout=None):
-        return self._result
+        """Block until the operation completed (or TimeoutError after `timeout` s)."""
+        self._worker._wait(self._op, timeout)
+        return self._op.result
 
 
 class Worker:
-    """One worker process's connection to its node. Create with adapm.worker()."""
+    """One worker process's connection to its cluster. Create with adapm.worker()."""
 
     def __init__(self, env):
         self._closed = True
@@ -59,19 +126,50 @@ class Worker:
         self._misses = np.empty(1024, dtype=np.uint64)
         self._clock = 0
         self._barriers = 0
-        self._requests = 0
+        self._next_request = 0
+        self._waiting = {}        # request id -> (op, keys or replies still expected)
+        self._updates = []        # unacknowledged update ops, oldest first
+        self._updates_epoch = 0   # owner_changes when the oldest of them was sent
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)  # intents must never block the worker
-        self._sock.connect(env.server)
+        self._socks = {}
+        self._poller = zmq.Poller()
         self._closed = False
         try:
+            self._connect(env.node, env.server)
             self._view.counter_set(self.local_rank, WORKER_SLOT["pid"], os.getpid())
-            self._request(MsgType.HELLO, MsgType.WELCOME, count=os.getpid())
+            welcome = self._control(MsgType.HELLO, MsgType.WELCOME, count=os.getpid())
+            if not 0 <= welcome.arg0 < len(config.MODES):
+                raise ClusterError(f"worker {self.rank}: node server sent mode {welcome.arg0}")
+            self.mode = config.MODES[welcome.arg0]
+            self._connect_peers(welcome.addresses)
         except BaseException:
             self._teardown()
             raise
+
+    def _connect(self, node, address):
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # intents must never block the worker
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.IDENTITY, worker_identity(self.rank))
+        sock.connect(address)
+        self._socks[node] = sock
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _connect_peers(self, addresses):
+        """Connect to every other node, so that any owner can reply to this worker."""
+        if len(addresses) != self.num_nodes:
+            raise ClusterError(f"worker {self.rank}: node {self.node} knows "
+                               f"{len(addresses)} of {self.num_nodes} nodes")
+        hellos = []
+        for node, address in enumerate(addresses):
+            if node != self.node:
+                self._connect(node, address)
+                op = _CountOp(MsgType.WELCOME)
+                self._start(node, Message(MsgType.HELLO, count=os.getpid()), op, 1)
+                hellos.append(op)
+        for op in hellos:
+            self._wait(op)
 
     # -- who and where -------------------------------------------------------------
 
@@ -89,67 +187,119 @@ class Worker:
 
     def pull(self, keys, out=None):
         """Current values of `keys`: shape (len(keys), D), or flat for per-key lengths."""
+        return self.pull_async(keys, out).wait()
+
+    def pull_async(self, keys, out=None):
         self._check_open()
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
         out = pull_buffer(out, keys, total, self._view)
+        self._keep_update_order()
         misses = self._miss_buffer(keys.shape[0])
         try:
             nmiss = self._view.pull(keys, out, misses)
         except LockTimeout as exc:
             raise self._lock_error(exc, "pull") from None
-        self._serve_misses(keys, misses, nmiss, "pull")
         self._count("pulls_local", keys.shape[0] - nmiss)
-        return out
+        op = _PullOp(out, None)
+        if nmiss:
+            missed = misses[:nmiss].astype(np.intp)
+            op.segments = Segments.of(self._view, keys)
+            for dest, idx in self._split(keys[missed], "pull"):
+                part = missed[idx]
+                op.parts[self._start(dest, Message(MsgType.PULL, keys=keys[part]), op,
+                                     part.shape[0])] = part
+            self._count("pulls_remote", nmiss)
+        return Pending(self, op)
 
     def push(self, keys, values):
-        """Add `values` to the keys' values (duplicate keys add up)."""
-        self._update(keys, values, additive=True)
+        """Add `values` to the keys' values (duplicate keys add up). Returns when the
+        update is applied locally or on its way, in order, to the keys' owners; a later
+        pull of this worker sees it, and wait_sync()/barrier() wait for it."""
+        self._update(keys, values, True)
 
     def set(self, keys, values):
         """Overwrite the keys' values (for duplicate keys the last one wins)."""
-        self._update(keys, values, additive=False)
-
-    def pull_async(self, keys, out=None):
-        return Pending(self.pull(keys, out))
+        self._update(keys, values, False)
 
     def push_async(self, keys, values):
-        self.push(keys, values)
-        return Pending()
+        """As push; the handle's wait() returns once every owner applied the update."""
+        return Pending(self, self._update(keys, values, True))
 
     def set_async(self, keys, values):
-        self.set(keys, values)
-        return Pending()
+        return Pending(self, self._update(keys, values, False))
 
     def _update(self, keys, values, additive):
         self._check_open()
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
         values = as_values(values, keys, total, self._view)
+        self._keep_update_order()
         misses = self._miss_buffer(keys.shape[0])
-        op = "push" if additive else "set"
+        op_name = "push" if additive else "set"
         try:
             nmiss = self._view.update(keys, values, misses, additive)
         except LockTimeout as exc:
-            raise self._lock_error(exc, op) from None
-        self._serve_misses(keys, misses, nmiss, op)
-        self._count("pushes_local" if additive else "sets_local", keys.shape[0] - nmiss)
+            raise self._lock_error(exc, op_name) from None
+        kind = "pushes" if additive else "sets"
+        self._count(f"{kind}_local", keys.shape[0] - nmiss)
+        op = _CountOp()
+        if nmiss:
+            missed = misses[:nmiss].astype(np.intp)
+            segments = Segments.of(self._view, keys)
+            mtype = MsgType.PUSH if additive else MsgType.SET
+            if not self._updates:
+                self._updates_epoch = self._owner_epoch()
+            for dest, idx in self._split(keys[missed], op_name):
+                part = missed[idx]
+                self._start(dest, Message(mtype, keys=keys[part],
+                                          values=segments.take(values, part)), op,
+                            part.shape[0])
+            self._updates.append(op)
+            self._count(f"{kind}_remote", nmiss)
+            self._limit_updates_in_flight()
+        return op
+
+    def _split(self, keys, what):
+        """(destination node, indices) for keys this node does not hold."""
+        dest = route(self._view, keys, self.node, self.num_nodes)
+        if (dest < 0).any():
+            bad = keys[dest < 0]
+            raise ClusterError(f"node {self.node}, worker {self.rank}: {what} of keys "
+                               f"{int(bad.min())}..{int(bad.max())}: no node to ask")
+        return split_by(dest).items()
 
     def _miss_buffer(self, n):
         if self._misses.shape[0] < n:
             self._misses = np.empty(max(n, 2 * self._misses.shape[0]), dtype=np.uint64)
         return self._misses
 
-    def _serve_misses(self, keys, misses, nmiss, op):
-        if nmiss == 0:
-            return
-        # On a single node every key is owned locally from creation on, so a miss means
-        # the table was changed behind the server's back: refuse rather than lose data.
-        missed = keys[misses[:nmiss].astype(np.intp)]
-        raise ClusterError(
-            f"node {self.node}, worker {self.rank}: {op} of {nmiss} keys not held by this "
-            f"node (keys {int(missed.min())}..{int(missed.max())}); nothing was lost, "
-            "but the table's state is inconsistent")
+    def _owner_epoch(self):
+        return self._view.node_counter_get(NODE_SLOT["owner_changes"])
+
+    def _keep_update_order(self):
+        """Read your own writes across relocations: updates in flight were routed by the
+        location cache of their time; if it changed since, a new request could overtake
+        them on another path, so wait for them first."""
+        if self._updates:
+            self._prune_updates()
+            if self._updates and self._owner_epoch() != self._updates_epoch:
+                self._drain_updates()
+
+    def _prune_updates(self):
+        while self._updates and self._updates[0].done:
+            self._raise_if_failed(self._updates.pop(0))
+
+    def _limit_updates_in_flight(self):
+        self._prune_updates()
+        while len(self._updates) > MAX_UPDATES_IN_FLIGHT:
+            self._wait(self._updates[0])
+            self._prune_updates()
+
+    def _drain_updates(self):
+        for op in self._updates:
+            self._wait(op)
+        self._updates = []
 
     def _lock_error(self, exc, op):
         return ClusterError(
@@ -157,7 +307,7 @@ class Worker:
             f"was held longer than {self._view.lock_timeout_ns / 1e9:.1f} s (a process died "
             "while writing it)")
 
-    # -- intents and clock ---------------------------------------------------------
+    # -- intents, clock, placement -------------------------------------------------
 
     def intent(self, keys, start, end=None):
         """Signal that this worker will access `keys` from clock `start` (inclusive) to `end`
@@ -170,7 +320,7 @@ class Worker:
             raise ValueError(f"intent needs end > start, got start={start}, end={end}")
         if keys.shape[0] == 0:
             return
-        self._send(Message(MsgType.INTENT, arg0=start, arg1=end, keys=keys))
+        self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end, keys=keys))
         self._count("intents", keys.shape[0])
 
     @property
@@ -184,18 +334,35 @@ class Worker:
         self._view.counter_set(self.local_rank, WORKER_SLOT["clock"], self._clock)
         return self._clock
 
+    def localize(self, keys):
+        """Relocate `keys` to this worker's node now (value and ownership move; updates in
+        flight are applied, not lost). The adaptive manager does this by itself from
+        intents; this is the manual primitive, refused in modes that keep keys in place."""
+        self._check_open()
+        if self.mode not in config.RELOCATING_MODES:
+            modes = ", ".join(config.RELOCATING_MODES)
+            raise ValueError(f"localize needs a mode that relocates keys ({modes}), "
+                             f"the cluster runs {self.mode}")
+        keys = as_keys(keys, self._view)
+        if keys.shape[0]:
+            self._drain_updates()
+            self._control(MsgType.LOCALIZE, MsgType.LOCALIZED, keys=keys)
+
     # -- coordination ------------------------------------------------------------------
 
     def barrier(self):
         """Wait until every worker of the cluster has called barrier()."""
         self._check_open()
+        self._drain_updates()
         self._barriers += 1
-        self._request(MsgType.BARRIER, MsgType.RELEASE, request_id=self._barriers)
+        self._control(MsgType.BARRIER, MsgType.RELEASE, arg0=self._barriers)
 
     def wait_sync(self):
-        """Return once every replica this worker's node holds has exchanged its updates."""
+        """Return once this worker's updates are applied and every replica its node holds
+        has exchanged its updates."""
         self._check_open()
-        self._request(MsgType.WAIT_SYNC, MsgType.SYNCED)
+        self._drain_updates()
+        self._control(MsgType.WAIT_SYNC, MsgType.SYNCED)
 
     def stats(self):
         """Counts of keys for this worker, and in 'node' the same summed over its node plus
@@ -220,16 +387,22 @@ class Worker:
         """Wait for this worker's pending operations, then leave. Idempotent."""
         if self._closed:
             return
+        linger = 0  # on failure: the cluster is gone, nothing to wait for or to tell
         try:
-            self._send(Message(MsgType.GOODBYE))
+            for op, _ in list(self._waiting.values()):
+                self._wait(op)
+            self._send(self.node, Message(MsgType.GOODBYE))
+            linger = 1000  # let the goodbye leave before the socket closes
+        except ClusterError:
+            pass
         finally:
-            self._teardown()
+            self._teardown(linger)
 
-    def _teardown(self):
+    def _teardown(self, linger=0):
         self._closed = True
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        for sock in self._socks.values():
+            sock.close(linger=linger)
+        self._socks = {}
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -251,57 +424,110 @@ class Worker:
     def _check_open(self):
         if self._closed:
             raise ClosedError(f"worker {self.rank} was finalized")
+        if self._view.failed:
+            self._check_cluster()
 
     def _count(self, name, n):
         if n:
             self._view.counter_add(self.local_rank, WORKER_SLOT[name], n)
 
-    def _send(self, msg):
+    def _send(self, node, msg):
         msg.src_node = self.node
-        msg.src_worker = self.local_rank
+        msg.src_worker = self.rank
         frames = msg.encode()
-        self._sock.send_multipart(frames, copy=False)
-        self._count("bytes_sent", sum(memoryview(f).nbytes for f in frames))
+        self._socks[node].send_multipart(frames, copy=False)
+        self._count("bytes_sent", protocol.frame_size(frames))
 
-    def _request(self, mtype, reply_type, request_id=None, **fields):
-        """Send a request and wait for its reply, watching the cluster's health."""
-        if request_id is None:
-            self._requests += 1
-            request_id = self._requests
-        self._send(Message(mtype, request_id=request_id, **fields))
-        while True:
-            if self._sock.poll(POLL_SLICE_MS, zmq.POLLIN):
-                frames = self._sock.recv_multipart(copy=False)
-                self._count("bytes_received", sum(len(f) for f in frames))
+    def _start(self, node, msg, op, expected):
+        """Send `msg` to `node` as part of `op`, expecting `expected` keys/replies back."""
+        self._next_request += 1
+        msg.request_id = self._next_request
+        self._waiting[msg.request_id] = (op, expected)
+        op.left += expected
+        self._send(node, msg)
+        return msg.request_id
+
+    def _control(self, mtype, reply_type, **fields):
+        """A request to this worker's node server; returns its reply."""
+        op = _CountOp(reply_type)
+        self._start(self.node, Message(mtype, **fields), op, 1)
+        self._wait(op)
+        return op.reply
+
+    def _wait(self, op, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not op.done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"worker {self.rank}: operation still pending after "
+                                   f"{timeout} s")
+            if not self._pump(POLL_SLICE_MS):
                 try:
-                    reply = protocol.decode(frames)
-                except ProtocolError:
-                    continue  # never act on a malformed message
-                if reply.type == MsgType.FAILED:
-                    raise self._failure(mtype, reply)
-                if reply.type == reply_type and reply.request_id == request_id:
-                    return reply
-                continue
-            self._check_cluster(mtype)
+                    self._check_cluster()
+                except ClusterError:
+                    self._forget(op)  # nothing will answer it any more
+                    raise
+        self._raise_if_failed(op)
 
-    def _failure(self, mtype, reply):
-        if mtype == MsgType.BARRIER and reply.arg0 == 1:
-            return ClusterError(
-                f"node {self.node}, worker {self.rank}: barrier can never complete, worker "
-                f"{self.node * self.workers_per_node + reply.count} has already finalized")
-        return ClusterError(f"node {self.node}, worker {self.rank}: the cluster failed "
-                            f"(code {reply.arg0}) during {mtype.name.lower()}")
+    def _raise_if_failed(self, op):
+        if op.error is not None:
+            raise op.error
 
-    def _check_cluster(self, mtype):
-        what = mtype.name.lower()
-        if self._view.failed:
-            raise ClusterError(f"node {self.node}, worker {self.rank}: the cluster failed "
-                               f"during {what}")
+    def _pump(self, timeout_ms):
+        """Receive and dispatch replies; returns how many arrived."""
+        handled = 0
+        for sock, _ in self._poller.poll(timeout_ms):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                handled += 1
+                self._count("bytes_received", protocol.frame_size(frames))
+                self._dispatch(frames)
+        return handled
+
+    def _dispatch(self, frames):
+        try:
+            msg = protocol.decode(frames)
+        except ProtocolError:
+            return  # never act on a malformed message
+        entry = self._waiting.get(msg.request_id)
+        if entry is None:
+            return  # a late reply to an operation that already failed
+        op, left = entry
+        if msg.type == MsgType.FAILED:
+            op.error = ClusterError(f"node {self.node}, worker {self.rank}: "
+                                    f"{failure_text(msg.arg0, msg.count)}")
+            self._forget(op)
+            return
+        try:
+            got = op.feed(msg, self.dtype)
+        except ProtocolError as exc:
+            op.error = ClusterError(f"node {self.node}, worker {self.rank}: malformed "
+                                    f"reply from node {msg.src_node}: {exc}")
+            self._forget(op)
+            return
+        op.left -= got
+        left -= got
+        if left <= 0:
+            del self._waiting[msg.request_id]
+        else:
+            self._waiting[msg.request_id] = (op, left)
+
+    def _forget(self, op):
+        for request_id in [r for r, (o, _) in self._waiting.items() if o is op]:
+            del self._waiting[request_id]
+
+    def _check_cluster(self):
+        code = self._view.failed
+        if code:
+            raise ClusterError(f"node {self.node}, worker {self.rank}: the cluster failed: "
+                               f"{failure_text(code, '?')}")
         age = self._view.heartbeat_age()
         if age > self._heartbeat_timeout:
             raise ClusterError(
-                f"node {self.node}, worker {self.rank}: node server silent for {age:.1f} s "
-                f"during {what}; it is presumed dead")
+                f"node {self.node}, worker {self.rank}: node server silent for {age:.1f} s; "
+                "it is presumed dead")
 
 
 def _clock_value(name, value):

@@ -555,3 +555,93 @@ cdef class TableView:
         if key >= self.num_keys:
             raise IndexError(key)
         _unlock(&self.directory[key], seq_before, changed)
+
+    # -- node server's live operations (under the keys' locks) ----------------------
+
+    def owners_of(self, cnp.ndarray keys, cnp.ndarray out):
+        """Fill `out` (uint16) with each key's cached owner (the location cache)."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint16_t* o = <uint16_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        with nogil:
+            for i in range(n):
+                o[i] = self.directory[k[i]].owner
+
+    def evict(self, cnp.ndarray keys, uint16_t new_owner, cnp.ndarray values,
+              cnp.ndarray offsets, cnp.ndarray taken):
+        """Take keys OWNED here out of the table for a relocation: copy each value into
+        `values` (flat, key order, every key's length reserved), record its slot offset,
+        mark it ABSENT with `new_owner` cached, and set taken[i]. Keys not OWNED here are
+        left alone (taken[i] = 0). Returns the number taken."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint64_t* offs = <uint64_t*>cnp.PyArray_DATA(offsets)
+        cdef uint8_t* t = <uint8_t*>cnp.PyArray_DATA(taken)
+        cdef char* out = <char*>cnp.PyArray_DATA(values)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        cdef uint64_t pos = 0, itemsize = self.dtype.itemsize, count = 0
+        cdef uint32_t s
+        cdef adapm_entry_t* e
+        cdef int failed = -1
+        with nogil:
+            for i in range(n):
+                e = &self.directory[k[i]]
+                if _lock(e, &s, self.lock_timeout_ns) != 0:
+                    failed = i
+                    break
+                if e.state == ADAPM_OWNED:
+                    memcpy(out + pos * itemsize, self.arena + e.offset * itemsize,
+                           e.length * itemsize)
+                    offs[i] = e.offset
+                    e.state = ADAPM_ABSENT
+                    e.owner = new_owner
+                    t[i] = 1
+                    count += 1
+                    _unlock(e, s, True)
+                else:
+                    t[i] = 0
+                    _unlock(e, s, False)
+                pos += e.length
+        if failed >= 0:
+            raise LockTimeout(int(k[failed]))
+        return count
+
+    def admit(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray offsets,
+              uint8_t state, uint16_t owner, cnp.ndarray admitted):
+        """Install values (flat, key order) for keys that are ABSENT here, in the given
+        slots, with `state` and cached `owner`; admitted[i] says which were. Keys already
+        held are left alone (their slot offsets stay unused)."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef const uint64_t* offs = <const uint64_t*>cnp.PyArray_DATA(offsets)
+        cdef uint8_t* a = <uint8_t*>cnp.PyArray_DATA(admitted)
+        cdef const char* src = <const char*>cnp.PyArray_DATA(values)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        cdef uint64_t pos = 0, itemsize = self.dtype.itemsize, count = 0
+        cdef uint32_t s
+        cdef adapm_entry_t* e
+        cdef int failed = -1
+        with nogil:
+            for i in range(n):
+                e = &self.directory[k[i]]
+                if _lock(e, &s, self.lock_timeout_ns) != 0:
+                    failed = i
+                    break
+                if e.state == ADAPM_ABSENT and offs[i] + e.length <= self.arena_capacity:
+                    memcpy(self.arena + offs[i] * itemsize, src + pos * itemsize,
+                           e.length * itemsize)
+                    e.offset = offs[i]
+                    e.state = state
+                    e.owner = owner
+                    e.version += 1
+                    a[i] = 1
+                    count += 1
+                    _unlock(e, s, True)
+                else:
+                    a[i] = 0
+                    _unlock(e, s, False)
+                pos += e.length
+        if failed >= 0:
+            raise LockTimeout(int(k[failed]))
+        return count
