@@ -10,7 +10,7 @@ import runpy
 import sys
 import traceback
 
-from adapm.config import ENV_RANK
+from adapm.config import ENV_LAUNCHER_PID, ENV_RANK
 from adapm.errors import ClusterError
 from adapm.process import die_with_parent, set_process_name
 
@@ -24,7 +24,7 @@ EXIT_CLUSTER_FAILED = 75
 
 
 def main(argv):
-    die_with_parent()
+    die_with_parent(int(os.environ.get(ENV_LAUNCHER_PID, os.getppid())))
     set_process_name(f"adapm-w{os.environ.get(ENV_RANK, '')}")
     try:
         run_target(argv)

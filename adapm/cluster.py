@@ -148,11 +148,12 @@ class LocalCluster:
             return None
         return ClusterError(f"node {node}: server died (exit code {proc.exitcode})")
 
-    def teardown(self, extra_processes=()):
-        """Stop `extra_processes` (workers) and every server, then unlink every segment."""
+    def teardown(self, extra_processes=(), groups=False):
+        """Stop `extra_processes` (workers; `groups`: each leads its process group) and
+        every server, then unlink every segment."""
         with signals_deferred():
             for proc in extra_processes:
-                stop_process(proc)
+                stop_process(proc, group=groups)
             for proc in self.servers.values():
                 stop_process(proc)
             for name in self.segments:

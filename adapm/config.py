@@ -28,6 +28,7 @@ ENV_WORKERS_PER_NODE = "ADAPM_WORKERS_PER_NODE"
 ENV_SERVER = "ADAPM_SERVER"              # ZeroMQ address of the node server
 ENV_TABLE = "ADAPM_TABLE"                # POSIX shared-memory name of the node's table
 ENV_CLUSTER_ID = "ADAPM_CLUSTER_ID"
+ENV_LAUNCHER_PID = "ADAPM_LAUNCHER_PID"  # set by adapm-launch: the workers' parent
 # Tuning that users may set, each with a default that needs no tuning.
 ENV_HEARTBEAT_TIMEOUT = "ADAPM_HEARTBEAT_TIMEOUT"  # seconds without a server heartbeat
 ENV_LOCK_TIMEOUT = "ADAPM_LOCK_TIMEOUT"            # seconds a key's lock may be held

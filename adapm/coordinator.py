@@ -28,6 +28,7 @@ FAIL_MISMATCH = 4       # node `count` joined with a different cluster spec
 FAIL_COORDINATOR = 5    # the coordinator went silent
 FAIL_ROUTING = 6        # a request could not be routed (forwarded too often)
 FAIL_REJECTED = 7       # a request was malformed or not allowed; count: the node
+FAIL_BARRIER_NODE = 8   # a barrier can never complete: every worker of node `count` left
 
 FAILURE_TEXT = {
     FAIL_BARRIER: "a barrier can never complete: worker {} has already finalized",
@@ -37,6 +38,7 @@ FAILURE_TEXT = {
     FAIL_COORDINATOR: "the coordinator (node 0) stopped responding",
     FAIL_ROUTING: "a request for keys could not be routed (detail {})",
     FAIL_REJECTED: "node {} rejected the request as malformed",
+    FAIL_BARRIER_NODE: "a barrier can never complete: every worker of node {} has finalized",
 }
 
 
@@ -124,7 +126,9 @@ class Coordinator:
     def _on_barrier(self, node, msg):
         arrived = self.barriers.setdefault(msg.request_id, set())
         arrived.add(node)
-        if len(arrived) == self.num_nodes:
+        if self.done:  # a node whose workers all left can never arrive
+            self.fail(FAIL_BARRIER_NODE, min(self.done))
+        elif len(arrived) == self.num_nodes:
             del self.barriers[msg.request_id]
             for peer in range(self.num_nodes):
                 self._send(peer, Message(MsgType.NODE_RELEASE, request_id=msg.request_id))
@@ -134,7 +138,9 @@ class Coordinator:
 
     def _on_done(self, node, msg):
         self.done.add(node)
-        if len(self.done) == self.num_nodes:
+        if self.barriers:
+            self.fail(FAIL_BARRIER_NODE, node)
+        elif len(self.done) == self.num_nodes:
             for peer in range(self.num_nodes):
                 self._send(peer, Message(MsgType.SHUTDOWN))
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from adapm.bootstrap import BOOTSTRAP, EXIT_CLUSTER_FAILED
 from adapm.cluster import LocalCluster, Terminated, signals_unwind
-from adapm.config import MODES, ClusterSpec
+from adapm.config import ENV_LAUNCHER_PID, MODES, ClusterSpec
 from adapm.errors import AdapmError
 
 
@@ -125,9 +125,13 @@ def launch(spec, target):
             cluster.start()
             for rank in range(spec.num_workers):
                 env = dict(os.environ, **cluster.worker_env(rank).to_environ())
+                env[ENV_LAUNCHER_PID] = str(os.getpid())
+                # Each worker leads a session of its own, so that teardown reaches what
+                # the script starts too; signals reach workers through the launcher.
                 procs.append(subprocess.Popen(
                     [sys.executable, "-c", BOOTSTRAP, *target], env=env,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    start_new_session=True))
             for rank, proc in enumerate(procs):
                 node, local = divmod(rank, spec.workers_per_node)
                 pump = threading.Thread(target=_pump, daemon=True,
@@ -151,7 +155,7 @@ def launch(spec, target):
             print("adapm-launch: terminated; stopping the cluster", file=sys.stderr, flush=True)
             return 128 + exc.signum
         finally:
-            cluster.teardown(procs)
+            cluster.teardown(procs, groups=True)
             for pump in pumps:
                 pump.join(2.0)
 

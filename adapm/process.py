@@ -41,36 +41,54 @@ def adapm_processes():
     return found
 
 
-def die_with_parent(sig=signal.SIGTERM):
+def die_with_parent(parent, sig=signal.SIGTERM):
     """Ask Linux to send `sig` to this process when its parent exits (even by SIGKILL),
-    so that no node server or worker outlives the process that started it."""
+    so that no node server or worker outlives the process that started it. `parent` is
+    the pid of the process that started this one, as that process knows it: if it died
+    before this call, getppid() already names another process and we stop now."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
     try:
         _libc().prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if os.getppid() != parent:
         os.kill(os.getpid(), sig)
 
 
-def stop_process(proc, grace=3.0):
+def own_process_group():
+    """Lead a process group of one's own, so that stop_process also reaches whatever
+    this process starts (a training script's helpers), not only the process itself."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+
+
+def stop_process(proc, grace=3.0, group=False):
     """SIGTERM, wait `grace` seconds, then SIGKILL. Works for multiprocessing.Process and
-    subprocess.Popen. Returns the exit code (or None when it could not be reaped)."""
+    subprocess.Popen. With `group`, the signals go to the process group the process
+    leads (see own_process_group), and the group is SIGKILLed at the end in any case, so
+    that nothing it started survives. Returns the exit code (None: not reaped)."""
     if _exitcode(proc) is None:
-        try:
-            proc.terminate()
-        except (ProcessLookupError, OSError):
-            pass
+        _signal(proc, signal.SIGTERM, group)
         _join(proc, grace)
     if _exitcode(proc) is None:
-        try:
-            proc.kill()
-        except (ProcessLookupError, OSError):
-            pass
+        _signal(proc, signal.SIGKILL, group)
         _join(proc, grace)
+    if group:
+        _signal(proc, signal.SIGKILL, group)
     return _exitcode(proc)
+
+
+def _signal(proc, sig, group):
+    try:
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
 
 
 def _exitcode(proc):

@@ -1,5 +1,6 @@
 """adapm.run: a whole cluster on this machine, from Python, torn down when it returns."""
 
+import multiprocessing
 import os
 import time
 import traceback
@@ -8,7 +9,7 @@ from multiprocessing.connection import wait
 from adapm.cluster import LocalCluster, signals_unwind
 from adapm.config import ClusterSpec
 from adapm.errors import ClusterError, WorkerError
-from adapm.process import die_with_parent, set_process_name
+from adapm.process import die_with_parent, own_process_group, set_process_name
 
 
 def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
@@ -36,7 +37,7 @@ def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
                 workers.append((proc, receive))
             return _collect(cluster, workers)
         finally:
-            cluster.teardown([proc for proc, _ in workers])
+            cluster.teardown([proc for proc, _ in workers], groups=True)
             for _, receive in workers:
                 receive.close()
 
@@ -106,7 +107,8 @@ def _worker_main(env, fn, args, kwargs, send):
     """Body of a worker process started by run()."""
     from adapm.worker import worker
 
-    die_with_parent()
+    die_with_parent(multiprocessing.parent_process().pid)
+    own_process_group()
     set_process_name(f"adapm-w{env.rank}")
     os.environ.update(env.to_environ())
     w = None

@@ -16,6 +16,7 @@ It runs as its own process (`serve`). It never touches values on the workers' ho
 workers read and write held keys in shared memory, with no message."""
 
 import logging
+import multiprocessing
 import signal
 import time
 
@@ -497,6 +498,10 @@ class NodeServer:
         if 0 <= local < self.workers:
             self._local[local] = identity
             self._left.discard(local)
+            if len(self._local) == self.workers:
+                # Every worker has mapped the table: its name is no longer needed, and
+                # without a name nothing can leak, however the processes end.
+                self.table.unlink()
         self._to_identity(identity, Message(MsgType.WELCOME, request_id=msg.request_id,
                                             arg0=MODES.index(self.spec.mode),
                                             addresses=self.addresses))
@@ -506,11 +511,13 @@ class NodeServer:
         arrived = self._barrier.setdefault(generation, {})
         arrived[msg.src_worker - self.first_rank] = msg.request_id
         if self._left:
-            # A worker that finalized can never arrive: fail instead of hanging.
-            self._report_failure(FAIL_BARRIER, self.first_rank + min(self._left))
-            return
-        if len(arrived) == self.workers:
+            self._barrier_cannot_complete()
+        elif len(arrived) == self.workers:
             self._to_coordinator(Message(MsgType.NODE_BARRIER, request_id=generation))
+
+    def _barrier_cannot_complete(self):
+        """A worker that finalized can never arrive: fail instead of hanging."""
+        self._report_failure(FAIL_BARRIER, self.first_rank + min(self._left))
 
     def _release_barrier(self, generation):
         for local, request_id in self._barrier.pop(generation, {}).items():
@@ -531,6 +538,8 @@ class NodeServer:
 
     def _on_goodbye(self, identity, msg):
         self._left.add(msg.src_worker - self.first_rank)
+        if self._barrier:  # others of this node wait for a barrier it will never join
+            self._barrier_cannot_complete()
         if len(self._left) == self.workers and not self._done_sent:
             self._done_sent = True
             self._to_coordinator(Message(MsgType.NODE_DONE))
@@ -636,7 +645,7 @@ def serve(spec, node, coordinator, ready, listen=None):
     """Entry point of a node server process. `ready` is a multiprocessing connection on
     which it reports ("coordinator", address) (node 0), then ("ready", address) once the
     cluster is complete, or ("error", text)."""
-    die_with_parent()
+    die_with_parent(multiprocessing.parent_process().pid)
     set_process_name(f"adapm-node{node}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launching process decides
     server = NodeServer(spec, node, coordinator, listen)

@@ -56,10 +56,7 @@ def normalise_lengths(num_keys, value_length):
             f"per-key value_length must be a 1-D integer array of length num_keys={num_keys}")
     if lengths.shape[0] and (lengths.min() < 1 or lengths.max() >= 2**32):
         raise ValueError("every per-key value length must be in [1, 2**32)")
-    lengths = lengths.astype(np.uint64)
-    if lengths.shape[0] and (lengths == lengths[0]).all():
-        return int(lengths[0]), None
-    return 0, lengths
+    return 0, lengths.astype(np.uint64)
 
 
 class SlotAllocator:

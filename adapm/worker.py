@@ -124,6 +124,7 @@ class Worker:
         self.num_keys = self._view.num_keys
         self.dtype = self._view.dtype
         self._misses = np.empty(1024, dtype=np.uint64)
+        self._last_health_check = time.monotonic()
         self._clock = 0
         self._barriers = 0
         self._next_request = 0
@@ -137,7 +138,8 @@ class Worker:
         try:
             self._connect(env.node, env.server)
             self._view.counter_set(self.local_rank, WORKER_SLOT["pid"], os.getpid())
-            welcome = self._control(MsgType.HELLO, MsgType.WELCOME, count=os.getpid())
+            welcome = self._control(MsgType.HELLO, MsgType.WELCOME, count=os.getpid(),
+                                    timeout=self._connect_timeout())
             if not 0 <= welcome.arg0 < len(config.MODES):
                 raise ClusterError(f"worker {self.rank}: node server sent mode {welcome.arg0}")
             self.mode = config.MODES[welcome.arg0]
@@ -167,9 +169,15 @@ class Worker:
                 self._connect(node, address)
                 op = _CountOp(MsgType.WELCOME)
                 self._start(node, Message(MsgType.HELLO, count=os.getpid()), op, 1)
-                hellos.append(op)
-        for op in hellos:
-            self._wait(op)
+                hellos.append((node, op))
+        timeout = self._connect_timeout()
+        for node, op in hellos:
+            try:
+                self._wait(op, timeout)
+            except TimeoutError:
+                self._forget(op)
+                raise ClusterError(f"worker {self.rank}: node {node} at {addresses[node]} "
+                                   f"did not answer within {timeout:.0f} s") from None
 
     # -- who and where -------------------------------------------------------------
 
@@ -422,9 +430,14 @@ class Worker:
     # -- messaging -----------------------------------------------------------------
 
     def _check_open(self):
+        """Every call: closed? failed? and, at most every POLL_SLICE_MS, is the node
+        server alive? (a dead server must not go unnoticed by a worker that only
+        reads and writes local keys)"""
         if self._closed:
             raise ClosedError(f"worker {self.rank} was finalized")
-        if self._view.failed:
+        now = time.monotonic()
+        if self._view.failed or now - self._last_health_check > POLL_SLICE_MS / 1000:
+            self._last_health_check = now
             self._check_cluster()
 
     def _count(self, name, n):
@@ -447,12 +460,21 @@ class Worker:
         self._send(node, msg)
         return msg.request_id
 
-    def _control(self, mtype, reply_type, **fields):
+    def _control(self, mtype, reply_type, timeout=None, **fields):
         """A request to this worker's node server; returns its reply."""
         op = _CountOp(reply_type)
         self._start(self.node, Message(mtype, **fields), op, 1)
-        self._wait(op)
+        try:
+            self._wait(op, timeout)
+        except TimeoutError:
+            self._forget(op)
+            raise ClusterError(f"node {self.node}, worker {self.rank}: no answer to "
+                               f"{mtype.name.lower()} within {timeout:.0f} s") from None
         return op.reply
+
+    @staticmethod
+    def _connect_timeout():
+        return config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
 
     def _wait(self, op, timeout=None):
         deadline = None if timeout is None else time.monotonic() + timeout

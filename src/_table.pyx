@@ -21,7 +21,7 @@ from posix.stat cimport fstat, struct_stat
 
 from atomic cimport (
     adapm_load_acquire_u32, adapm_load_relaxed_u32, adapm_store_release_u32,
-    adapm_cas_acquire_u32, adapm_load_relaxed_u64, adapm_store_relaxed_u64,
+    adapm_cas_acquire_u32, adapm_load_relaxed_u8, adapm_load_relaxed_u64, adapm_store_relaxed_u64,
     adapm_fence_acquire, adapm_fence_release, adapm_cpu_relax, adapm_prefetch_read,
     adapm_prefetch_write, adapm_monotonic_ns, adapm_yield,
 )
@@ -172,8 +172,10 @@ cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
                     misses[0] = i
                     return -1
                 continue
-            state = e.state
-            off = e.offset
+            # Racing reads by design (a writer may change them): single atomic loads, so
+            # that the compiler cannot re-read `off` after the bounds check.
+            state = adapm_load_relaxed_u8(&e.state)
+            off = adapm_load_relaxed_u64(&e.offset)
             if not _usable(state) or off + length > capacity:
                 adapm_fence_acquire()
                 if adapm_load_relaxed_u32(&e.seq) != s1:

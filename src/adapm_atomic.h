@@ -27,6 +27,9 @@ static inline uint64_t adapm_load_relaxed_u64(const uint64_t *p) {
 static inline uint64_t adapm_load_acquire_u64(const uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
+static inline uint8_t adapm_load_relaxed_u8(const uint8_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
 static inline void adapm_store_relaxed_u64(uint64_t *p, uint64_t v) {
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
 }

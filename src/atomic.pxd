@@ -1,5 +1,5 @@
 # Cython declarations of src/adapm_atomic.h (C11 atomics via GCC builtins).
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef extern from "adapm_atomic.h" nogil:
     uint32_t adapm_load_acquire_u32(const uint32_t *p)
@@ -7,6 +7,7 @@ cdef extern from "adapm_atomic.h" nogil:
     void adapm_store_release_u32(uint32_t *p, uint32_t v)
     bint adapm_cas_acquire_u32(uint32_t *p, uint32_t expected, uint32_t desired)
     uint64_t adapm_load_relaxed_u64(const uint64_t *p)
+    uint8_t adapm_load_relaxed_u8(const uint8_t *p)
     uint64_t adapm_load_acquire_u64(const uint64_t *p)
     void adapm_store_relaxed_u64(uint64_t *p, uint64_t v)
     void adapm_store_release_u64(uint64_t *p, uint64_t v)

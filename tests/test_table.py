@@ -111,8 +111,9 @@ def test_per_key_lengths(make_table):
     np.testing.assert_array_equal(out, np.arange(starts[1], starts[1] + 3) + 2)
 
 
-def test_uniform_per_key_lengths_collapse():
-    assert normalise_lengths(3, np.array([4, 4, 4]))[0] == 4
+def test_per_key_lengths_stay_per_key_even_when_equal():
+    uniform, lengths = normalise_lengths(3, np.array([4, 4, 4]))
+    assert uniform == 0 and lengths.tolist() == [4, 4, 4]  # pulls stay flat, as promised
     with pytest.raises(ValueError):
         normalise_lengths(3, np.array([4, 0, 4]))
     with pytest.raises(ValueError):
