@@ -1,15 +1,22 @@
 """adapm-launch: start a cluster and run a training script in every worker.
 
-    adapm-launch --workers-per-node 2 --num-keys 100000 --value-length 16 train.py --epochs 3
+    adapm-launch --nodes 2 --workers-per-node 2 --num-keys 100000 train.py --epochs 3
 
-The launcher starts the node server(s), then one process per worker running the script
-(or `-m module`) with the ADAPM_* environment that adapm.worker() attaches with. Every
-output line is prefixed with its node and worker. Ctrl-C and SIGTERM are forwarded as a
-teardown of everything; the first failing worker's exit code becomes the launcher's.
-All options are documented in docs/configuration.md."""
+Three ways to start (docs/configuration.md has every option and variable):
+- local: `--nodes N` runs the coordinator, N node servers and N x W workers here;
+- per machine, torchrun-style: `--nnodes N --node-rank R --coordinator HOST:PORT` on
+  each machine (read from SLURM_*, NODE_RANK/WORLD_SIZE or MASTER_ADDR/MASTER_PORT when
+  present, so SLURM, Kubernetes or MPI can start it); node 0 hosts the coordinator;
+- `--hosts FILE`: one host per line; runs the per-machine form on each over ssh.
 
+Every output line is prefixed with its node and worker. Ctrl-C and SIGTERM tear
+everything down; the first failing worker's exit code becomes the launcher's."""
+
+import hashlib
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +29,10 @@ from adapm.bootstrap import BOOTSTRAP, EXIT_CLUSTER_FAILED
 from adapm.cluster import LocalCluster, Terminated, signals_unwind
 from adapm.config import ENV_LAUNCHER_PID, MODES, ClusterSpec
 from adapm.errors import AdapmError
+from adapm.process import stop_process
+
+DEFAULT_COORDINATOR_PORT = 29650
+SHUTDOWN_GRACE = 10.0  # seconds workers get to notice a failure before they are stopped
 
 
 def parse_init(text):
@@ -50,8 +61,181 @@ def parse_value_length(text):
             f"{text!r} is neither an integer nor a .npy file: {exc}") from None
 
 
+def _first_env(*names):
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _env_int(*names):
+    value = _first_env(*names)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def split_host_port(text, default_port):
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    if not port.isdigit():
+        raise click.BadParameter(f"{text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def route_address(host, port):
+    """The local address this machine uses to reach host:port (a UDP connect sends no
+    packet; it only asks the routing table)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            return probe.getsockname()[0]
+    except OSError as exc:
+        raise click.UsageError(f"no route to the coordinator {host}:{port}: {exc}") from None
+
+
+def resolve(host):
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        raise click.UsageError(f"cannot resolve {host!r}: {exc}") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"],
+                                 "ignore_unknown_options": True,
+                                 "allow_interspersed_args": False})
+@click.option("--nodes", type=int, default=None,
+              help="local: run this many nodes on this machine (default 1)")
+@click.option("--nnodes", type=int, default=None,
+              help="per machine: nodes in the cluster [SLURM_NNODES, WORLD_SIZE]")
+@click.option("--node-rank", type=int, default=None,
+              help="per machine: this machine's node id [SLURM_NODEID, NODE_RANK]")
+@click.option("--coordinator", default=None,
+              help="per machine: HOST:PORT of the coordinator, hosted by node 0 "
+                   "[ADAPM_COORDINATOR, MASTER_ADDR:MASTER_PORT]")
+@click.option("--hosts", "hosts_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="file with one host per line: one node each, over ssh")
+@click.option("--ssh-command", default="ssh", show_default=True,
+              help="command that runs a command on a host: CMD HOST COMMAND")
+@click.option("--remote-launcher", default="adapm-launch", show_default=True,
+              help="adapm-launch as the hosts of --hosts find it")
+@click.option("--workers-per-node", default=1, show_default=True)
+@click.option("--num-keys", type=int, required=True, help="keys are 0 .. num_keys-1")
+@click.option("--value-length", default="1", show_default=True,
+              help="floats per key, or a .npy file of per-key lengths")
+@click.option("--mode", type=click.Choice(MODES), default="adaptive", show_default=True)
+@click.option("--init", "init_text", default="zeros", show_default=True,
+              help="zeros, uniform:LOW:HIGH:SEED or normal:STD:SEED")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--host", default=None,
+              help="address the node servers listen on (local: 127.0.0.1; per machine: "
+                   "the address that routes to the coordinator)")
+@click.option("--port", default="0", show_default=True,
+              help="node server port: a number, 0 for any free port, or LOW-HIGH")
+@click.option("--cluster-id", default=None,
+              help="per machine: a name shared by all machines (default: from the "
+                   "coordinator's address)")
+@click.option("-m", "module", default=None, help="run a module (as python -m) instead of a script")
+@click.argument("script_and_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, remote_launcher,
+         workers_per_node, num_keys, value_length, mode, init_text, dtype, host, port,
+         cluster_id, module, script_and_args):
+    """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) in every worker of a cluster."""
+    if module is None and not script_and_args:
+        raise click.UsageError("give a SCRIPT to run, or -m MODULE")
+    target = ["-m", module, *script_and_args] if module else list(script_and_args)
+    common = dict(num_keys=num_keys, value_length=parse_value_length(value_length),
+                  workers_per_node=workers_per_node, dtype=dtype, init=parse_init(init_text),
+                  mode=mode)
+    if hosts_file:
+        sys.exit(launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator,
+                              target))
+    nnodes = nnodes or _env_int("ADAPM_NNODES", "SLURM_NNODES", "WORLD_SIZE")
+    node_rank = node_rank if node_rank is not None else _env_int(
+        "ADAPM_NODE_RANK", "SLURM_NODEID", "NODE_RANK")
+    if nodes is None and (node_rank is not None and nnodes):
+        sys.exit(launch_machine(common, nnodes, node_rank, coordinator, host, port,
+                                cluster_id, target))
+    try:
+        spec = ClusterSpec(num_nodes=nodes or 1, host=host or "127.0.0.1", **common)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(launch(spec, target, port=port))
+
+
+def launch_machine(common, nnodes, node_rank, coordinator, host, port, cluster_id, target):
+    """This machine's node of a cluster that spans machines."""
+    coordinator = coordinator or _first_env("ADAPM_COORDINATOR")
+    if coordinator is None and os.environ.get("MASTER_ADDR"):
+        coordinator = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '')}"
+    if not coordinator:
+        raise click.UsageError("--coordinator HOST:PORT is needed with --node-rank")
+    coord_host, coord_port = split_host_port(coordinator.rstrip(":"), DEFAULT_COORDINATOR_PORT)
+    coord_ip = resolve(coord_host)
+    listen = host or route_address(coord_ip, coord_port)
+    cluster_id = cluster_id or hashlib.sha256(
+        f"{coord_ip}:{coord_port}/{nnodes}".encode()).hexdigest()[:12]
+    if not 0 <= node_rank < nnodes:
+        raise click.UsageError(f"--node-rank {node_rank} outside 0..{nnodes - 1}")
+    try:
+        spec = ClusterSpec(num_nodes=nnodes, host=listen, cluster_id=cluster_id, **common)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return launch(spec, target, nodes=[node_rank], port=port,
+                  coordinator=f"tcp://{coord_ip}:{coord_port}")
+
+
+def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, target):
+    """Start the per-machine form on every host of the file over ssh."""
+    with open(hosts_file) as f:
+        hosts = [line.split("#")[0].strip() for line in f]
+    hosts = [h for h in hosts if h]
+    if not hosts:
+        raise click.UsageError(f"{hosts_file} names no host")
+    coordinator = coordinator or f"{hosts[0]}:{DEFAULT_COORDINATOR_PORT}"
+    passed = _passed_options(ctx, drop={"hosts_file", "ssh_command", "remote_launcher",
+                                        "coordinator", "nodes", "nnodes", "node_rank",
+                                        "module", "script_and_args", "host"})
+    procs = []
+    lock = threading.Lock()
+    with signals_unwind():
+        try:
+            for rank, host in enumerate(hosts):
+                remote = [remote_launcher, "--nnodes", str(len(hosts)), "--node-rank",
+                          str(rank), "--coordinator", coordinator, *passed, *target]
+                procs.append(subprocess.Popen(
+                    [*shlex.split(ssh_command), host, shlex.join(remote)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, start_new_session=True))
+                _start_pump(procs[-1].stdout, f"[{host}]", lock)
+            failure = _wait_first_failure(procs)
+            return 0 if failure is None else failure[1]
+        except KeyboardInterrupt:
+            return 128 + signal.SIGINT
+        except Terminated as exc:
+            return 128 + exc.signum
+        finally:
+            for proc in procs:  # SIGTERM reaches the remote launchers through ssh
+                stop_process(proc, grace=SHUTDOWN_GRACE, group=True)
+
+
+def _passed_options(ctx, drop):
+    """The command line options given to this launcher, as arguments for another."""
+    args = []
+    for param in ctx.command.params:
+        if param.name in drop or not isinstance(param, click.Option):
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source in (click.core.ParameterSource.DEFAULT, None):
+            continue
+        args += [param.opts[0], str(ctx.params[param.name])]
+    return args
+
+
 def _pump(stream, prefix, out, lock):
-    """Copy a worker's output line by line, prefixed with its node and worker."""
+    """Copy a process's output line by line, each line prefixed."""
     for raw in iter(stream.readline, b""):
         text = raw.decode(errors="replace").rstrip("\n")
         with lock:
@@ -60,13 +244,22 @@ def _pump(stream, prefix, out, lock):
     stream.close()
 
 
-def _wait_first_failure(procs, sweep=0.01, grace=2.0):
+def _start_pump(stream, prefix, lock):
+    pump = threading.Thread(target=_pump, args=(stream, prefix, sys.stdout, lock), daemon=True)
+    pump.start()
+    return pump
+
+
+def _wait_first_failure(procs, servers=None, sweep=0.01, grace=2.0):
     """Wait for every worker; return (rank, code) of the failure to report, or None.
 
     A worker that only stopped because the cluster failed (EXIT_CLUSTER_FAILED) is a
-    consequence: for `grace` seconds the others may still show the cause, which wins."""
+    consequence: for `grace` seconds the others may still show the cause, which wins.
+    A node server that fails (servers: node -> process) is reported as ("node N", 1) once
+    the workers had SHUTDOWN_GRACE seconds to stop by themselves."""
     waiting = dict(enumerate(procs))
     consequence, deadline = None, None
+    server_failure, stop_by = None, None
     while waiting:
         for rank, proc in list(waiting.items()):
             code = proc.poll()
@@ -78,74 +271,53 @@ def _wait_first_failure(procs, sweep=0.01, grace=2.0):
                     consequence, deadline = (rank, code), time.monotonic() + grace
             elif code != 0:
                 return rank, code
-        if consequence is not None and time.monotonic() > deadline:
+        if consequence is not None and time.monotonic() > deadline and server_failure is None:
             return consequence
+        for node, proc in (servers or {}).items():
+            if server_failure is None and proc.exitcode not in (None, 0):
+                server_failure = (f"node {node}", 1)
+                stop_by = time.monotonic() + SHUTDOWN_GRACE
+                print(f"adapm-launch: node {node}'s server failed (exit code "
+                      f"{proc.exitcode})", file=sys.stderr, flush=True)
+        if server_failure is not None and time.monotonic() > stop_by:
+            return server_failure
         time.sleep(sweep)
-    return consequence
+    return server_failure or consequence
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"],
-                                 "ignore_unknown_options": True,
-                                 "allow_interspersed_args": False})
-@click.option("--nodes", default=1, show_default=True, help="number of nodes")
-@click.option("--workers-per-node", default=1, show_default=True)
-@click.option("--num-keys", type=int, required=True, help="keys are 0 .. num_keys-1")
-@click.option("--value-length", default="1", show_default=True,
-              help="floats per key, or a .npy file of per-key lengths")
-@click.option("--mode", type=click.Choice(MODES), default="adaptive", show_default=True)
-@click.option("--init", "init_text", default="zeros", show_default=True,
-              help="zeros, uniform:LOW:HIGH:SEED or normal:STD:SEED")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="interface the node servers listen on")
-@click.option("-m", "module", default=None, help="run a module (as python -m) instead of a script")
-@click.argument("script_and_args", nargs=-1, type=click.UNPROCESSED)
-def main(nodes, workers_per_node, num_keys, value_length, mode, init_text, dtype, host,
-         module, script_and_args):
-    """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) in every worker of a new cluster."""
-    if module is None and not script_and_args:
-        raise click.UsageError("give a SCRIPT to run, or -m MODULE")
-    target = ["-m", module, *script_and_args] if module else list(script_and_args)
-    try:
-        spec = ClusterSpec(num_keys=num_keys, value_length=parse_value_length(value_length),
-                           num_nodes=nodes, workers_per_node=workers_per_node, dtype=dtype,
-                           init=parse_init(init_text), mode=mode, host=host)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    sys.exit(launch(spec, target))
-
-
-def launch(spec, target):
-    """Run `target` (bootstrap arguments) in every worker; return the exit code."""
-    procs, pumps, lock = [], [], threading.Lock()
+def launch(spec, target, nodes=None, port="0", coordinator=None):
+    """Run `target` (bootstrap arguments) in every worker of the given nodes (default:
+    all) on this machine; return the exit code."""
+    procs, lock = [], threading.Lock()
+    ranks = []
     with signals_unwind():
-        cluster = LocalCluster(spec)
+        cluster = None
         try:
+            cluster = LocalCluster(spec, nodes=nodes, coordinator=coordinator, port=port)
             cluster.start()
-            for rank in range(spec.num_workers):
-                env = dict(os.environ, **cluster.worker_env(rank).to_environ())
-                env[ENV_LAUNCHER_PID] = str(os.getpid())
-                # Each worker leads a session of its own, so that teardown reaches what
-                # the script starts too; signals reach workers through the launcher.
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-c", BOOTSTRAP, *target], env=env,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    start_new_session=True))
-            for rank, proc in enumerate(procs):
-                node, local = divmod(rank, spec.workers_per_node)
-                pump = threading.Thread(target=_pump, daemon=True,
-                                        args=(proc.stdout, f"[n{node} w{rank}]", sys.stdout, lock))
-                pump.start()
-                pumps.append(pump)
-            failure = _wait_first_failure(procs)
+            for node in cluster.nodes:
+                for local in range(spec.workers_per_node):
+                    rank = node * spec.workers_per_node + local
+                    env = dict(os.environ, **cluster.worker_env(rank).to_environ())
+                    env[ENV_LAUNCHER_PID] = str(os.getpid())
+                    # Each worker leads a session of its own, so that teardown reaches what
+                    # the script starts too; signals reach workers through the launcher.
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-c", BOOTSTRAP, *target], env=env,
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, start_new_session=True))
+                    ranks.append(rank)
+                    _start_pump(procs[-1].stdout, f"[n{node} w{rank}]", lock)
+            failure = _wait_first_failure(procs, cluster.servers)
             if failure is None:
+                _await_shutdown(cluster)
                 return 0
-            rank, code = failure
-            print(f"adapm-launch: worker {rank} failed with exit code {code}; stopping the "
-                  "cluster", file=sys.stderr, flush=True)
+            who, code = failure
+            who = f"worker {ranks[who]}" if isinstance(who, int) else who
+            print(f"adapm-launch: {who} failed with exit code {code}; stopping the cluster",
+                  file=sys.stderr, flush=True)
             return code if code > 0 else 128 - code
-        except AdapmError as exc:
+        except (AdapmError, ValueError, OSError) as exc:
             print(f"adapm-launch: {exc}", file=sys.stderr, flush=True)
             return 1
         except KeyboardInterrupt:
@@ -155,9 +327,20 @@ def launch(spec, target):
             print("adapm-launch: terminated; stopping the cluster", file=sys.stderr, flush=True)
             return 128 + exc.signum
         finally:
-            cluster.teardown(procs, groups=True)
-            for pump in pumps:
-                pump.join(2.0)
+            if cluster is not None:
+                cluster.teardown(procs, groups=True)
+
+
+def _await_shutdown(cluster):
+    """Every local worker finished: keep serving until every node is done (the
+    coordinator then shuts all servers down), so that remote workers can still reach
+    the keys this node owns."""
+    while any(proc.exitcode is None for proc in cluster.servers.values()):
+        for proc in cluster.servers.values():
+            proc.join(0.1)
+    for node, proc in cluster.servers.items():
+        if proc.exitcode != 0:
+            raise AdapmError(f"node {node}'s server ended with exit code {proc.exitcode}")
 
 
 if __name__ == "__main__":

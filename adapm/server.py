@@ -47,6 +47,8 @@ from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
 log = logging.getLogger("adapm.server")
 
 POLL_MS = 1              # longest idle wait of a round
+FAILED_LINGER = 1.0      # seconds a failed node keeps answering "failed" before it exits
+EXIT_FAILED = 3          # exit code of a node server after the cluster failed
 HOUSEKEEPING_EVERY = 0.05
 MAX_BATCH = 256          # messages handled per round before the round's housekeeping
 WORKER_CHECK_EVERY = 0.5
@@ -95,6 +97,8 @@ class NodeServer:
         self._localizing = {}       # request id -> [identity, worker request id, keys left]
         self._next_op = 0
         self._failed = None
+        self._failed_at = 0.0
+        self.exit_code = 0
         self._stop = False
         self._coordinator_seen = time.monotonic()
         self._done_sent = False
@@ -175,6 +179,9 @@ class NodeServer:
             if now - last_worker_check >= WORKER_CHECK_EVERY:
                 last_worker_check = now
                 self._check_local_workers()
+            if self._failed is not None and now - self._failed_at > FAILED_LINGER:
+                self.exit_code = EXIT_FAILED
+                return
 
     def _drain(self, sock, handle):
         for _ in range(MAX_BATCH):
@@ -568,6 +575,7 @@ class NodeServer:
         if self._failed is not None:
             return
         self._failed = (code, detail)
+        self._failed_at = time.monotonic()
         log.error("node %d: %s", self.node, failure_text(code, detail))
         self.view.mark_failed(code)
         for arrived in self._barrier.values():
@@ -655,12 +663,12 @@ def serve(spec, node, coordinator, ready, listen=None):
             server.start()
         except Exception as exc:
             ready.send(("error", f"node {node}: could not start: {exc}"))
-            return 1
+            raise SystemExit(1) from None
         if node == 0:
             ready.send(("coordinator", server.coordinator_address))
         server.on_ready = lambda address: ready.send(("ready", address))
         server.serve_forever()
-        return 0
     finally:
         server.close()
         ready.close()
+    raise SystemExit(server.exit_code)

@@ -9,9 +9,10 @@ import sys
 import time
 
 import numpy as np
-from common import line, rate, save, verdict
 
 import adapm
+
+from common import line, rate, save, verdict
 
 D = 64
 BATCH = 1000

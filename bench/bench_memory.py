@@ -10,9 +10,10 @@ import sys
 import time
 
 import numpy as np
-from common import line, save, verdict
 
 from adapm.table import OWNED, SharedTable, segment_name
+
+from common import line, save, verdict
 
 
 def main(argv=None):

@@ -19,4 +19,21 @@ with adapm.worker() as w:
         open(os.path.join(marker_dir, f"ready{w.rank}"), "w").close()
         while True:
             time.sleep(0.05)
+    if how == "loop":  # access keys of every node until the cluster fails
+        open(os.path.join(marker_dir, f"ready{w.rank}"), "w").close()
+        keys = np.arange(w.num_keys)
+        try:
+            while True:
+                w.push(keys, np.ones((w.num_keys, 2)))
+                w.pull(keys)
+                time.sleep(0.01)
+        except adapm.ClusterError as exc:
+            print(f"rank {w.rank} ClusterError at {time.time():.3f}: {exc}", flush=True)
+            raise
+    if how == "sums":  # every worker adds its rank + 1 to every key
+        w.push(np.arange(w.num_keys), np.full((w.num_keys, 2), w.rank + 1.0))
+        w.wait_sync()
+        w.barrier()
+        total = w.pull(np.arange(w.num_keys)).sum()
+        print(f"rank {w.rank} of {w.num_workers} on node {w.node}: total {total:.0f}")
     w.barrier()

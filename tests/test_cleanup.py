@@ -6,12 +6,13 @@ import sys
 import time
 
 import pytest
-from conftest import adapm_segments, wait_until_clean
 
 import adapm
 from adapm.cluster import LocalCluster
 from adapm.config import ClusterSpec
 from adapm.process import adapm_processes
+
+from conftest import adapm_segments, wait_until_clean
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import wait_until_clean
 
 pytestmark = pytest.mark.timeout(90)

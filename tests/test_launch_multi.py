@@ -1,0 +1,173 @@
+"""adapm-launch across nodes: failures, per-machine launches, network namespaces, --hosts."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from adapm.process import adapm_processes
+
+from conftest import wait_until_clean
+
+pytestmark = pytest.mark.timeout(120)
+
+HERE = Path(__file__).parent
+SCRIPT = str(HERE / "launch_script.py")
+LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
+
+
+def launcher(*args, prefix=()):
+    return subprocess.Popen([*prefix, LAUNCHER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path, count, procs, timeout=60):
+    deadline = time.monotonic() + timeout
+    while len(list(path.glob("ready*"))) < count:
+        for proc in procs:
+            assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.05)
+
+
+def child_named(parent, name):
+    for pid, comm in adapm_processes():
+        with open(f"/proc/{pid}/stat") as f:
+            if comm == name and int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                return pid
+    raise AssertionError(f"no {name} under {parent}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_clean():
+    segments, processes = wait_until_clean(timeout=15)
+    assert not segments and not processes, (segments, processes)
+
+
+def test_killed_node_server_fails_every_worker_within_ten_seconds(tmp_path):
+    proc = launcher("--nodes", "2", "--workers-per-node", "2", "--num-keys", "40",
+                    "--value-length", "2", SCRIPT, "loop", str(tmp_path))
+    wait_for(tmp_path, 4, [proc])
+    server = child_named(proc.pid, "adapm-node1")
+    killed = time.time()
+    os.kill(server, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out
+    times = {int(r): float(t) for r, t in re.findall(r"rank (\d) ClusterError at ([\d.]+)", out)}
+    assert sorted(times) == [0, 1, 2, 3], out
+    assert max(times.values()) - killed < 10, out
+    assert_clean()
+
+
+def test_per_machine_launches_form_one_cluster(tmp_path):
+    coordinator = f"127.0.0.1:{free_port()}"
+    common = ["--nnodes", "2", "--coordinator", coordinator, "--host", "127.0.0.1",
+              "--workers-per-node", "2", "--num-keys", "30", "--value-length", "2",
+              "--cluster-id", f"pm{uuid.uuid4().hex[:6]}"]
+    procs = [launcher(*common[:2], "--node-rank", str(rank), *common[2:], SCRIPT, "sums",
+                      str(tmp_path)) for rank in (0, 1)]
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out
+    # 4 workers add 1 (the script's first push) and then rank+1 to 30 keys x 2 values
+    assert sum(out.count("total 840") for out in outs) == 4, outs
+    assert_clean()
+
+
+def test_port_conflict_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = launcher("--num-keys", "4", "--port", str(port), SCRIPT, "ok", str(tmp_path))
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"cannot listen on tcp://127.0.0.1:{port}" in out, out
+    assert_clean()
+
+
+# -- two hosts in network namespaces ------------------------------------------------
+
+def _can_make_namespaces():
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: 10.77.0.1 and 10.77.0.2."""
+    if not _can_make_namespaces():
+        pytest.skip("network namespaces need root and iproute2 (ip)")
+    tag = uuid.uuid4().hex[:6]
+    names = [f"adapm-a{tag}", f"adapm-b{tag}"]
+    veth = [f"va{tag}", f"vb{tag}"]
+
+    def ip(*args, ns=None):
+        cmd = ["ip", *(["netns", "exec", ns, "ip"] if ns else []), *args]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    try:
+        for name in names:
+            ip("netns", "add", name)
+        ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+        for i, (name, dev) in enumerate(zip(names, veth)):
+            ip("link", "set", dev, "netns", name)
+            ip("addr", "add", f"10.77.0.{i + 1}/24", "dev", dev, ns=name)
+            ip("link", "set", dev, "up", ns=name)
+            ip("link", "set", "lo", "up", ns=name)
+    except subprocess.CalledProcessError as exc:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        pytest.skip(f"cannot make network namespaces here: {exc.stderr.decode().strip()}")
+    yield names, ["10.77.0.1", "10.77.0.2"]
+    for name in names:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_two_hosts_in_network_namespaces(tmp_path, two_hosts):
+    names, addresses = two_hosts
+    coordinator = f"{addresses[0]}:{free_port()}"
+    procs = []
+    for rank, name in enumerate(names):
+        procs.append(launcher(
+            "--nnodes", "2", "--node-rank", str(rank), "--coordinator", coordinator,
+            "--workers-per-node", "1", "--num-keys", "30", "--value-length", "2",
+            SCRIPT, "sums", str(tmp_path), prefix=("ip", "netns", "exec", name)))
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out
+    # two workers add 1 (the script's first push) and then rank+1 to 30 keys x 2 values
+    assert sum(out.count("total 300") for out in outs) == 2, outs
+    assert "on node 1" in outs[1]
+    assert_clean()
+
+
+def test_hosts_file_over_ssh(tmp_path, two_hosts):
+    """--hosts with a stand-in for ssh that enters the host's namespace instead."""
+    names, addresses = two_hosts
+    fake_ssh = tmp_path / "fake-ssh"
+    fake_ssh.write_text('#!/bin/sh\nhost="$1"; shift\n'
+                        f'exec ip netns exec "$host" env PATH="{Path(sys.executable).parent}'
+                        ':$PATH" sh -c "$*"\n')
+    fake_ssh.chmod(0o755)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("\n".join(names) + "\n")
+    proc = launcher("--hosts", str(hosts), "--ssh-command", str(fake_ssh),
+                    "--coordinator", f"{addresses[0]}:{free_port()}",
+                    "--workers-per-node", "1", "--num-keys", "30", "--value-length", "2",
+                    SCRIPT, "sums", str(tmp_path))
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert out.count("total 300") == 2, out
+    assert f"[{names[1]}] [n1 w1]" in out
+    assert_clean()
