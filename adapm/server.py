@@ -237,6 +237,9 @@ class NodeServer:
 
     def _check_sender(self, identity, msg):
         if msg.type in WORKER_REQUESTS:
+            if msg.src_worker >= self.spec.num_workers:
+                raise ProtocolError(f"{msg.type.name} from worker {msg.src_worker}, of "
+                                    f"{self.spec.num_workers}")
             if identity != worker_identity(msg.src_worker):
                 raise ProtocolError(f"{msg.type.name} with a sender that is not worker "
                                     f"{msg.src_worker}")
