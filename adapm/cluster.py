@@ -14,6 +14,7 @@ from adapm import config
 from adapm.config import WorkerEnv
 from adapm.errors import ClusterError
 from adapm.process import stop_process
+from adapm.security import ENV_CURVE_KEYS
 from adapm.server import serve
 from adapm.table import segment_name, unlink_segment
 
@@ -127,6 +128,14 @@ class LocalCluster:
             if proc.sentinel in ready:
                 raise ClusterError(
                     f"node {node}: server exited with code {proc.exitcode} during start")
+
+    def worker_environ(self, rank):
+        """The environment of worker `rank`: where it finds its node, and the keys of a
+        secure cluster."""
+        environ = self.worker_env(rank).to_environ()
+        if self.spec.curve is not None:
+            environ[ENV_CURVE_KEYS] = self.spec.curve.to_text()
+        return environ
 
     def worker_env(self, rank):
         node, local = divmod(rank, self.spec.workers_per_node)

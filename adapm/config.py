@@ -71,6 +71,7 @@ class ClusterSpec:
     mode: str = "adaptive"
     host: str = "127.0.0.1"
     cluster_id: str = field(default_factory=new_cluster_id)
+    curve: Any = None  # adapm.security.CurveKeys of a secure cluster, else None
 
     def __post_init__(self):
         self.num_keys = _positive_int("num_keys", self.num_keys)
@@ -96,7 +97,7 @@ class ClusterSpec:
         digest = hashlib.sha256()
         init = self.init if not callable(self.init) else ("callable",)
         for part in (self.num_keys, self.num_nodes, self.workers_per_node, self.dtype,
-                     self.mode, repr(init), self.cluster_id):
+                     self.mode, repr(init), self.cluster_id, self.curve is not None):
             digest.update(repr(part).encode())
         if isinstance(self.value_length, np.ndarray):
             digest.update(self.value_length.tobytes())

@@ -15,6 +15,7 @@ import zmq
 from adapm import protocol
 from adapm.errors import ProtocolError
 from adapm.protocol import Message, MsgType, node_identity
+from adapm.security import listener
 
 log = logging.getLogger("adapm.coordinator")
 
@@ -47,10 +48,10 @@ def failure_text(code, detail):
 
 
 class Coordinator:
-    def __init__(self, ctx, address, num_nodes, node_timeout):
+    def __init__(self, ctx, address, num_nodes, node_timeout, curve=None):
         self.num_nodes = num_nodes
         self.node_timeout = node_timeout
-        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket = listener(ctx, curve)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.address = bind_address(self.socket, address)

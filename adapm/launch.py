@@ -30,6 +30,7 @@ from adapm.cluster import LocalCluster, Terminated, signals_unwind
 from adapm.config import ENV_LAUNCHER_PID, MODES, ClusterSpec
 from adapm.errors import AdapmError
 from adapm.process import stop_process
+from adapm.security import CurveKeys
 
 DEFAULT_COORDINATOR_PORT = 29650
 SHUTDOWN_GRACE = 10.0  # seconds workers get to notice a failure before they are stopped
@@ -136,19 +137,26 @@ def resolve(host):
 @click.option("--cluster-id", default=None,
               help="per machine: a name shared by all machines (default: from the "
                    "coordinator's address)")
+@click.option("--secure", is_flag=True,
+              help="authenticate and encrypt every connection (CURVE); local clusters get "
+                   "fresh keys, clusters across machines need --keys-file")
+@click.option("--keys-file", type=click.Path(dir_okay=False), default=None,
+              help="CURVE keys shared by every machine (python -m adapm.security FILE); "
+                   "implies --secure")
 @click.option("-m", "module", default=None, help="run a module (as python -m) instead of a script")
 @click.argument("script_and_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, remote_launcher,
          workers_per_node, num_keys, value_length, mode, init_text, dtype, host, port,
-         cluster_id, module, script_and_args):
+         cluster_id, secure, keys_file, module, script_and_args):
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) in every worker of a cluster."""
     if module is None and not script_and_args:
         raise click.UsageError("give a SCRIPT to run, or -m MODULE")
     target = ["-m", module, *script_and_args] if module else list(script_and_args)
+    multi_machine = hosts_file is not None or node_rank is not None or nnodes is not None
     common = dict(num_keys=num_keys, value_length=parse_value_length(value_length),
                   workers_per_node=workers_per_node, dtype=dtype, init=parse_init(init_text),
-                  mode=mode)
+                  mode=mode, curve=cluster_keys(secure, keys_file, multi_machine))
     if hosts_file:
         sys.exit(launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator,
                               target))
@@ -163,6 +171,24 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(launch(spec, target, port=port))
+
+
+def cluster_keys(secure, keys_file, shared):
+    """The cluster's CURVE keys, or None. `shared`: every machine must use the same."""
+    if keys_file:
+        try:
+            return CurveKeys.load(keys_file)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"--keys-file {keys_file}: {exc}") from None
+    from_env = CurveKeys.from_environ()
+    if from_env is not None:
+        return from_env
+    if not secure:
+        return None
+    if shared:
+        raise click.UsageError("--secure across machines needs --keys-file (make one with "
+                               "python -m adapm.security FILE and copy it to every machine)")
+    return CurveKeys.generate()
 
 
 def launch_machine(common, nnodes, node_rank, coordinator, host, port, cluster_id, target):
@@ -298,7 +324,7 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
             for node in cluster.nodes:
                 for local in range(spec.workers_per_node):
                     rank = node * spec.workers_per_node + local
-                    env = dict(os.environ, **cluster.worker_env(rank).to_environ())
+                    env = dict(os.environ, **cluster.worker_environ(rank))
                     env[ENV_LAUNCHER_PID] = str(os.getpid())
                     # Each worker leads a session of its own, so that teardown reaches what
                     # the script starts too; signals reach workers through the launcher.

@@ -10,17 +10,20 @@ from adapm.cluster import LocalCluster, signals_unwind
 from adapm.config import ClusterSpec
 from adapm.errors import ClusterError, WorkerError
 from adapm.process import die_with_parent, own_process_group, set_process_name
+from adapm.security import CurveKeys
 
 
 def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
-        value_length=1, mode="adaptive", init=None, dtype="float32"):
+        value_length=1, mode="adaptive", init=None, dtype="float32", secure=False):
     """Run fn(worker, *args, **kwargs) in every worker of a fresh local cluster; return
     the workers' return values ordered by rank. A worker's exception raises WorkerError
-    (after the whole cluster is torn down); a dead node server raises ClusterError."""
+    (after the whole cluster is torn down); a dead node server raises ClusterError.
+    `secure`: authenticate and encrypt every connection with fresh CURVE keys."""
     if not callable(fn):
         raise TypeError("fn must be callable")
     spec = ClusterSpec(num_keys=num_keys, value_length=value_length, num_nodes=nodes,
-                       workers_per_node=workers_per_node, dtype=dtype, init=init, mode=mode)
+                       workers_per_node=workers_per_node, dtype=dtype, init=init, mode=mode,
+                       curve=CurveKeys.generate() if secure else None)
     kwargs = dict(kwargs or {})
     with signals_unwind():
         cluster = LocalCluster(spec)
@@ -31,7 +34,7 @@ def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
                 receive, send = cluster.mp.Pipe(duplex=False)
                 proc = cluster.mp.Process(
                     target=_worker_main, name=f"adapm-worker{rank}",
-                    args=(cluster.worker_env(rank), fn, tuple(args), kwargs, send))
+                    args=(cluster.worker_environ(rank), fn, tuple(args), kwargs, send))
                 proc.start()
                 send.close()
                 workers.append((proc, receive))
@@ -103,14 +106,14 @@ def _receive_result(rank, receive, proc):
     raise WorkerError(rank, text, remote_tb)
 
 
-def _worker_main(env, fn, args, kwargs, send):
+def _worker_main(environ, fn, args, kwargs, send):
     """Body of a worker process started by run()."""
     from adapm.worker import worker
 
     die_with_parent(multiprocessing.parent_process().pid)
     own_process_group()
-    set_process_name(f"adapm-w{env.rank}")
-    os.environ.update(env.to_environ())
+    set_process_name(f"adapm-w{environ['ADAPM_RANK']}")
+    os.environ.update(environ)
     w = None
     try:
         w = worker()

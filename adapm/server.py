@@ -41,6 +41,7 @@ from adapm.intents import IntentStore
 from adapm.ownership import Ownership, home_of, route, split_by
 from adapm.process import die_with_parent, set_process_name
 from adapm.protocol import ALL_POSITIONS, Message, MsgType, node_identity, worker_identity
+from adapm.security import connector, listener
 from adapm.segments import Segments
 from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
 
@@ -82,6 +83,7 @@ class NodeServer:
         self.table = None
         self.view = None
         self.ctx = None
+        self.auth = None            # ZAP handler of a secure cluster
         self.router = None
         self.coordinator = None     # Coordinator, on node 0 only
         self.to_coordinator = None  # DEALER
@@ -108,7 +110,9 @@ class NodeServer:
     def start(self):
         self._create_table()
         self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
+        if self.spec.curve is not None:
+            self.auth = self.spec.curve.authenticator(self.ctx)
+        self.router = listener(self.ctx, self.spec.curve)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.RCVHWM, 0)
@@ -116,14 +120,15 @@ class NodeServer:
         self.address = bind_address(self.router, self.listen)
         if self.node == 0:
             self.coordinator = Coordinator(self.ctx, self.coordinator_address,
-                                           self.spec.num_nodes, self.node_timeout)
+                                           self.spec.num_nodes, self.node_timeout,
+                                           self.spec.curve)
             self.coordinator_address = self.coordinator.address
         self.to_coordinator = self._dealer(self.coordinator_address)
         self._to_coordinator(Message(MsgType.JOIN, arg0=self.spec.fingerprint(),
                                      addresses=[self.address]))
 
     def _dealer(self, address):
-        sock = self.ctx.socket(zmq.DEALER)
+        sock = connector(self.ctx, self.spec.curve)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.IDENTITY, node_identity(self.node))
@@ -619,6 +624,9 @@ class NodeServer:
                 sock.close(linger=0)
         self.router = self.to_coordinator = self.coordinator = None
         self.peers = {}
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None

@@ -20,6 +20,7 @@ from adapm.errors import ClosedError, ClusterError, ProtocolError
 from adapm.keys import as_keys, as_values, pull_buffer
 from adapm.ownership import route, split_by
 from adapm.protocol import ALL_POSITIONS, Message, MsgType, worker_identity
+from adapm.security import CurveKeys, connector
 from adapm.segments import Segments
 from adapm.table import NODE_COUNTERS, NODE_SLOT, WORKER_SLOT, LockTimeout, SharedTable
 
@@ -131,6 +132,7 @@ class Worker:
         self._waiting = {}        # request id -> (op, keys or replies still expected)
         self._updates = []        # unacknowledged update ops, oldest first
         self._updates_epoch = 0   # owner_changes when the oldest of them was sent
+        self._curve = CurveKeys.from_environ()
         self._ctx = zmq.Context()
         self._socks = {}
         self._poller = zmq.Poller()
@@ -149,7 +151,7 @@ class Worker:
             raise
 
     def _connect(self, node, address):
-        sock = self._ctx.socket(zmq.DEALER)
+        sock = connector(self._ctx, self._curve)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # intents must never block the worker
         sock.setsockopt(zmq.RCVHWM, 0)
