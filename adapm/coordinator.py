@@ -90,7 +90,7 @@ class Coordinator:
             handler(self, node, msg)
 
     def tick(self):
-        """Heartbeats out; silent nodes detected. Call often (every server round)."""
+        """Heartbeats out; silent nodes detected. Call at least every HEARTBEAT_EVERY."""
         now = time.monotonic()
         if now - self._last_beat < HEARTBEAT_EVERY:
             return

@@ -17,6 +17,7 @@ workers read and write held keys in shared memory, with no message."""
 
 import logging
 import multiprocessing
+import os
 import signal
 import time
 
@@ -47,7 +48,7 @@ from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
 
 log = logging.getLogger("adapm.server")
 
-POLL_MS = 1              # longest idle wait of a round
+IDLE_POLL_MS = 50        # longest wait for a message when there is nothing else to do
 FAILED_LINGER = 1.0      # seconds a failed node keeps answering "failed" before it exits
 EXIT_FAILED = 3          # exit code of a node server after the cluster failed
 HOUSEKEEPING_EVERY = 0.05
@@ -168,7 +169,9 @@ class NodeServer:
             poller.register(self.coordinator.socket, zmq.POLLIN)
         last_housekeeping = last_worker_check = 0.0
         while not self._stop:
-            ready = dict(poller.poll(POLL_MS))
+            # Sleep until a message arrives or housekeeping is due: a node server that
+            # wakes up needlessly takes a core from the workers.
+            ready = dict(poller.poll(IDLE_POLL_MS))
             if self.coordinator is not None and self.coordinator.socket in ready:
                 self.coordinator.handle_ready()
             if self.to_coordinator in ready:
@@ -678,7 +681,13 @@ def serve(spec, node, coordinator, ready, listen=None):
         if node == 0:
             ready.send(("coordinator", server.coordinator_address))
         server.on_ready = lambda address: ready.send(("ready", address))
-        server.serve_forever()
+        profile_to = os.environ.get(config.ENV_PROFILE_SERVER)
+        if profile_to:
+            import cProfile
+            cProfile.runctx("server.serve_forever()", globals(), {"server": server},
+                            f"{profile_to}.node{node}")
+        else:
+            server.serve_forever()
     finally:
         server.close()
         ready.close()

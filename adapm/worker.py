@@ -57,6 +57,11 @@ class _PullOp(_Op):
         part = self.parts[msg.request_id]
         if msg.flags & ALL_POSITIONS:
             idx = part
+            if part.shape[0] == self.out.shape[0] and self.segments.uniform:
+                # The whole pull answered by one node, in order: one plain copy.
+                values = protocol.values_of(msg, dtype, self.out.size)
+                np.copyto(self.out.reshape(-1), values)
+                return part.shape[0]
         else:
             if msg.positions.shape[0] and int(msg.positions.max()) >= part.shape[0]:
                 raise ProtocolError("pull reply with positions outside the request")

@@ -1,10 +1,14 @@
 """Runs every benchmark: `tox -e bench` (quick) or `tox -e bench -- --full`."""
 import sys
 
+import bench_remote
+
 import bench_local
 import bench_memory
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    bench_local.main(argv)
-    bench_memory.main([a for a in argv if a == "--full"])
+    full = [a for a in argv if a == "--full"]
+    bench_local.main(full)
+    bench_memory.main(full)
+    bench_remote.main(argv)
