@@ -150,7 +150,8 @@ class NodeServer:
             table.set_owners(everyone, home_of(everyone, spec.num_nodes))
         lengths = table.view.directory_array()["length"][home].astype(np.uint64)
         if spec.init == ("zeros",):
-            table.install(home, OWNED)  # fresh shared memory reads as zeros
+            # fresh shared memory reads as zeros; a strided slice avoids fancy indexing
+            table.install(slice(self.node, spec.num_keys, spec.num_nodes), OWNED)
         else:
             for keys, lens in chunks(home, lengths):
                 table.install(keys, OWNED, initial_values(spec.init, keys, lens, spec.dtype))

@@ -145,8 +145,9 @@ class SharedTable:
     # -- creator's operations (before workers attach, or under the keys' locks) --------
 
     def install(self, keys, state=OWNED, values=None):
-        """Allocate slots for `keys` (sorted uint64, currently ABSENT), optionally write
-        their values (flat), and give them `state`. Used at creation, before publish()."""
+        """Allocate slots for `keys` (sorted uint64 array, or a slice of the key range;
+        currently ABSENT), optionally write their values (flat), and give them `state`.
+        Used at creation, before publish()."""
         directory = self.view.directory_array()
         lengths = directory["length"][keys].astype(np.uint64)
         offsets = self.allocator.allocate(lengths)

@@ -26,7 +26,7 @@ def main(argv=None):
     start = time.perf_counter()
     table = SharedTable.create(name, num_keys, d, "float32", num_workers=2)
     try:
-        table.install(np.arange(num_keys, dtype=np.uint64), OWNED)
+        table.install(slice(0, num_keys), OWNED)  # as the node server does
         table.publish()
         created = time.perf_counter() - start
         table.view.arena_array()[:] = 1.0  # every value written: all pages are real
