@@ -16,7 +16,7 @@ from adapm.errors import ClusterError
 from adapm.process import stop_process
 from adapm.security import ENV_CURVE_KEYS
 from adapm.server import serve
-from adapm.table import segment_name, unlink_segment
+from adapm.table import SharedTable, segment_name, unlink_segment
 
 
 class Terminated(SystemExit):
@@ -64,6 +64,18 @@ def signals_deferred():
             signal.raise_signal(signum)
 
 
+def _wait_exit(proc, timeout):
+    if timeout <= 0:
+        return
+    if hasattr(proc, "join"):
+        proc.join(timeout)
+    else:
+        try:
+            proc.wait(timeout)
+        except Exception:  # subprocess.TimeoutExpired
+            pass
+
+
 class LocalCluster:
     """The node servers of one cluster that run on this machine, as child processes.
 
@@ -82,6 +94,7 @@ class LocalCluster:
         self.mp = multiprocessing.get_context("spawn")
         self.servers = {}
         self.addresses = {}
+        self.tables = {}
         self.segments = [segment_name(spec.cluster_id, n) for n in self.nodes]
 
     def start(self):
@@ -97,6 +110,9 @@ class LocalCluster:
         for node in self.nodes:
             self.addresses[node] = self._await(node, pipes[node], "ready", deadline)
             pipes[node].close()
+            # Keep a mapping of each table: its name goes away once the workers attached,
+            # and a failure must still be announced to the workers through it.
+            self.tables[node] = SharedTable.attach(segment_name(self.spec.cluster_id, node))
         return self
 
     def _start_server(self, node):
@@ -157,16 +173,29 @@ class LocalCluster:
             return None
         return ClusterError(f"node {node}: server died (exit code {proc.exitcode})")
 
-    def teardown(self, extra_processes=(), groups=False):
-        """Stop `extra_processes` (workers; `groups`: each leads its process group) and
-        every server, then unlink every segment."""
+    def fail(self, code, detail):
+        """Announce a failure to every worker of the local nodes (through their tables):
+        each raises ClusterError in its next call or wait."""
+        for table in self.tables.values():
+            table.view.mark_failed(code, detail)
+
+    def teardown(self, extra_processes=(), groups=False, grace=0.0):
+        """Stop `extra_processes` (workers; `groups`: each leads its process group) after
+        up to `grace` seconds for them to exit by themselves, and every server; then
+        unlink every segment."""
         with signals_deferred():
+            deadline = time.monotonic() + grace
+            for proc in extra_processes:
+                _wait_exit(proc, deadline - time.monotonic())
             for proc in extra_processes:
                 stop_process(proc, group=groups)
             for proc in self.servers.values():
                 stop_process(proc)
             for name in self.segments:
                 unlink_segment(name)
+            for table in self.tables.values():
+                table.close()
+            self.tables = {}
 
     def __enter__(self):
         try:

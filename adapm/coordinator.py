@@ -30,6 +30,7 @@ FAIL_COORDINATOR = 5    # the coordinator went silent
 FAIL_ROUTING = 6        # a request could not be routed (forwarded too often)
 FAIL_REJECTED = 7       # a request was malformed or not allowed; count: the node
 FAIL_BARRIER_NODE = 8   # a barrier can never complete: every worker of node `count` left
+FAIL_STOPPED = 9        # the launching process stops the cluster: worker `count` failed
 
 FAILURE_TEXT = {
     FAIL_BARRIER: "a barrier can never complete: worker {} has already finalized",
@@ -40,6 +41,7 @@ FAILURE_TEXT = {
     FAIL_ROUTING: "a request for keys could not be routed (detail {})",
     FAIL_REJECTED: "node {} rejected the request as malformed",
     FAIL_BARRIER_NODE: "a barrier can never complete: every worker of node {} has finalized",
+    FAIL_STOPPED: "the cluster is being stopped because worker {} failed",
 }
 
 

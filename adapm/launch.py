@@ -28,12 +28,14 @@ import numpy as np
 from adapm.bootstrap import BOOTSTRAP, EXIT_CLUSTER_FAILED
 from adapm.cluster import LocalCluster, Terminated, signals_unwind
 from adapm.config import ENV_LAUNCHER_PID, MODES, ClusterSpec
+from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
 from adapm.process import stop_process
 from adapm.security import CurveKeys
 
 DEFAULT_COORDINATOR_PORT = 29650
-SHUTDOWN_GRACE = 10.0  # seconds workers get to notice a failure before they are stopped
+SHUTDOWN_GRACE = 10.0  # seconds workers get to notice a node's failure before they are stopped
+STOP_GRACE = 2.0       # seconds workers get to raise ClusterError after another one failed
 
 
 def parse_init(text):
@@ -316,6 +318,7 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
     all) on this machine; return the exit code."""
     procs, lock = [], threading.Lock()
     ranks = []
+    grace = 0.0
     with signals_unwind():
         cluster = None
         try:
@@ -339,7 +342,10 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
                 _await_shutdown(cluster)
                 return 0
             who, code = failure
-            who = f"worker {ranks[who]}" if isinstance(who, int) else who
+            if isinstance(who, int):
+                cluster.fail(FAIL_STOPPED, ranks[who])
+                who = f"worker {ranks[who]}"
+            grace = STOP_GRACE
             print(f"adapm-launch: {who} failed with exit code {code}; stopping the cluster",
                   file=sys.stderr, flush=True)
             return code if code > 0 else 128 - code
@@ -354,7 +360,7 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
             return 128 + exc.signum
         finally:
             if cluster is not None:
-                cluster.teardown(procs, groups=True)
+                cluster.teardown(procs, groups=True, grace=grace)
 
 
 def _await_shutdown(cluster):

@@ -589,7 +589,7 @@ class NodeServer:
         self._failed = (code, detail)
         self._failed_at = time.monotonic()
         log.error("node %d: %s", self.node, failure_text(code, detail))
-        self.view.mark_failed(code)
+        self.view.mark_failed(code, detail)
         for arrived in self._barrier.values():
             for local, request_id in arrived.items():
                 self._reply_failed(self._local[local], request_id)

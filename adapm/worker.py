@@ -551,7 +551,7 @@ class Worker:
         code = self._view.failed
         if code:
             raise ClusterError(f"node {self.node}, worker {self.rank}: the cluster failed: "
-                               f"{failure_text(code, '?')}")
+                               f"{failure_text(code, self._view.failed_detail)}")
         age = self._view.heartbeat_age()
         if age > self._heartbeat_timeout:
             raise ClusterError(

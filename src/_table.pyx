@@ -383,9 +383,17 @@ cdef class TableView:
         cdef uint64_t beat = adapm_load_relaxed_u64(&self.header.heartbeat_ns)
         return (now - beat) / 1e9 if now > beat else 0.0
 
-    def mark_failed(self, uint32_t code=1):
+    def mark_failed(self, uint32_t code=1, uint32_t detail=0):
+        """Tell every process of the node that the cluster failed (first failure wins)."""
         self._check_open()
-        adapm_store_release_u32(&self.header.failed, code)
+        if adapm_load_acquire_u32(&self.header.failed) == 0:
+            self.header.failed_detail = detail
+            adapm_store_release_u32(&self.header.failed, code)
+
+    @property
+    def failed_detail(self):
+        self._check_open()
+        return self.header.failed_detail
 
     @property
     def failed(self):

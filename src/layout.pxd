@@ -29,6 +29,7 @@ cdef extern from "table_layout.h" nogil:
         uint8_t cluster_id[16]
         uint64_t heartbeat_ns
         uint32_t failed
+        uint32_t failed_detail
         uint64_t node_counters[64]
 
     ctypedef struct adapm_entry_t:

@@ -39,7 +39,7 @@ typedef struct {
     uint8_t cluster_id[16];
     uint64_t heartbeat_ns;      /* server's CLOCK_MONOTONIC, refreshed every loop */
     uint32_t failed;            /* non-zero: the cluster failed, every call must raise */
-    uint32_t _pad1;
+    uint32_t failed_detail;     /* which node or worker, for the message */
     uint64_t node_counters[ADAPM_NODE_COUNTER_SLOTS];
 } adapm_header_t;
 

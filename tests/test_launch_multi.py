@@ -171,3 +171,18 @@ def test_hosts_file_over_ssh(tmp_path, two_hosts):
     assert out.count("total 300") == 2, out
     assert f"[{names[1]}] [n1 w1]" in out
     assert_clean()
+
+
+def test_killed_worker_fails_the_other_workers(tmp_path):
+    proc = launcher("--nodes", "2", "--workers-per-node", "1", "--num-keys", "40",
+                    "--value-length", "2", SCRIPT, "loop", str(tmp_path))
+    wait_for(tmp_path, 2, [proc])
+    [victim] = [pid for pid, name in adapm_processes() if name == "adapm-w1"]
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out
+    [(rank, at)] = re.findall(r"rank (\d) ClusterError at ([\d.]+)", out)
+    assert rank == "0" and float(at) - killed < 10, out
+    assert "worker 1" in out.split("rank 0 ClusterError")[1].splitlines()[0]
+    assert_clean()
