@@ -89,7 +89,11 @@ class Coordinator:
             if handler is None:
                 self.malformed += 1
                 continue
-            handler(self, node, msg)
+            try:
+                handler(self, node, msg)
+            except Exception:  # noqa: BLE001 - one message never takes the coordinator down
+                self.malformed += 1
+                log.exception("coordinator: %s from node %d failed", msg.type.name, node)
 
     def tick(self):
         """Heartbeats out; silent nodes detected. Call at least every HEARTBEAT_EVERY."""
@@ -148,6 +152,8 @@ class Coordinator:
                 self._send(peer, Message(MsgType.SHUTDOWN))
 
     def _on_failed(self, node, msg):
+        if not 0 < msg.arg0 < 2**31 or not 0 <= msg.count < 2**32:
+            raise ProtocolError(f"failure code {msg.arg0}")
         self.fail(msg.arg0, msg.count)
 
     _handlers = {

@@ -1,24 +1,30 @@
 """The node's record of its workers' intents: which keys each worker will access in which
-window [start, end) of its own clock. The node server fills it from INTENT messages; an
-intent is forgotten once the worker's clock has passed its end. The manager reads it to
-decide what to fetch, relocate or replicate (DESIGN.md §6)."""
+window [start, end) of its own clock (DESIGN.md §6).
 
-from dataclasses import dataclass
+The node server fills it from INTENT messages. The manager asks it for the intents that
+came due (start inside the action window) and whether a key is intended at all (any
+intent not yet expired); an intent is forgotten once its worker's clock passed its end."""
+
+import bisect
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
-@dataclass
+@dataclass(order=True)
 class Intent:
-    worker: int
     start: int
-    end: int
-    keys: np.ndarray
+    end: int = field(compare=False)
+    keys: np.ndarray = field(compare=False)
+    acted: bool = field(default=False, compare=False)
 
 
 class IntentStore:
-    def __init__(self, num_workers):
-        self._by_worker = [[] for _ in range(num_workers)]
+    def __init__(self, num_workers, num_keys):
+        self._by_worker = [[] for _ in range(num_workers)]  # sorted by start
+        self._next_due = [0] * num_workers                  # first intent not acted on
+        # How many unexpired intents name each key (a key named twice counts twice).
+        self.count = np.zeros(num_keys, dtype=np.int32)
         self.received = 0  # keys signalled, over the node's lifetime
 
     def add(self, worker, keys, start, end):
@@ -26,25 +32,53 @@ class IntentStore:
             raise ValueError(f"intent from unknown worker {worker}")
         if end <= start:
             raise ValueError(f"intent window [{start}, {end}) is empty")
-        self._by_worker[worker].append(Intent(worker, start, end, keys))
+        intents = self._by_worker[worker]
+        intent = Intent(start, end, keys)
+        position = bisect.bisect_right(intents, intent)
+        intents.insert(position, intent)
+        if position < self._next_due[worker]:  # arrived late, behind acted ones
+            self._next_due[worker] = position
+        np.add.at(self.count, keys.astype(np.intp), 1)
         self.received += keys.shape[0]
 
     def expire(self, clocks):
         """Forget intents whose window ended before each worker's current clock."""
         for worker, intents in enumerate(self._by_worker):
             clock = int(clocks[worker])
-            if intents and any(i.end <= clock for i in intents):
-                self._by_worker[worker] = [i for i in intents if i.end > clock]
+            if not intents or all(i.end > clock for i in intents):
+                continue
+            keep = []
+            for intent in intents:
+                if intent.end > clock:
+                    keep.append(intent)
+                else:
+                    np.add.at(self.count, intent.keys.astype(np.intp), -1)
+            self._by_worker[worker] = keep
+            self._next_due[worker] = next(
+                (i for i, intent in enumerate(keep) if not intent.acted), len(keep))
+
+    def due(self, worker, horizon):
+        """This worker's intents not acted on yet whose window starts before `horizon`;
+        they are marked acted on."""
+        intents = self._by_worker[worker]
+        found = []
+        i = self._next_due[worker]
+        while i < len(intents) and intents[i].start < horizon:
+            if not intents[i].acted:
+                intents[i].acted = True
+                found.append(intents[i])
+            i += 1
+        self._next_due[worker] = i
+        return found
+
+    def intended(self, keys):
+        """Mask: keys named by any intent not yet expired."""
+        return self.count[keys.astype(np.intp)] > 0
 
     def active(self, worker=None):
-        """Intents not yet expired, of one worker or of all."""
         if worker is not None:
             return list(self._by_worker[worker])
         return [i for intents in self._by_worker for i in intents]
-
-    def starting_before(self, worker, clock):
-        """This worker's intents whose window starts before `clock` (the action horizon)."""
-        return [i for i in self._by_worker[worker] if i.start < clock]
 
     def __len__(self):
         return sum(len(intents) for intents in self._by_worker)

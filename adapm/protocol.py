@@ -30,6 +30,14 @@ SERVER = 0xFFFFFFFF          # src_worker of a node server
 MAX_KEYS_PER_MESSAGE = 1 << 28
 MAX_HOPS = 64                # forwarding bound: more means a routing bug, not a busy key
 
+# Per-key flags of SYNC (what the replica node wants) and SYNC_REPLY (what it gets).
+SYNC_REQUEST = 0     # the node has no copy yet: relocate or replicate it there
+SYNC_KEEP = 1        # a replica: apply the delta, send the fresh value
+SYNC_DROP = 2        # a replica: apply the delta, forget the replica
+REPLY_VALUE = 1      # fresh value follows (the node keeps, or now has, a replica)
+REPLY_DROPPED = 2    # the delta is applied and the replica forgotten
+MOVE_FOR_ROUND = 1   # MOVE arg1: the answer to a SYNC_REQUEST (request_id: the round)
+
 # flags
 ALL_POSITIONS = 1            # PULL_REPLY: values for every key of the request, in order
 HOPS_SHIFT = 8               # bits 8..15 of flags: how often a request was forwarded
@@ -71,6 +79,10 @@ class MsgType(enum.IntEnum):
     MOVE_REQUEST = 35  # keys; arg0: node that wants them; request_id: its request
     MOVE = 36          # keys, values, counters; request_id: the requester's request
     OWNER_UPDATE = 37  # keys, counters; arg0: new owner
+    SYNC = 38          # keys, values (deltas), counters (SYNC_* flags); arg0: replica node;
+                       # request_id: its round
+    SYNC_REPLY = 39    # keys, values (of REPLICATED keys, in order), counters (flags);
+                       # request_id: the round answered
     # node server <-> coordinator
     JOIN = 48          # addresses (the joining server's own); arg0: spec fingerprint
     PEERS = 49         # addresses (every node's server, by node id)
@@ -93,6 +105,8 @@ _FRAMES = {
     MsgType.FWD_PULL: ("keys", "positions"), MsgType.FWD_PUSH: ("keys", "values"),
     MsgType.FWD_SET: ("keys", "values"), MsgType.MOVE_REQUEST: ("keys",),
     MsgType.MOVE: ("keys", "values", "counters"), MsgType.OWNER_UPDATE: ("keys", "counters"),
+    MsgType.SYNC: ("keys", "values", "counters"),
+    MsgType.SYNC_REPLY: ("keys", "values", "counters"),
     MsgType.JOIN: ("addresses",), MsgType.PEERS: ("addresses",), MsgType.NODE_BARRIER: (),
     MsgType.NODE_RELEASE: (), MsgType.HEARTBEAT: (), MsgType.NODE_DONE: (),
     MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: (),

@@ -40,8 +40,16 @@ from adapm.errors import ProtocolError
 from adapm.initializers import chunks, initial_values
 from adapm.intents import IntentStore
 from adapm.ownership import Ownership, home_of, route, split_by
+from adapm.placement import Placement
 from adapm.process import die_with_parent, set_process_name
-from adapm.protocol import ALL_POSITIONS, Message, MsgType, node_identity, worker_identity
+from adapm.protocol import (
+    ALL_POSITIONS,
+    MOVE_FOR_ROUND,
+    Message,
+    MsgType,
+    node_identity,
+    worker_identity,
+)
 from adapm.security import connector, listener
 from adapm.segments import Segments
 from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
@@ -49,6 +57,7 @@ from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
 log = logging.getLogger("adapm.server")
 
 IDLE_POLL_MS = 50        # longest wait for a message when there is nothing else to do
+BUSY_POLL_MS = 1         # ... while sync rounds are due (at most ~1000 rounds a second)
 FAILED_LINGER = 1.0      # seconds a failed node keeps answering "failed" before it exits
 EXIT_FAILED = 3          # exit code of a node server after the cluster failed
 HOUSEKEEPING_EVERY = 0.05
@@ -60,8 +69,9 @@ WORKER_REQUESTS = {MsgType.HELLO, MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.IN
                    MsgType.GOODBYE, MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.LOCALIZE}
 LOCAL_ONLY = {MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT, MsgType.GOODBYE,
               MsgType.LOCALIZE}
+FORWARDED_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET}
 PEER_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.MOVE_REQUEST,
-                 MsgType.MOVE, MsgType.OWNER_UPDATE}
+                 MsgType.MOVE, MsgType.OWNER_UPDATE, MsgType.SYNC, MsgType.SYNC_REPLY}
 
 
 def home_keys(num_keys, node, num_nodes):
@@ -69,7 +79,7 @@ def home_keys(num_keys, node, num_nodes):
     return np.arange(node, num_keys, num_nodes, dtype=np.uint64)
 
 
-class NodeServer:
+class NodeServer(Placement):
     def __init__(self, spec, node, coordinator, listen=None):
         """`coordinator`: address of the coordinator; node 0 binds it. `listen`: the
         address this server binds (tcp://HOST:PORT, PORT may be 0 or LOW-HIGH)."""
@@ -92,7 +102,7 @@ class NodeServer:
         self.address = None
         self.addresses = None       # every node's address, once the coordinator sent PEERS
         self.ownership = Ownership(node, spec.num_nodes, spec.num_keys)
-        self.intents = IntentStore(self.workers)
+        self.intents = IntentStore(self.workers, spec.num_keys)
         self.on_ready = None        # called with the address once the cluster is complete
         self._local = {}            # local worker index -> routing identity
         self._left = set()          # local workers that said goodbye
@@ -105,6 +115,7 @@ class NodeServer:
         self._stop = False
         self._coordinator_seen = time.monotonic()
         self._done_sent = False
+        self._init_placement()
 
     # -- start ---------------------------------------------------------------------
 
@@ -172,7 +183,7 @@ class NodeServer:
         while not self._stop:
             # Sleep until a message arrives or housekeeping is due: a node server that
             # wakes up needlessly takes a core from the workers.
-            ready = dict(poller.poll(IDLE_POLL_MS))
+            ready = dict(poller.poll(BUSY_POLL_MS if self.placement_busy() else IDLE_POLL_MS))
             if self.coordinator is not None and self.coordinator.socket in ready:
                 self.coordinator.handle_ready()
             if self.to_coordinator in ready:
@@ -181,6 +192,7 @@ class NodeServer:
                 self._drain(self.router, self._from_router)
             if self.coordinator is not None:
                 self.coordinator.tick()
+            self.maybe_start_round()
             now = time.monotonic()
             if now - last_housekeeping >= HOUSEKEEPING_EVERY:
                 last_housekeeping = now
@@ -237,9 +249,12 @@ class NodeServer:
             return
         try:
             self._handlers[msg.type](self, identity, msg)
-        except ProtocolError as exc:
+        except Exception as exc:  # noqa: BLE001 - one message never takes the node down
             self._count("malformed_messages", 1)
-            log.warning("node %d: rejected %s: %s", self.node, msg.type.name, exc)
+            if isinstance(exc, ProtocolError):
+                log.warning("node %d: rejected %s: %s", self.node, msg.type.name, exc)
+            else:
+                log.exception("node %d: %s failed", self.node, msg.type.name)
             if msg.type in WORKER_REQUESTS:  # the worker must not wait for an answer
                 self._to_identity(identity, Message(MsgType.FAILED, request_id=msg.request_id,
                                                     arg0=FAIL_REJECTED, count=self.node))
@@ -259,6 +274,8 @@ class NodeServer:
         elif msg.type in PEER_REQUESTS:
             if identity != node_identity(msg.src_node) or msg.src_node >= self.spec.num_nodes:
                 raise ProtocolError(f"{msg.type.name} from an unknown peer")
+            if msg.type in FORWARDED_REQUESTS and not 0 <= msg.arg0 < self.spec.num_workers:
+                raise ProtocolError(f"{msg.type.name} for worker {msg.arg0}")
         else:
             raise ProtocolError(f"{msg.type.name} is not a request for a node server")
 
@@ -277,6 +294,9 @@ class NodeServer:
         elif msg.type == MsgType.SHUTDOWN:
             self._stop = True
         elif msg.type == MsgType.NODE_FAILED:
+            if not 0 < msg.arg0 < 2**31 or not 0 <= msg.count < 2**32:
+                self._count("malformed_messages", 1)
+                return
             self._fail(msg.arg0, msg.count)
 
     # -- sending -------------------------------------------------------------------
@@ -326,7 +346,12 @@ class NodeServer:
                 self._to_worker(rank, Message(MsgType.FAILED, request_id=msg.request_id,
                                               arg0=FAIL_ROUTING, count=int(keys[idx][0])))
                 continue
-            out = protocol.forwarded(msg, mtype, keys=keys[idx], arg0=rank, **extra(idx))
+            try:
+                out = protocol.forwarded(msg, mtype, keys=keys[idx], arg0=rank, **extra(idx))
+            except ProtocolError:  # forwarded too often: fail the request, never loop
+                self._to_worker(rank, Message(MsgType.FAILED, request_id=msg.request_id,
+                                              arg0=FAIL_ROUTING, count=int(keys[idx][0])))
+                continue
             self._to_peer(dest, out)
 
     # -- data requests -------------------------------------------------------------
@@ -437,6 +462,13 @@ class NodeServer:
             if (~owned).any():
                 self._forward_move_request(msg, keys[~owned])
             return
+        taken = self._evict_and_move(keys, target, msg.request_id, 0)
+        if (~taken).any():
+            self._forward_move_request(msg, keys[~taken])
+
+    def _evict_and_move(self, keys, target, request_id, purpose):
+        """Relocate the keys owned here to `target` (one MOVE: values, counters + 1);
+        returns the mask of keys that were owned here and moved."""
         segs = Segments.of(self.view, keys)
         values = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
         offsets = np.zeros(keys.shape[0], dtype=np.uint64)
@@ -447,20 +479,26 @@ class NodeServer:
             idx = np.flatnonzero(taken)
             moved = keys[idx]
             counters = self.ownership.counter[moved.astype(np.intp)] + np.uint32(1)
-            self._to_peer(target, Message(MsgType.MOVE, request_id=msg.request_id,
+            self._to_peer(target, Message(MsgType.MOVE, request_id=request_id, arg1=purpose,
                                           keys=moved, values=segs.take(values, idx),
                                           counters=counters))
             lengths = self.view.directory_array()["length"][moved].astype(np.uint64)
             self.table.allocator.free(offsets[idx], lengths)
+            for key in moved.tolist():
+                self.replicas_of.pop(key, None)
             self._owners_changed()
-        if (~taken).any():
-            self._forward_move_request(msg, keys[~taken])
+        return taken
 
     def _on_move(self, identity, msg):
         """Keys arrive with value and ownership: install them and tell their homes."""
         keys = msg.keys
         _check_keys(keys, self.spec.num_keys)
+        if np.unique(keys).shape[0] != keys.shape[0]:
+            raise ProtocolError("MOVE names a key twice")
+        if (~self._not_owned(keys)).any():
+            raise ProtocolError("MOVE of keys this node owns already")
         values = protocol.values_of(msg, self.view.dtype, self.view.total_length(keys))
+        values = self.absorb_copies(keys, values)
         lengths = self.view.directory_array()["length"][keys].astype(np.uint64)
         offsets = self.table.allocator.allocate(lengths)
         admitted = np.zeros(keys.shape[0], dtype=np.uint8)
@@ -482,7 +520,10 @@ class NodeServer:
                 self.ownership.record(keys[idx], self.node, counters[idx])
             else:
                 self._to_peer(home, update)
-        self._localized(msg.request_id, msg.keys.shape[0])
+        if msg.arg1 == MOVE_FOR_ROUND:
+            self._round_progress(msg.keys.shape[0], msg.request_id)
+        else:
+            self._localized(msg.request_id, msg.keys.shape[0])
 
     def _on_owner_update(self, identity, msg):
         _check_keys(msg.keys, self.spec.num_keys)
@@ -539,14 +580,15 @@ class NodeServer:
         self._report_failure(FAIL_BARRIER, self.first_rank + min(self._left))
 
     def _release_barrier(self, generation):
+        self.release_after_round(generation)
+
+    def _release_now(self, generation):
         for local, request_id in self._barrier.pop(generation, {}).items():
             self._to_identity(self._local[local], Message(MsgType.RELEASE,
                                                           request_id=request_id))
 
     def _on_wait_sync(self, identity, msg):
-        # This node holds no replicas that could lag (every key it holds it owns), so
-        # every exchange is complete.
-        self._to_identity(identity, Message(MsgType.SYNCED, request_id=msg.request_id))
+        self.wait_for_round(identity, msg.request_id)
 
     def _on_intent(self, identity, msg):
         if msg.arg1 <= msg.arg0 or msg.arg0 < 0:
@@ -573,6 +615,8 @@ class NodeServer:
         for node, address in enumerate(self.addresses):
             if node != self.node:
                 self.peers[node] = self._dealer(address)
+        if self.spec.mode == "replicate_all" and self.spec.num_nodes > 1:
+            self._replicate_everything()
         if self.on_ready is not None:
             self.on_ready(self.address)
 
@@ -614,6 +658,8 @@ class NodeServer:
         MsgType.MOVE_REQUEST: _on_move_request,
         MsgType.MOVE: _on_move,
         MsgType.OWNER_UPDATE: _on_owner_update,
+        MsgType.SYNC: Placement._on_sync,
+        MsgType.SYNC_REPLY: Placement._on_sync_reply,
     }
 
     # -- shutdown ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import posix_ipc
 
 from adapm import _table
-from adapm._table import ABSENT, OWNED, PENDING, REPLICA, LockTimeout, TableView  # noqa: F401
+from adapm._table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, LockTimeout, TableView  # noqa: F401
 
 SEGMENT_PREFIX = "/adapm-"
 

@@ -74,11 +74,11 @@ class _PullOp(_Op):
 class _CountOp(_Op):
     """Update acknowledgements (count of keys applied) or one control reply."""
 
-    __slots__ = ("reply_type", "reply")
+    __slots__ = ("reply_type", "reply", "keys")
 
     def __init__(self, reply_type=None):
         super().__init__()
-        self.reply_type, self.reply = reply_type, None
+        self.reply_type, self.reply, self.keys = reply_type, None, None
 
     def feed(self, msg, dtype):
         if self.reply_type is None:
@@ -136,7 +136,6 @@ class Worker:
         self._next_request = 0
         self._waiting = {}        # request id -> (op, keys or replies still expected)
         self._updates = []        # unacknowledged update ops, oldest first
-        self._updates_epoch = 0   # owner_changes when the oldest of them was sent
         self._curve = CurveKeys.from_environ()
         self._ctx = zmq.Context()
         self._socks = {}
@@ -209,7 +208,7 @@ class Worker:
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
         out = pull_buffer(out, keys, total, self._view)
-        self._keep_update_order()
+        self._keep_update_order(keys)
         misses = self._miss_buffer(keys.shape[0])
         try:
             nmiss = self._view.pull(keys, out, misses)
@@ -220,11 +219,16 @@ class Worker:
         if nmiss:
             missed = misses[:nmiss].astype(np.intp)
             op.segments = Segments.of(self._view, keys)
-            for dest, idx in self._split(keys[missed], "pull"):
-                part = missed[idx]
+            groups, arrived = self._split(keys, missed, "pull")
+            if arrived.shape[0]:  # became local since the first look: read them here
+                values = np.empty(op.segments.size(arrived), dtype=self.dtype)
+                self._local_retry(keys[arrived], values, "pull")
+                op.segments.put(out, arrived, values)
+            for dest, part in groups:
                 op.parts[self._start(dest, Message(MsgType.PULL, keys=keys[part]), op,
                                      part.shape[0])] = part
-            self._count("pulls_remote", nmiss)
+            self._count("pulls_remote", nmiss - arrived.shape[0])
+            self._count("pulls_local", arrived.shape[0])
         return Pending(self, op)
 
     def push(self, keys, values):
@@ -249,7 +253,7 @@ class Worker:
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
         values = as_values(values, keys, total, self._view)
-        self._keep_update_order()
+        self._keep_update_order(keys)
         misses = self._miss_buffer(keys.shape[0])
         op_name = "push" if additive else "set"
         try:
@@ -263,47 +267,73 @@ class Worker:
             missed = misses[:nmiss].astype(np.intp)
             segments = Segments.of(self._view, keys)
             mtype = MsgType.PUSH if additive else MsgType.SET
-            if not self._updates:
-                self._updates_epoch = self._owner_epoch()
-            for dest, idx in self._split(keys[missed], op_name):
-                part = missed[idx]
+            groups, arrived = self._split(keys, missed, op_name)
+            if arrived.shape[0]:  # became local since the first look: update them here
+                self._local_retry(keys[arrived], segments.take(values, arrived), op_name,
+                                  additive)
+            remote = []
+            for dest, part in groups:
+                remote.append(keys[part])
                 self._start(dest, Message(mtype, keys=keys[part],
                                           values=segments.take(values, part)), op,
                             part.shape[0])
-            self._updates.append(op)
-            self._count(f"{kind}_remote", nmiss)
+            if groups:
+                op.keys = np.concatenate(remote)
+                self._updates.append(op)
+            self._count(f"{kind}_remote", nmiss - arrived.shape[0])
+            self._count(f"{kind}_local", arrived.shape[0])
             self._limit_updates_in_flight()
         return op
 
-    def _split(self, keys, what):
-        """(destination node, indices) for keys this node does not hold."""
-        dest = route(self._view, keys, self.node, self.num_nodes)
-        if (dest < 0).any():
-            bad = keys[dest < 0]
-            raise ClusterError(f"node {self.node}, worker {self.rank}: {what} of keys "
-                               f"{int(bad.min())}..{int(bad.max())}: no node to ask")
-        return split_by(dest).items()
+    def _split(self, keys, missed, what):
+        """Where to send the keys at indices `missed` (not usable here at the first look):
+        ([(node, indices)], indices of keys that became usable here in the meantime; their
+        location cache already names this node)."""
+        dest = route(self._view, keys[missed], self.node, self.num_nodes)
+        arrived = missed[dest < 0]
+        groups = [(node, missed[idx]) for node, idx in split_by(dest).items() if node >= 0]
+        return groups, arrived
+
+    def _local_retry(self, keys, values, what, additive=True):
+        """Read (pull) or update keys that just became usable here. A key that is still
+        not usable although the location cache names this node is a broken invariant."""
+        misses = np.empty(keys.shape[0], dtype=np.uint64)
+        for _ in range(1000):
+            if what == "pull":
+                nmiss = self._view.pull(keys, values, misses)
+            else:
+                nmiss = self._view.update(keys, values, misses, additive)
+            if nmiss == 0:
+                return
+            time.sleep(0.001)  # a state change under way: it completes in microseconds
+        bad = keys[misses[:nmiss].astype(np.intp)]
+        raise ClusterError(f"node {self.node}, worker {self.rank}: {what} of keys "
+                           f"{int(bad.min())}..{int(bad.max())}: no node holds them")
 
     def _miss_buffer(self, n):
         if self._misses.shape[0] < n:
             self._misses = np.empty(max(n, 2 * self._misses.shape[0]), dtype=np.uint64)
         return self._misses
 
-    def _owner_epoch(self):
-        return self._view.node_counter_get(NODE_SLOT["owner_changes"])
-
-    def _keep_update_order(self):
-        """Read your own writes across relocations: updates in flight were routed by the
-        location cache of their time; if it changed since, a new request could overtake
-        them on another path, so wait for them first."""
-        if self._updates:
-            self._prune_updates()
-            if self._updates and self._owner_epoch() != self._updates_epoch:
-                self._drain_updates()
+    def _keep_update_order(self, keys):
+        """Read your own writes, and one worker's updates applied in order: a request
+        for a key with an update of this worker still in flight could overtake it (keys
+        move, requests are forwarded along different paths), so it waits for that update
+        to be acknowledged first. Updates of other keys stay in flight."""
+        if not self._updates:
+            return
+        self._prune_updates()
+        for op in self._updates:
+            if not op.done and np.isin(keys, op.keys, assume_unique=False).any():
+                self._wait(op)
+        self._prune_updates()
 
     def _prune_updates(self):
-        while self._updates and self._updates[0].done:
-            self._raise_if_failed(self._updates.pop(0))
+        done = [op for op in self._updates if op.done]
+        if done:
+            self._updates = [op for op in self._updates if not op.done]
+            for op in done:
+                self._raise_if_failed(op)
 
     def _limit_updates_in_flight(self):
         self._prune_updates()

@@ -53,6 +53,10 @@ ENTRY_DTYPE = np.dtype([
 ])
 assert ENTRY_DTYPE.itemsize == sizeof(adapm_entry_t)
 
+cdef enum:
+    _KEEP_OWNER = 0xFFFF
+KEEP_OWNER = _KEEP_OWNER  # admit(): leave the location cache unchanged
+
 ctypedef fused real:
     float
     double
@@ -620,8 +624,9 @@ cdef class TableView:
     def admit(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray offsets,
               uint8_t state, uint16_t owner, cnp.ndarray admitted):
         """Install values (flat, key order) for keys that are ABSENT here, in the given
-        slots, with `state` and cached `owner`; admitted[i] says which were. Keys already
-        held are left alone (their slot offsets stay unused)."""
+        slots, with `state` and cached `owner` (KEEP_OWNER: leave the location cache as
+        it is); admitted[i] says which were. Keys already held are left alone (their slot
+        offsets stay unused)."""
         self._check_open()
         cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
         cdef const uint64_t* offs = <const uint64_t*>cnp.PyArray_DATA(offsets)
@@ -643,7 +648,8 @@ cdef class TableView:
                            e.length * itemsize)
                     e.offset = offs[i]
                     e.state = state
-                    e.owner = owner
+                    if owner != _KEEP_OWNER:
+                        e.owner = owner
                     e.version += 1
                     a[i] = 1
                     count += 1
@@ -655,3 +661,196 @@ cdef class TableView:
         if failed >= 0:
             raise LockTimeout(int(k[failed]))
         return count
+
+    # -- replicas (node server only) -----------------------------------------------
+
+    def replica_deltas(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray out):
+        """For each replica key: out = value - synced, then synced = value, under the
+        key's lock (so no update slips between the two). `synced`: element offsets of the
+        keys' "value at last sync" slots. Keys that are not REPLICA give zeros."""
+        self._check_open()
+        if self.header.dtype == 0:
+            return self._replica_deltas_f(keys, synced, out)
+        return self._replica_deltas_d(keys, synced, out)
+
+    def replica_refresh(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray owner_values):
+        """For each key that is REPLICA or PENDING here: value = owner_value + (value -
+        synced) (keeping local updates made since the last delta was taken), synced =
+        owner_value, state = REPLICA. Returns the number refreshed."""
+        self._check_open()
+        if self.header.dtype == 0:
+            return self._replica_refresh_f(keys, synced, owner_values)
+        return self._replica_refresh_d(keys, synced, owner_values)
+
+    def release(self, cnp.ndarray keys, uint8_t expected, cnp.ndarray offsets,
+                cnp.ndarray released):
+        """Keys in state `expected` become ABSENT (their slot offsets are written to
+        `offsets`, released[i] = 1); others are left alone. Returns the count."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint64_t* offs = <uint64_t*>cnp.PyArray_DATA(offsets)
+        cdef uint8_t* r = <uint8_t*>cnp.PyArray_DATA(released)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        cdef uint64_t count = 0
+        cdef uint32_t s
+        cdef adapm_entry_t* e
+        cdef int failed = -1
+        with nogil:
+            for i in range(n):
+                e = &self.directory[k[i]]
+                if _lock(e, &s, self.lock_timeout_ns) != 0:
+                    failed = i
+                    break
+                if e.state == expected:
+                    offs[i] = e.offset
+                    e.state = ADAPM_ABSENT
+                    r[i] = 1
+                    count += 1
+                    _unlock(e, s, True)
+                else:
+                    r[i] = 0
+                    _unlock(e, s, False)
+        if failed >= 0:
+            raise LockTimeout(int(k[failed]))
+        return count
+
+    def release_clean(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray offsets,
+                      cnp.ndarray released):
+        """Replica keys whose value equals their value at last sync (no update since the
+        last delta was taken) become ABSENT: offsets written, released[i] = 1. Replicas
+        with newer updates stay, so that their delta goes out with the next round."""
+        self._check_open()
+        if self.header.dtype == 0:
+            return _release_clean(self, <float*>self.arena, keys, synced, offsets, released)
+        return _release_clean(self, <double*>self.arena, keys, synced, offsets, released)
+
+    def states_of(self, cnp.ndarray keys, cnp.ndarray out):
+        """Fill `out` (uint8) with each key's state (a racy snapshot, for decisions that
+        the server alone can change)."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint8_t* o = <uint8_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        with nogil:
+            for i in range(n):
+                o[i] = self.directory[k[i]].state
+
+    cdef object _replica_deltas_f(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray out):
+        return _deltas(self, <float*>self.arena, keys, synced, <float*>cnp.PyArray_DATA(out))
+
+    cdef object _replica_deltas_d(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray out):
+        return _deltas(self, <double*>self.arena, keys, synced, <double*>cnp.PyArray_DATA(out))
+
+    cdef object _replica_refresh_f(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray v):
+        return _refresh(self, <float*>self.arena, keys, synced, <float*>cnp.PyArray_DATA(v))
+
+    cdef object _replica_refresh_d(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray v):
+        return _refresh(self, <double*>self.arena, keys, synced, <double*>cnp.PyArray_DATA(v))
+
+
+cdef object _deltas(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
+                    real* out):
+    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef uint64_t j, pos = 0, length
+    cdef uint32_t s
+    cdef adapm_entry_t* e
+    cdef real* v
+    cdef real* sv
+    cdef int failed = -1
+    with nogil:
+        for i in range(n):
+            e = &view.directory[k[i]]
+            length = e.length
+            if _lock(e, &s, view.lock_timeout_ns) != 0:
+                failed = i
+                break
+            if e.state == ADAPM_REPLICA:
+                v = arena + e.offset
+                sv = arena + so[i]
+                for j in range(length):
+                    out[pos + j] = v[j] - sv[j]
+                    sv[j] = v[j]
+            else:
+                memset(out + pos, 0, length * sizeof(real))
+            _unlock(e, s, False)  # the value itself did not change
+            pos += length
+    if failed >= 0:
+        raise LockTimeout(int(k[failed]))
+
+
+cdef object _refresh(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
+                     real* fresh):
+    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef uint64_t j, pos = 0, length, count = 0
+    cdef uint32_t s
+    cdef adapm_entry_t* e
+    cdef real* v
+    cdef real* sv
+    cdef int failed = -1
+    with nogil:
+        for i in range(n):
+            e = &view.directory[k[i]]
+            length = e.length
+            if _lock(e, &s, view.lock_timeout_ns) != 0:
+                failed = i
+                break
+            if e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING:
+                v = arena + e.offset
+                sv = arena + so[i]
+                for j in range(length):
+                    v[j] = fresh[pos + j] + (v[j] - sv[j])
+                    sv[j] = fresh[pos + j]
+                e.state = ADAPM_REPLICA
+                count += 1
+                _unlock(e, s, True)
+            else:
+                _unlock(e, s, False)
+            pos += length
+    if failed >= 0:
+        raise LockTimeout(int(k[failed]))
+    return count
+
+
+cdef object _release_clean(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
+                           cnp.ndarray offsets, cnp.ndarray released):
+    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
+    cdef uint64_t* offs = <uint64_t*>cnp.PyArray_DATA(offsets)
+    cdef uint8_t* r = <uint8_t*>cnp.PyArray_DATA(released)
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef uint64_t j, length, count = 0
+    cdef uint32_t s
+    cdef adapm_entry_t* e
+    cdef real* v
+    cdef real* sv
+    cdef bint clean
+    cdef int failed = -1
+    with nogil:
+        for i in range(n):
+            e = &view.directory[k[i]]
+            length = e.length
+            if _lock(e, &s, view.lock_timeout_ns) != 0:
+                failed = i
+                break
+            r[i] = 0
+            if e.state == ADAPM_REPLICA:
+                v = arena + e.offset
+                sv = arena + so[i]
+                clean = True
+                for j in range(length):
+                    if v[j] != sv[j]:
+                        clean = False
+                        break
+                if clean:
+                    offs[i] = e.offset
+                    e.state = ADAPM_ABSENT
+                    r[i] = 1
+                    count += 1
+            _unlock(e, s, r[i] == 1)
+    if failed >= 0:
+        raise LockTimeout(int(k[failed]))
+    return count

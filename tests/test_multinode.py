@@ -136,3 +136,53 @@ def localize_in_static(w):
 
 def test_static_mode_keeps_keys_at_home():
     assert adapm.run(localize_in_static, nodes=2, num_keys=4, mode="static") == ["refused"] * 2
+
+
+def own_column_writer(w, rounds):
+    """Each worker adds 1 to its own column of random keys while keys are relocated all
+    the time; after every push it reads its column back and must see all its pushes."""
+    rng = np.random.default_rng(w.rank * 7 + 1)
+    mine = np.zeros(w.num_keys)
+    stale = 0
+    for _ in range(rounds):
+        keys = rng.choice(w.num_keys, size=3, replace=False)
+        if rng.random() < 0.5:
+            w.localize(keys[:2])
+        values = np.zeros((3, w.num_workers))
+        values[:, w.rank] = 1
+        w.push(keys, values)
+        mine[keys] += 1
+        stale += int((w.pull(keys)[:, w.rank] != mine[keys]).sum())
+    w.barrier()
+    return stale, mine, w.pull(np.arange(w.num_keys))
+
+
+def test_read_your_own_writes_while_keys_move():
+    results = adapm.run(own_column_writer, args=(200,), nodes=3, workers_per_node=2,
+                        num_keys=12, value_length=6, mode="relocate_only", dtype="float64")
+    expect = np.stack([mine for _, mine, _ in results], axis=1)
+    for stale, _, final in results:
+        assert stale == 0
+        np.testing.assert_array_equal(final, expect)
+
+
+def ordered_sets(w, rounds):
+    """Two sets of one key in a row, both waited for: the later one must win."""
+    wrong = 0
+    for r in range(rounds):
+        key = [(r * 5 + w.rank) % w.num_keys]
+        if r % 3 == w.rank % 3:
+            w.localize(key)
+        first = w.set_async(key, [[2.0 * r]])
+        second = w.set_async(key, [[2.0 * r + 1]])
+        first.wait()
+        second.wait()
+        wrong += int(w.pull(key)[0, 0] != 2.0 * r + 1)
+    w.barrier()
+    return wrong
+
+
+def test_one_workers_sets_apply_in_order_while_keys_move():
+    results = adapm.run(ordered_sets, args=(150,), nodes=3, workers_per_node=1, num_keys=30,
+                        value_length=1, mode="relocate_only", dtype="float64")
+    assert results == [0, 0, 0]

@@ -1,0 +1,318 @@
+"""Carrying out the manager's decisions: sync rounds, replicas, relocations on request.
+
+A part of the node server (NodeServer inherits it); the decisions themselves are the
+manager's (adapm.manager), the byte layouts the protocol's (adapm.protocol).
+
+Replica node H, one round (one SYNC message per owner, at most one round in flight):
+- keys a due intent names and H does not hold become PENDING (a zeroed, not yet usable
+  slot, plus a zeroed "value at last sync" slot) and are sent with SYNC_REQUEST;
+- each replica's delta (value - value at last sync) is taken under its lock and sent with
+  SYNC_KEEP, or SYNC_DROP when no intent names it any more;
+- the answers: SYNC_REPLY with REPLY_VALUE (value = owner's + updates made here since the
+  delta was taken; PENDING becomes REPLICA), REPLY_DROPPED (the replica goes once it has
+  no newer update, else its delta goes with the next round), or a MOVE (relocation: the
+  PENDING key becomes owned here). The round completes when every key is answered;
+  wait_sync and barriers wait for a round that started after they were asked.
+
+Owner O, on a SYNC from H: applies every delta (additive, like a push), answers KEEP with
+the fresh value, DROP with an acknowledgement, and REQUEST by relocating the key to H or
+replicating it there, as the manager decides. Keys O does not own any more are passed on
+along their path, like any request."""
+
+import time
+
+import numpy as np
+
+from adapm import protocol
+from adapm.errors import ProtocolError
+from adapm.manager import RELOCATE, Manager
+from adapm.ownership import split_by
+from adapm.protocol import (
+    MOVE_FOR_ROUND,
+    REPLY_DROPPED,
+    REPLY_VALUE,
+    SYNC_DROP,
+    SYNC_KEEP,
+    SYNC_REQUEST,
+    Message,
+    MsgType,
+)
+from adapm.segments import Segments, element_index
+from adapm.table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, WORKER_SLOT
+
+MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
+
+
+class Placement:
+    """Mixin of NodeServer: needs view, table, spec, node, intents, ownership, _route,
+    _to_peer, _to_identity, _count, _owners_changed."""
+
+    def _init_placement(self):
+        num_keys = self.spec.num_keys
+        self.manager = Manager(self.spec.mode, self.workers, self.intents)
+        self.synced = np.zeros(num_keys, dtype=np.uint64)  # "value at last sync" slots
+        self.replica_keys = set()    # keys held here as REPLICA or PENDING
+        self.pending = set()         # of those, requested and not answered yet
+        self.replicas_of = {}        # owner side: key -> nodes holding a replica
+        self.round = 0               # last round started
+        self.round_done = 0          # last round completed (all earlier ones too)
+        self.round_left = 0          # keys of the round in flight still unanswered
+        self.round_started_at = 0.0
+        self.sync_waiters = []       # (identity, request id, round that must complete)
+        self.release_waiters = []    # (barrier generation, round that must complete)
+        self.initial_requests = None
+
+    def _replicate_everything(self):
+        """replicate_all: every key this node does not own becomes a replica."""
+        keys = np.arange(self.spec.num_keys, dtype=np.uint64)
+        self.initial_requests = keys[keys % np.uint64(self.spec.num_nodes) != self.node]
+
+    # -- scheduling ----------------------------------------------------------------
+
+    @property
+    def round_in_flight(self):
+        return self.round > self.round_done
+
+    def placement_busy(self):
+        """Whether rounds should run now (the server then polls without sleeping)."""
+        return bool(self.replica_keys or self.sync_waiters or self.release_waiters or
+                    self.initial_requests is not None or
+                    (self.manager.acts_on_intents and len(self.intents)))
+
+    def maybe_start_round(self):
+        if self._failed is not None or self.round_in_flight or self.addresses is None:
+            return
+        now = time.monotonic()
+        if now - self.round_started_at < MIN_ROUND_INTERVAL or not self.placement_busy():
+            return
+        self.round_started_at = now
+        self._start_round()
+
+    def _start_round(self):
+        self.round += 1
+        clocks = self.view.counters()[:, WORKER_SLOT["clock"]]
+        self.intents.expire(clocks)
+        replicas = np.fromiter(sorted(self.replica_keys - self.pending), dtype=np.uint64)
+        plan = self.manager.plan(clocks, self._held, replicas)
+        requests = plan.requests
+        if self.initial_requests is not None:
+            requests = np.union1d(requests, self.initial_requests)
+            self.initial_requests = None
+        if plan.late:
+            self._count("late_intents", plan.late)
+        requests = self._make_pending(requests)
+        keys = np.concatenate([requests, plan.keep, plan.drop])
+        flags = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),
+                                np.full(plan.keep.shape[0], SYNC_KEEP, np.uint32),
+                                np.full(plan.drop.shape[0], SYNC_DROP, np.uint32)])
+        deltas = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
+        self.view.replica_deltas(keys, self.synced[keys.astype(np.intp)], deltas)
+        self.round_left = keys.shape[0]
+        segments = Segments.of(self.view, keys)
+        for dest, idx in split_by(self._route(keys)).items():
+            if dest < 0:
+                raise ProtocolError(f"node {self.node}: keys {keys[idx][:4]}.. have no owner")
+            self._to_peer(dest, Message(MsgType.SYNC, request_id=self.round, arg0=self.node,
+                                        keys=keys[idx], values=segments.take(deltas, idx),
+                                        counters=flags[idx]))
+        self._round_progress(0)
+
+    def _held(self, keys):
+        """Mask: keys this node holds (owned, replica) or has requested."""
+        states = np.empty(keys.shape[0], dtype=np.uint8)
+        self.view.states_of(keys, states)
+        return states != ABSENT
+
+    def _make_pending(self, keys):
+        """Mark requested keys PENDING with zeroed slots; returns those that were ABSENT."""
+        if keys.shape[0] == 0:
+            return keys
+        keys = keys[~self._held(keys)]
+        if keys.shape[0] == 0:
+            return keys
+        lengths = self.view.directory_array()["length"][keys].astype(np.uint64)
+        offsets = self.table.allocator.allocate(lengths)
+        synced = self.table.allocator.allocate(lengths)
+        self.view.arena_array()[element_index(synced, lengths)] = 0
+        zeros = np.zeros(int(lengths.sum()), dtype=self.view.dtype)
+        admitted = np.zeros(keys.shape[0], dtype=np.uint8)
+        # The location cache stays: this node's misses and requests still go to the owner.
+        self.view.admit(keys, zeros, offsets, PENDING, KEEP_OWNER, admitted)
+        self.synced[keys.astype(np.intp)] = synced
+        self.replica_keys.update(keys.tolist())
+        self.pending.update(keys.tolist())
+        return keys
+
+    def _round_progress(self, answered, round_id=None):
+        if round_id is not None and round_id != self.round:
+            return  # an answer to a round that is over (cannot happen: one at a time)
+        self.round_left -= answered
+        if self.round_left > 0:
+            return
+        self.round_done = self.round
+        done = self.round_done
+        for waiter in [w for w in self.sync_waiters if w[2] <= done]:
+            self.sync_waiters.remove(waiter)
+            self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
+        for waiter in [w for w in self.release_waiters if w[1] <= done]:
+            self.release_waiters.remove(waiter)
+            self._release_now(waiter[0])
+
+    def wait_for_round(self, identity, request_id):
+        """wait_sync: answer once a round that starts after now has completed."""
+        self.sync_waiters.append((identity, request_id, self.round + 1))
+
+    def release_after_round(self, generation):
+        """A barrier: replicas fetch the values that every node flushed before it."""
+        if self.replica_keys:
+            self.release_waiters.append((generation, self.round + 1))
+        else:
+            self._release_now(generation)
+
+    # -- owner side ----------------------------------------------------------------
+
+    def _on_sync(self, identity, msg):
+        keys = msg.keys
+        _check_key_range(keys, self.spec.num_keys)
+        holder = int(msg.arg0)
+        if not 0 <= holder < self.spec.num_nodes:
+            raise ProtocolError(f"sync for node {holder}")
+        deltas = protocol.values_of(msg, self.view.dtype, self.view.total_length(keys))
+        if holder == self.node:  # the path led back: these keys were moved here meanwhile
+            self._own_sync_returned(msg, keys, deltas)
+            return
+        flags = msg.counters
+        if (flags > SYNC_DROP).any():
+            raise ProtocolError("unknown sync flag")
+        states = np.empty(keys.shape[0], dtype=np.uint8)
+        self.view.states_of(keys, states)
+        owned = states == OWNED
+        segments = Segments.of(self.view, keys)
+        if not owned.all():  # moved on: pass those keys on along their path
+            idx = np.flatnonzero(~owned)
+            for dest, part in split_by(self._route(keys[idx])).items():
+                sub = idx[part]
+                if dest < 0:
+                    continue
+                self._to_peer(dest, protocol.forwarded(
+                    msg, MsgType.SYNC, arg0=holder, keys=keys[sub],
+                    values=segments.take(deltas, sub), counters=flags[sub]))
+        idx = np.flatnonzero(owned)
+        if idx.shape[0] == 0:
+            return
+        keys, flags = keys[idx], flags[idx]
+        deltas = segments.take(deltas, idx)
+        misses = np.empty(keys.shape[0], dtype=np.uint64)
+        self.view.update(keys, deltas, misses, True)  # owned, so no miss
+        answer = np.full(keys.shape[0], REPLY_VALUE, dtype=np.uint32)
+        answer[flags == SYNC_DROP] = REPLY_DROPPED
+        relocate = np.zeros(keys.shape[0], dtype=bool)
+        for i, (key, flag) in enumerate(zip(keys.tolist(), flags.tolist())):
+            holders = self.replicas_of.get(key)
+            if flag == SYNC_DROP:
+                if holders:
+                    holders.discard(holder)
+                continue
+            if flag == SYNC_REQUEST:
+                others = bool(holders) and bool(holders - {holder})
+                owner_intends = self.intents.count[key] > 0
+                if self.manager.decide(owner_intends, others) == RELOCATE:
+                    relocate[i] = True
+                    continue
+                self._count("replicas_made", 1)
+            self.replicas_of.setdefault(key, set()).add(holder)
+        if relocate.any():
+            self._evict_and_move(keys[relocate], holder, msg.request_id, MOVE_FOR_ROUND)
+        reply = ~relocate
+        if reply.any():
+            rkeys, ranswer = keys[reply], answer[reply]
+            with_value = rkeys[ranswer == REPLY_VALUE]
+            values = np.empty(self.view.total_length(with_value), dtype=self.view.dtype)
+            self.view.pull(with_value, values, np.empty(with_value.shape[0], np.uint64))
+            self._to_peer(holder, Message(MsgType.SYNC_REPLY, request_id=msg.request_id,
+                                          keys=rkeys, values=values, counters=ranswer))
+
+    def _own_sync_returned(self, msg, keys, deltas):
+        """Part of this node's own round came back: its keys are owned here now (their
+        copies were absorbed on arrival), so the deltas are applied to them here."""
+        misses = np.empty(keys.shape[0], dtype=np.uint64)
+        nmiss = self.view.update(keys, deltas, misses, True)
+        if nmiss:  # not owned here after all: pass them on once more
+            idx = misses[:nmiss].astype(np.intp)
+            segments = Segments.of(self.view, keys)
+            for dest, part in split_by(self._route(keys[idx])).items():
+                if dest >= 0:
+                    self._to_peer(dest, protocol.forwarded(
+                        msg, MsgType.SYNC, arg0=self.node, keys=keys[idx[part]],
+                        values=segments.take(deltas, idx[part]),
+                        counters=msg.counters[idx[part]]))
+        self._round_progress(keys.shape[0] - nmiss, msg.request_id)
+
+    # -- replica side --------------------------------------------------------------
+
+    def _on_sync_reply(self, identity, msg):
+        keys = msg.keys
+        _check_key_range(keys, self.spec.num_keys)
+        answer = msg.counters
+        with_value = keys[answer == REPLY_VALUE]
+        values = protocol.values_of(msg, self.view.dtype, self.view.total_length(with_value))
+        if with_value.shape[0]:
+            self.view.replica_refresh(with_value, self.synced[with_value.astype(np.intp)],
+                                      np.ascontiguousarray(values))
+            for key in with_value.tolist():
+                self.pending.discard(key)
+        dropped = keys[answer == REPLY_DROPPED]
+        if dropped.shape[0]:
+            self._release_replicas(dropped)
+        self._round_progress(keys.shape[0], msg.request_id)
+
+    def _release_replicas(self, keys):
+        """Forget replicas that have no update newer than their last flush."""
+        offsets = np.zeros(keys.shape[0], dtype=np.uint64)
+        released = np.zeros(keys.shape[0], dtype=np.uint8)
+        synced = self.synced[keys.astype(np.intp)]
+        self.view.release_clean(keys, synced, offsets, released)
+        gone = released.astype(bool)
+        if gone.any():
+            lengths = self.view.directory_array()["length"][keys[gone]].astype(np.uint64)
+            self.table.allocator.free(offsets[gone], lengths)
+            self.table.allocator.free(synced[gone], lengths)
+            self.replica_keys.difference_update(keys[gone].tolist())
+            self._count("replicas_dropped", int(gone.sum()))
+
+    def absorb_copies(self, keys, values):
+        """Keys arriving as owned (a MOVE) that this node holds as REPLICA or PENDING:
+        add the updates made here since the last flush to the arriving values, and free
+        the copies' slots, so that the keys can be installed as owned."""
+        mine = np.fromiter((k in self.replica_keys for k in keys.tolist()), dtype=bool,
+                           count=keys.shape[0])
+        if not mine.any():
+            return values
+        idx = np.flatnonzero(mine)
+        held = keys[idx]
+        synced = self.synced[held.astype(np.intp)]
+        local = np.empty(self.view.total_length(held), dtype=self.view.dtype)
+        self.view.replica_deltas(held, synced, local)
+        values = np.array(values, dtype=self.view.dtype)
+        Segments.of(self.view, keys).put(values, idx, Segments.of(self.view, keys).take(
+            values, idx) + local)
+        for state in (PENDING, REPLICA):
+            offsets = np.zeros(held.shape[0], dtype=np.uint64)
+            released = np.zeros(held.shape[0], dtype=np.uint8)
+            self.view.release(held, state, offsets, released)
+            gone = released.astype(bool)
+            lengths = self.view.directory_array()["length"][held[gone]].astype(np.uint64)
+            self.table.allocator.free(offsets[gone], lengths)
+            self.table.allocator.free(synced[gone], lengths)
+        self.pending.difference_update(held.tolist())
+        self.replica_keys.difference_update(held.tolist())
+        return values
+
+    def replicas_held(self):
+        return len(self.replica_keys - self.pending)
+
+
+def _check_key_range(keys, num_keys):
+    if keys.shape[0] and int(keys.max()) >= num_keys:
+        raise ProtocolError(f"key {int(keys.max())} out of range [0, {num_keys})")
+
