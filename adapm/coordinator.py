@@ -31,6 +31,7 @@ FAIL_ROUTING = 6        # a request could not be routed (forwarded too often)
 FAIL_REJECTED = 7       # a request was malformed or not allowed; count: the node
 FAIL_BARRIER_NODE = 8   # a barrier can never complete: every worker of node `count` left
 FAIL_STOPPED = 9        # the launching process stops the cluster: worker `count` failed
+FAIL_INTERNAL = 10      # node `count` hit an internal error (its log has the traceback)
 
 FAILURE_TEXT = {
     FAIL_BARRIER: "a barrier can never complete: worker {} has already finalized",
@@ -42,6 +43,7 @@ FAILURE_TEXT = {
     FAIL_REJECTED: "node {} rejected the request as malformed",
     FAIL_BARRIER_NODE: "a barrier can never complete: every worker of node {} has finalized",
     FAIL_STOPPED: "the cluster is being stopped because worker {} failed",
+    FAIL_INTERNAL: "node {} hit an internal error (its log has the traceback)",
 }
 
 

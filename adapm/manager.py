@@ -21,7 +21,6 @@ ablation modes fix the answer (relocate_only, replicate_only) or the placement
 (static: nothing moves; replicate_all: every node replicates every key).
 No option needs tuning."""
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +30,8 @@ SPEED_SMOOTHING = 0.2
 # The window covers the clocks of this many rounds, at this many standard deviations.
 ROUNDS_AHEAD = 2.0
 SPREAD = 3.0
+
+MIN_WINDOW = 2
 
 RELOCATE, REPLICATE = "relocate", "replicate"
 
@@ -56,9 +57,11 @@ class ClockTracker:
         return self.windows()
 
     def windows(self):
-        """Clocks ahead of each worker's clock within which intents are acted on."""
+        """Clocks ahead of each worker's clock within which intents are acted on: at
+        least the current and the next clock, even for a clock that seems to stand
+        still."""
         spread = SPREAD * np.sqrt(ROUNDS_AHEAD * self.var)
-        return np.ceil(ROUNDS_AHEAD * self.mean + spread).astype(np.int64) + 1
+        return np.ceil(ROUNDS_AHEAD * self.mean + spread).astype(np.int64) + MIN_WINDOW
 
 
 @dataclass
@@ -117,8 +120,3 @@ class Manager:
 
 
 _NO_KEYS = np.empty(0, dtype=np.uint64)
-
-
-def window_quantile(speed_mean, speed_var):
-    """The action window for a given clock speed (exposed for tests and docs)."""
-    return math.ceil(ROUNDS_AHEAD * speed_mean + SPREAD * math.sqrt(ROUNDS_AHEAD * speed_var)) + 1

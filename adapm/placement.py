@@ -90,6 +90,7 @@ class Placement:
 
     def _start_round(self):
         self.round += 1
+        self._count("rounds_started", 1)
         clocks = self.view.counters()[:, WORKER_SLOT["clock"]]
         self.intents.expire(clocks)
         replicas = np.fromiter(sorted(self.replica_keys - self.pending), dtype=np.uint64)
@@ -150,6 +151,7 @@ class Placement:
         if self.round_left > 0:
             return
         self.round_done = self.round
+        self._count("rounds_done", 1)
         done = self.round_done
         for waiter in [w for w in self.sync_waiters if w[2] <= done]:
             self.sync_waiters.remove(waiter)

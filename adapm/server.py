@@ -29,6 +29,7 @@ from adapm.config import MODES, RELOCATING_MODES
 from adapm.coordinator import (
     FAIL_BARRIER,
     FAIL_COORDINATOR,
+    FAIL_INTERNAL,
     FAIL_REJECTED,
     FAIL_ROUTING,
     FAIL_WORKER_DIED,
@@ -192,7 +193,11 @@ class NodeServer(Placement):
                 self._drain(self.router, self._from_router)
             if self.coordinator is not None:
                 self.coordinator.tick()
-            self.maybe_start_round()
+            try:
+                self.maybe_start_round()
+            except Exception:  # noqa: BLE001 - fail loud, never die silently
+                log.exception("node %d: a sync round failed", self.node)
+                self._report_failure(FAIL_INTERNAL, self.node)
             now = time.monotonic()
             if now - last_housekeeping >= HOUSEKEEPING_EVERY:
                 last_housekeeping = now
@@ -692,13 +697,14 @@ def _check_keys(keys, num_keys):
 
 
 def _arena_capacity(spec):
-    """Room for every key: keys relocated here need slots. The segment is sparse, so
-    the room costs memory only when used."""
+    """Room for every key twice: keys relocated here need a slot, replicas a second one
+    for their value at last sync. The segment is sparse, so room costs memory only when
+    it is used."""
     if spec.num_nodes == 1:
         return None
     total = spec.num_keys * spec.value_length if np.ndim(spec.value_length) == 0 \
         else int(np.sum(spec.value_length))
-    return total
+    return 2 * total
 
 
 def _alive(pid):

@@ -25,6 +25,7 @@ WORKER_SLOT = {name: i for i, name in enumerate(WORKER_COUNTERS)}
 NODE_COUNTERS = (
     "relocations", "replicas_made", "replicas_dropped", "late_intents", "bytes_sent",
     "bytes_received", "malformed_messages", "intents_received", "owner_changes",
+    "rounds_started", "rounds_done",
 )
 NODE_SLOT = {name: i for i, name in enumerate(NODE_COUNTERS)}
 

@@ -22,7 +22,15 @@ from adapm.ownership import route, split_by
 from adapm.protocol import ALL_POSITIONS, Message, MsgType, worker_identity
 from adapm.security import CurveKeys, connector
 from adapm.segments import Segments
-from adapm.table import NODE_COUNTERS, NODE_SLOT, WORKER_SLOT, LockTimeout, SharedTable
+from adapm.table import (
+    NODE_COUNTERS,
+    NODE_SLOT,
+    PENDING,
+    REPLICA,
+    WORKER_SLOT,
+    LockTimeout,
+    SharedTable,
+)
 
 POLL_SLICE_MS = 100        # how often a waiting call checks that the cluster is alive
 MAX_UPDATES_IN_FLIGHT = 64  # unacknowledged push/set messages before a push waits
@@ -136,6 +144,8 @@ class Worker:
         self._next_request = 0
         self._waiting = {}        # request id -> (op, keys or replies still expected)
         self._updates = []        # unacknowledged update ops, oldest first
+        self._unseen = []         # (keys, round): applied remotely, but replicas of these
+                                  # keys here show it only once that sync round is done
         self._curve = CurveKeys.from_environ()
         self._ctx = zmq.Context()
         self._socks = {}
@@ -320,13 +330,20 @@ class Worker:
         for a key with an update of this worker still in flight could overtake it (keys
         move, requests are forwarded along different paths), so it waits for that update
         to be acknowledged first. Updates of other keys stay in flight."""
-        if not self._updates:
-            return
-        self._prune_updates()
-        for op in self._updates:
-            if not op.done and np.isin(keys, op.keys, assume_unique=False).any():
-                self._wait(op)
-        self._prune_updates()
+        if self._updates:
+            self._prune_updates()
+            for op in self._updates:
+                if not op.done and np.isin(keys, op.keys).any():
+                    self._wait(op)
+            self._prune_updates()
+        if self._unseen:
+            # Applied by their owners, but a replica here may have been fetched just
+            # before: wait for a sync round that started after the acknowledgement.
+            done = self._view.node_counter_get(NODE_SLOT["rounds_done"])
+            self._unseen = [(k, r) for k, r in self._unseen if r > done]
+            if any(np.isin(keys, k).any() for k, _ in self._unseen):
+                self._control(MsgType.WAIT_SYNC, MsgType.SYNCED)
+                self._unseen = []
 
     def _prune_updates(self):
         done = [op for op in self._updates if op.done]
@@ -334,6 +351,17 @@ class Worker:
             self._updates = [op for op in self._updates if not op.done]
             for op in done:
                 self._raise_if_failed(op)
+                self._remember_unseen(op.keys)
+
+    def _remember_unseen(self, keys):
+        """Keys updated remotely that this node holds as (pending) replicas: the next
+        sync round brings the update here."""
+        states = np.empty(keys.shape[0], dtype=np.uint8)
+        self._view.states_of(keys, states)
+        copies = keys[(states == REPLICA) | (states == PENDING)]
+        if copies.shape[0]:
+            started = self._view.node_counter_get(NODE_SLOT["rounds_started"])
+            self._unseen.append((copies, started + 1))
 
     def _limit_updates_in_flight(self):
         self._prune_updates()
@@ -344,7 +372,7 @@ class Worker:
     def _drain_updates(self):
         for op in self._updates:
             self._wait(op)
-        self._updates = []
+        self._prune_updates()
 
     def _lock_error(self, exc, op):
         return ClusterError(
@@ -408,6 +436,7 @@ class Worker:
         self._check_open()
         self._drain_updates()
         self._control(MsgType.WAIT_SYNC, MsgType.SYNCED)
+        self._unseen = []
 
     def stats(self):
         """Counts of keys for this worker, and in 'node' the same summed over its node plus
