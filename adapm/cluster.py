@@ -16,6 +16,7 @@ from adapm.errors import ClusterError
 from adapm.process import stop_process
 from adapm.security import ENV_CURVE_KEYS
 from adapm.server import serve
+from adapm.summary import node_stats
 from adapm.table import SharedTable, segment_name, unlink_segment
 
 
@@ -172,6 +173,10 @@ class LocalCluster:
         if proc.exitcode == 0:
             return None
         return ClusterError(f"node {node}: server died (exit code {proc.exitcode})")
+
+    def stats(self):
+        """{node: statistics} of the nodes running here (adapm.summary.node_stats)."""
+        return {node: node_stats(table.view) for node, table in self.tables.items()}
 
     def fail(self, code, detail):
         """Announce a failure to every worker of the local nodes (through their tables):

@@ -71,6 +71,14 @@ class IntentStore:
         self._next_due[worker] = i
         return found
 
+    def next_start(self, worker):
+        """Start of this worker's first intent not acted on yet (a huge number if none)."""
+        intents = self._by_worker[worker]
+        i = self._next_due[worker]
+        while i < len(intents) and intents[i].acted:
+            i += 1
+        return intents[i].start if i < len(intents) else 2**62
+
     def intended(self, keys):
         """Mask: keys named by any intent not yet expired."""
         return self.count[keys.astype(np.intp)] > 0

@@ -32,6 +32,7 @@ from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
 from adapm.process import stop_process
 from adapm.security import CurveKeys
+from adapm.summary import format_summary
 
 DEFAULT_COORDINATOR_PORT = 29650
 SHUTDOWN_GRACE = 10.0  # seconds workers get to notice a node's failure before they are stopped
@@ -360,6 +361,10 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
             return 128 + exc.signum
         finally:
             if cluster is not None:
+                if cluster.tables and procs:
+                    print(f"adapm-launch: statistics (keys) of node(s) "
+                          f"{', '.join(map(str, cluster.nodes))}, mode {spec.mode}:\n"
+                          f"{format_summary(cluster.stats())}", file=sys.stderr, flush=True)
                 cluster.teardown(procs, groups=True, grace=grace)
 
 

@@ -28,11 +28,14 @@ from adapm.errors import ProtocolError
 from adapm.manager import RELOCATE, Manager
 from adapm.ownership import split_by
 from adapm.protocol import (
+    HAS_DELTA,
     MOVE_FOR_ROUND,
+    REPLY_CURRENT,
     REPLY_DROPPED,
     REPLY_VALUE,
     SYNC_DROP,
     SYNC_KEEP,
+    SYNC_KIND,
     SYNC_REQUEST,
     Message,
     MsgType,
@@ -41,6 +44,10 @@ from adapm.segments import Segments, element_index
 from adapm.table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, WORKER_SLOT
 
 MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
+# Rounds that would only refresh replicas (no key requested, nobody waiting) run at most
+# this often: hot replicas are rewritten all the time, and refreshing them faster than
+# this buys little staleness for a lot of traffic.
+REFRESH_INTERVAL = 0.005
 
 
 class Placement:
@@ -51,6 +58,7 @@ class Placement:
         num_keys = self.spec.num_keys
         self.manager = Manager(self.spec.mode, self.workers, self.intents)
         self.synced = np.zeros(num_keys, dtype=np.uint64)  # "value at last sync" slots
+        self.seen_version = np.zeros(num_keys, dtype=np.uint32)  # owner's, at last sync
         self.replica_keys = set()    # keys held here as REPLICA or PENDING
         self.pending = set()         # of those, requested and not answered yet
         self.replicas_of = {}        # owner side: key -> nodes holding a replica
@@ -83,10 +91,24 @@ class Placement:
         if self._failed is not None or self.round_in_flight or self.addresses is None:
             return
         now = time.monotonic()
-        if now - self.round_started_at < MIN_ROUND_INTERVAL or not self.placement_busy():
+        since = now - self.round_started_at
+        if since < MIN_ROUND_INTERVAL or not self.placement_busy():
+            return
+        urgent = (self.sync_waiters or self.release_waiters or
+                  self.initial_requests is not None or self._intents_due())
+        if not urgent and since < REFRESH_INTERVAL:
             return
         self.round_started_at = now
         self._start_round()
+
+    def _intents_due(self):
+        """Whether an intent of a local worker comes due within its action window."""
+        if not self.manager.acts_on_intents:
+            return False
+        clocks = self.view.counters()[:, WORKER_SLOT["clock"]]
+        windows = self.manager.clocks.windows()
+        return any(self.intents.next_start(w) < int(clocks[w]) + int(windows[w])
+                   for w in range(self.workers))
 
     def _start_round(self):
         self.round += 1
@@ -103,19 +125,23 @@ class Placement:
             self._count("late_intents", plan.late)
         requests = self._make_pending(requests)
         keys = np.concatenate([requests, plan.keep, plan.drop])
-        flags = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),
+        kinds = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),
                                 np.full(plan.keep.shape[0], SYNC_KEEP, np.uint32),
                                 np.full(plan.drop.shape[0], SYNC_DROP, np.uint32)])
         deltas = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
         self.view.replica_deltas(keys, self.synced[keys.astype(np.intp)], deltas)
-        self.round_left = keys.shape[0]
         segments = Segments.of(self.view, keys)
+        dirty = segments.nonzero(deltas)
+        flags = kinds | np.where(dirty, HAS_DELTA, 0).astype(np.uint32)
+        versions = self.seen_version[keys.astype(np.intp)]
+        self.round_left = keys.shape[0]
         for dest, idx in split_by(self._route(keys)).items():
             if dest < 0:
                 raise ProtocolError(f"node {self.node}: keys {keys[idx][:4]}.. have no owner")
-            self._to_peer(dest, Message(MsgType.SYNC, request_id=self.round, arg0=self.node,
-                                        keys=keys[idx], values=segments.take(deltas, idx),
-                                        counters=flags[idx]))
+            self._to_peer(dest, Message(
+                MsgType.SYNC, request_id=self.round, arg0=self.node, keys=keys[idx],
+                values=segments.take(deltas, idx[dirty[idx]]), counters=flags[idx],
+                versions=versions[idx]))
         self._round_progress(0)
 
     def _held(self, keys):
@@ -179,50 +205,35 @@ class Placement:
         holder = int(msg.arg0)
         if not 0 <= holder < self.spec.num_nodes:
             raise ProtocolError(f"sync for node {holder}")
-        deltas = protocol.values_of(msg, self.view.dtype, self.view.total_length(keys))
+        kinds = msg.counters & SYNC_KIND
+        has_delta = (msg.counters & HAS_DELTA) != 0
+        if (kinds > SYNC_DROP).any() or (msg.counters > (SYNC_KIND | HAS_DELTA)).any():
+            raise ProtocolError("unknown sync flag")
+        deltas = _Deltas(self.view, keys, has_delta, msg)
         if holder == self.node:  # the path led back: these keys were moved here meanwhile
             self._own_sync_returned(msg, keys, deltas)
             return
-        flags = msg.counters
-        if (flags > SYNC_DROP).any():
-            raise ProtocolError("unknown sync flag")
         states = np.empty(keys.shape[0], dtype=np.uint8)
         self.view.states_of(keys, states)
         owned = states == OWNED
-        segments = Segments.of(self.view, keys)
         if not owned.all():  # moved on: pass those keys on along their path
-            idx = np.flatnonzero(~owned)
-            for dest, part in split_by(self._route(keys[idx])).items():
-                sub = idx[part]
-                if dest < 0:
-                    continue
-                self._to_peer(dest, protocol.forwarded(
-                    msg, MsgType.SYNC, arg0=holder, keys=keys[sub],
-                    values=segments.take(deltas, sub), counters=flags[sub]))
+            self._forward_sync(msg, holder, np.flatnonzero(~owned), deltas)
         idx = np.flatnonzero(owned)
         if idx.shape[0] == 0:
             return
-        keys, flags = keys[idx], flags[idx]
-        deltas = segments.take(deltas, idx)
-        misses = np.empty(keys.shape[0], dtype=np.uint64)
-        self.view.update(keys, deltas, misses, True)  # owned, so no miss
-        answer = np.full(keys.shape[0], REPLY_VALUE, dtype=np.uint32)
-        answer[flags == SYNC_DROP] = REPLY_DROPPED
-        relocate = np.zeros(keys.shape[0], dtype=bool)
-        for i, (key, flag) in enumerate(zip(keys.tolist(), flags.tolist())):
-            holders = self.replicas_of.get(key)
-            if flag == SYNC_DROP:
-                if holders:
-                    holders.discard(holder)
-                continue
-            if flag == SYNC_REQUEST:
-                others = bool(holders) and bool(holders - {holder})
-                owner_intends = self.intents.count[key] > 0
-                if self.manager.decide(owner_intends, others) == RELOCATE:
-                    relocate[i] = True
-                    continue
-                self._count("replicas_made", 1)
-            self.replicas_of.setdefault(key, set()).add(holder)
+        dirty = idx[has_delta[idx]]
+        if dirty.shape[0]:
+            misses = np.empty(dirty.shape[0], dtype=np.uint64)
+            self.view.update(keys[dirty], deltas.of(dirty), misses, True)  # owned: no miss
+        keys, kinds, seen = keys[idx], kinds[idx], msg.versions[idx]
+        versions = np.empty(keys.shape[0], dtype=np.uint32)
+        self.view.versions_of(keys, versions)  # before the values: never newer than them
+        expected = seen + has_delta[idx].astype(np.uint32)
+        answer = np.where(versions == expected, REPLY_CURRENT, REPLY_VALUE).astype(np.uint32)
+        answer[kinds == SYNC_DROP] = REPLY_DROPPED
+        answer[kinds == SYNC_REQUEST] = REPLY_VALUE
+        relocate = self._answer_requests(keys, kinds, holder)
+        self._track_holders(keys, kinds, holder, forwarded=msg.hops > 0)
         if relocate.any():
             self._evict_and_move(keys[relocate], holder, msg.request_id, MOVE_FOR_ROUND)
         reply = ~relocate
@@ -232,23 +243,58 @@ class Placement:
             values = np.empty(self.view.total_length(with_value), dtype=self.view.dtype)
             self.view.pull(with_value, values, np.empty(with_value.shape[0], np.uint64))
             self._to_peer(holder, Message(MsgType.SYNC_REPLY, request_id=msg.request_id,
-                                          keys=rkeys, values=values, counters=ranswer))
+                                          keys=rkeys, values=values, counters=ranswer,
+                                          versions=versions[reply]))
+
+    def _answer_requests(self, keys, kinds, holder):
+        """The manager's decision for each requested key; returns the mask to relocate."""
+        relocate = np.zeros(keys.shape[0], dtype=bool)
+        for i in np.flatnonzero(kinds == SYNC_REQUEST).tolist():
+            key = int(keys[i])
+            holders = self.replicas_of.get(key)
+            others = bool(holders) and bool(holders - {holder})
+            if self.manager.decide(self.intents.count[key] > 0, others) == RELOCATE:
+                relocate[i] = True
+            else:
+                self.replicas_of.setdefault(key, set()).add(holder)
+                self._count("replicas_made", 1)
+        return relocate
+
+    def _track_holders(self, keys, kinds, holder, forwarded):
+        """Who holds replicas of the keys owned here (for the next decisions)."""
+        for key in keys[kinds == SYNC_DROP].tolist():
+            holders = self.replicas_of.get(key)
+            if holders:
+                holders.discard(holder)
+        if forwarded:  # replicas made by an earlier owner of these keys
+            for key in keys[kinds == SYNC_KEEP].tolist():
+                self.replicas_of.setdefault(key, set()).add(holder)
+
+    def _forward_sync(self, msg, holder, idx, deltas):
+        keys = msg.keys
+        has_delta = (msg.counters & HAS_DELTA) != 0
+        for dest, part in split_by(self._route(keys[idx])).items():
+            sub = idx[part]
+            if dest < 0:
+                continue
+            self._to_peer(dest, protocol.forwarded(
+                msg, MsgType.SYNC, arg0=holder, keys=keys[sub],
+                values=deltas.of(sub[has_delta[sub]]), counters=msg.counters[sub],
+                versions=msg.versions[sub]))
 
     def _own_sync_returned(self, msg, keys, deltas):
         """Part of this node's own round came back: its keys are owned here now (their
-        copies were absorbed on arrival), so the deltas are applied to them here."""
-        misses = np.empty(keys.shape[0], dtype=np.uint64)
-        nmiss = self.view.update(keys, deltas, misses, True)
-        if nmiss:  # not owned here after all: pass them on once more
-            idx = misses[:nmiss].astype(np.intp)
-            segments = Segments.of(self.view, keys)
-            for dest, part in split_by(self._route(keys[idx])).items():
-                if dest >= 0:
-                    self._to_peer(dest, protocol.forwarded(
-                        msg, MsgType.SYNC, arg0=self.node, keys=keys[idx[part]],
-                        values=segments.take(deltas, idx[part]),
-                        counters=msg.counters[idx[part]]))
-        self._round_progress(keys.shape[0] - nmiss, msg.request_id)
+        copies were absorbed on arrival), so their deltas are applied here."""
+        has_delta = (msg.counters & HAS_DELTA) != 0
+        dirty = np.flatnonzero(has_delta)
+        unserved = np.zeros(keys.shape[0], dtype=bool)
+        if dirty.shape[0]:
+            misses = np.empty(dirty.shape[0], dtype=np.uint64)
+            nmiss = self.view.update(keys[dirty], deltas.of(dirty), misses, True)
+            unserved[dirty[misses[:nmiss].astype(np.intp)]] = True
+        if unserved.any():  # not owned here after all: pass them on once more
+            self._forward_sync(msg, self.node, np.flatnonzero(unserved), deltas)
+        self._round_progress(keys.shape[0] - int(unserved.sum()), msg.request_id)
 
     # -- replica side --------------------------------------------------------------
 
@@ -256,13 +302,17 @@ class Placement:
         keys = msg.keys
         _check_key_range(keys, self.spec.num_keys)
         answer = msg.counters
+        if (answer > REPLY_CURRENT).any() or (answer == 0).any():
+            raise ProtocolError("unknown sync reply flag")
         with_value = keys[answer == REPLY_VALUE]
         values = protocol.values_of(msg, self.view.dtype, self.view.total_length(with_value))
         if with_value.shape[0]:
             self.view.replica_refresh(with_value, self.synced[with_value.astype(np.intp)],
                                       np.ascontiguousarray(values))
-            for key in with_value.tolist():
-                self.pending.discard(key)
+            if self.pending:
+                self.pending.difference_update(with_value.tolist())
+        seen = answer != REPLY_DROPPED
+        self.seen_version[keys[seen].astype(np.intp)] = msg.versions[seen]
         dropped = keys[answer == REPLY_DROPPED]
         if dropped.shape[0]:
             self._release_replicas(dropped)
@@ -312,6 +362,20 @@ class Placement:
 
     def replicas_held(self):
         return len(self.replica_keys - self.pending)
+
+
+class _Deltas:
+    """The deltas of a SYNC: values only for keys flagged HAS_DELTA, in key order."""
+
+    def __init__(self, view, keys, has_delta, msg):
+        dirty_keys = keys[has_delta]
+        self.values = protocol.values_of(msg, view.dtype, view.total_length(dirty_keys))
+        self.segments = Segments.of(view, dirty_keys)
+        self.rank = np.cumsum(has_delta) - 1  # index among the dirty keys
+
+    def of(self, idx):
+        """Flat deltas of the keys at `idx` (all of which have a delta)."""
+        return self.segments.take(self.values, self.rank[idx])
 
 
 def _check_key_range(keys, num_keys):

@@ -32,10 +32,13 @@ MAX_HOPS = 64                # forwarding bound: more means a routing bug, not a
 
 # Per-key flags of SYNC (what the replica node wants) and SYNC_REPLY (what it gets).
 SYNC_REQUEST = 0     # the node has no copy yet: relocate or replicate it there
-SYNC_KEEP = 1        # a replica: apply the delta, send the fresh value
-SYNC_DROP = 2        # a replica: apply the delta, forget the replica
+SYNC_KEEP = 1        # a replica: apply its delta (if any), send the value if it is behind
+SYNC_DROP = 2        # a replica: apply its delta (if any), forget the replica
+SYNC_KIND = 3        # mask of the three above
+HAS_DELTA = 4        # bit: the key's delta is in the values frame
 REPLY_VALUE = 1      # fresh value follows (the node keeps, or now has, a replica)
 REPLY_DROPPED = 2    # the delta is applied and the replica forgotten
+REPLY_CURRENT = 3    # the replica is up to date (its own delta included): only the version
 MOVE_FOR_ROUND = 1   # MOVE arg1: the answer to a SYNC_REQUEST (request_id: the round)
 
 # flags
@@ -79,10 +82,10 @@ class MsgType(enum.IntEnum):
     MOVE_REQUEST = 35  # keys; arg0: node that wants them; request_id: its request
     MOVE = 36          # keys, values, counters; request_id: the requester's request
     OWNER_UPDATE = 37  # keys, counters; arg0: new owner
-    SYNC = 38          # keys, values (deltas), counters (SYNC_* flags); arg0: replica node;
-                       # request_id: its round
-    SYNC_REPLY = 39    # keys, values (of REPLICATED keys, in order), counters (flags);
-                       # request_id: the round answered
+    SYNC = 38          # keys, values (deltas of HAS_DELTA keys), counters (SYNC_* flags),
+                       # versions (last seen); arg0: replica node; request_id: its round
+    SYNC_REPLY = 39    # keys, values (of REPLY_VALUE keys), counters (REPLY_* flags),
+                       # versions (the owner's); request_id: the round answered
     # node server <-> coordinator
     JOIN = 48          # addresses (the joining server's own); arg0: spec fingerprint
     PEERS = 49         # addresses (every node's server, by node id)
@@ -105,15 +108,16 @@ _FRAMES = {
     MsgType.FWD_PULL: ("keys", "positions"), MsgType.FWD_PUSH: ("keys", "values"),
     MsgType.FWD_SET: ("keys", "values"), MsgType.MOVE_REQUEST: ("keys",),
     MsgType.MOVE: ("keys", "values", "counters"), MsgType.OWNER_UPDATE: ("keys", "counters"),
-    MsgType.SYNC: ("keys", "values", "counters"),
-    MsgType.SYNC_REPLY: ("keys", "values", "counters"),
+    MsgType.SYNC: ("keys", "values", "counters", "versions"),
+    MsgType.SYNC_REPLY: ("keys", "values", "counters", "versions"),
     MsgType.JOIN: ("addresses",), MsgType.PEERS: ("addresses",), MsgType.NODE_BARRIER: (),
     MsgType.NODE_RELEASE: (), MsgType.HEARTBEAT: (), MsgType.NODE_DONE: (),
     MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: (),
 }
-_DTYPES = {"keys": np.uint64, "positions": np.uint32, "counters": np.uint32}
+_DTYPES = {"keys": np.uint64, "positions": np.uint32, "counters": np.uint32,
+           "versions": np.uint32}
 # Frames whose element count must equal the keys frame's.
-_PER_KEY = ("positions", "counters")
+_PER_KEY = ("positions", "counters", "versions")
 
 
 @dataclass
@@ -130,6 +134,7 @@ class Message:
     positions: np.ndarray = None
     values: object = None       # outgoing: array; incoming: raw bytes (see values_of)
     counters: np.ndarray = None
+    versions: np.ndarray = None
     addresses: list = None
 
     @property

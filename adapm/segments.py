@@ -49,6 +49,14 @@ class Segments:
         else:
             out.reshape(-1)[element_index(self.starts[idx], self.lengths[idx])] = values
 
+    def nonzero(self, values):
+        """Mask: keys whose values in `values` (flat, all keys) are not all zero."""
+        if self.uniform:
+            return values.reshape(-1, self.uniform).any(axis=1)
+        if self.lengths.shape[0] == 0:
+            return np.zeros(0, dtype=bool)
+        return np.logical_or.reduceat(values != 0, self.starts.astype(np.intp))
+
     def size(self, idx):
         if self.uniform:
             return len(idx) * self.uniform

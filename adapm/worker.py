@@ -22,8 +22,8 @@ from adapm.ownership import route, split_by
 from adapm.protocol import ALL_POSITIONS, Message, MsgType, worker_identity
 from adapm.security import CurveKeys, connector
 from adapm.segments import Segments
+from adapm.summary import WORKER_STATS, node_stats
 from adapm.table import (
-    NODE_COUNTERS,
     NODE_SLOT,
     PENDING,
     REPLICA,
@@ -34,8 +34,6 @@ from adapm.table import (
 
 POLL_SLICE_MS = 100        # how often a waiting call checks that the cluster is alive
 MAX_UPDATES_IN_FLIGHT = 64  # unacknowledged push/set messages before a push waits
-STAT_NAMES = ("pulls_local", "pulls_remote", "pushes_local", "pushes_remote",
-              "sets_local", "sets_remote", "intents", "bytes_sent", "bytes_received")
 
 
 class _Op:
@@ -442,13 +440,9 @@ class Worker:
         """Counts of keys for this worker, and in 'node' the same summed over its node plus
         the node's own counters (relocations, replicas, ...)."""
         self._check_open()
-        counters = self._view.counters()
-        mine = counters[self.local_rank]
-        result = {name: int(mine[WORKER_SLOT[name]]) for name in STAT_NAMES}
-        node = {name: int(counters[:, WORKER_SLOT[name]].sum()) for name in STAT_NAMES}
-        for name in NODE_COUNTERS:
-            # bytes_* of the node are its workers' plus its server's own traffic
-            node[name] = node.get(name, 0) + int(self._view.node_counter_get(NODE_SLOT[name]))
+        mine = self._view.counters()[self.local_rank]
+        result = {name: int(mine[WORKER_SLOT[name]]) for name in WORKER_STATS}
+        node = node_stats(self._view)  # bytes: its workers' and its server's own traffic
         result["relocations"] = node["relocations"]
         result["replicas"] = node["replicas_made"]
         result["clock"] = self._clock

@@ -9,8 +9,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from adapm.table import OWNED, SharedTable, segment_name
 
 from common import line, save, verdict

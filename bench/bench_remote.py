@@ -131,10 +131,10 @@ def zipf_task(w, batches, batch, seconds, lookahead):
     return done, elapsed, stats
 
 
-def bench_zipf(modes, seconds, num_keys=100_000, batches=200, batch=500):
+def bench_zipf(modes, seconds, num_keys=100_000, batches=200, batch=500, lookahead=16):
     rows = []
     for mode in modes:
-        results = adapm.run(zipf_task, args=(batches, batch, seconds, 4), nodes=2,
+        results = adapm.run(zipf_task, args=(batches, batch, seconds, lookahead), nodes=2,
                             workers_per_node=2, num_keys=num_keys, value_length=16, mode=mode)
         keys = sum(r[0] for r in results)
         elapsed = max(r[1] for r in results)

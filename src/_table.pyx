@@ -724,6 +724,17 @@ cdef class TableView:
             return _release_clean(self, <float*>self.arena, keys, synced, offsets, released)
         return _release_clean(self, <double*>self.arena, keys, synced, offsets, released)
 
+    def versions_of(self, cnp.ndarray keys, cnp.ndarray out):
+        """Fill `out` (uint32) with each key's update count here (read before the values
+        it describes, so that a value is never older than the version sent with it)."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint32_t* o = <uint32_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        with nogil:
+            for i in range(n):
+                o[i] = adapm_load_acquire_u32(&self.directory[k[i]].version)
+
     def states_of(self, cnp.ndarray keys, cnp.ndarray out):
         """Fill `out` (uint8) with each key's state (a racy snapshot, for decisions that
         the server alone can change)."""

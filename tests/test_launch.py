@@ -30,6 +30,10 @@ def test_runs_script_in_every_worker_with_prefixed_output(tmp_path):
     assert proc.returncode == 0, out
     for rank in range(3):
         assert f"[n0 w{rank}] rank {rank} of 3 sees 30" in out
+    # the summary table: 3 workers pushed 5 keys and pulled 5 keys twice, all local
+    assert "statistics (keys) of node(s) 0" in out
+    header, row = out.split("statistics (keys)")[1].splitlines()[1:3]
+    assert header.split()[:3] == ["node", "local", "%"] and row.split()[:2] == ["0", "100.0"]
 
 
 def test_failing_worker_sets_exit_code_and_stops_everyone(tmp_path):
