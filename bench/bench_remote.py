@@ -148,13 +148,24 @@ def bench_zipf(modes, seconds, num_keys=100_000, batches=200, batch=500, lookahe
         line("Z", f"zipf 2x2 {mode:15s} {row['keys_per_s'] / 1e6:6.2f}M keys/s, "
                   f"{row['local_share']:6.1%} local, {sent / 1e6:8.1f} MB sent, "
                   f"{row['late_intents']} late intents", "info")
+    by_mode = {row["mode"]: row for row in rows}
+    if "static" in by_mode and "adaptive" in by_mode:
+        static, adaptive = by_mode["static"], by_mode["adaptive"]
+        speed = adaptive["keys_per_s"] / static["keys_per_s"]
+        traffic = adaptive["bytes_sent"] / static["bytes_sent"]
+        line("Z", f"adaptive vs static: {speed:.2f}x keys/s (target >= 2x)", verdict(speed, 2.0))
+        line("Z", f"adaptive: {adaptive['local_share']:.1%} of accesses local (target >= 95%)",
+             verdict(adaptive["local_share"], 0.95))
+        line("Z", f"adaptive: {traffic:.1%} of static's bytes (target <= 10%)",
+             verdict(traffic, 0.10, higher_is_better=False))
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true")
-    parser.add_argument("--modes", default="static")
+    parser.add_argument("--modes", default="static,adaptive,relocate_only,replicate_only,"
+                                              "replicate_all")
     args = parser.parse_args(argv)
     b4 = bench_b4(1000 if args.full else 300)
     zipf = bench_zipf(args.modes.split(","), seconds=5.0 if args.full else 2.0)
