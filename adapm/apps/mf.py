@@ -146,7 +146,7 @@ def train(w, opts):
 @click.option("--batch", default=256, show_default=True)
 @click.option("--lr", default=0.1, show_default=True)
 @click.option("--reg", default=0.01, show_default=True)
-@click.option("--lookahead", default=4, show_default=True,
+@click.option("--lookahead", default=32, show_default=True,
               help="batches ahead for which intents are signalled")
 @click.option("--mode", default="adaptive", show_default=True)
 @click.option("--seed", default=0, show_default=True)
