@@ -13,7 +13,7 @@ from multiprocessing.connection import wait
 from adapm import config
 from adapm.config import WorkerEnv
 from adapm.errors import ClusterError
-from adapm.process import stop_process
+from adapm.process import join_process, stop_process
 from adapm.security import ENV_CURVE_KEYS
 from adapm.server import serve
 from adapm.summary import node_stats
@@ -63,18 +63,6 @@ def signals_deferred():
             signal.signal(sig, handler)
         for signum in held[:1]:
             signal.raise_signal(signum)
-
-
-def _wait_exit(proc, timeout):
-    if timeout <= 0:
-        return
-    if hasattr(proc, "join"):
-        proc.join(timeout)
-    else:
-        try:
-            proc.wait(timeout)
-        except Exception:  # subprocess.TimeoutExpired
-            pass
 
 
 class LocalCluster:
@@ -191,7 +179,7 @@ class LocalCluster:
         with signals_deferred():
             deadline = time.monotonic() + grace
             for proc in extra_processes:
-                _wait_exit(proc, deadline - time.monotonic())
+                join_process(proc, deadline - time.monotonic())
             for proc in extra_processes:
                 stop_process(proc, group=groups)
             for proc in self.servers.values():

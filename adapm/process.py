@@ -72,10 +72,10 @@ def stop_process(proc, grace=3.0, group=False):
     that nothing it started survives. Returns the exit code (None: not reaped)."""
     if _exitcode(proc) is None:
         _signal(proc, signal.SIGTERM, group)
-        _join(proc, grace)
+        join_process(proc, grace)
     if _exitcode(proc) is None:
         _signal(proc, signal.SIGKILL, group)
-        _join(proc, grace)
+        join_process(proc, grace)
     if group:
         _signal(proc, signal.SIGKILL, group)
     return _exitcode(proc)
@@ -97,7 +97,10 @@ def _exitcode(proc):
     return proc.poll()
 
 
-def _join(proc, timeout):
+def join_process(proc, timeout):
+    """Wait up to `timeout` seconds for a multiprocessing.Process or subprocess.Popen."""
+    if timeout <= 0:
+        return
     if hasattr(proc, "join"):
         proc.join(timeout)
     else:

@@ -186,12 +186,7 @@ class Worker:
                 hellos.append((node, op))
         timeout = self._connect_timeout()
         for node, op in hellos:
-            try:
-                self._wait(op, timeout)
-            except TimeoutError:
-                self._forget(op)
-                raise ClusterError(f"worker {self.rank}: node {node} at {addresses[node]} "
-                                   f"did not answer within {timeout:.0f} s") from None
+            self._wait_or_fail(op, timeout, f"hello to node {node} at {addresses[node]}")
 
     # -- who and where -------------------------------------------------------------
 
@@ -524,13 +519,17 @@ class Worker:
         """A request to this worker's node server; returns its reply."""
         op = _CountOp(reply_type)
         self._start(self.node, Message(mtype, **fields), op, 1)
+        self._wait_or_fail(op, timeout, mtype.name.lower())
+        return op.reply
+
+    def _wait_or_fail(self, op, timeout, what):
+        """Wait for `op`; no answer within `timeout` seconds is a ClusterError."""
         try:
             self._wait(op, timeout)
         except TimeoutError:
             self._forget(op)
             raise ClusterError(f"node {self.node}, worker {self.rank}: no answer to "
-                               f"{mtype.name.lower()} within {timeout:.0f} s") from None
-        return op.reply
+                               f"{what} within {timeout:.0f} s") from None
 
     @staticmethod
     def _connect_timeout():
