@@ -38,7 +38,7 @@ class IntentStore:
         intents.insert(position, intent)
         if position < self._next_due[worker]:  # arrived late, behind acted ones
             self._next_due[worker] = position
-        np.add.at(self.count, keys.astype(np.intp), 1)
+        self._add_counts(keys, 1)
         self.received += keys.shape[0]
 
     def expire(self, clocks):
@@ -52,10 +52,14 @@ class IntentStore:
                 if intent.end > clock:
                     keep.append(intent)
                 else:
-                    np.add.at(self.count, intent.keys.astype(np.intp), -1)
+                    self._add_counts(intent.keys, -1)
             self._by_worker[worker] = keep
             self._next_due[worker] = next(
                 (i for i, intent in enumerate(keep) if not intent.acted), len(keep))
+
+    def _add_counts(self, keys, step):
+        unique, times = np.unique(keys, return_counts=True)  # faster than np.add.at
+        self.count[unique.astype(np.intp)] += step * times.astype(np.int32)
 
     def due(self, worker, horizon):
         """This worker's intents not acted on yet whose window starts before `horizon`;

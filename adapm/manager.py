@@ -32,6 +32,10 @@ ROUNDS_AHEAD = 2.0
 SPREAD = 3.0
 
 MIN_WINDOW = 2
+# A key that arrived by relocation fewer rounds ago than this is replicated, not moved on:
+# a key that several nodes use in turn would otherwise bounce between them, and every
+# bounce makes the next access remote.
+SETTLE_ROUNDS = 20
 
 RELOCATE, REPLICATE = "relocate", "replicate"
 
@@ -108,15 +112,18 @@ class Manager:
             keep, drop = replicas[intended], replicas[~intended]
         return RoundPlan(requests, keep, drop, late, due_keys, windows)
 
-    def decide(self, owner_intends, others_hold):
+    def decide(self, owner_intends, others_hold, rounds_since_arrival=None):
         """The owner's answer to a request for a key: RELOCATE or REPLICATE.
         `owner_intends`: a worker of the owner's node intends the key; `others_hold`:
-        nodes other than the requester hold replicas of it (so they intend it)."""
+        nodes other than the requester hold replicas of it (so they intend it);
+        `rounds_since_arrival`: how long ago the key came here by relocation (None: it
+        never did)."""
         if self.mode == "relocate_only":
             return RELOCATE
         if self.mode in ("replicate_only", "replicate_all"):
             return REPLICATE
-        return REPLICATE if owner_intends or others_hold else RELOCATE
+        bouncing = rounds_since_arrival is not None and rounds_since_arrival < SETTLE_ROUNDS
+        return REPLICATE if owner_intends or others_hold or bouncing else RELOCATE
 
 
 _NO_KEYS = np.empty(0, dtype=np.uint64)

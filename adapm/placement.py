@@ -59,6 +59,9 @@ class Placement:
         self.manager = Manager(self.spec.mode, self.workers, self.intents)
         self.synced = np.zeros(num_keys, dtype=np.uint64)  # "value at last sync" slots
         self.seen_version = np.zeros(num_keys, dtype=np.uint32)  # owner's, at last sync
+        self.arrived_round = np.zeros(num_keys, dtype=np.int64)  # 0: never moved here
+        self.rejoin = set()          # replicas whose drop was acknowledged but that are
+                                     # intended again: ask the owner for them anew
         self.replica_keys = set()    # keys held here as REPLICA or PENDING
         self.pending = set()         # of those, requested and not answered yet
         self.replicas_of = {}        # owner side: key -> nodes holding a replica
@@ -84,6 +87,7 @@ class Placement:
     def placement_busy(self):
         """Whether rounds should run now (the server then polls without sleeping)."""
         return bool(self.replica_keys or self.sync_waiters or self.release_waiters or
+                    self.rejoin or
                     self.initial_requests is not None or
                     (self.manager.acts_on_intents and len(self.intents)))
 
@@ -94,7 +98,7 @@ class Placement:
         since = now - self.round_started_at
         if since < MIN_ROUND_INTERVAL or not self.placement_busy():
             return
-        urgent = (self.sync_waiters or self.release_waiters or
+        urgent = (self.sync_waiters or self.release_waiters or self.rejoin or
                   self.initial_requests is not None or self._intents_due())
         if not urgent and since < REFRESH_INTERVAL:
             return
@@ -118,12 +122,19 @@ class Placement:
         replicas = np.fromiter(sorted(self.replica_keys - self.pending), dtype=np.uint64)
         plan = self.manager.plan(clocks, self._held, replicas)
         requests = plan.requests
+        if self.rejoin:  # kept replicas the owner has forgotten: requested like new keys
+            rejoin = np.fromiter(sorted(self.rejoin), dtype=np.uint64)
+            self.rejoin = set()
+            plan.keep = np.setdiff1d(plan.keep, rejoin)
+            plan.drop = np.setdiff1d(plan.drop, rejoin)
+        else:
+            rejoin = np.empty(0, dtype=np.uint64)
         if self.initial_requests is not None:
             requests = np.union1d(requests, self.initial_requests)
             self.initial_requests = None
         if plan.late:
             self._count("late_intents", plan.late)
-        requests = self._make_pending(requests)
+        requests = np.concatenate([self._make_pending(requests), rejoin])
         keys = np.concatenate([requests, plan.keep, plan.drop])
         kinds = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),
                                 np.full(plan.keep.shape[0], SYNC_KEEP, np.uint32),
@@ -253,7 +264,9 @@ class Placement:
             key = int(keys[i])
             holders = self.replicas_of.get(key)
             others = bool(holders) and bool(holders - {holder})
-            if self.manager.decide(self.intents.count[key] > 0, others) == RELOCATE:
+            arrived = int(self.arrived_round[key])
+            since = self.round - arrived if arrived else None
+            if self.manager.decide(self.intents.count[key] > 0, others, since) == RELOCATE:
                 relocate[i] = True
             else:
                 self.replicas_of.setdefault(key, set()).add(holder)
@@ -319,7 +332,12 @@ class Placement:
         self._round_progress(keys.shape[0], msg.request_id)
 
     def _release_replicas(self, keys):
-        """Forget replicas that have no update newer than their last flush."""
+        """Forget replicas that have no update newer than their last flush. A replica
+        that an intent names again meanwhile stays, and is asked for anew."""
+        again = self.intents.intended(keys)
+        if again.any():
+            self.rejoin.update(keys[again].tolist())
+            keys = keys[~again]
         offsets = np.zeros(keys.shape[0], dtype=np.uint64)
         released = np.zeros(keys.shape[0], dtype=np.uint8)
         synced = self.synced[keys.astype(np.intp)]

@@ -516,6 +516,7 @@ class NodeServer(Placement):
         keys = keys[admitted]
         counters = msg.counters[admitted]
         self.ownership.counter[keys.astype(np.intp)] = counters
+        self.arrived_round[keys.astype(np.intp)] = self.round + 1  # never 0: "arrived"
         self._count("relocations", keys.shape[0])
         self._owners_changed()
         for home, idx in split_by(home_of(keys, self.spec.num_nodes)).items():

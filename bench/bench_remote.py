@@ -116,14 +116,13 @@ def zipf_task(w, batches, batch, seconds, lookahead):
     start = time.perf_counter()
     done = 0
     while time.perf_counter() - start < seconds:
-        for i, keys in enumerate(plan):
-            if lookahead and i + lookahead < batches:
-                w.intent(plan[i + lookahead], w.clock + lookahead)
+        for i, keys in enumerate(plan):  # the batches again and again, each announced
+            if lookahead:                # `lookahead` clocks before it is used
+                w.intent(plan[(i + lookahead) % batches], w.clock + lookahead)
             w.pull(keys)
             w.push(keys, ones)
             w.advance_clock()
             done += 2 * batch
-        plan = plan  # the same batches again: keys stay intended in order
     elapsed = time.perf_counter() - start
     w.wait_sync()
     w.barrier()

@@ -76,5 +76,7 @@ def test_decisions_per_mode():
     assert Manager("adaptive", 1, None).decide(False, False) == RELOCATE
     assert Manager("adaptive", 1, None).decide(True, False) == REPLICATE
     assert Manager("adaptive", 1, None).decide(False, True) == REPLICATE
+    assert Manager("adaptive", 1, None).decide(False, False, 3) == REPLICATE  # just arrived
+    assert Manager("adaptive", 1, None).decide(False, False, 500) == RELOCATE
     assert Manager("relocate_only", 1, None).decide(True, True) == RELOCATE
     assert Manager("replicate_only", 1, None).decide(False, False) == REPLICATE
