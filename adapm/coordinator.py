@@ -172,8 +172,8 @@ class Coordinator:
         except zmq.ZMQError:
             pass  # that node is gone; silence detection reports it
 
-    def close(self):
-        self.socket.close(linger=0)
+    def close(self, linger=0):
+        self.socket.close(linger=linger)
 
 
 def bind_address(socket, address):

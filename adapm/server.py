@@ -57,6 +57,7 @@ from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
 
 log = logging.getLogger("adapm.server")
 
+CLOSE_LINGER_MS = 200     # how long queued messages may take to leave at a normal end
 IDLE_POLL_MS = 50        # longest wait for a message when there is nothing else to do
 BUSY_POLL_MS = 1         # ... while sync rounds are due (at most ~1000 rounds a second)
 FAILED_LINGER = 1.0      # seconds a failed node keeps answering "failed" before it exits
@@ -671,13 +672,16 @@ class NodeServer(Placement):
     # -- shutdown ------------------------------------------------------------------
 
     def close(self):
-        """Close sockets and context, unmap and unlink the table. Idempotent."""
+        """Close sockets and context, unmap and unlink the table. Idempotent. After a
+        normal end, messages already queued get a moment to leave: a multipart message
+        cut off by a closing socket can make libzmq abort in the peer (libzmq 3442)."""
+        linger = 0 if self._failed is not None else CLOSE_LINGER_MS
         sockets = [self.router, self.to_coordinator, *self.peers.values()]
         if self.coordinator is not None:
-            self.coordinator.close()
+            self.coordinator.close(linger)
         for sock in sockets:
             if sock is not None:
-                sock.close(linger=0)
+                sock.close(linger=linger)
         self.router = self.to_coordinator = self.coordinator = None
         self.peers = {}
         if self.auth is not None:
