@@ -44,9 +44,10 @@ from adapm.segments import Segments, element_index
 from adapm.table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, WORKER_SLOT
 
 MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
-# Rounds that would only refresh replicas (no key requested, nobody waiting) run at most
-# this often: hot replicas are rewritten all the time, and refreshing them faster than
-# this buys little staleness for a lot of traffic.
+# Replicas are synced (delta up, value down when behind) at most this often, unless a
+# wait_sync or a barrier needs a full exchange; rounds in between carry only new requests
+# and drops. Hot replicas are rewritten all the time, and syncing them faster than this
+# buys little staleness for a lot of traffic.
 REFRESH_INTERVAL = 0.005
 
 
@@ -69,7 +70,10 @@ class Placement:
         self.round_done = 0          # last round completed (all earlier ones too)
         self.round_left = 0          # keys of the round in flight still unanswered
         self.round_started_at = 0.0
+        self.refreshed_at = 0.0      # when a round last synced every replica
         self.sync_waiters = []       # (identity, request id, round that must complete)
+        self.refresh_waiters = []    # the same, for REFRESH of some replicas only
+        self.refresh_keys = set()    # replicas to sync with the next round in any case
         self.release_waiters = []    # (barrier generation, round that must complete)
         self.initial_requests = None
 
@@ -87,6 +91,7 @@ class Placement:
     def placement_busy(self):
         """Whether rounds should run now (the server then polls without sleeping)."""
         return bool(self.replica_keys or self.sync_waiters or self.release_waiters or
+                    self.refresh_waiters or
                     self.rejoin or
                     self.initial_requests is not None or
                     (self.manager.acts_on_intents and len(self.intents)))
@@ -98,7 +103,8 @@ class Placement:
         since = now - self.round_started_at
         if since < MIN_ROUND_INTERVAL or not self.placement_busy():
             return
-        urgent = (self.sync_waiters or self.release_waiters or self.rejoin or
+        urgent = (self.sync_waiters or self.release_waiters or self.refresh_waiters or
+                  self.rejoin or
                   self.initial_requests is not None or self._intents_due())
         if not urgent and since < REFRESH_INTERVAL:
             return
@@ -134,6 +140,15 @@ class Placement:
             self.initial_requests = None
         if plan.late:
             self._count("late_intents", plan.late)
+        now = time.monotonic()
+        full = (self.sync_waiters or self.release_waiters or
+                now - self.refreshed_at >= REFRESH_INTERVAL)
+        if full:
+            self.refreshed_at = now
+        else:  # new requests, drops, and the replicas a worker asked to refresh
+            wanted = np.fromiter(self.refresh_keys, dtype=np.uint64, count=len(self.refresh_keys))
+            plan.keep = np.intersect1d(plan.keep, wanted)
+        self.refresh_keys = set()
         requests = np.concatenate([self._make_pending(requests), rejoin])
         keys = np.concatenate([requests, plan.keep, plan.drop])
         kinds = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),
@@ -190,9 +205,10 @@ class Placement:
         self.round_done = self.round
         self._count("rounds_done", 1)
         done = self.round_done
-        for waiter in [w for w in self.sync_waiters if w[2] <= done]:
-            self.sync_waiters.remove(waiter)
-            self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
+        for waiters in (self.sync_waiters, self.refresh_waiters):
+            for waiter in [w for w in waiters if w[2] <= done]:
+                waiters.remove(waiter)
+                self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
         for waiter in [w for w in self.release_waiters if w[1] <= done]:
             self.release_waiters.remove(waiter)
             self._release_now(waiter[0])
@@ -200,6 +216,12 @@ class Placement:
     def wait_for_round(self, identity, request_id):
         """wait_sync: answer once a round that starts after now has completed."""
         self.sync_waiters.append((identity, request_id, self.round + 1))
+
+    def refresh_soon(self, identity, request_id, keys):
+        """A worker's update of these keys was applied by their owners; answer once the
+        replicas here have synced with a round that starts after now."""
+        self.refresh_keys.update(keys.tolist())
+        self.refresh_waiters.append((identity, request_id, self.round + 1))
 
     def release_after_round(self, generation):
         """A barrier: replicas fetch the values that every node flushed before it."""

@@ -68,9 +68,10 @@ WORKER_CHECK_EVERY = 0.5
 
 # Who may send which message: workers (identity W<rank>) or peer servers (N<node>).
 WORKER_REQUESTS = {MsgType.HELLO, MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT,
-                   MsgType.GOODBYE, MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.LOCALIZE}
+                   MsgType.GOODBYE, MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.LOCALIZE,
+                   MsgType.REFRESH}
 LOCAL_ONLY = {MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT, MsgType.GOODBYE,
-              MsgType.LOCALIZE}
+              MsgType.LOCALIZE, MsgType.REFRESH}
 FORWARDED_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET}
 PEER_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.MOVE_REQUEST,
                  MsgType.MOVE, MsgType.OWNER_UPDATE, MsgType.SYNC, MsgType.SYNC_REPLY}
@@ -597,6 +598,10 @@ class NodeServer(Placement):
     def _on_wait_sync(self, identity, msg):
         self.wait_for_round(identity, msg.request_id)
 
+    def _on_refresh(self, identity, msg):
+        _check_keys(msg.keys, self.spec.num_keys)
+        self.refresh_soon(identity, msg.request_id, msg.keys)
+
     def _on_intent(self, identity, msg):
         if msg.arg1 <= msg.arg0 or msg.arg0 < 0:
             raise ProtocolError(f"intent window [{msg.arg0}, {msg.arg1})")
@@ -659,6 +664,7 @@ class NodeServer(Placement):
         MsgType.PUSH: _on_push,
         MsgType.SET: _on_set,
         MsgType.LOCALIZE: _on_localize,
+        MsgType.REFRESH: _on_refresh,
         MsgType.FWD_PULL: _on_fwd_pull,
         MsgType.FWD_PUSH: _on_fwd_push,
         MsgType.FWD_SET: _on_fwd_set,

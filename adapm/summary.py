@@ -4,7 +4,7 @@ prints at the end of a run."""
 from adapm.table import NODE_COUNTERS, NODE_SLOT, WORKER_SLOT
 
 WORKER_STATS = ("pulls_local", "pulls_remote", "pushes_local", "pushes_remote", "sets_local",
-                "sets_remote", "intents", "bytes_sent", "bytes_received")
+                "sets_remote", "intents", "bytes_sent", "bytes_received", "bytes_to_node")
 COLUMNS = (("node", "node"), ("local", "local %"), ("pulls_remote", "pulls remote"),
            ("pushes_remote", "pushes remote"), ("relocations", "relocated"),
            ("replicas_made", "replicas"), ("replicas_dropped", "dropped"),

@@ -19,6 +19,7 @@ SEGMENT_PREFIX = "/adapm-"
 WORKER_COUNTERS = (
     "clock", "pulls_local", "pulls_remote", "pushes_local", "pushes_remote",
     "sets_local", "sets_remote", "intents", "bytes_sent", "bytes_received", "pid",
+    "bytes_to_node",
 )
 WORKER_SLOT = {name: i for i, name in enumerate(WORKER_COUNTERS)}
 # Node-level counters, written by the node server only.

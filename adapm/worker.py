@@ -334,9 +334,11 @@ class Worker:
             # before: wait for a sync round that started after the acknowledgement.
             done = self._view.node_counter_get(NODE_SLOT["rounds_done"])
             self._unseen = [(k, r) for k, r in self._unseen if r > done]
-            if any(np.isin(keys, k).any() for k, _ in self._unseen):
-                self._control(MsgType.WAIT_SYNC, MsgType.SYNCED)
-                self._unseen = []
+            stale = [k[np.isin(k, keys)] for k, _ in self._unseen]
+            stale = np.unique(np.concatenate(stale)) if stale else stale
+            if len(stale):
+                self._control(MsgType.REFRESH, MsgType.SYNCED, keys=stale)
+                self._unseen = [(k[~np.isin(k, stale)], r) for k, r in self._unseen]
 
     def _prune_updates(self):
         done = [op for op in self._updates if op.done]
@@ -504,7 +506,9 @@ class Worker:
         msg.src_worker = self.rank
         frames = msg.encode()
         self._socks[node].send_multipart(frames, copy=False)
-        self._count("bytes_sent", protocol.frame_size(frames))
+        # Traffic with the worker's own node server stays on its machine: counted apart.
+        self._count("bytes_sent" if node != self.node else "bytes_to_node",
+                    protocol.frame_size(frames))
 
     def _start(self, node, msg, op, expected):
         """Send `msg` to `node` as part of `op`, expecting `expected` keys/replies back."""
