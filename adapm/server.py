@@ -94,6 +94,8 @@ class NodeServer(Placement):
         self.listen = listen or f"tcp://{spec.host}:0"
         self.node_timeout = config.env_float(config.ENV_NODE_TIMEOUT,
                                              config.DEFAULT_NODE_TIMEOUT)
+        self.start_timeout = config.env_float(config.ENV_START_TIMEOUT,
+                                              config.DEFAULT_START_TIMEOUT)
         self.table = None
         self.view = None
         self.ctx = None
@@ -220,6 +222,7 @@ class NodeServer(Placement):
             handle(frames)
 
     def _housekeeping(self, now):
+        self._expire_localize(now)
         self.view.heartbeat()
         self._to_coordinator(Message(MsgType.HEARTBEAT))
         self.intents.expire(self.view.counters()[:, WORKER_SLOT["clock"]])
@@ -439,7 +442,8 @@ class NodeServer(Placement):
                                                 count=keys.shape[0]))
             return
         self._next_op += 1
-        self._localizing[self._next_op] = [identity, msg.request_id, wanted.shape[0]]
+        self._localizing[self._next_op] = [identity, msg.request_id, wanted.shape[0],
+                                           time.monotonic()]
         request = Message(MsgType.MOVE_REQUEST, request_id=self._next_op, arg0=self.node)
         self._forward_move_request(request, wanted)
 
@@ -547,6 +551,15 @@ class NodeServer(Placement):
             self.table.set_owners(keys, owner)
             self._owners_changed()
 
+    def _expire_localize(self, now):
+        """A relocation that never completes (its request could not be routed) fails the
+        worker's localize instead of leaving it waiting while the cluster lives."""
+        for op, (identity, request_id, _, started) in list(self._localizing.items()):
+            if now - started > self.start_timeout:
+                del self._localizing[op]
+                self._to_identity(identity, Message(MsgType.FAILED, request_id=request_id,
+                                                    arg0=FAIL_ROUTING, count=op))
+
     def _localized(self, op, count):
         entry = self._localizing.get(op)
         if entry is None:
@@ -650,7 +663,7 @@ class NodeServer(Placement):
             for local, request_id in arrived.items():
                 self._reply_failed(self._local[local], request_id)
         self._barrier.clear()
-        for identity, request_id, _ in self._localizing.values():
+        for identity, request_id, _, _ in self._localizing.values():
             self._reply_failed(identity, request_id)
         self._localizing.clear()
 
