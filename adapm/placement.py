@@ -131,6 +131,9 @@ class Placement:
         if self.rejoin:  # kept replicas the owner has forgotten: requested like new keys
             rejoin = np.fromiter(sorted(self.rejoin), dtype=np.uint64)
             self.rejoin = set()
+            states = np.empty(rejoin.shape[0], dtype=np.uint8)
+            self.view.states_of(rejoin, states)
+            rejoin = rejoin[states == REPLICA]  # meanwhile moved here or dropped: not asked
             plan.keep = np.setdiff1d(plan.keep, rejoin)
             plan.drop = np.setdiff1d(plan.drop, rejoin)
         else:
@@ -162,8 +165,9 @@ class Placement:
         versions = self.seen_version[keys.astype(np.intp)]
         self.round_left = keys.shape[0]
         for dest, idx in split_by(self._route(keys)).items():
-            if dest < 0:
-                raise ProtocolError(f"node {self.node}: keys {keys[idx][:4]}.. have no owner")
+            if dest < 0:  # owned here by now: nothing to ask anybody
+                self.round_left -= idx.shape[0]
+                continue
             self._to_peer(dest, Message(
                 MsgType.SYNC, request_id=self.round, arg0=self.node, keys=keys[idx],
                 values=segments.take(deltas, idx[dirty[idx]]), counters=flags[idx],
