@@ -87,10 +87,5 @@ class IntentStore:
         """Mask: keys named by any intent not yet expired."""
         return self.count[keys.astype(np.intp)] > 0
 
-    def active(self, worker=None):
-        if worker is not None:
-            return list(self._by_worker[worker])
-        return [i for intents in self._by_worker for i in intents]
-
     def __len__(self):
         return sum(len(intents) for intents in self._by_worker)

@@ -32,11 +32,6 @@ def as_keys(keys, table):
     return ukeys
 
 
-def values_size(table, keys):
-    """Number of value elements for `keys` (sum of their lengths)."""
-    return table.total_length(keys)
-
-
 def as_values(values, keys, total, table):
     """Values as a flat contiguous array of the table's dtype, `total` elements long.
 

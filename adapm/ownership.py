@@ -71,5 +71,3 @@ class Ownership:
         self.home_counter[slots[newer]] = counters[newer]
         return newer
 
-    def owner_at_home(self, keys):
-        return self.home_owner[(keys // np.uint64(self.num_nodes)).astype(np.intp)]

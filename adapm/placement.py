@@ -202,7 +202,7 @@ class Placement:
 
     def _round_progress(self, answered, round_id=None):
         if round_id is not None and round_id != self.round:
-            return  # an answer to a round that is over (cannot happen: one at a time)
+            return  # counted for a round that is already over: nothing left to count
         self.round_left -= answered
         if self.round_left > 0:
             return
@@ -403,10 +403,6 @@ class Placement:
         self.pending.difference_update(held.tolist())
         self.replica_keys.difference_update(held.tolist())
         return values
-
-    def replicas_held(self):
-        return len(self.replica_keys - self.pending)
-
 
 class _Deltas:
     """The deltas of a SYNC: values only for keys flagged HAS_DELTA, in key order."""
