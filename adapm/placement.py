@@ -380,8 +380,9 @@ class Placement:
         """Keys arriving as owned (a MOVE) that this node holds as REPLICA or PENDING:
         add the updates made here since the last flush to the arriving values, and free
         the copies' slots, so that the keys can be installed as owned."""
-        mine = np.fromiter((k in self.replica_keys for k in keys.tolist()), dtype=bool,
-                           count=keys.shape[0])
+        states = np.empty(keys.shape[0], dtype=np.uint8)
+        self.view.states_of(keys, states)
+        mine = (states == REPLICA) | (states == PENDING)
         if not mine.any():
             return values
         idx = np.flatnonzero(mine)
@@ -390,8 +391,8 @@ class Placement:
         local = np.empty(self.view.total_length(held), dtype=self.view.dtype)
         self.view.replica_deltas(held, synced, local)
         values = np.array(values, dtype=self.view.dtype)
-        Segments.of(self.view, keys).put(values, idx, Segments.of(self.view, keys).take(
-            values, idx) + local)
+        segments = Segments.of(self.view, keys)
+        segments.put(values, idx, segments.take(values, idx) + local)
         for state in (PENDING, REPLICA):
             offsets = np.zeros(held.shape[0], dtype=np.uint64)
             released = np.zeros(held.shape[0], dtype=np.uint8)

@@ -670,8 +670,9 @@ cdef class TableView:
         keys' "value at last sync" slots. Keys that are not REPLICA give zeros."""
         self._check_open()
         if self.header.dtype == 0:
-            return self._replica_deltas_f(keys, synced, out)
-        return self._replica_deltas_d(keys, synced, out)
+            _deltas(self, <float*>self.arena, keys, synced, <float*>cnp.PyArray_DATA(out))
+        else:
+            _deltas(self, <double*>self.arena, keys, synced, <double*>cnp.PyArray_DATA(out))
 
     def replica_refresh(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray owner_values):
         """For each key that is REPLICA or PENDING here: value = owner_value + (value -
@@ -679,8 +680,10 @@ cdef class TableView:
         owner_value, state = REPLICA. Returns the number refreshed."""
         self._check_open()
         if self.header.dtype == 0:
-            return self._replica_refresh_f(keys, synced, owner_values)
-        return self._replica_refresh_d(keys, synced, owner_values)
+            return _refresh(self, <float*>self.arena, keys, synced,
+                            <float*>cnp.PyArray_DATA(owner_values))
+        return _refresh(self, <double*>self.arena, keys, synced,
+                        <double*>cnp.PyArray_DATA(owner_values))
 
     def release(self, cnp.ndarray keys, uint8_t expected, cnp.ndarray offsets,
                 cnp.ndarray released):
@@ -745,18 +748,6 @@ cdef class TableView:
         with nogil:
             for i in range(n):
                 o[i] = self.directory[k[i]].state
-
-    cdef object _replica_deltas_f(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray out):
-        return _deltas(self, <float*>self.arena, keys, synced, <float*>cnp.PyArray_DATA(out))
-
-    cdef object _replica_deltas_d(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray out):
-        return _deltas(self, <double*>self.arena, keys, synced, <double*>cnp.PyArray_DATA(out))
-
-    cdef object _replica_refresh_f(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray v):
-        return _refresh(self, <float*>self.arena, keys, synced, <float*>cnp.PyArray_DATA(v))
-
-    cdef object _replica_refresh_d(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray v):
-        return _refresh(self, <double*>self.arena, keys, synced, <double*>cnp.PyArray_DATA(v))
 
 
 cdef object _deltas(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
