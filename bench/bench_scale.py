@@ -1,8 +1,9 @@
 """B7 scale: 1, 2, 4, 8 nodes x 2 workers (../shared/docs/BENCHMARKS.md).
 
 Every worker runs the Zipf access workload of bench_remote (batches drawn Zipf(1.1) from
-100k keys x 16 float32, pull then push, intents 16 batches ahead) in mode adaptive for a
-fixed time; the figure is keys/s per worker, against the 1-node run of the same call.
+100k keys x 16 float32, pull then push, intents LOOKAHEAD batches ahead) in mode adaptive,
+the same number of passes over each worker's plan at every size; the figure is keys/s
+per worker, against the 1-node run of the same call.
 Target: throughput per worker holds within 20% (needs a core per process: run it where
 there are 16 cores)."""
 
@@ -10,15 +11,15 @@ import argparse
 import os
 import sys
 
-from bench_remote import zipf_task
+from bench_remote import LOOKAHEAD, zipf_task
 
 import adapm
 
 from common import line, save, verdict
 
 
-def per_worker(nodes, seconds, mode):
-    results = adapm.run(zipf_task, args=(200, 500, seconds, 16), nodes=nodes,
+def per_worker(nodes, passes, mode):
+    results = adapm.run(zipf_task, args=(200, 500, passes, LOOKAHEAD), nodes=nodes,
                         workers_per_node=2, num_keys=100_000, value_length=16, mode=mode)
     rates = [done / elapsed for done, elapsed, _ in results]
     local = sum(s["pulls_local"] + s["pushes_local"] for _, _, s in results)
@@ -29,12 +30,12 @@ def per_worker(nodes, seconds, mode):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", default="1,2,4,8")
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--mode", default="adaptive")
     args = parser.parse_args(argv)
     rows, base = [], None
     for nodes in (int(n) for n in args.nodes.split(",")):
-        rate, local = per_worker(nodes, args.seconds, args.mode)
+        rate, local = per_worker(nodes, args.passes, args.mode)
         base = base or rate
         rows.append({"nodes": nodes, "keys_per_s_per_worker": rate, "local_share": local,
                      "vs_one_node": rate / base})
