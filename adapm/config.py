@@ -35,6 +35,7 @@ ENV_LOCK_TIMEOUT = "ADAPM_LOCK_TIMEOUT"            # seconds a key's lock may be
 ENV_START_TIMEOUT = "ADAPM_START_TIMEOUT"          # seconds for a cluster to form
 ENV_NODE_TIMEOUT = "ADAPM_NODE_TIMEOUT"            # seconds of silence before a node is dead
 ENV_PROFILE_SERVER = "ADAPM_PROFILE_SERVER"        # development: cProfile node servers to FILE
+ENV_INTENT_LOG = "ADAPM_INTENT_LOG"                # diagnostics: node servers log intents to FILE
 
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 DEFAULT_LOCK_TIMEOUT = 5.0

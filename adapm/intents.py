@@ -89,3 +89,29 @@ class IntentStore:
 
     def __len__(self):
         return sum(len(intents) for intents in self._by_worker)
+
+
+class IntentLog:
+    """Diagnostics (ADAPM_INTENT_LOG=FILE): every intent a node server receives, one line
+    each in FILE.nodeN, `rank start end key key ...`, written as it arrives."""
+
+    def __init__(self, path, node):
+        self.path = f"{path}.node{node}"
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the node's life
+
+    def record(self, rank, start, end, keys):
+        self._file.write(f"{rank} {start} {end} {' '.join(map(str, keys.tolist()))}\n")
+
+    def close(self):
+        self._file.close()
+
+
+def read_intent_log(path):
+    """[(rank, start, end, keys array)] of one IntentLog file, in arrival order."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            records.append((int(fields[0]), int(fields[1]), int(fields[2]),
+                            np.array(fields[3:], dtype=np.uint64)))
+    return records

@@ -39,7 +39,7 @@ from adapm.coordinator import (
 )
 from adapm.errors import ProtocolError
 from adapm.initializers import chunks, initial_values
-from adapm.intents import IntentStore
+from adapm.intents import IntentLog, IntentStore
 from adapm.ownership import Ownership, home_of, route, split_by
 from adapm.placement import Placement
 from adapm.process import die_with_parent, set_process_name
@@ -108,6 +108,8 @@ class NodeServer(Placement):
         self.addresses = None       # every node's address, once the coordinator sent PEERS
         self.ownership = Ownership(node, spec.num_nodes, spec.num_keys)
         self.intents = IntentStore(self.workers, spec.num_keys)
+        log_to = os.environ.get(config.ENV_INTENT_LOG)
+        self.intent_log = IntentLog(log_to, node) if log_to else None
         self.on_ready = None        # called with the address once the cluster is complete
         self._local = {}            # local worker index -> routing identity
         self._left = set()          # local workers that said goodbye
@@ -620,6 +622,8 @@ class NodeServer(Placement):
             raise ProtocolError(f"intent window [{msg.arg0}, {msg.arg1})")
         _check_keys(msg.keys, self.spec.num_keys)
         self.intents.add(msg.src_worker - self.first_rank, msg.keys.copy(), msg.arg0, msg.arg1)
+        if self.intent_log is not None:
+            self.intent_log.record(msg.src_worker, msg.arg0, msg.arg1, msg.keys)
         self._count("intents_received", msg.keys.shape[0])
 
     def _on_goodbye(self, identity, msg):
@@ -713,6 +717,9 @@ class NodeServer(Placement):
             self.table.unlink()
             self.table.close()
             self.table = None
+        if self.intent_log is not None:
+            self.intent_log.close()
+            self.intent_log = None
 
 
 def _check_keys(keys, num_keys):

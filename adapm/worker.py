@@ -20,6 +20,7 @@ from adapm.errors import ClosedError, ClusterError, ProtocolError
 from adapm.keys import as_keys, as_values, pull_buffer
 from adapm.ownership import route, split_by
 from adapm.protocol import ALL_POSITIONS, Message, MsgType, worker_identity
+from adapm.sampling import Sampler
 from adapm.security import CurveKeys, connector
 from adapm.segments import Segments
 from adapm.summary import WORKER_STATS, node_stats
@@ -144,6 +145,7 @@ class Worker:
         self._updates = []        # unacknowledged update ops, oldest first
         self._unseen = []         # (keys, round): applied remotely, but replicas of these
                                   # keys here show it only once that sync round is done
+        self._sampler = Sampler(self)
         self._curve = CurveKeys.from_environ()
         self._ctx = zmq.Context()
         self._socks = {}
@@ -390,6 +392,21 @@ class Worker:
             return
         self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end, keys=keys))
         self._count("intents", keys.shape[0])
+
+    def prepare_sample(self, n, start, end=None, key_range=None):
+        """Draw `n` keys uniformly (with replacement) from the key range, or from
+        `key_range=(lo, hi)`, to be used in clocks [start, end) (default start + 1); they
+        are announced as an intent, so they are local by then. Returns a handle for
+        pull_sample. See adapm.sampling for the distribution."""
+        self._check_open()
+        return self._sampler.prepare(n, start, end, key_range)
+
+    def pull_sample(self, handle, count=None):
+        """The next `count` (default: all remaining) keys of a prepare_sample handle and
+        their values: (keys uint64 array, values array of shape (count, value_length))."""
+        self._check_open()
+        keys = self._sampler.take(handle, count)
+        return keys, self.pull(keys)
 
     @property
     def clock(self):
