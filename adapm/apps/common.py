@@ -1,0 +1,106 @@
+"""What every example app shares: starting (embedded or under adapm-launch), progress
+lines with throughput, Zipf draws, and summing gradients of duplicate keys.
+
+An app is one module with a `train(w, opts)` task that every worker runs and a click
+`main`. `start_cluster` runs the task:
+- `python -m adapm.apps.NAME --nodes N --workers-per-node W ...`: an embedded local
+  cluster (adapm.run), with the app's own initial values;
+- `adapm-launch ... -m adapm.apps.NAME ...`: the launcher already started the cluster;
+  the app checks that its table has the shape the app needs (and says which
+  --num-keys/--value-length to pass if not), and its workers write the initial values
+  themselves (each its share of the keys), so `--init` must be left at zeros."""
+
+import os
+import sys
+import time
+
+import numpy as np
+
+import adapm
+from adapm.config import ENV_RANK
+
+INIT_CHUNK = 65_536  # keys written per set() when workers initialise a launched table
+
+
+def launched():
+    """Whether this process is a worker started by adapm-launch."""
+    return ENV_RANK in os.environ
+
+
+def start_cluster(app, train, opts, num_keys, value_length, init, nodes, workers_per_node,
+                  mode):
+    """Run `train(w, opts)` in every worker; returns the workers' results by rank (all of
+    them embedded; under adapm-launch only this worker's, as a one-element list, and
+    None for workers other than rank 0 so that only one of them reports)."""
+    if not launched():
+        return adapm.run(train, args=(opts,), nodes=nodes, workers_per_node=workers_per_node,
+                         num_keys=num_keys, value_length=value_length, mode=mode, init=init)
+    with adapm.worker() as w:
+        if w.num_keys != num_keys or w.value_length != value_length:
+            sys.exit(f"[{app}] this app needs a table of --num-keys {num_keys} "
+                     f"--value-length {value_length}; the cluster has {w.num_keys} keys of "
+                     f"length {w.value_length}")
+        initialise(w, init)
+        result = train(w, opts)
+        return [result] if w.rank == 0 else None
+
+
+def initialise(w, init):
+    """Each worker writes the initial values of its share of the keys, then all wait."""
+    keys = np.arange(w.rank, w.num_keys, w.num_workers, dtype=np.uint64)
+    for start in range(0, keys.shape[0], INIT_CHUNK):
+        chunk = keys[start:start + INIT_CHUNK]
+        w.set(chunk, init(chunk))
+    w.wait_sync()
+    w.barrier()
+
+
+class Progress:
+    """Periodic progress lines with throughput, printed by one worker."""
+
+    def __init__(self, app, total, unit="data points", every=2.0, enabled=True):
+        self.app, self.total, self.unit, self.every = app, total, unit, every
+        self.enabled = enabled
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n, prefix=""):
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            rate = self.done / (now - self.start)
+            share = f"{self.done / self.total:4.0%} " if self.total else ""
+            print(f"[{self.app}] {prefix}{share}{self.done:,} {self.unit}, "
+                  f"{rate:,.0f} {self.unit}/s", flush=True)
+
+    @property
+    def rate(self):
+        return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+
+def zipf_ids(rng, n, size, exponent=1.1):
+    """`size` ids in [0, n), Zipf-distributed by popularity, popular ids spread out."""
+    weights = 1.0 / np.arange(1, n + 1) ** exponent
+    cdf = np.cumsum(weights)
+    ranks = np.searchsorted(cdf, rng.random(size) * cdf[-1])
+    return rng.permutation(n)[np.minimum(ranks, n - 1)]
+
+
+def sum_by_key(inverse, grads, n_unique):
+    """Sum the gradient rows of duplicate keys (rows of `grads` indexed by `inverse`,
+    as np.unique(..., return_inverse=True) gives it) into n_unique rows."""
+    out = np.zeros((n_unique, grads.shape[1]), dtype=grads.dtype)
+    order = np.argsort(inverse, kind="stable")
+    sorted_inv = inverse[order]
+    starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
+    out[sorted_inv[starts]] = np.add.reduceat(grads[order], starts, axis=0)
+    return out
+
+
+def access_summary(stats):
+    """'NN.N% of key accesses local' from a worker's stats (its node's counts)."""
+    node = stats["node"]
+    local = node["pulls_local"] + node["pushes_local"]
+    remote = node["pulls_remote"] + node["pushes_remote"]
+    return f"{local / max(local + remote, 1):.1%} of key accesses local"
