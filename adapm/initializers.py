@@ -60,8 +60,11 @@ def parse_init(init):
 
 
 def initial_values(init, keys, lengths, dtype):
-    """Flat initial values (dtype) for `keys` with value lengths `lengths` (both uint64)."""
+    """Flat initial values (dtype) for `keys` with value lengths `lengths` (integer arrays;
+    apps call it with their own int64 ids too)."""
     init = parse_init(init)
+    keys = np.asarray(keys, dtype=np.uint64)
+    lengths = np.asarray(lengths, dtype=np.uint64)
     total = int(lengths.sum())
     if callable(init):
         values = np.asarray(init(keys.copy()))

@@ -1,33 +1,38 @@
 """Matrix factorisation by minibatch AdaGrad on a parameter server.
 
-    python -m adapm.apps.mf --workers-per-node 2 --epochs 4
+    python -m adapm.apps.mf --nodes 2 --workers-per-node 1 --epochs 4
+    adapm-launch --nodes 2 --num-keys 22000 --value-length 32 -m adapm.apps.mf
+    python -m adapm.apps.mf --plain          # the same SGD in one process, no PS
 
-Synthetic data: rows and columns drawn Zipf(1.1) (a few hot rows and columns, a long
-tail), values from rank-R factors plus Gaussian noise. Row factors are keys [0, rows),
-column factors keys [rows, rows + cols). A key's value is [factor | AdaGrad accumulator]
-(2 x rank floats), so optimizer state travels with its row. Each worker trains on its
-shard of the training cells: every minibatch pulls the keys it touches, sums the
-gradients of duplicate keys and pushes the update (additive, so workers never overwrite
-each other). Each batch's keys are signalled as an intent a few clocks ahead, and the
-clock advances once per batch. The metric is the test RMSE, printed against the RMSE of
-the untrained model."""
+Data: generated (rows and columns drawn Zipf(1.1): a few hot rows and columns, a long
+tail; values from rank-R factors plus Gaussian noise), or read from MatrixMarket
+coordinate files (`--data train.mtx [--test-data test.mtx]`; `--save-data DIR` writes the
+generated matrix as DIR/train.mtx and DIR/test.mtx, so other systems can train on the
+same data).
 
+Parameters: row factors are keys [0, rows), column factors keys [rows, rows + cols). A
+key's value is [factor | AdaGrad accumulator] (2 x rank floats), so optimizer state moves
+and replicates with its row. Each worker trains on its shard of the training cells:
+every minibatch pulls the keys it touches, sums the gradients of duplicate keys and
+pushes the update (additive, so workers never overwrite each other). adapm.data's
+IntentLoader announces each minibatch's keys ahead of its clock. The metric is the test
+RMSE, printed against the untrained model's."""
+
+import json
+import os
 import time
 
 import click
 import numpy as np
 
-import adapm
+from adapm.apps.common import Progress, start_cluster, sum_by_key, zipf_ids
+from adapm.data import IntentLoader
 from adapm.initializers import initial_values
 
+APP = "mf"
 
-def zipf_ids(rng, n, size, exponent=1.1):
-    """`size` ids in [0, n), Zipf-distributed by popularity, popular ids spread out."""
-    weights = 1.0 / np.arange(1, n + 1) ** exponent
-    cdf = np.cumsum(weights)
-    ranks = np.searchsorted(cdf, rng.random(size) * cdf[-1])
-    return rng.permutation(n)[np.minimum(ranks, n - 1)]
 
+# -- data ------------------------------------------------------------------------------
 
 def synthetic(rows, cols, cells, rank, noise, seed):
     """(row ids, column ids, values) of `cells` cells of a noisy rank-`rank` matrix."""
@@ -40,6 +45,55 @@ def synthetic(rows, cols, cells, rank, noise, seed):
     y = np.einsum("ij,ij->i", u[r], v[c]) + rng.normal(0.0, noise, size=cells)
     return r.astype(np.int64), c.astype(np.int64), y.astype(np.float32)
 
+
+def write_matrix_market(path, rows, cols, r, c, y):
+    """A MatrixMarket coordinate file (1-based indices, real values)."""
+    with open(path, "w") as f:
+        f.write("%%MatrixMarket matrix coordinate real general\n")
+        f.write(f"{rows} {cols} {len(y)}\n")
+        data = np.column_stack([r + 1, c + 1, y.astype(np.float64)])
+        np.savetxt(f, data, fmt=["%d", "%d", "%.9g"])
+
+
+def read_matrix_market(path):
+    """(rows, cols, row ids, column ids, values) of a MatrixMarket coordinate file of real
+    or integer values (0-based ids)."""
+    with open(path) as f:
+        banner = f.readline().lower().split()
+        if banner[:3] != ["%%matrixmarket", "matrix", "coordinate"] or \
+                banner[3:4] not in (["real"], ["integer"], ["double"]):
+            raise ValueError(f"{path}: not a MatrixMarket coordinate file of real values")
+        line = f.readline()
+        while line.startswith("%"):
+            line = f.readline()
+        rows, cols, nnz = (int(x) for x in line.split())
+        data = np.loadtxt(f, ndmin=2) if nnz else np.empty((0, 3))
+    if data.shape != (nnz, 3):
+        raise ValueError(f"{path}: expected {nnz} entries of 3 fields, got {data.shape}")
+    r, c = data[:, 0].astype(np.int64) - 1, data[:, 1].astype(np.int64) - 1
+    if nnz and (r.min() < 0 or r.max() >= rows or c.min() < 0 or c.max() >= cols):
+        raise ValueError(f"{path}: an index lies outside the {rows} x {cols} matrix")
+    return rows, cols, r, c, data[:, 2].astype(np.float32)
+
+
+def load_data(opts):
+    """(rows, cols, train (r, c, y), test (r, c, y)), the same in every worker."""
+    if opts.get("data"):
+        rows, cols, r, c, y = read_matrix_market(opts["data"])
+        if opts.get("test_data"):
+            trows, tcols, tr, tc, ty = read_matrix_market(opts["test_data"])
+            rows, cols = max(rows, trows), max(cols, tcols)
+            return rows, cols, (r, c, y), (tr, tc, ty)
+        held = np.random.default_rng(opts["seed"]).random(len(y)) < 0.1
+        return rows, cols, (r[~held], c[~held], y[~held]), (r[held], c[held], y[held])
+    rows, cols = opts["rows"], opts["cols"]
+    r, c, y = synthetic(rows, cols, opts["train"] + opts["test"], opts["rank"],
+                        opts["noise"], opts["seed"])
+    n = opts["train"]
+    return rows, cols, (r[:n], c[:n], y[:n]), (r[n:], c[n:], y[n:])
+
+
+# -- the model -------------------------------------------------------------------------
 
 class FactorInit:
     """Initial parameters: factor ~ N(0, std) (seeded, as init=("normal", std, seed)),
@@ -56,30 +110,24 @@ class FactorInit:
         return values
 
 
-def rmse(w, rows, rank, r, c, y, batch=10_000):
+def rmse(table, rows, rank, test, batch=10_000):
+    """Test RMSE; `table` has pull(keys)."""
+    r, c, y = test
     squared = 0.0
     for start in range(0, len(y), batch):
         sl = slice(start, start + batch)
-        u = w.pull(r[sl])[:, :rank]
-        v = w.pull(rows + c[sl])[:, :rank]
+        u = table.pull(r[sl])[:, :rank]
+        v = table.pull(rows + c[sl])[:, :rank]
         squared += float(((np.einsum("ij,ij->i", u, v) - y[sl]) ** 2).sum())
     return (squared / max(len(y), 1)) ** 0.5
 
 
-def sum_by_key(inverse, grads, n_unique):
-    """Sum the gradient rows of duplicate keys (rows of `grads` indexed by `inverse`)."""
-    order = np.argsort(inverse, kind="stable")
-    sorted_inv = inverse[order]
-    starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
-    assert len(starts) == n_unique
-    return np.add.reduceat(grads[order], starts, axis=0)
-
-
-def adagrad_step(w, keys, y, rank, lr, reg):
-    """One minibatch: keys = [row keys | column keys] of the batch's cells."""
+def adagrad_step(table, keys, y, rank, lr, reg):
+    """One minibatch: keys = [row keys | column keys] of the batch's cells. `table` has
+    pull and push (a Worker, or ArrayTable for the plain loop). Returns the squared error."""
     b = len(y)
     unique, inverse = np.unique(keys, return_inverse=True)
-    values = w.pull(unique)
+    values = table.pull(unique)
     factors, accum = values[:, :rank], values[:, rank:]
     u, v = factors[inverse[:b]], factors[inverse[b:]]
     err = np.einsum("ij,ij->i", u, v) - y
@@ -89,47 +137,151 @@ def adagrad_step(w, keys, y, rank, lr, reg):
     update = np.empty_like(values)
     update[:, :rank] = -lr * g / np.sqrt(accum + g2 + 1e-8)
     update[:, rank:] = g2
-    w.push(unique, update)
+    table.push(unique, update)
     return float((err * err).sum())
 
 
+def minibatches(n, batch, rng):
+    order = rng.permutation(n)
+    return [order[s:s + batch] for s in range(0, n, batch)]
+
+
+# -- training --------------------------------------------------------------------------
+
 def train(w, opts):
-    """The task every worker runs. Returns (epoch lines, initial RMSE, final RMSE, stats)."""
-    rows, cols, rank = opts["rows"], opts["cols"], opts["rank"]
-    r, c, y = synthetic(rows, cols, opts["train"] + opts["test"], rank,
-                        opts["noise"], opts["seed"])
-    tr, tc, ty = r[opts["train"]:], c[opts["train"]:], y[opts["train"]:]
-    shard = np.arange(w.rank, opts["train"], w.num_workers)
+    """The task every worker runs. Returns a dict of results (see finish())."""
+    rows, _, (r, c, y), test = load_data(opts)
+    shard = np.arange(w.rank, len(y), w.num_workers)
     r, c, y = r[shard], c[shard], y[shard]
-    batch, lookahead = opts["batch"], opts["lookahead"]
-    before = rmse(w, rows, rank, tr, tc, ty) if w.rank == 0 else None
+    rank = opts["rank"]
+    before = rmse(w, rows, rank, test) if w.rank == 0 else None
     w.barrier()  # nobody trains before the untrained model is measured
     rng = np.random.default_rng(opts["seed"] + 1 + w.rank)
-    log = []
+    progress = Progress(APP, opts["epochs"] * len(y), enabled=w.rank == 0)
+    lookahead = opts.get("lookahead")
+    log, seconds, accesses = [], 0.0, AccessCounter()
     for epoch in range(opts["epochs"]):
-        order = rng.permutation(len(y))
-        batches = [order[s:s + batch] for s in range(0, len(order), batch)]
-        keys = [np.concatenate([r[idx], rows + c[idx]]) for idx in batches]
-        for j in range(min(lookahead, len(keys))):  # the epoch's first batches
-            w.intent(keys[j], w.clock + j)
+        batches = minibatches(len(y), opts["batch"], rng)
+        loader = IntentLoader(w, batches, keys_of=lambda idx: np.concatenate([r[idx],
+                                                                              rows + c[idx]]),
+                              lookahead=lookahead)
+        accesses.begin(w)
         t0 = time.perf_counter()
-        for i, idx in enumerate(batches):
-            if i + lookahead < len(batches):
-                w.intent(keys[i + lookahead], w.clock + lookahead)
-            adagrad_step(w, keys[i], y[idx], rank, opts["lr"], opts["reg"])
-            w.advance_clock()
+        for idx in loader:
+            adagrad_step(w, np.concatenate([r[idx], rows + c[idx]]), y[idx], rank,
+                         opts["lr"], opts["reg"])
+            progress.update(len(idx), prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
+        seconds += elapsed
         w.wait_sync()
+        accesses.end(w)
         w.barrier()
         if w.rank == 0:
-            test = rmse(w, rows, rank, tr, tc, ty)
-            text = (f"epoch {epoch + 1}/{opts['epochs']}: {len(y) / elapsed:,.0f} data points/s "
-                    f"per worker, test RMSE {test:.4f}")
-            print(f"[mf] {text}", flush=True)
+            text = (f"epoch {epoch + 1}/{opts['epochs']}: {len(y) / elapsed:,.0f} data "
+                    f"points/s per worker, test RMSE {rmse(w, rows, rank, test):.4f}")
+            print(f"[{APP}] {text}", flush=True)
             log.append(text)
         w.barrier()
-    after = rmse(w, rows, rank, tr, tc, ty) if w.rank == 0 else None
-    return log, before, after, w.stats()
+    after = rmse(w, rows, rank, test) if w.rank == 0 else None
+    return {"points": opts["epochs"] * len(y), "seconds": seconds, "before": before,
+            "after": after, "log": log, "node": w.node, "accesses": accesses.as_dict()}
+
+
+class ArrayTable:
+    """The parameters in one numpy array, for the plain single-process loop: pull and
+    push with the worker's meaning (push adds; adagrad_step pushes unique keys only)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def pull(self, keys):
+        return self.values[keys]
+
+    def push(self, keys, update):
+        self.values[keys] += update
+
+
+def train_plain(opts):
+    """The same minibatch AdaGrad in this process on a numpy array, no parameter server:
+    the reference of benchmark B5."""
+    rows, cols, (r, c, y), test = load_data(opts)
+    rank = opts["rank"]
+    table = ArrayTable(FactorInit(rank, 0.1, opts["seed"])(np.arange(rows + cols)))
+    before = rmse(table, rows, rank, test)
+    rng = np.random.default_rng(opts["seed"] + 1)
+    progress = Progress(APP, opts["epochs"] * len(y))
+    seconds = 0.0
+    for epoch in range(opts["epochs"]):
+        t0 = time.perf_counter()
+        for idx in minibatches(len(y), opts["batch"], rng):
+            adagrad_step(table, np.concatenate([r[idx], rows + c[idx]]), y[idx], rank,
+                         opts["lr"], opts["reg"])
+            progress.update(len(idx), prefix=f"epoch {epoch + 1}: ")
+        seconds += time.perf_counter() - t0
+        print(f"[{APP}] plain epoch {epoch + 1}/{opts['epochs']}: "
+              f"{len(y) / (time.perf_counter() - t0):,.0f} data points/s, "
+              f"test RMSE {rmse(table, rows, rank, test):.4f}", flush=True)
+    points = opts["epochs"] * len(y)
+    return {"data_points_per_s": points / seconds, "points": points, "seconds": seconds,
+            "rmse_before": before, "rmse_after": rmse(table, rows, rank, test)}
+
+
+def table_shape(opts):
+    """(num_keys, value_length) the app's table needs."""
+    if opts.get("data"):
+        rows, cols = load_data(opts)[:2]
+    else:
+        rows, cols = opts["rows"], opts["cols"]
+    return rows + cols, 2 * opts["rank"]
+
+
+def run(opts, nodes=1, workers_per_node=1, mode="adaptive"):
+    """Train on a cluster (embedded, or the one adapm-launch started); returns the
+    summary of finish() (None in launched workers other than rank 0)."""
+    num_keys, value_length = table_shape(opts)
+    results = start_cluster(APP, train, opts, num_keys, value_length,
+                            FactorInit(opts["rank"], 0.1, opts["seed"]), nodes,
+                            workers_per_node, mode)
+    return None if results is None else finish(results)
+
+
+def finish(results):
+    """Summary over the workers' results: data points/s of the whole cluster (points of
+    every worker over the slowest worker's training time), RMSE, and, counted over the
+    training loops only (not the evaluations), the share of local key accesses and the
+    bytes sent between nodes (every node's, when all workers' results are here)."""
+    first = results[0]
+    points = sum(res["points"] for res in results)
+    seconds = max(res["seconds"] for res in results)
+    local = sum(res["accesses"]["local"] for res in results)
+    remote = sum(res["accesses"]["remote"] for res in results)
+    node_bytes = {res["node"]: res["accesses"]["node_bytes_sent"] for res in results}
+    return {"data_points_per_s": points / seconds, "points": points, "seconds": seconds,
+            "rmse_before": first["before"], "rmse_after": first["after"],
+            "local_share": local / max(local + remote, 1),
+            "bytes_sent": sum(node_bytes.values()), "workers": len(results),
+            "log": first["log"]}
+
+
+class AccessCounter:
+    """Key accesses of this worker and bytes its node sent, over chosen spans only."""
+
+    def __init__(self):
+        self.local = self.remote = self.node_bytes_sent = 0
+        self._at = None
+
+    def begin(self, w):
+        self._at = w.stats()
+
+    def end(self, w):
+        now, then = w.stats(), self._at
+        self.local += sum(now[k] - then[k] for k in ("pulls_local", "pushes_local"))
+        self.remote += sum(now[k] - then[k] for k in ("pulls_remote", "pushes_remote"))
+        self.node_bytes_sent += now["node"]["bytes_sent"] - then["node"]["bytes_sent"]
+
+    def as_dict(self):
+        return {"local": self.local, "remote": self.remote,
+                "node_bytes_sent": self.node_bytes_sent}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -146,31 +298,54 @@ def train(w, opts):
 @click.option("--batch", default=256, show_default=True)
 @click.option("--lr", default=0.1, show_default=True)
 @click.option("--reg", default=0.01, show_default=True)
-@click.option("--lookahead", default=32, show_default=True,
-              help="batches ahead for which intents are signalled")
+@click.option("--lookahead", default=None, type=int,
+              help="batches announced ahead (default: adapted to the step time)")
 @click.option("--mode", default="adaptive", show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="training cells from a MatrixMarket coordinate file")
+@click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
+              help="test cells from a MatrixMarket file (default: 10%% of --data held out)")
+@click.option("--save-data", type=click.Path(file_okay=False),
+              help="write the generated matrix to DIR/train.mtx and DIR/test.mtx")
+@click.option("--plain", is_flag=True, help="the same SGD in this process, no parameter server")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="write the results as JSON to this file")
 def main(nodes, workers_per_node, rows, cols, train_cells, test_cells, rank, noise, epochs,
-         batch, lr, reg, lookahead, mode, seed):
-    """Train a matrix factorisation on generated data and report test RMSE."""
+         batch, lr, reg, lookahead, mode, seed, data, test_data, save_data, plain, json_path):
+    """Train a matrix factorisation and report test RMSE."""
     opts = dict(rows=rows, cols=cols, train=train_cells, test=test_cells, rank=rank,
                 noise=noise, epochs=epochs, batch=batch, lr=lr, reg=reg,
-                lookahead=lookahead, seed=seed)
-    print(f"[mf] {rows}x{cols} matrix, {train_cells:,} training cells, rank {rank}; "
-          f"{nodes} node(s) x {workers_per_node} worker(s), mode {mode}", flush=True)
+                lookahead=lookahead, seed=seed, data=data, test_data=test_data)
+    if save_data:
+        save(opts, save_data)
+    where = "one process, no parameter server" if plain else \
+        f"{nodes} node(s) x {workers_per_node} worker(s), mode {mode}"
+    print(f"[{APP}] {data or f'{rows}x{cols} generated matrix'}, rank {rank}; {where}",
+          flush=True)
     start = time.perf_counter()
-    results = adapm.run(train, args=(opts,), nodes=nodes, workers_per_node=workers_per_node,
-                        num_keys=rows + cols, value_length=2 * rank, mode=mode,
-                        init=FactorInit(rank, 0.1, seed))
-    _, before, after, stats = results[0]
-    node = stats["node"]
-    local = node["pulls_local"] + node["pushes_local"]
-    remote = node["pulls_remote"] + node["pushes_remote"]
-    print(f"[mf] done in {time.perf_counter() - start:.1f} s: test RMSE {before:.4f} "
-          f"untrained -> {after:.4f} trained (noise floor {noise}); "
-          f"{local / max(local + remote, 1):.1%} of key accesses local", flush=True)
-    if not after < before:
-        raise SystemExit("[mf] training did not improve the test RMSE")
+    summary = train_plain(opts) if plain else run(opts, nodes, workers_per_node, mode)
+    if summary is None:
+        return  # a launched worker other than rank 0: rank 0 reports
+    print(f"[{APP}] done in {time.perf_counter() - start:.1f} s: "
+          f"{summary['data_points_per_s']:,.0f} data points/s; test RMSE "
+          f"{summary['rmse_before']:.4f} untrained -> {summary['rmse_after']:.4f} trained"
+          + ("" if plain else f"; {summary['local_share']:.1%} of key accesses local, "
+                          f"{summary['bytes_sent'] / 1e6:.1f} MB sent between nodes"),
+          flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(summary, f, indent=1)
+    if not summary["rmse_after"] < summary["rmse_before"]:
+        raise SystemExit(f"[{APP}] training did not improve the test RMSE")
+
+
+def save(opts, folder):
+    os.makedirs(folder, exist_ok=True)
+    rows, cols, train_cells, test_cells = load_data(opts)
+    write_matrix_market(os.path.join(folder, "train.mtx"), rows, cols, *train_cells)
+    write_matrix_market(os.path.join(folder, "test.mtx"), rows, cols, *test_cells)
+    print(f"[{APP}] wrote {folder}/train.mtx and {folder}/test.mtx", flush=True)
 
 
 if __name__ == "__main__":
