@@ -249,7 +249,8 @@ def test_stats_count_keys():
     assert mine["bytes_received"] > 0
     node = stats[1]["node"]
     assert node["pushes_local"] == 6 and node["intents"] == 8
-    assert node["intents_received"] == 8  # every intent reached the node server
+    # one node has nothing to place: intents are checked and counted, not sent
+    assert node["intents_received"] == 0
     assert node["malformed_messages"] == 0
 
 

@@ -1,6 +1,6 @@
 """Matrix factorisation by minibatch AdaGrad on a parameter server.
 
-    python -m adapm.apps.mf --nodes 2 --workers-per-node 1 --epochs 4
+    python -m adapm.apps.mf                  # 2 nodes x 1 worker, generated data
     adapm-launch --nodes 2 --num-keys 22000 --value-length 32 -m adapm.apps.mf
     python -m adapm.apps.mf --plain          # the same SGD in one process, no PS
 
@@ -14,10 +14,13 @@ Parameters: row factors are keys [0, rows), column factors keys [rows, rows + co
 key's value is [factor | AdaGrad accumulator] (2 x rank floats), so optimizer state moves
 and replicates with its row. Each worker trains on its shard of the training cells:
 every minibatch pulls the keys it touches, sums the gradients of duplicate keys and
-pushes the update (additive, so workers never overwrite each other). adapm.data's
+pushes the update (additive, so workers never overwrite each other). Cells are
+partitioned among workers by row (partition_rows), as parameter-server MF does, so a row's
+factor is used by one worker only; column factors are shared. adapm.data's
 IntentLoader announces each minibatch's keys ahead of its clock. The metric is the test
 RMSE, printed against the untrained model's."""
 
+import heapq
 import json
 import os
 import time
@@ -141,6 +144,24 @@ def adagrad_step(table, keys, y, rank, lr, reg):
     return float((err * err).sum())
 
 
+def partition_rows(r, rows, workers):
+    """The worker of each cell: every row's cells go to one worker (so its factor is
+    relocated there once and stays; only column factors are shared), rows assigned
+    greedily, most cells first, to the worker with the fewest cells so far (balanced
+    unless one row alone holds more than 1/workers of the cells). The same in every
+    worker: it depends on the data only."""
+    if workers == 1:
+        return np.zeros(len(r), dtype=np.int64)
+    counts = np.bincount(r, minlength=rows)
+    owner = np.zeros(rows, dtype=np.int64)
+    loads = [(0, worker) for worker in range(workers)]
+    for row in np.argsort(-counts, kind="stable")[:np.count_nonzero(counts)].tolist():
+        load, worker = heapq.heappop(loads)
+        owner[row] = worker
+        heapq.heappush(loads, (load + int(counts[row]), worker))
+    return owner[r]
+
+
 def minibatches(n, batch, rng):
     order = rng.permutation(n)
     return [order[s:s + batch] for s in range(0, n, batch)]
@@ -151,7 +172,7 @@ def minibatches(n, batch, rng):
 def train(w, opts):
     """The task every worker runs. Returns a dict of results (see finish())."""
     rows, _, (r, c, y), test = load_data(opts)
-    shard = np.arange(w.rank, len(y), w.num_workers)
+    shard = np.flatnonzero(partition_rows(r, rows, w.num_workers) == w.rank)
     r, c, y = r[shard], c[shard], y[shard]
     rank = opts["rank"]
     before = rmse(w, rows, rank, test) if w.rank == 0 else None
@@ -183,8 +204,12 @@ def train(w, opts):
             log.append(text)
         w.barrier()
     after = rmse(w, rows, rank, test) if w.rank == 0 else None
-    return {"points": opts["epochs"] * len(y), "seconds": seconds, "before": before,
-            "after": after, "log": log, "node": w.node, "accesses": accesses.as_dict()}
+    result = {"points": opts["epochs"] * len(y), "seconds": seconds, "before": before,
+              "after": after, "log": log, "node": w.node, "accesses": accesses.as_dict()}
+    if opts.get("worker_json"):  # every worker's own figures, for finish() elsewhere
+        with open(f"{opts['worker_json']}.rank{w.rank}.json", "w") as f:
+            json.dump(result, f)
+    return result
 
 
 class ArrayTable:
@@ -285,8 +310,8 @@ class AccessCounter:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nodes", default=1, show_default=True, help="nodes of the local cluster")
-@click.option("--workers-per-node", default=2, show_default=True)
+@click.option("--nodes", default=2, show_default=True, help="nodes of the local cluster")
+@click.option("--workers-per-node", default=1, show_default=True)
 @click.option("--rows", default=20_000, show_default=True)
 @click.option("--cols", default=2_000, show_default=True)
 @click.option("--train", "train_cells", default=400_000, show_default=True,
@@ -311,12 +336,17 @@ class AccessCounter:
 @click.option("--plain", is_flag=True, help="the same SGD in this process, no parameter server")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="write the results as JSON to this file")
+@click.option("--worker-json", type=click.Path(dir_okay=False),
+              help="every worker writes its own results to PREFIX.rankR.json (launched "
+                   "runs: combine them with adapm.apps.mf.finish)")
 def main(nodes, workers_per_node, rows, cols, train_cells, test_cells, rank, noise, epochs,
-         batch, lr, reg, lookahead, mode, seed, data, test_data, save_data, plain, json_path):
+         batch, lr, reg, lookahead, mode, seed, data, test_data, save_data, plain, json_path,
+         worker_json):
     """Train a matrix factorisation and report test RMSE."""
     opts = dict(rows=rows, cols=cols, train=train_cells, test=test_cells, rank=rank,
                 noise=noise, epochs=epochs, batch=batch, lr=lr, reg=reg,
-                lookahead=lookahead, seed=seed, data=data, test_data=test_data)
+                lookahead=lookahead, seed=seed, data=data, test_data=test_data,
+                worker_json=worker_json)
     if save_data:
         save(opts, save_data)
     where = "one process, no parameter server" if plain else \
