@@ -68,6 +68,7 @@ class MsgType(enum.IntEnum):
     SET = 8            # keys, values
     LOCALIZE = 9       # keys: bring them to this node (relocation)
     REFRESH = 10       # keys: sync these replicas with the next round, then answer SYNCED
+    WAKE = 11          # an intent waits in the worker's ring and the server was asleep
     # node server -> worker
     WELCOME = 16       # addresses (every node's server, by node id)
     RELEASE = 17       # request_id: barrier generation
@@ -103,6 +104,7 @@ _FRAMES = {
     MsgType.HELLO: (), MsgType.BARRIER: (), MsgType.WAIT_SYNC: (), MsgType.GOODBYE: (),
     MsgType.INTENT: ("keys",), MsgType.PULL: ("keys",), MsgType.PUSH: ("keys", "values"),
     MsgType.SET: ("keys", "values"), MsgType.LOCALIZE: ("keys",), MsgType.REFRESH: ("keys",),
+    MsgType.WAKE: (),
     MsgType.WELCOME: ("addresses",), MsgType.RELEASE: (), MsgType.SYNCED: (),
     MsgType.FAILED: (), MsgType.PULL_REPLY: ("positions", "values"),
     MsgType.UPDATE_ACK: (), MsgType.LOCALIZED: (),

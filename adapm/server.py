@@ -69,9 +69,9 @@ WORKER_CHECK_EVERY = 0.5
 # Who may send which message: workers (identity W<rank>) or peer servers (N<node>).
 WORKER_REQUESTS = {MsgType.HELLO, MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT,
                    MsgType.GOODBYE, MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.LOCALIZE,
-                   MsgType.REFRESH}
+                   MsgType.REFRESH, MsgType.WAKE}
 LOCAL_ONLY = {MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT, MsgType.GOODBYE,
-              MsgType.LOCALIZE, MsgType.REFRESH}
+              MsgType.LOCALIZE, MsgType.REFRESH, MsgType.WAKE}
 FORWARDED_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET}
 PEER_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.MOVE_REQUEST,
                  MsgType.MOVE, MsgType.OWNER_UPDATE, MsgType.SYNC, MsgType.SYNC_REPLY}
@@ -190,7 +190,9 @@ class NodeServer(Placement):
         while not self._stop:
             # Sleep until a message arrives or housekeeping is due: a node server that
             # wakes up needlessly takes a core from the workers.
-            ready = dict(poller.poll(BUSY_POLL_MS if self.placement_busy() else IDLE_POLL_MS))
+            ready = dict(poller.poll(self._sleep_ms()))
+            self.view.set_server_idle(False)
+            self._take_queued_intents()
             if self.coordinator is not None and self.coordinator.socket in ready:
                 self.coordinator.handle_ready()
             if self.to_coordinator in ready:
@@ -214,6 +216,31 @@ class NodeServer(Placement):
             if self._failed is not None and now - self._failed_at > FAILED_LINGER:
                 self.exit_code = EXIT_FAILED
                 return
+
+    def _sleep_ms(self):
+        """How long to wait for a message. Before a long sleep the server says so in the
+        table, so that a worker appending an intent to its ring wakes it (WAKE)."""
+        if self.placement_busy():
+            return BUSY_POLL_MS
+        self.view.set_server_idle(True)
+        return 0 if self.view.intents_queued() else IDLE_POLL_MS
+
+    def _take_queued_intents(self):
+        """Intents the local workers appended to their rings in the shared table."""
+        for worker in range(self.workers):
+            try:
+                queued = self.view.intent_take(worker)
+            except ValueError as exc:
+                self._count("malformed_messages", 1)
+                log.warning("node %d: worker %d: %s", self.node, self.first_rank + worker, exc)
+                continue
+            for start, end, keys in queued:
+                try:
+                    self._record_intent(worker, start, end, keys)
+                except ProtocolError as exc:
+                    self._count("malformed_messages", 1)
+                    log.warning("node %d: worker %d: rejected an intent: %s", self.node,
+                                self.first_rank + worker, exc)
 
     def _drain(self, sock, handle):
         for _ in range(MAX_BATCH):
@@ -256,7 +283,7 @@ class NodeServer(Placement):
             return
         self._count("bytes_received", protocol.frame_size(body))
         if self._failed is not None and msg.type in WORKER_REQUESTS and \
-                msg.type not in (MsgType.GOODBYE, MsgType.INTENT):
+                msg.type not in (MsgType.GOODBYE, MsgType.INTENT, MsgType.WAKE):
             self._reply_failed(identity, msg.request_id)
             return
         try:
@@ -618,13 +645,21 @@ class NodeServer(Placement):
         self.refresh_soon(identity, msg.request_id, msg.keys)
 
     def _on_intent(self, identity, msg):
-        if msg.arg1 <= msg.arg0 or msg.arg0 < 0:
-            raise ProtocolError(f"intent window [{msg.arg0}, {msg.arg1})")
-        _check_keys(msg.keys, self.spec.num_keys)
-        self.intents.add(msg.src_worker - self.first_rank, msg.keys.copy(), msg.arg0, msg.arg1)
+        """An intent that did not fit into the worker's ring (or a huge one)."""
+        self._record_intent(msg.src_worker - self.first_rank, msg.arg0, msg.arg1,
+                            msg.keys.copy())
+
+    def _on_wake(self, identity, msg):
+        """Nothing to do: the loop takes the queued intents right after any message."""
+
+    def _record_intent(self, worker, start, end, keys):
+        if end <= start or start < 0:
+            raise ProtocolError(f"intent window [{start}, {end})")
+        _check_keys(keys, self.spec.num_keys)
+        self.intents.add(worker, keys, start, end)
         if self.intent_log is not None:
-            self.intent_log.record(msg.src_worker, msg.arg0, msg.arg1, msg.keys)
-        self._count("intents_received", msg.keys.shape[0])
+            self.intent_log.record(self.first_rank + worker, start, end, keys)
+        self._count("intents_received", keys.shape[0])
 
     def _on_goodbye(self, identity, msg):
         self._left.add(msg.src_worker - self.first_rank)
@@ -676,6 +711,7 @@ class NodeServer(Placement):
         MsgType.BARRIER: _on_barrier,
         MsgType.WAIT_SYNC: _on_wait_sync,
         MsgType.INTENT: _on_intent,
+        MsgType.WAKE: _on_wake,
         MsgType.GOODBYE: _on_goodbye,
         MsgType.PULL: _on_pull,
         MsgType.PUSH: _on_push,

@@ -395,7 +395,13 @@ class Worker:
         if keys.shape[0] == 0:
             return
         if self._intents_matter:
-            self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end, keys=keys))
+            # Into this worker's ring in the shared table: no message, unless the ring is
+            # full (then as a message) or the node server sleeps (then a WAKE).
+            appended, wake = self._view.intent_append(self.local_rank, start, end, keys)
+            if not appended:
+                self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end, keys=keys))
+            elif wake:
+                self._send(self.node, Message(MsgType.WAKE))
         self._count("intents", keys.shape[0])
 
     def prepare_sample(self, n, start, end=None, key_range=None):

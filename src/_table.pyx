@@ -22,13 +22,15 @@ from posix.stat cimport fstat, struct_stat
 from atomic cimport (
     adapm_load_acquire_u32, adapm_load_relaxed_u32, adapm_store_release_u32,
     adapm_cas_acquire_u32, adapm_load_relaxed_u8, adapm_load_relaxed_u64, adapm_store_relaxed_u64,
-    adapm_fence_acquire, adapm_fence_release, adapm_cpu_relax, adapm_prefetch_read,
+    adapm_fence_acquire, adapm_fence_release, adapm_fence_seq_cst, adapm_cpu_relax,
+    adapm_prefetch_read, adapm_load_acquire_u64, adapm_store_release_u64,
     adapm_prefetch_write, adapm_monotonic_ns, adapm_yield,
 )
 from layout cimport (
     adapm_header_t, adapm_entry_t, ADAPM_MAGIC, ADAPM_LAYOUT_VERSION, ADAPM_HEADER_BYTES,
     ADAPM_WORKER_BLOCK_SLOTS, ADAPM_NODE_COUNTER_SLOTS, ADAPM_ABSENT, ADAPM_OWNED,
-    ADAPM_REPLICA, ADAPM_PENDING,
+    ADAPM_REPLICA, ADAPM_PENDING, ADAPM_RING_CONTROL_WORDS, ADAPM_RING_HEAD, ADAPM_RING_TAIL,
+    ADAPM_RING_WORDS, ADAPM_RING_WRAP,
 )
 
 import numpy as np
@@ -43,6 +45,10 @@ HEADER_BYTES = ADAPM_HEADER_BYTES
 ENTRY_BYTES = sizeof(adapm_entry_t)
 WORKER_BLOCK_SLOTS = ADAPM_WORKER_BLOCK_SLOTS
 NODE_COUNTER_SLOTS = ADAPM_NODE_COUNTER_SLOTS
+RING_WORDS = ADAPM_RING_WORDS
+cdef enum:
+    RECORD_WORDS = 3  # an intent in a ring: start, end, number of keys; then the keys
+RING_RECORD_WORDS = RECORD_WORDS
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -77,10 +83,13 @@ def layout_sizes(uint64_t num_keys, uint32_t num_workers, uint64_t arena_capacit
     """Byte offsets of the regions and the total size of a segment."""
     cdef uint64_t directory = ADAPM_HEADER_BYTES
     cdef uint64_t workers = _align64(directory + num_keys * sizeof(adapm_entry_t))
-    cdef uint64_t arena = _align64(workers + num_workers * ADAPM_WORKER_BLOCK_SLOTS * 8)
+    cdef uint64_t rings = _align64(workers + num_workers * ADAPM_WORKER_BLOCK_SLOTS * 8)
+    cdef uint64_t arena = _align64(
+        rings + num_workers * (ADAPM_RING_CONTROL_WORDS + ADAPM_RING_WORDS) * 8)
     return {
         "directory_offset": directory,
         "workers_offset": workers,
+        "rings_offset": rings,
         "arena_offset": arena,
         "total_bytes": arena + arena_capacity * itemsize,
     }
@@ -242,6 +251,7 @@ cdef class TableView:
     cdef adapm_header_t* header
     cdef adapm_entry_t* directory
     cdef uint64_t* workers
+    cdef uint64_t* rings
     cdef char* arena
     cdef readonly object dtype
     cdef readonly uint64_t num_keys
@@ -268,6 +278,7 @@ cdef class TableView:
         cdef adapm_header_t* h = self.header
         self.directory = <adapm_entry_t*>(self.base + h.directory_offset)
         self.workers = <uint64_t*>(self.base + h.workers_offset)
+        self.rings = <uint64_t*>(self.base + h.rings_offset)
         self.arena = self.base + h.arena_offset
         self.dtype = DTYPES[h.dtype]
         self.num_keys = h.num_keys
@@ -297,6 +308,7 @@ cdef class TableView:
         h.num_workers = num_workers
         h.directory_offset = sizes["directory_offset"]
         h.workers_offset = sizes["workers_offset"]
+        h.rings_offset = sizes["rings_offset"]
         h.arena_offset = sizes["arena_offset"]
         h.arena_capacity = arena_capacity
         h.total_bytes = sizes["total_bytes"]
@@ -423,6 +435,111 @@ cdef class TableView:
         if self.base == NULL or worker >= self.num_workers or slot >= ADAPM_WORKER_BLOCK_SLOTS:
             raise IndexError("no such worker counter")
         return adapm_load_relaxed_u64(self.workers + worker * ADAPM_WORKER_BLOCK_SLOTS + slot)
+
+    # -- intent rings: a worker hands intents to its node server without a message ------
+
+    cdef inline uint64_t* _ring(self, uint32_t worker) noexcept nogil:
+        return self.rings + <uint64_t>worker * (ADAPM_RING_CONTROL_WORDS + ADAPM_RING_WORDS)
+
+    def intent_append(self, uint32_t worker, int64_t start, int64_t end,
+                      const uint64_t[::1] keys):
+        """Append one intent to `worker`'s ring; only that worker may call this (one
+        producer). Returns (appended, wake): appended is False when the record does not
+        fit now (the caller sends it as a message instead); wake is True when the server
+        is asleep and must be woken with a message."""
+        self._check_open()
+        if worker >= self.num_workers:
+            raise IndexError(f"no worker {worker} on this node")
+        cdef uint64_t n = keys.shape[0]
+        cdef uint64_t need = RECORD_WORDS + n
+        cdef uint64_t* ring = self._ring(worker)
+        cdef uint64_t* data = ring + ADAPM_RING_CONTROL_WORDS
+        cdef uint64_t head, tail, pos, skip, at
+        cdef bint fits = False, wake = False
+        if need > ADAPM_RING_WORDS:
+            return False, False
+        with nogil:
+            head = adapm_load_relaxed_u64(ring + ADAPM_RING_HEAD)
+            tail = adapm_load_acquire_u64(ring + ADAPM_RING_TAIL)  # the server is done
+            pos = head % ADAPM_RING_WORDS                         # with what it freed
+            skip = ADAPM_RING_WORDS - pos if pos + need > ADAPM_RING_WORDS else 0
+            if head + skip + need - tail <= ADAPM_RING_WORDS:
+                fits = True
+                if skip:  # records never wrap: the rest of the ring is skipped
+                    data[pos] = ADAPM_RING_WRAP
+                at = (head + skip) % ADAPM_RING_WORDS
+                data[at] = <uint64_t>start
+                data[at + 1] = <uint64_t>end
+                data[at + 2] = n
+                if n:
+                    memcpy(data + at + RECORD_WORDS, &keys[0], n * 8)
+                adapm_store_release_u64(ring + ADAPM_RING_HEAD, head + skip + need)
+                # Pairs with set_server_idle: either the server sees this record before
+                # it sleeps, or this load sees that it sleeps.
+                adapm_fence_seq_cst()
+                wake = adapm_load_relaxed_u64(&self.header.server_idle) != 0
+        return fits, wake
+
+    def intent_take(self, uint32_t worker):
+        """Every intent queued in `worker`'s ring, oldest first, as (start, end, keys);
+        only the node server may call this (one consumer). A record that cannot be valid
+        (a corrupted ring) drops everything queued and raises ValueError."""
+        self._check_open()
+        if worker >= self.num_workers:
+            raise IndexError(f"no worker {worker} on this node")
+        cdef uint64_t* ring = self._ring(worker)
+        cdef uint64_t* data = ring + ADAPM_RING_CONTROL_WORDS
+        cdef uint64_t tail = adapm_load_relaxed_u64(ring + ADAPM_RING_TAIL)
+        cdef uint64_t head = adapm_load_acquire_u64(ring + ADAPM_RING_HEAD)
+        cdef uint64_t pos, n
+        cdef cnp.ndarray keys
+        out = []
+        if head - tail > ADAPM_RING_WORDS:
+            return self._ring_corrupt(ring, head, worker, "head and tail")
+        while tail < head:
+            pos = tail % ADAPM_RING_WORDS
+            if data[pos] == ADAPM_RING_WRAP:
+                tail += ADAPM_RING_WORDS - pos
+                continue
+            if pos + RECORD_WORDS > ADAPM_RING_WORDS:
+                return self._ring_corrupt(ring, head, worker, "record header")
+            n = data[pos + 2]
+            if n > ADAPM_RING_WORDS - pos - RECORD_WORDS or \
+                    tail + RECORD_WORDS + n > head:
+                return self._ring_corrupt(ring, head, worker, "record length")
+            keys = np.empty(n, dtype=np.uint64)
+            if n:
+                memcpy(cnp.PyArray_DATA(keys), data + pos + RECORD_WORDS, n * 8)
+            out.append((<int64_t>data[pos], <int64_t>data[pos + 1], keys))
+            tail += RECORD_WORDS + n
+        if tail != head:
+            return self._ring_corrupt(ring, head, worker, "wrap marker")
+        adapm_store_release_u64(ring + ADAPM_RING_TAIL, tail)
+        return out
+
+    cdef _ring_corrupt(self, uint64_t* ring, uint64_t head, uint32_t worker, what):
+        adapm_store_release_u64(ring + ADAPM_RING_TAIL, head)
+        raise ValueError(f"intent ring of worker {worker}: corrupt {what}; queued intents "
+                         "dropped")
+
+    def intents_queued(self):
+        """Whether any worker's ring holds an intent the server has not taken."""
+        self._check_open()
+        cdef uint32_t w
+        cdef uint64_t* ring
+        for w in range(self.num_workers):
+            ring = self._ring(w)
+            if adapm_load_acquire_u64(ring + ADAPM_RING_HEAD) != \
+                    adapm_load_relaxed_u64(ring + ADAPM_RING_TAIL):
+                return True
+        return False
+
+    def set_server_idle(self, bint idle):
+        """The server says it sleeps (workers appending an intent then wake it) or is
+        awake. After set_server_idle(True), look at intents_queued() before sleeping."""
+        self._check_open()
+        adapm_store_relaxed_u64(&self.header.server_idle, 1 if idle else 0)
+        adapm_fence_seq_cst()
 
     def counters(self):
         """A copy of every worker's counters, shape (num_workers, WORKER_BLOCK_SLOTS)."""

@@ -41,6 +41,9 @@ static inline uint64_t adapm_fetch_add_u64(uint64_t *p, uint64_t v) {
 }
 static inline void adapm_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void adapm_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+/* A full fence: a store before it is visible before any load after it (Dekker-style
+ * hand-over between a worker appending an intent and a server going to sleep). */
+static inline void adapm_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 static inline void adapm_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

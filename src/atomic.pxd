@@ -14,6 +14,7 @@ cdef extern from "adapm_atomic.h" nogil:
     uint64_t adapm_fetch_add_u64(uint64_t *p, uint64_t v)
     void adapm_fence_acquire()
     void adapm_fence_release()
+    void adapm_fence_seq_cst()
     void adapm_cpu_relax()
     void adapm_prefetch_read(const void *p)
     void adapm_prefetch_write(const void *p)

@@ -7,6 +7,11 @@ cdef extern from "table_layout.h" nogil:
     uint32_t ADAPM_HEADER_BYTES
     uint32_t ADAPM_WORKER_BLOCK_SLOTS
     uint32_t ADAPM_NODE_COUNTER_SLOTS
+    uint32_t ADAPM_RING_CONTROL_WORDS
+    uint32_t ADAPM_RING_HEAD
+    uint32_t ADAPM_RING_TAIL
+    uint32_t ADAPM_RING_WORDS
+    uint64_t ADAPM_RING_WRAP
     uint8_t ADAPM_ABSENT
     uint8_t ADAPM_OWNED
     uint8_t ADAPM_REPLICA
@@ -30,6 +35,8 @@ cdef extern from "table_layout.h" nogil:
         uint64_t heartbeat_ns
         uint32_t failed
         uint32_t failed_detail
+        uint64_t rings_offset
+        uint64_t server_idle
         uint64_t node_counters[64]
 
     ctypedef struct adapm_entry_t:

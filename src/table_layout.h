@@ -1,6 +1,7 @@
 /* Byte layout of a node's shared-memory parameter table (see docs/table.md).
  *
- *   [header: 4096 bytes][directory: num_keys x 24 bytes][worker blocks][value arena]
+ *   [header: 4096 bytes][directory: num_keys x 24 bytes][worker blocks][intent rings]
+ *   [value arena]
  *
  * The header and directory are fixed at creation. Every region starts on a
  * 64-byte boundary so that no two workers' counters share a cache line. */
@@ -10,10 +11,18 @@
 #include <stdint.h>
 
 #define ADAPM_MAGIC 0x31764d5041414441ULL /* "ADAAPMv1" little endian */
-#define ADAPM_LAYOUT_VERSION 1u
+#define ADAPM_LAYOUT_VERSION 2u
 #define ADAPM_HEADER_BYTES 4096u
 #define ADAPM_WORKER_BLOCK_SLOTS 64u      /* uint64 counters per worker: 512 bytes */
 #define ADAPM_NODE_COUNTER_SLOTS 64u
+/* One intent ring per worker: the worker appends intents, the node server takes them.
+ * Control words first (the head, written by the worker, and the tail, written by the
+ * server, a cache line apart), then the ring's words. */
+#define ADAPM_RING_CONTROL_WORDS 16u
+#define ADAPM_RING_HEAD 0u
+#define ADAPM_RING_TAIL 8u
+#define ADAPM_RING_WORDS 65536u          /* 512 KB per worker */
+#define ADAPM_RING_WRAP 0xFFFFFFFFFFFFFFFFULL /* "the next record starts at word 0" */
 
 /* Key states. Only the node server changes them. */
 #define ADAPM_ABSENT 0u   /* not held here: a miss, served remotely */
@@ -40,6 +49,9 @@ typedef struct {
     uint64_t heartbeat_ns;      /* server's CLOCK_MONOTONIC, refreshed every loop */
     uint32_t failed;            /* non-zero: the cluster failed, every call must raise */
     uint32_t failed_detail;     /* which node or worker, for the message */
+    uint64_t rings_offset;      /* the workers' intent rings */
+    uint64_t server_idle;       /* non-zero while the server sleeps without a deadline
+                                   soon: a worker that appends an intent wakes it */
     uint64_t node_counters[ADAPM_NODE_COUNTER_SLOTS];
 } adapm_header_t;
 
