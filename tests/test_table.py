@@ -205,3 +205,107 @@ def test_processes_lose_no_update_and_read_no_torn_vector(make_table):
     rows = out.reshape(8, 512)
     assert pushed > 0 and rows.sum() == pushed * 512
     assert (rows == rows[:, :1]).all()
+
+
+# -- intent rings: a worker hands intents to its server through the segment -------------
+
+def test_intent_ring_keeps_records_in_order_and_wraps(make_table):
+    from adapm._table import RING_RECORD_WORDS, RING_WORDS
+    view = make_table(workers=2).view
+    assert view.intent_take(0) == [] and not view.intents_queued()
+    rng = np.random.default_rng(0)
+    sent, taken = [], []
+    size = RING_WORDS // 7  # records that do not divide the ring: they must wrap
+    for i in range(40):
+        keys = rng.integers(0, 100, size=size - RING_RECORD_WORDS, dtype=np.uint64)
+        appended, wake = view.intent_append(1, i, i + 2, keys)
+        assert appended and not wake
+        sent.append((i, i + 2, keys))
+        if i % 3 == 2:  # the consumer falls behind, then catches up
+            assert view.intents_queued()
+            taken += view.intent_take(1)
+    taken += view.intent_take(1)
+    assert len(taken) == len(sent)
+    for (start, end, keys), (t_start, t_end, t_keys) in zip(sent, taken):
+        assert (start, end) == (t_start, t_end)
+        np.testing.assert_array_equal(keys, t_keys)
+    assert view.intent_take(0) == []  # worker 0's ring is separate
+
+
+def test_a_full_ring_refuses_and_a_sleeping_server_asks_to_be_woken(make_table):
+    from adapm._table import RING_WORDS
+    view = make_table(workers=1).view
+    big = np.zeros(RING_WORDS // 2, dtype=np.uint64)
+    assert view.intent_append(0, 0, 1, big)[0]
+    assert not view.intent_append(0, 1, 2, big)[0]           # no room until taken
+    assert not view.intent_append(0, 0, 1, np.zeros(RING_WORDS, np.uint64))[0]  # never fits
+    assert len(view.intent_take(0)) == 1
+    view.set_server_idle(True)
+    assert view.intent_append(0, 1, 2, big) == (True, True)  # fits; wake the server
+    view.set_server_idle(False)
+    # that record wrapped: the words it skipped and its own fill the ring until taken
+    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (False, False)
+    assert [start for start, _, _ in view.intent_take(0)] == [1]
+    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (True, False)
+    assert [start for start, _, _ in view.intent_take(0)] == [2]
+
+
+def test_a_corrupt_ring_is_dropped_with_an_error(make_table):
+    import mmap
+
+    import posix_ipc
+
+    from adapm._table import layout_sizes
+    table = make_table(workers=1)
+    view = table.view
+    assert view.intent_append(0, 5, 6, np.arange(4, dtype=np.uint64))[0]
+    shm = posix_ipc.SharedMemory(table.name)  # a second mapping, to break the record
+    mapping = mmap.mmap(shm.fd, shm.size)
+    shm.close_fd()
+    offset = layout_sizes(view.num_keys, view.num_workers, view.arena_capacity,
+                          view.dtype.itemsize)["rings_offset"]
+    ring = np.frombuffer(mapping, dtype=np.uint64, offset=offset, count=16 + 8)
+    ring[16 + 2] = 10**9  # the record's key count, past the end of what was written
+    with pytest.raises(ValueError, match="corrupt record length"):
+        view.intent_take(0)
+    assert view.intent_take(0) == []  # dropped, and the ring works again
+    assert view.intent_append(0, 7, 8, np.arange(2, dtype=np.uint64))[0]
+    (start, end, keys), = view.intent_take(0)
+    assert (start, end, keys.tolist()) == (7, 8, [0, 1])
+    del ring
+    mapping.close()
+
+
+def _intent_producer(name, rounds, q):
+    table = SharedTable.attach(name)
+    rng = np.random.default_rng(1)
+    fallback = 0
+    for i in range(rounds):
+        keys = rng.integers(0, 1000, size=rng.integers(1, 3000), dtype=np.uint64)
+        while not table.view.intent_append(0, i, i + 1, keys)[0]:
+            fallback += 1
+            time.sleep(0.0001)
+    table.close()
+    q.put(fallback)
+
+
+def test_intent_ring_between_processes_loses_and_tears_nothing(make_table):
+    table = make_table(workers=1)
+    q = multiprocessing.get_context("spawn").Queue()
+    rounds = 3000
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_intent_producer, args=(table.name, rounds, q))
+    proc.start()
+    rng = np.random.default_rng(1)
+    expected = [rng.integers(0, 1000, size=rng.integers(1, 3000), dtype=np.uint64)
+                for _ in range(rounds)]
+    taken = []
+    deadline = time.monotonic() + 40
+    while len(taken) < rounds and time.monotonic() < deadline:
+        taken += table.view.intent_take(0)
+    proc.join(10)
+    assert q.get(timeout=5) >= 0
+    assert len(taken) == rounds
+    for i, (start, end, keys) in enumerate(taken):
+        assert (start, end) == (i, i + 1)
+        np.testing.assert_array_equal(keys, expected[i])
