@@ -1,0 +1,567 @@
+"""Word embeddings by skip-gram with negative sampling (word2vec) on a parameter server.
+
+    python -m adapm.apps.word2vec --workers-per-node 2 --epochs 3
+    python -m adapm.apps.word2vec --text book.txt --min-count 5 --dim 64
+    adapm-launch --nodes 2 --num-keys K --value-length L -m adapm.apps.word2vec ...
+      (the app says which K and L when they do not match its options)
+
+Keys: the input vector of word i is key i, its output (context) vector key V + i, for a
+vocabulary of V words; key 2V is a metrics slot (each worker adds its epoch's loss and
+throughput to it, so that rank 0 reports the whole cluster's). A word key's value is
+[vector (dim) | AdaGrad accumulator (dim)], so the optimizer state travels with the key.
+
+Each worker trains on its shard of the corpus' sentences: every (centre, context) pair
+within `window` words is a positive example, and `negatives` output vectors drawn with
+w.prepare_sample(..., key_range=(V, 2V)) for the clock of the batch that uses them are
+the negative examples. prepare_sample draws uniformly, not from the unigram^0.75
+distribution of the original word2vec (see docs/app-word2vec.md). A minibatch pulls its
+keys, sums the gradients of duplicate keys and pushes the AdaGrad update (additive, so
+workers never overwrite each other). adapm.data.IntentLoader announces each batch's
+centre and context keys ahead of their use; the negatives are announced by
+prepare_sample itself, as far ahead as the loader announces batches.
+
+Data: a generated corpus (Zipf word frequencies, words in planted topics, each sentence
+drawn from one topic) or any plain-text file. Metrics: the training loss per epoch, the
+loss of held-out sentences' pairs with fixed negatives (trained against untrained), the
+nearest neighbours (cosine of input vectors) of the most frequent words and, for the
+generated corpus, the share of those neighbours in the word's own topic."""
+
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import click
+import numpy as np
+
+from adapm.apps.common import Progress, launched, start_cluster, sum_by_key
+from adapm.config import ENV_RANK, MODES
+from adapm.data import IntentLoader
+from adapm.initializers import initial_values
+
+APP = "word2vec"
+ADAGRAD_EPS = 1e-8
+TOP_K = 5                 # neighbours per probe word for the neighbour precision
+EVAL_BATCH = 8192         # held-out pairs per pull when measuring the held-out loss
+STATS_SLOTS = 6           # metrics slot: sums over workers of [loss, pairs, pairs/s, 1,
+                          # local key accesses, remote key accesses] of their training
+
+
+# -- data ---------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """Sentences of word ids: sentence s is tokens[starts[s]:starts[s + 1]]. Word ids are
+    ranks by frequency (0 = most frequent). `topics[i]` is word i's planted topic (generated
+    corpora only)."""
+
+    words: list
+    counts: np.ndarray
+    tokens: np.ndarray
+    starts: np.ndarray
+    topics: Optional[np.ndarray] = None
+
+    @property
+    def vocab_size(self):
+        return len(self.words)
+
+    @property
+    def num_sentences(self):
+        return self.starts.shape[0] - 1
+
+    def sentences(self, ids):
+        """(tokens, sentence label per token) of the sentences `ids`, in that order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        begin, end = self.starts[ids], self.starts[ids + 1]
+        lengths = end - begin
+        labels = np.repeat(np.arange(ids.shape[0]), lengths)
+        offsets = np.arange(labels.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return self.tokens[np.repeat(begin, lengths) + offsets], labels
+
+
+def synthetic(vocab, topics, sentences, length, noise, exponent, seed):
+    """A corpus with planted structure: word i (ids by expected frequency rank) has Zipf frequency
+    1/(i+1)^exponent and belongs to one of `topics` topics (a seeded shuffle, so every
+    topic has frequent and rare words). A sentence picks one topic (by its share of the
+    frequency mass) and draws its `length` words from that topic's words, by frequency;
+    each word is instead, with probability `noise`, drawn from the whole vocabulary. Words
+    of one topic co-occur, words of different topics only through noise. Word names are
+    tTT_JJJ: topic TT, the topic's JJJ-th most frequent word."""
+    if topics < 1 or vocab < topics:
+        raise ValueError(f"need 1 <= topics <= vocab, got {topics} topics, {vocab} words")
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, vocab + 1) ** exponent
+    topic_of = rng.permutation(np.arange(vocab) % topics)
+    members = [np.flatnonzero(topic_of == t) for t in range(topics)]
+    mass = np.array([weights[m].sum() for m in members])
+    sentence_topic = rng.choice(topics, size=sentences, p=mass / mass.sum())
+    tokens = np.empty((sentences, length), dtype=np.int64)
+    for t in range(topics):
+        rows = np.flatnonzero(sentence_topic == t)
+        cdf = np.cumsum(weights[members[t]])
+        draws = np.searchsorted(cdf, rng.random((rows.shape[0], length)) * cdf[-1])
+        tokens[rows] = members[t][np.minimum(draws, members[t].shape[0] - 1)]
+    cdf = np.cumsum(weights)
+    noisy = rng.random((sentences, length)) < noise
+    tokens[noisy] = np.minimum(np.searchsorted(cdf, rng.random(int(noisy.sum())) * cdf[-1]),
+                               vocab - 1)
+    within = np.empty(vocab, dtype=np.int64)
+    for m in members:
+        within[m] = np.arange(m.shape[0])
+    words = [f"t{topic_of[i]:02d}_{within[i]:03d}" for i in range(vocab)]
+    counts = np.bincount(tokens.reshape(-1), minlength=vocab)
+    starts = np.arange(0, sentences * length + 1, length, dtype=np.int64)
+    return Corpus(words, counts, tokens.reshape(-1).astype(np.int32), starts, topic_of)
+
+
+SENTENCE_END = re.compile(r"[.!?]+|\n[ \t\r\f\v]*\n")
+WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script); the rest separates words
+
+
+def read_text(path, min_count=5, max_vocab=0):
+    """A corpus from any plain-text file (UTF-8; undecodable bytes replaced). The text is
+    lowercased and split into sentences at . ! ? and blank lines, and into words at
+    anything that is not a letter. The vocabulary: words seen at least `min_count` times,
+    most frequent first (ties alphabetical), at most `max_vocab` of them (0: no limit).
+    Other words are dropped from the sentences (so a window spans over them), as are
+    sentences left with fewer than two words."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read().lower()
+    sentences = [WORD.findall(piece) for piece in SENTENCE_END.split(text)]
+    counts = Counter(word for sentence in sentences for word in sentence)
+    vocab = sorted((w for w, c in counts.items() if c >= min_count),
+                   key=lambda w: (-counts[w], w))
+    if max_vocab:
+        vocab = vocab[:max_vocab]
+    if len(vocab) < 2:
+        raise ValueError(f"{path}: {len(vocab)} word(s) occur at least {min_count} times; "
+                         "word2vec needs a vocabulary of 2 or more (lower --min-count)")
+    index = {w: i for i, w in enumerate(vocab)}
+    kept = [[index[w] for w in sentence if w in index] for sentence in sentences]
+    kept = [s for s in kept if len(s) >= 2]
+    if not kept:
+        raise ValueError(f"{path}: no sentence has two words of the vocabulary")
+    lengths = np.array([len(s) for s in kept], dtype=np.int64)
+    tokens = np.fromiter((i for s in kept for i in s), dtype=np.int32, count=int(lengths.sum()))
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return Corpus(vocab, np.bincount(tokens, minlength=len(vocab)), tokens, starts, None)
+
+
+def skipgram_pairs(tokens, labels, window):
+    """(centres, contexts): every ordered pair of words at most `window` apart within one
+    sentence (labels: the sentence of each token)."""
+    centres, contexts = [], []
+    for offset in range(1, window + 1):
+        same = labels[:-offset] == labels[offset:]
+        left, right = tokens[:-offset][same], tokens[offset:][same]
+        centres += [left, right]
+        contexts += [right, left]
+    if not centres:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return (np.concatenate(centres).astype(np.int64),
+            np.concatenate(contexts).astype(np.int64))
+
+
+def subsample(rng, corpus, tokens, labels, threshold):
+    """word2vec's subsampling of frequent words: an occurrence of a word of corpus frequency
+    f is kept with probability min(1, sqrt(threshold / f) + threshold / f)."""
+    if threshold <= 0:
+        return tokens, labels
+    f = corpus.counts / max(corpus.counts.sum(), 1)
+    ratio = threshold / np.maximum(f[tokens], 1e-12)
+    keep = rng.random(tokens.shape[0]) < np.sqrt(ratio) + ratio
+    return tokens[keep], labels[keep]
+
+
+def split_sentences(corpus, heldout):
+    """(training sentence ids, held-out sentence ids): the last `heldout` share is held out."""
+    n = corpus.num_sentences
+    cut = n - int(round(n * heldout))
+    return np.arange(cut), np.arange(cut, n)
+
+
+def heldout_pairs(corpus, opts):
+    """The held-out pairs (at most opts['heldout_pairs'], a seeded choice) and their fixed
+    negatives, output keys drawn uniformly like prepare_sample's: the same for every run
+    with this seed, whatever the number of nodes and workers."""
+    _, held = split_sentences(corpus, opts["heldout"])
+    centres, contexts = skipgram_pairs(*corpus.sentences(held), opts["window"])
+    rng = np.random.default_rng([opts["seed"], 7])
+    if centres.shape[0] > opts["heldout_pairs"]:
+        pick = np.sort(rng.choice(centres.shape[0], opts["heldout_pairs"], replace=False))
+        centres, contexts = centres[pick], contexts[pick]
+    v = corpus.vocab_size
+    negatives = rng.integers(v, 2 * v, size=(centres.shape[0], opts["negatives"]))
+    return centres, contexts, negatives
+
+
+# -- model --------------------------------------------------------------------------
+
+
+class EmbeddingInit:
+    """Initial values: input vectors (keys [0, V)) uniform in +-0.5/dim, seeded (as
+    init=("uniform", ...), so the same whatever the number of nodes); output vectors
+    (keys [V, 2V)), AdaGrad accumulators and the metrics slot (key 2V) zero."""
+
+    def __init__(self, vocab, dim, seed):
+        self.vocab, self.dim, self.seed = vocab, dim, seed
+
+    def __call__(self, keys):
+        keys = np.asarray(keys, dtype=np.uint64)
+        values = np.zeros((keys.shape[0], 2 * self.dim), dtype=np.float32)
+        inputs = np.flatnonzero(keys < self.vocab)
+        if inputs.shape[0]:
+            lengths = np.full(inputs.shape[0], self.dim, dtype=np.uint64)
+            half = 0.5 / self.dim
+            vectors = initial_values(("uniform", -half, half, self.seed), keys[inputs],
+                                     lengths, "float32")
+            values[inputs, :self.dim] = vectors.reshape(-1, self.dim)
+        return values
+
+
+def log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
+
+
+def sgns_step(w, centres, contexts, handle, vocab, dim, negatives, lr):
+    """One minibatch of skip-gram with negative sampling, AdaGrad. Loss per pair:
+    -log s(u_ctx . v_c) - sum_k log s(-u_neg_k . v_c). Returns the batch's summed loss."""
+    b = centres.shape[0]
+    neg_keys, neg_values = w.pull_sample(handle)  # b * negatives output keys, local
+    keys = np.concatenate([centres, vocab + contexts])
+    unique, inverse = np.unique(keys, return_inverse=True)
+    values = w.pull(unique)
+    v_c = values[inverse[:b], :dim]
+    u_o = values[inverse[b:], :dim]
+    u_n = neg_values[:, :dim].reshape(b, negatives, dim)
+    s_pos = np.einsum("ij,ij->i", v_c, u_o)
+    s_neg = np.einsum("ikj,ij->ik", u_n, v_c)
+    loss = float(-(log_sigmoid(s_pos).sum() + log_sigmoid(-s_neg).sum()))
+    g_pos = sigmoid(s_pos) - 1.0          # dloss / ds_pos
+    g_neg = sigmoid(s_neg)                # dloss / ds_neg
+    grads = np.concatenate([
+        g_pos[:, None] * u_o + np.einsum("ik,ikj->ij", g_neg, u_n),   # centres' inputs
+        g_pos[:, None] * v_c,                                         # contexts' outputs
+        (g_neg[:, :, None] * v_c[:, None, :]).reshape(-1, dim),       # negatives' outputs
+    ])
+    all_keys = np.concatenate([unique[inverse], neg_keys.astype(np.int64)])
+    accums = np.concatenate([values[inverse, dim:], neg_values[:, dim:]])
+    keys, where = np.unique(all_keys, return_inverse=True)
+    g = sum_by_key(where, grads, keys.shape[0])
+    accum = np.empty_like(g)
+    accum[where] = accums  # each key's accumulator (its copies agree)
+    g2 = g * g
+    update = np.empty((keys.shape[0], 2 * dim), dtype=np.float32)
+    update[:, :dim] = -lr * g / np.sqrt(accum + g2 + ADAGRAD_EPS)
+    update[:, dim:] = g2
+    w.push(keys, update)
+    return loss
+
+
+def pair_loss(w, vocab, dim, centres, contexts, negatives):
+    """Mean loss per pair of (centres, contexts) with the given negative output keys."""
+    total = 0.0
+    for start in range(0, centres.shape[0], EVAL_BATCH):
+        sl = slice(start, start + EVAL_BATCH)
+        v_c = w.pull(centres[sl])[:, :dim]
+        u_o = w.pull(vocab + contexts[sl])[:, :dim]
+        neg = negatives[sl]
+        u_n = w.pull(neg.reshape(-1))[:, :dim].reshape(neg.shape[0], neg.shape[1], dim)
+        total -= float(log_sigmoid(np.einsum("ij,ij->i", v_c, u_o)).sum())
+        total -= float(log_sigmoid(-np.einsum("ikj,ij->ik", u_n, v_c)).sum())
+    return total / max(centres.shape[0], 1)
+
+
+def nearest(vectors, probes, k):
+    """For each probe word: its k nearest words by cosine of the vectors, (ids, cosines)."""
+    norms = np.linalg.norm(vectors, axis=1)
+    unit = vectors / np.maximum(norms, 1e-12)[:, None]
+    sims = unit[probes] @ unit.T
+    sims[np.arange(len(probes)), probes] = -np.inf  # not itself
+    k = min(k, vectors.shape[0] - 1)
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    return top, np.take_along_axis(sims, top, axis=1)
+
+
+def neighbour_report(w, corpus, opts):
+    """Neighbours of the most frequent words; for a generated corpus also the neighbour
+    precision (share of the TOP_K neighbours of each of the `probes` most frequent words
+    that are in its planted topic) and its chance level."""
+    v, dim = corpus.vocab_size, opts["dim"]
+    vectors = w.pull(np.arange(v))[:, :dim].astype(np.float64)
+    shown, probed = min(opts["show"], v), min(opts["probes"], v)
+    top, sims = nearest(vectors, np.arange(max(shown, probed)), TOP_K)
+    lines = []
+    for i in range(shown):
+        near = ", ".join(f"{corpus.words[j]} {s:.2f}" for j, s in zip(top[i], sims[i]))
+        lines.append(f"{corpus.words[i]}: {near}")
+    precision = chance = None
+    if corpus.topics is not None and probed:
+        topics, probes = corpus.topics, np.arange(probed)
+        precision = float((topics[top[:probed]] == topics[probes, None]).mean())
+        sizes = np.bincount(topics)
+        chance = float(((sizes[topics[probes]] - 1) / (v - 1)).mean())
+    return lines, precision, chance, probed
+
+
+# -- training -----------------------------------------------------------------------
+
+
+def epoch_batches(rng, corpus, sentences, opts):
+    """This epoch's minibatches: (centres, contexts) of the shard's sentences (frequent
+    words subsampled anew each epoch), shuffled."""
+    tokens, labels = corpus.sentences(sentences)
+    tokens, labels = subsample(rng, corpus, tokens, labels, opts["subsample"])
+    centres, contexts = skipgram_pairs(tokens, labels, opts["window"])
+    order = rng.permutation(centres.shape[0])
+    size = opts["batch"]
+    return [(centres[order[s:s + size]], contexts[order[s:s + size]])
+            for s in range(0, order.shape[0], size)]
+
+
+def access_counts(w):
+    """(local, remote) key accesses of this worker so far."""
+    stats = w.stats()
+    return np.array([stats["pulls_local"] + stats["pushes_local"],
+                     stats["pulls_remote"] + stats["pushes_remote"]], dtype=np.float64)
+
+
+class Negatives:
+    """The negatives of an epoch's batches (batch i used at clock first + i, as
+    IntentLoader numbers them): `sizes[i]` output keys drawn with w.prepare_sample for that
+    clock, so they are announced as an intent the moment they are drawn."""
+
+    def __init__(self, w, sizes, key_range):
+        self.w, self.sizes, self.key_range = w, sizes, key_range
+        self.first = self.next = w.clock
+        self.handles = {}  # clock -> handle
+
+    def prepare(self, until):
+        """Draw the negatives of every clock up to `until` not drawn yet."""
+        until = min(until, self.first + len(self.sizes) - 1)
+        while self.next <= until:
+            self.handles[self.next] = self.w.prepare_sample(
+                self.sizes[self.next - self.first], self.next, key_range=self.key_range)
+            self.next += 1
+
+    def take(self, clock):
+        self.prepare(clock)
+        return self.handles.pop(clock)
+
+
+def train(w, opts):
+    """The task every worker runs. Rank 0 returns the metrics (a dict), the others None."""
+    corpus = opts["corpus"]
+    v, dim, k = corpus.vocab_size, opts["dim"], opts["negatives"]
+    stats_key = np.array([2 * v])
+    train_ids, _ = split_sentences(corpus, opts["heldout"])
+    shard = train_ids[w.rank::w.num_workers]
+    held = heldout_pairs(corpus, opts) if w.rank == 0 else None
+    before = pair_loss(w, v, dim, *held) if w.rank == 0 else None
+    w.barrier()  # nobody trains before the untrained model is measured
+    rng = np.random.default_rng([opts["seed"], 1, w.rank])
+    progress = None
+    totals = np.zeros(STATS_SLOTS)
+    log, train_losses, heldout_losses, rates, shares = [], [], [], [], []
+    for epoch in range(opts["epochs"]):
+        batches = epoch_batches(rng, corpus, shard, opts)
+        pairs = sum(c.shape[0] for c, _ in batches)
+        if progress is None:
+            progress = Progress(APP, pairs * opts["epochs"], unit="pairs",
+                                enabled=w.rank == 0)
+        loader = IntentLoader(w, batches, keys_of=lambda b: np.concatenate([b[0], v + b[1]]),
+                              lookahead=opts["lookahead"])
+        negatives = Negatives(w, [c.shape[0] * k for c, _ in batches], (v, 2 * v))
+        loss_sum, counts, t0 = 0.0, access_counts(w), time.perf_counter()
+        for centres, contexts in loader:
+            negatives.prepare(w.clock + loader.ahead())
+            loss_sum += sgns_step(w, centres, contexts, negatives.take(w.clock), v, dim, k,
+                                  opts["lr"])
+            progress.update(centres.shape[0], prefix=f"epoch {epoch + 1}: ")
+        elapsed = time.perf_counter() - t0
+        local, remote = access_counts(w) - counts
+        mine = np.zeros((1, 2 * dim), dtype=np.float32)
+        mine[0, :STATS_SLOTS] = [loss_sum, pairs, pairs / max(elapsed, 1e-9), 1.0, local,
+                                 remote]
+        w.push(stats_key, mine)
+        w.wait_sync()
+        w.barrier()
+        if w.rank == 0:
+            now = w.pull(stats_key)[0, :STATS_SLOTS].astype(np.float64)
+            loss, done, rate, workers, local, remote = now - totals
+            totals = now
+            train_losses.append(loss / max(done, 1))
+            rates.append(rate / workers)
+            shares.append(local / max(local + remote, 1))
+            heldout_losses.append(pair_loss(w, v, dim, *held))
+            text = (f"epoch {epoch + 1}/{opts['epochs']}: training loss "
+                    f"{train_losses[-1]:.4f}, held-out loss {heldout_losses[-1]:.4f}, "
+                    f"{rates[-1]:,.0f} pairs/s per worker, {shares[-1]:.1%} of key "
+                    "accesses local")
+            print(f"[{APP}] {text}", flush=True)
+            log.append(text)
+        w.barrier()
+    if w.rank != 0:
+        return None
+    neighbours, precision, chance, probed = neighbour_report(w, corpus, opts)
+    return dict(log=log, heldout_before=before,
+                heldout_after=heldout_losses[-1] if heldout_losses else before,
+                train_losses=train_losses, heldout_losses=heldout_losses,
+                pairs_per_s=rates, local_share=shares, neighbours=neighbours, precision=precision,
+                chance=chance, probes=probed, stats=w.stats())
+
+
+# -- running ------------------------------------------------------------------------
+
+
+DEFAULTS = dict(text=None, min_count=5, max_vocab=0, vocab=2000, topics=20, sentences=20_000,
+                sentence_length=10, noise=0.1, zipf=1.0, heldout=0.05, heldout_pairs=20_000,
+                dim=32, window=2, negatives=5, subsample=0.0, epochs=3, batch=1024, lr=0.1,
+                lookahead=None, probes=100, show=5, seed=0)
+
+
+def build_corpus(opts):
+    if opts["text"]:
+        return read_text(opts["text"], opts["min_count"], opts["max_vocab"])
+    return synthetic(opts["vocab"], opts["topics"], opts["sentences"],
+                     opts["sentence_length"], opts["noise"], opts["zipf"], opts["seed"])
+
+
+MIN_DIM = (STATS_SLOTS + 1) // 2  # the metrics slot must fit in a value
+
+
+def check(opts):
+    """ValueError for options the app cannot train with."""
+    for name, low in (("dim", MIN_DIM), ("window", 1), ("negatives", 1), ("epochs", 1),
+                      ("batch", 1), ("heldout_pairs", 1)):
+        if opts[name] < low:
+            raise ValueError(f"{name} must be >= {low}, got {opts[name]}")
+    if not 0 < opts["heldout"] < 1:
+        raise ValueError(f"heldout must be in (0, 1), got {opts['heldout']}")
+
+
+def check_heldout(corpus, opts):
+    if heldout_pairs(corpus, opts)[0].shape[0] == 0:
+        raise ValueError("the held-out sentences have no pairs: raise --heldout or give a "
+                         "larger corpus")
+
+
+def table_shape(vocab, dim):
+    """(num_keys, value_length) of the table for a vocabulary of `vocab` words."""
+    return 2 * vocab + 1, 2 * dim
+
+
+def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **changes):
+    """Train with `opts` (DEFAULTS updated by `changes`) on `corpus` (default: built from
+    opts). Returns rank 0's metrics (under adapm-launch: None in the other workers)."""
+    opts = dict(DEFAULTS, **(opts or {}), **changes)
+    check(opts)
+    corpus = corpus if corpus is not None else build_corpus(opts)
+    check_heldout(corpus, opts)
+    num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"])
+    results = start_cluster(APP, train, dict(opts, corpus=corpus), num_keys, value_length,
+                            EmbeddingInit(corpus.vocab_size, opts["dim"], opts["seed"]),
+                            nodes, workers_per_node, mode)
+    return results[0] if results else None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--nodes", default=1, show_default=True, help="nodes of the local cluster")
+@click.option("--workers-per-node", default=2, show_default=True)
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="train on this plain-text file instead of a generated corpus")
+@click.option("--min-count", default=DEFAULTS["min_count"], show_default=True,
+              help="--text: words seen fewer times are dropped")
+@click.option("--max-vocab", default=DEFAULTS["max_vocab"], show_default=True,
+              help="--text: keep at most this many words, most frequent first (0: all)")
+@click.option("--vocab", default=DEFAULTS["vocab"], show_default=True,
+              help="generated corpus: words")
+@click.option("--topics", default=DEFAULTS["topics"], show_default=True,
+              help="generated corpus: planted topics")
+@click.option("--sentences", default=DEFAULTS["sentences"], show_default=True,
+              help="generated corpus: sentences")
+@click.option("--sentence-length", default=DEFAULTS["sentence_length"], show_default=True,
+              help="generated corpus: words per sentence")
+@click.option("--noise", default=DEFAULTS["noise"], show_default=True,
+              help="generated corpus: share of words drawn from the whole vocabulary")
+@click.option("--zipf", default=DEFAULTS["zipf"], show_default=True,
+              help="generated corpus: Zipf exponent of the word frequencies")
+@click.option("--heldout", default=DEFAULTS["heldout"], show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="share of the sentences held out for the held-out loss")
+@click.option("--heldout-pairs", default=DEFAULTS["heldout_pairs"],
+              type=click.IntRange(min=1), show_default=True,
+              help="at most this many held-out pairs are scored")
+@click.option("--dim", default=DEFAULTS["dim"],
+              type=click.IntRange(min=MIN_DIM), show_default=True, help="vector dimension")
+@click.option("--window", default=DEFAULTS["window"],
+              type=click.IntRange(min=1), show_default=True,
+              help="context words on each side")
+@click.option("--negatives", default=DEFAULTS["negatives"],
+              type=click.IntRange(min=1), show_default=True,
+              help="negative samples per pair")
+@click.option("--subsample", default=DEFAULTS["subsample"], show_default=True,
+              help="subsampling threshold of frequent words (word2vec's -sample; 0: off)")
+@click.option("--epochs", default=DEFAULTS["epochs"],
+              type=click.IntRange(min=1), show_default=True)
+@click.option("--batch", default=DEFAULTS["batch"],
+              type=click.IntRange(min=1), show_default=True, help="pairs per batch")
+@click.option("--lr", default=DEFAULTS["lr"], show_default=True, help="AdaGrad learning rate")
+@click.option("--lookahead", type=int, default=None,
+              help="batches announced ahead (intents and negatives); default: adapted")
+@click.option("--probes", default=DEFAULTS["probes"], type=click.IntRange(min=1),
+              show_default=True,
+              help="most frequent words whose neighbours the precision is measured on")
+@click.option("--show", default=DEFAULTS["show"], type=click.IntRange(min=0),
+              show_default=True,
+              help="most frequent words whose neighbours are printed")
+@click.option("--mode", type=click.Choice(MODES), default="adaptive", show_default=True)
+@click.option("--seed", default=DEFAULTS["seed"], show_default=True)
+def main(nodes, workers_per_node, mode, **opts):
+    """Train word vectors (skip-gram, negative sampling) and report the held-out loss and
+    nearest neighbours."""
+    opts = dict(DEFAULTS, **opts)
+    try:
+        check(opts)
+        corpus = build_corpus(opts)
+        check_heldout(corpus, opts)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    source = opts["text"] or (f"generated corpus ({opts['topics']} topics, Zipf "
+                              f"{opts['zipf']}, noise {opts['noise']})")
+    num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"])
+    if not launched() or int(os.environ[ENV_RANK]) == 0:
+        shape = "" if launched() else f"; {nodes} node(s) x {workers_per_node} worker(s)"
+        print(f"[{APP}] {source}: {corpus.vocab_size:,} words, {corpus.tokens.shape[0]:,} "
+              f"tokens, {corpus.num_sentences:,} sentences; table of {num_keys:,} keys x "
+              f"{value_length}{shape}, mode {mode}", flush=True)
+    start = time.perf_counter()
+    result = run(opts, nodes, workers_per_node, mode, corpus=corpus)
+    if result is None:
+        return  # a worker other than rank 0 under adapm-launch: rank 0 reports
+    print(f"[{APP}] done in {time.perf_counter() - start:.1f} s: held-out loss "
+          f"{result['heldout_before']:.4f} untrained -> {result['heldout_after']:.4f} "
+          f"trained; in training {result['local_share'][-1]:.1%} of key accesses were "
+          "local (last epoch, all workers)", flush=True)
+    print(f"[{APP}] nearest neighbours (cosine):", flush=True)
+    for line in result["neighbours"]:
+        print(f"[{APP}]   {line}", flush=True)
+    if result["precision"] is not None:
+        print(f"[{APP}] neighbour precision: {result['precision']:.1%} of the {TOP_K} nearest "
+              f"neighbours of the {result['probes']} most frequent words are in their topic "
+              f"(chance {result['chance']:.1%})", flush=True)
+    if not result["heldout_after"] < result["heldout_before"]:
+        raise SystemExit(f"[{APP}] training did not improve the held-out loss")
+
+
+if __name__ == "__main__":
+    main()
