@@ -10,6 +10,7 @@ An app is one module with a `train(w, opts)` task that every worker runs and a c
   --num-keys/--value-length to pass if not), and its workers write the initial values
   themselves (each its share of the keys), so `--init` must be left at zeros."""
 
+import json
 import os
 import sys
 import time
@@ -96,6 +97,53 @@ def sum_by_key(inverse, grads, n_unique):
     starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
     out[sorted_inv[starts]] = np.add.reduceat(grads[order], starts, axis=0)
     return out
+
+
+class AccessCounter:
+    """Key accesses of this worker and bytes its node sent, over chosen spans only (the
+    training loops, not the evaluations)."""
+
+    def __init__(self):
+        self.local = self.remote = self.node_bytes_sent = 0
+        self._at = None
+
+    def begin(self, w):
+        self._at = w.stats()
+
+    def end(self, w):
+        now, then = w.stats(), self._at
+        self.local += sum(now[k] - then[k] for k in ("pulls_local", "pushes_local"))
+        self.remote += sum(now[k] - then[k] for k in ("pulls_remote", "pushes_remote"))
+        self.node_bytes_sent += now["node"]["bytes_sent"] - then["node"]["bytes_sent"]
+
+    def as_dict(self):
+        return {"local": self.local, "remote": self.remote,
+                "node_bytes_sent": self.node_bytes_sent}
+
+
+def throughput_summary(results):
+    """What every app reports, over the workers' results (each with points, seconds,
+    node and accesses from an AccessCounter): data points/s of the whole cluster (every
+    worker's points over the slowest worker's training time), the share of local key
+    accesses and the bytes sent between nodes (every node's, when all workers' results
+    are here)."""
+    points = sum(res["points"] for res in results)
+    seconds = max(res["seconds"] for res in results)
+    local = sum(res["accesses"]["local"] for res in results)
+    remote = sum(res["accesses"]["remote"] for res in results)
+    node_bytes = {res["node"]: res["accesses"]["node_bytes_sent"] for res in results}
+    return {"data_points_per_s": points / max(seconds, 1e-9), "points": points,
+            "seconds": seconds, "local_share": local / max(local + remote, 1),
+            "bytes_sent": sum(node_bytes.values()), "workers": len(results)}
+
+
+def save_worker_result(opts, w, result):
+    """With opts["worker_json"] = PREFIX, every worker writes its own result to
+    PREFIX.rankR.json (launched runs: the apps' finish() combines them elsewhere)."""
+    if opts.get("worker_json"):
+        with open(f"{opts['worker_json']}.rank{w.rank}.json", "w") as f:
+            json.dump(result, f)
+    return result
 
 
 def access_summary(stats):

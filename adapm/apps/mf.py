@@ -28,7 +28,15 @@ import time
 import click
 import numpy as np
 
-from adapm.apps.common import Progress, start_cluster, sum_by_key, zipf_ids
+from adapm.apps.common import (
+    AccessCounter,
+    Progress,
+    save_worker_result,
+    start_cluster,
+    sum_by_key,
+    throughput_summary,
+    zipf_ids,
+)
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
 
@@ -206,10 +214,7 @@ def train(w, opts):
     after = rmse(w, rows, rank, test) if w.rank == 0 else None
     result = {"points": opts["epochs"] * len(y), "seconds": seconds, "before": before,
               "after": after, "log": log, "node": w.node, "accesses": accesses.as_dict()}
-    if opts.get("worker_json"):  # every worker's own figures, for finish() elsewhere
-        with open(f"{opts['worker_json']}.rank{w.rank}.json", "w") as f:
-            json.dump(result, f)
-    return result
+    return save_worker_result(opts, w, result)
 
 
 class ArrayTable:
@@ -271,42 +276,11 @@ def run(opts, nodes=1, workers_per_node=1, mode="adaptive"):
 
 
 def finish(results):
-    """Summary over the workers' results: data points/s of the whole cluster (points of
-    every worker over the slowest worker's training time), RMSE, and, counted over the
-    training loops only (not the evaluations), the share of local key accesses and the
-    bytes sent between nodes (every node's, when all workers' results are here)."""
+    """Summary over the workers' results: throughput, local share and bytes
+    (common.throughput_summary) and the test RMSE before and after training."""
     first = results[0]
-    points = sum(res["points"] for res in results)
-    seconds = max(res["seconds"] for res in results)
-    local = sum(res["accesses"]["local"] for res in results)
-    remote = sum(res["accesses"]["remote"] for res in results)
-    node_bytes = {res["node"]: res["accesses"]["node_bytes_sent"] for res in results}
-    return {"data_points_per_s": points / seconds, "points": points, "seconds": seconds,
-            "rmse_before": first["before"], "rmse_after": first["after"],
-            "local_share": local / max(local + remote, 1),
-            "bytes_sent": sum(node_bytes.values()), "workers": len(results),
-            "log": first["log"]}
-
-
-class AccessCounter:
-    """Key accesses of this worker and bytes its node sent, over chosen spans only."""
-
-    def __init__(self):
-        self.local = self.remote = self.node_bytes_sent = 0
-        self._at = None
-
-    def begin(self, w):
-        self._at = w.stats()
-
-    def end(self, w):
-        now, then = w.stats(), self._at
-        self.local += sum(now[k] - then[k] for k in ("pulls_local", "pushes_local"))
-        self.remote += sum(now[k] - then[k] for k in ("pulls_remote", "pushes_remote"))
-        self.node_bytes_sent += now["node"]["bytes_sent"] - then["node"]["bytes_sent"]
-
-    def as_dict(self):
-        return {"local": self.local, "remote": self.remote,
-                "node_bytes_sent": self.node_bytes_sent}
+    return {**throughput_summary(results), "rmse_before": first["before"],
+            "rmse_after": first["after"], "log": first["log"]}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
