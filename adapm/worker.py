@@ -308,12 +308,16 @@ class Worker:
         not usable although the location cache names this node is a broken invariant."""
         misses = np.empty(keys.shape[0], dtype=np.uint64)
         for _ in range(1000):
-            if what == "pull":
+            if what == "pull":  # a pull may simply be read again, whole
                 nmiss = self._view.pull(keys, values, misses)
             else:
                 nmiss = self._view.update(keys, values, misses, additive)
             if nmiss == 0:
                 return
+            if what != "pull":  # the keys updated now must not be updated again
+                missed = misses[:nmiss].astype(np.intp)
+                values = Segments.of(self._view, keys).take(values, missed)
+                keys = keys[missed]
             time.sleep(0.001)  # a state change under way: it completes in microseconds
         bad = keys[misses[:nmiss].astype(np.intp)]
         raise ClusterError(f"node {self.node}, worker {self.rank}: {what} of keys "
