@@ -379,31 +379,42 @@ class Placement:
     def absorb_copies(self, keys, values):
         """Keys arriving as owned (a MOVE) that this node holds as REPLICA or PENDING:
         add the updates made here since the last flush to the arriving values, and free
-        the copies' slots, so that the keys can be installed as owned."""
+        the copies' slots, so that the keys can be installed as owned.
+
+        Each copy is released (made ABSENT, under its lock) before its local updates are
+        read: from then on no worker writes its slot (a worker's push misses and goes to
+        the owner, which forwards it here), so no update can land between the reading and
+        the release and be lost."""
         states = np.empty(keys.shape[0], dtype=np.uint8)
         self.view.states_of(keys, states)
         mine = (states == REPLICA) | (states == PENDING)
         if not mine.any():
             return values
-        idx = np.flatnonzero(mine)
-        held = keys[idx]
-        synced = self.synced[held.astype(np.intp)]
-        local = np.empty(self.view.total_length(held), dtype=self.view.dtype)
-        self.view.replica_deltas(held, synced, local)
         values = np.array(values, dtype=self.view.dtype)
         segments = Segments.of(self.view, keys)
-        segments.put(values, idx, segments.take(values, idx) + local)
+        arena = self.view.arena_array()
+        lengths_of = self.view.directory_array()["length"]
         for state in (PENDING, REPLICA):
+            idx = np.flatnonzero(states == state)
+            if idx.shape[0] == 0:
+                continue
+            held = keys[idx]
             offsets = np.zeros(held.shape[0], dtype=np.uint64)
             released = np.zeros(held.shape[0], dtype=np.uint8)
             self.view.release(held, state, offsets, released)
             gone = released.astype(bool)
-            lengths = self.view.directory_array()["length"][held[gone]].astype(np.uint64)
-            self.table.allocator.free(offsets[gone], lengths)
-            self.table.allocator.free(synced[gone], lengths)
-        self.pending.difference_update(held.tolist())
-        self.replica_keys.difference_update(held.tolist())
+            held, idx, offsets = held[gone], idx[gone], offsets[gone]
+            synced = self.synced[held.astype(np.intp)]
+            lengths = lengths_of[held].astype(np.uint64)
+            local = arena[element_index(offsets, lengths)] - \
+                arena[element_index(synced, lengths)]
+            segments.put(values, idx, segments.take(values, idx) + local)
+            self.table.allocator.free(offsets, lengths)
+            self.table.allocator.free(synced, lengths)
+            self.pending.difference_update(held.tolist())
+            self.replica_keys.difference_update(held.tolist())
         return values
+
 
 class _Deltas:
     """The deltas of a SYNC: values only for keys flagged HAS_DELTA, in key order."""

@@ -208,3 +208,39 @@ def test_far_future_and_passed_intents_do_not_act():
     (remote, node), _ = adapm.run(timing, nodes=2, num_keys=20)
     assert remote == 6
     assert node["relocations"] == 0 and node["replicas_made"] == 0
+
+
+KEYS_MOVED = 400
+
+
+def relocation_under_replica_pushes(w, rounds):
+    """Both nodes intend the same keys (so both hold them, one as owner, one as a
+    replica) and push to them all the time, while one worker of each node keeps pulling
+    a part of them over to its node: a relocation arrives at a node whose workers are
+    writing to their replica of those very keys."""
+    keys = np.arange(KEYS_MOVED)
+    rng = np.random.default_rng(w.rank)
+    ones = np.ones((KEYS_MOVED, D))
+    for step in range(rounds):
+        w.intent(keys, w.clock, w.clock + 3)
+        if w.local_rank == 0 and step % 2 == 1:
+            w.localize(rng.choice(keys, size=KEYS_MOVED // 2, replace=False))
+        else:
+            for _ in range(5):
+                w.push(keys, ones)
+        w.advance_clock()
+    w.wait_sync()
+    w.barrier()
+    return w.pull(keys), w.stats()
+
+
+def test_no_update_is_lost_when_a_key_arrives_where_a_replica_is_being_written():
+    rounds = 200
+    results = adapm.run(relocation_under_replica_pushes, args=(rounds,), nodes=2,
+                        workers_per_node=2, num_keys=KEYS_MOVED, value_length=D,
+                        mode="adaptive")
+    pushes = 5 * (2 * rounds + 2 * (rounds // 2))  # local rank 1 every step, 0 every other
+    for table, _ in results:
+        np.testing.assert_array_equal(table, np.full((KEYS_MOVED, D), float(pushes)))
+    node = results[0][1]["node"]
+    assert node["relocations"] > 0 and node["replicas_made"] > 0

@@ -1,4 +1,6 @@
 """Sampling access: uniform draws (tested statistically) that are local when pulled."""
+import time
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,7 @@ def negative_sampling_task(w, steps, ahead, per_step):
         handles[clock + ahead] = w.prepare_sample(per_step, clock + ahead)
         keys, values = w.pull_sample(handles.pop(clock))
         w.push(keys, np.full_like(values, 0.5))
+        time.sleep(0.001)  # the step's computation: 8 clocks ahead is then ~10 ms
         w.advance_clock()
         if clock % 20 == 0:
             w.wait_sync()
