@@ -47,8 +47,9 @@ MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
 # Replicas are synced (delta up, value down when behind) at most this often, unless a
 # wait_sync or a barrier needs a full exchange; rounds in between carry only new requests
 # and drops. Hot replicas are rewritten all the time, and syncing them faster than this
-# buys little staleness for a lot of traffic.
-REFRESH_INTERVAL = 0.005
+# buys little staleness for a lot of traffic: on benchmark B5 (MF), 5 ms sent 40 MB per
+# epoch, 20 ms 31 MB at the same speed and test error, 50 ms 24 MB but 0.6% worse error.
+REFRESH_INTERVAL = 0.02
 
 
 class Placement:
