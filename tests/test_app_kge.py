@@ -141,6 +141,7 @@ def test_tsv_files_round_trip(tmp_path):
 
 
 def test_command_line_generates_saves_and_trains_from_files_launched(tmp_path):
+    # (run outside the checkout, whose adapm/ folder would shadow the installed package)
     small = ["--entities", "400", "--relations", "6", "--triples", "6000", "--clusters", "8",
              "--dim", "8", "--epochs", "3", "--batch", "128", "--valid-sample", "100"]
     # no validation split: every entity is in train.tsv or test.tsv, so the launched run
@@ -150,7 +151,7 @@ def test_command_line_generates_saves_and_trains_from_files_launched(tmp_path):
         [sys.executable, "-m", "adapm.apps.kge", *small, "--nodes", "1",
          "--workers-per-node", "2", "--valid-fraction", "0", "--save-data", str(tmp_path),
          "--json", str(out)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "data points (triples)/s per worker" in proc.stdout
     assert "test filtered MRR" in proc.stdout and "(untrained: " in proc.stdout
@@ -162,7 +163,7 @@ def test_command_line_generates_saves_and_trains_from_files_launched(tmp_path):
          "-m", "adapm.apps.kge", "--train-file", str(tmp_path / "train.tsv"),
          "--test-file", str(tmp_path / "test.tsv"), "--dim", "8", "--epochs", "3",
          "--batch", "128", "--valid-sample", "0"],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 node(s) x 1 worker(s)" in proc.stdout
     assert "test filtered MRR" in proc.stdout
@@ -170,6 +171,6 @@ def test_command_line_generates_saves_and_trains_from_files_launched(tmp_path):
     proc = subprocess.run(
         [LAUNCHER, "--nodes", "1", "--num-keys", "100", "--value-length", "32",
          "-m", "adapm.apps.kge", "--train-file", str(tmp_path / "train.tsv"), "--dim", "8"],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "--num-keys 406 --value-length 32" in proc.stdout + proc.stderr

@@ -57,17 +57,18 @@ def test_matrix_market_round_trip(tmp_path):
 
 
 def test_cli_trains_from_files_it_wrote(tmp_path):
+    # run outside the checkout, whose adapm/ folder would shadow the installed package
     small = ["--rows", "300", "--cols", "100", "--train", "8000", "--test", "800",
              "--rank", "4", "--epochs", "2"]
     subprocess.run([sys.executable, "-m", "adapm.apps.mf", *small, "--plain",
                     "--save-data", str(tmp_path)], check=True, timeout=120,
-                   capture_output=True)
+                   capture_output=True, cwd=tmp_path)
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "adapm.apps.mf", "--data", str(tmp_path / "train.mtx"),
          "--test-data", str(tmp_path / "test.mtx"), "--rank", "4", "--epochs", "2",
          "--nodes", "2", "--workers-per-node", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "data points/s" in proc.stdout and "test RMSE" in proc.stdout
     result = json.loads(out.read_text())

@@ -182,15 +182,16 @@ def test_two_nodes_reach_the_one_node_quality(one_node):
 # -- the command line -----------------------------------------------------------------
 
 
-def command(args, timeout=120):
+def command(args, cwd, timeout=120):
+    """Run outside the checkout, whose adapm/ folder would shadow the installed package."""
     proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
     return proc.returncode, proc.stdout
 
 
-def test_cli_runs_end_to_end():
+def test_cli_runs_end_to_end(tmp_path):
     rc, out = command([sys.executable, "-m", "adapm.apps.word2vec", "--workers-per-node",
-                       "2", *TINY_ARGS])
+                       "2", *TINY_ARGS], tmp_path)
     assert rc == 0, out
     assert "1 node(s) x 2 worker(s)" in out
     assert "epoch 2/2: training loss" in out and "pairs/s per worker" in out
@@ -219,20 +220,20 @@ def test_cli_trains_on_a_text_file(tmp_path):
     assert read.tokens.shape[0] == corpus.tokens.shape[0]
     rc, out = command([sys.executable, "-m", "adapm.apps.word2vec", "--workers-per-node",
                        "1", "--text", str(path), "--min-count", "1", "--dim", "16",
-                       "--epochs", "2", "--batch", "256", "--heldout", "0.1"])
+                       "--epochs", "2", "--batch", "256", "--heldout", "0.1"], tmp_path)
     assert rc == 0, out
     assert f"{path}: {read.vocab_size:,} words" in out
     assert "untrained ->" in out and "neighbour precision" not in out  # no topics known
 
 
-def test_runs_under_adapm_launch_on_two_nodes():
+def test_runs_under_adapm_launch_on_two_nodes(tmp_path):
     num_keys, value_length = word2vec.table_shape(300, 16)
     rc, out = command([LAUNCHER, "--nodes", "2", "--workers-per-node", "1", "--num-keys",
                        str(num_keys), "--value-length", str(value_length), "-m",
-                       "adapm.apps.word2vec", *TINY_ARGS])
+                       "adapm.apps.word2vec", *TINY_ARGS], tmp_path)
     assert rc == 0, out
     assert out.count("untrained ->") == 1 and "[n0 w0] [word2vec] done in" in out
     assert "neighbour precision" in out
     rc, out = command([LAUNCHER, "--num-keys", str(num_keys - 1), "--value-length",
-                       str(value_length), "-m", "adapm.apps.word2vec", *TINY_ARGS])
+                       str(value_length), "-m", "adapm.apps.word2vec", *TINY_ARGS], tmp_path)
     assert rc != 0 and f"--num-keys {num_keys} --value-length {value_length}" in out
