@@ -24,7 +24,10 @@ class IntentStore:
         self._by_worker = [[] for _ in range(num_workers)]  # sorted by start
         self._next_due = [0] * num_workers                  # first intent not acted on
         # How many unexpired intents name each key (a key named twice counts twice).
-        self.count = np.zeros(num_keys, dtype=np.int32)
+        # Intents come and go one batch at a time, thousands a second: their keys are
+        # queued and counted in one pass when the counts are read (about once a round).
+        self._count = np.zeros(num_keys, dtype=np.int32)
+        self._added, self._removed = [], []
         self.received = 0  # keys signalled, over the node's lifetime
 
     def add(self, worker, keys, start, end):
@@ -38,7 +41,7 @@ class IntentStore:
         intents.insert(position, intent)
         if position < self._next_due[worker]:  # arrived late, behind acted ones
             self._next_due[worker] = position
-        self._add_counts(keys, 1)
+        self._added.append(keys)
         self.received += keys.shape[0]
 
     def expire(self, clocks):
@@ -52,14 +55,21 @@ class IntentStore:
                 if intent.end > clock:
                     keep.append(intent)
                 else:
-                    self._add_counts(intent.keys, -1)
+                    self._removed.append(intent.keys)
             self._by_worker[worker] = keep
             self._next_due[worker] = next(
                 (i for i, intent in enumerate(keep) if not intent.acted), len(keep))
 
-    def _add_counts(self, keys, step):
-        unique, times = np.unique(keys, return_counts=True)  # faster than np.add.at
-        self.count[unique.astype(np.intp)] += step * times.astype(np.int32)
+    @property
+    def count(self):
+        """Per key: how many unexpired intents name it."""
+        for queue, step in ((self._added, 1), (self._removed, -1)):
+            if queue:
+                keys = np.concatenate(queue) if len(queue) > 1 else queue[0]
+                queue.clear()
+                unique, times = np.unique(keys, return_counts=True)  # faster than add.at
+                self._count[unique.astype(np.intp)] += step * times.astype(np.int32)
+        return self._count
 
     def due(self, worker, horizon):
         """This worker's intents not acted on yet whose window starts before `horizon`;

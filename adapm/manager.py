@@ -118,12 +118,20 @@ class Manager:
         nodes other than the requester hold replicas of it (so they intend it);
         `rounds_since_arrival`: how long ago the key came here by relocation (None: it
         never did)."""
+        since = -1 if rounds_since_arrival is None else rounds_since_arrival
+        relocate = self.relocate_mask(np.array([bool(owner_intends)]),
+                                      np.array([bool(others_hold)]), np.array([since]))
+        return RELOCATE if relocate[0] else REPLICATE
+
+    def relocate_mask(self, owner_intends, others_hold, rounds_since_arrival):
+        """decide() for many keys at once (boolean arrays; rounds_since_arrival < 0 for
+        keys that never arrived by relocation): True where the answer is RELOCATE."""
         if self.mode == "relocate_only":
-            return RELOCATE
+            return np.ones(owner_intends.shape[0], dtype=bool)
         if self.mode in ("replicate_only", "replicate_all"):
-            return REPLICATE
-        bouncing = rounds_since_arrival is not None and rounds_since_arrival < SETTLE_ROUNDS
-        return REPLICATE if owner_intends or others_hold or bouncing else RELOCATE
+            return np.zeros(owner_intends.shape[0], dtype=bool)
+        bouncing = (rounds_since_arrival >= 0) & (rounds_since_arrival < SETTLE_ROUNDS)
+        return ~(owner_intends | others_hold | bouncing)
 
 
 _NO_KEYS = np.empty(0, dtype=np.uint64)

@@ -25,7 +25,7 @@ import numpy as np
 
 from adapm import protocol
 from adapm.errors import ProtocolError
-from adapm.manager import RELOCATE, Manager
+from adapm.manager import Manager
 from adapm.ownership import split_by
 from adapm.protocol import (
     HAS_DELTA,
@@ -287,17 +287,23 @@ class Placement:
     def _answer_requests(self, keys, kinds, holder):
         """The manager's decision for each requested key; returns the mask to relocate."""
         relocate = np.zeros(keys.shape[0], dtype=bool)
-        for i in np.flatnonzero(kinds == SYNC_REQUEST).tolist():
-            key = int(keys[i])
-            holders = self.replicas_of.get(key)
-            others = bool(holders) and bool(holders - {holder})
-            arrived = int(self.arrived_round[key])
-            since = self.round - arrived if arrived else None
-            if self.manager.decide(self.intents.count[key] > 0, others, since) == RELOCATE:
-                relocate[i] = True
-            else:
-                self.replicas_of.setdefault(key, set()).add(holder)
-                self._count("replicas_made", 1)
+        idx = np.flatnonzero(kinds == SYNC_REQUEST)
+        if idx.shape[0] == 0:
+            return relocate
+        requested = keys[idx].astype(np.intp)
+        others = np.fromiter(
+            (bool(h) and bool(h - {holder}) for h in map(self.replicas_of.get,
+                                                         requested.tolist())),
+            dtype=bool, count=requested.shape[0])
+        arrived = self.arrived_round[requested]
+        since = np.where(arrived > 0, self.round - arrived, -1)
+        relocate[idx] = self.manager.relocate_mask(self.intents.count[requested] > 0, others,
+                                                   since)
+        replicated = requested[~relocate[idx]].tolist()
+        for key in replicated:
+            self.replicas_of.setdefault(key, set()).add(holder)
+        if replicated:
+            self._count("replicas_made", len(replicated))
         return relocate
 
     def _track_holders(self, keys, kinds, holder, forwarded):

@@ -309,3 +309,34 @@ def test_intent_ring_between_processes_loses_and_tears_nothing(make_table):
     for i, (start, end, keys) in enumerate(taken):
         assert (start, end) == (i, i + 1)
         np.testing.assert_array_equal(keys, expected[i])
+
+
+def test_slot_allocator_reuses_freed_slots_and_never_overlaps_live_ones():
+    from adapm.table import SlotAllocator
+    alloc = SlotAllocator(capacity=1000)
+    rng = np.random.default_rng(0)
+    live = {}  # offset -> length
+    for _ in range(200):
+        if live and rng.random() < 0.5:
+            gone = rng.choice(list(live), size=min(len(live), rng.integers(1, 6)),
+                              replace=False)
+            alloc.free(np.array(gone, dtype=np.uint64),
+                       np.array([live.pop(int(g)) for g in gone], dtype=np.uint64))
+        else:
+            lengths = rng.choice([2, 3, 5], size=rng.integers(1, 6)).astype(np.uint64)
+            try:
+                offsets = alloc.allocate(lengths)
+            except MemoryError:
+                continue
+            live.update(zip(offsets.tolist(), lengths.tolist()))
+        cells = np.zeros(1000, dtype=int)
+        for off, length in live.items():
+            cells[off:off + length] += 1
+        assert cells.max() <= 1  # no two live slots share an element
+    top = alloc.top
+    freed = alloc.allocate(np.array([2], dtype=np.uint64))
+    alloc.free(freed, np.array([2], dtype=np.uint64))
+    again = alloc.allocate(np.array([2], dtype=np.uint64))
+    assert again[0] == freed[0] and alloc.top <= top + 2  # a freed slot is taken first
+    with pytest.raises(MemoryError, match="arena full"):
+        alloc.allocate(np.full(1000, 5, dtype=np.uint64))
