@@ -168,7 +168,7 @@ class Coordinator:
 
     def _send(self, node, msg):
         try:
-            self.socket.send_multipart([node_identity(node), *msg.encode()], copy=False)
+            protocol.send(self.socket, [node_identity(node), *msg.encode()])
         except zmq.ZMQError:
             pass  # that node is gone; silence detection reports it
 

@@ -344,8 +344,7 @@ class NodeServer(Placement):
         self.view.node_counter_add(NODE_SLOT[name], n)
 
     def _send_frames(self, sock, frames):
-        sock.send_multipart(frames, copy=False)
-        self._count("bytes_sent", protocol.frame_size(frames))
+        self._count("bytes_sent", protocol.send(sock, frames))
 
     def _to_worker(self, rank, msg):
         self._to_identity(worker_identity(rank), msg)
@@ -363,7 +362,7 @@ class NodeServer(Placement):
 
     def _to_coordinator(self, msg):
         msg.src_node = self.node
-        self.to_coordinator.send_multipart(msg.encode(), copy=False)
+        protocol.send(self.to_coordinator, msg.encode())
 
     def _reply_failed(self, identity, request_id):
         code, detail = self._failed

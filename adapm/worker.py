@@ -536,11 +536,9 @@ class Worker:
     def _send(self, node, msg):
         msg.src_node = self.node
         msg.src_worker = self.rank
-        frames = msg.encode()
-        self._socks[node].send_multipart(frames, copy=False)
+        size = protocol.send(self._socks[node], msg.encode())
         # Traffic with the worker's own node server stays on its machine: counted apart.
-        self._count("bytes_sent" if node != self.node else "bytes_to_node",
-                    protocol.frame_size(frames))
+        self._count("bytes_sent" if node != self.node else "bytes_to_node", size)
 
     def _start(self, node, msg, op, expected):
         """Send `msg` to `node` as part of `op`, expecting `expected` keys/replies back."""
