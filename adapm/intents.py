@@ -59,17 +59,21 @@ class IntentStore:
             self._by_worker[worker] = keep
             self._next_due[worker] = next(
                 (i for i, intent in enumerate(keep) if not intent.acted), len(keep))
+        self._fold()  # at most once a round: the queues never outgrow a round's intents
 
     @property
     def count(self):
         """Per key: how many unexpired intents name it."""
+        self._fold()
+        return self._count
+
+    def _fold(self):
         for queue, step in ((self._added, 1), (self._removed, -1)):
             if queue:
                 keys = np.concatenate(queue) if len(queue) > 1 else queue[0]
                 queue.clear()
                 unique, times = np.unique(keys, return_counts=True)  # faster than add.at
                 self._count[unique.astype(np.intp)] += step * times.astype(np.int32)
-        return self._count
 
     def due(self, worker, horizon):
         """This worker's intents not acted on yet whose window starts before `horizon`;

@@ -296,7 +296,8 @@ class Placement:
                                                          requested.tolist())),
             dtype=bool, count=requested.shape[0])
         arrived = self.arrived_round[requested]
-        since = np.where(arrived > 0, self.round - arrived, -1)
+        # arrived_round is round + 1 for a key that came during the current round: 0 then
+        since = np.where(arrived > 0, np.maximum(self.round - arrived, 0), -1)
         relocate[idx] = self.manager.relocate_mask(self.intents.count[requested] > 0, others,
                                                    since)
         replicated = requested[~relocate[idx]].tolist()

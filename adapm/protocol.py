@@ -192,7 +192,8 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 
 def send(sock, frames):
     """Send one message's frames (copied when small, zero-copy when large); returns its
-    size in bytes."""
+    size in bytes. A large frame is read by ZeroMQ after this returns: every caller passes
+    arrays that nobody writes afterwards (built for the message, or copied)."""
     size = frame_size(frames)
     sock.send_multipart(frames, copy=size < ZERO_COPY_MIN_BYTES)
     return size

@@ -63,13 +63,14 @@ def normalise_lengths(num_keys, value_length):
 
 class SlotAllocator:
     """Value slots in the arena. Only the node server allocates, so this is private state
-    of that process: a bump pointer plus free lists by length (numpy arrays, so that the
-    thousands of slots a sync round takes or gives back cost one operation per length)."""
+    of that process: a bump pointer plus free lists by length. A free list is a list of
+    numpy arrays (each call to free() appends one), so that the thousands of slots a sync
+    round takes or gives back cost a few array operations, not a loop over keys."""
 
     def __init__(self, capacity):
         self.capacity = capacity
         self.top = 0
-        self._free = {}  # length -> 1-D uint64 array of free offsets (used as a stack)
+        self._free = {}  # length -> [uint64 arrays of free offsets], used as a stack
 
     def allocate(self, lengths):
         """Offsets for slots of the given lengths (uint64 array)."""
@@ -77,14 +78,12 @@ class SlotAllocator:
         offsets = np.empty(lengths.shape[0], dtype=np.uint64)
         fresh = np.ones(lengths.shape[0], dtype=bool)
         for length in (np.unique(lengths).tolist() if self._free else ()):
-            stack = self._free.get(length)
-            if stack is None or stack.shape[0] == 0:
+            if not self._free.get(length):
                 continue
             wanted = np.flatnonzero(lengths == length)
-            take = min(wanted.shape[0], stack.shape[0])
-            offsets[wanted[:take]] = stack[stack.shape[0] - take:]
-            self._free[length] = stack[:stack.shape[0] - take]
-            fresh[wanted[:take]] = False
+            reused = self._pop(length, wanted.shape[0])
+            offsets[wanted[:reused.shape[0]]] = reused
+            fresh[wanted[:reused.shape[0]]] = False
         need = lengths[fresh]
         total = int(need.sum())
         if self.top + total > self.capacity:
@@ -95,13 +94,25 @@ class SlotAllocator:
         self.top += total
         return offsets
 
+    def _pop(self, length, count):
+        """Up to `count` free offsets of slots of `length`, taken off its free list."""
+        stack, taken, left = self._free[length], [], count
+        while stack and left:
+            chunk = stack[-1]
+            if chunk.shape[0] <= left:
+                taken.append(stack.pop())
+                left -= chunk.shape[0]
+            else:
+                taken.append(chunk[chunk.shape[0] - left:])
+                stack[-1] = chunk[:chunk.shape[0] - left]
+                left = 0
+        return np.concatenate(taken) if taken else np.empty(0, dtype=np.uint64)
+
     def free(self, offsets, lengths):
         offsets = np.asarray(offsets, dtype=np.uint64)
         lengths = np.asarray(lengths, dtype=np.uint64)
         for length in np.unique(lengths).tolist():
-            freed = offsets[lengths == length]
-            stack = self._free.get(length)
-            self._free[length] = freed if stack is None else np.concatenate([stack, freed])
+            self._free.setdefault(length, []).append(offsets[lengths == length])
 
 
 class SharedTable:

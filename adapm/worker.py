@@ -402,8 +402,10 @@ class Worker:
             # Into this worker's ring in the shared table: no message, unless the ring is
             # full (then as a message) or the node server sleeps (then a WAKE).
             appended, wake = self._view.intent_append(self.local_rank, start, end, keys)
-            if not appended:
-                self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end, keys=keys))
+            if not appended:  # a copy: a large message is sent later, from its buffer,
+                # and `keys` may be the caller's own array, refilled for the next batch
+                self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end,
+                                              keys=keys.copy()))
             elif wake:
                 self._send(self.node, Message(MsgType.WAKE))
         self._count("intents", keys.shape[0])
