@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Queued keys are counted with a bincount over the whole key range once they are at least
+# 1/BINCOUNT_RATIO of it (sorting them would cost more than touching every counter).
+BINCOUNT_RATIO = 16
+
 
 @dataclass(order=True)
 class Intent:
@@ -68,12 +72,19 @@ class IntentStore:
         return self._count
 
     def _fold(self):
+        """Count the queued keys: by one bincount over the key range when they are many
+        (no sort), else by sorting them (np.unique; faster than np.add.at)."""
         for queue, step in ((self._added, 1), (self._removed, -1)):
-            if queue:
-                keys = np.concatenate(queue) if len(queue) > 1 else queue[0]
-                queue.clear()
-                unique, times = np.unique(keys, return_counts=True)  # faster than add.at
-                self._count[unique.astype(np.intp)] += step * times.astype(np.int32)
+            if not queue:
+                continue
+            keys = (np.concatenate(queue) if len(queue) > 1 else queue[0]).astype(np.intp)
+            queue.clear()
+            if keys.shape[0] * BINCOUNT_RATIO >= self._count.shape[0]:
+                times = np.bincount(keys, minlength=self._count.shape[0])
+                self._count += step * times.astype(np.int32)
+            else:
+                unique, times = np.unique(keys, return_counts=True)
+                self._count[unique] += step * times.astype(np.int32)
 
     def due(self, worker, horizon):
         """This worker's intents not acted on yet whose window starts before `horizon`;

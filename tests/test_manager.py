@@ -80,3 +80,18 @@ def test_decisions_per_mode():
     assert Manager("adaptive", 1, None).decide(False, False, 500) == RELOCATE
     assert Manager("relocate_only", 1, None).decide(True, True) == RELOCATE
     assert Manager("replicate_only", 1, None).decide(False, False) == REPLICATE
+
+
+def test_intent_counts_are_exact_by_sorting_and_by_bincount():
+    """Few queued keys are counted by sorting, many by a bincount: the same counts."""
+    rng = np.random.default_rng(5)
+    for size in (3, 5000):  # 3 keys sort; 5000 keys of 1000 use bincount
+        store = IntentStore(2, 1000)
+        expected = np.zeros(1000, dtype=int)
+        for clock in range(20):
+            keys = rng.integers(0, 1000, size=size).astype(np.uint64)
+            store.add(clock % 2, keys, clock, clock + 3)
+            np.add.at(expected, keys.astype(np.intp), 1)
+        np.testing.assert_array_equal(store.count, expected)
+        store.expire(np.array([100, 100]))
+        np.testing.assert_array_equal(store.count, np.zeros(1000))
