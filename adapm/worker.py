@@ -231,8 +231,12 @@ class Worker:
             groups, arrived = self._split(keys, missed, "pull")
             if arrived.shape[0]:  # became local since the first look: read them here
                 values = np.empty(op.segments.size(arrived), dtype=self.dtype)
-                self._local_retry(keys[arrived], values, "pull")
-                op.segments.put(out, arrived, values)
+                away, dests = self._local_retry(keys[arrived], values, "pull")
+                done = np.setdiff1d(np.arange(arrived.shape[0]), away)
+                op.segments.put(out, arrived[done],
+                                Segments.of(self._view, keys[arrived]).take(values, done))
+                groups += self._regroup(arrived, away, dests)
+                arrived = arrived[done]
             for dest, part in groups:
                 op.parts[self._start(dest, Message(MsgType.PULL, keys=keys[part]), op,
                                      part.shape[0])] = part
@@ -278,8 +282,10 @@ class Worker:
             mtype = MsgType.PUSH if additive else MsgType.SET
             groups, arrived = self._split(keys, missed, op_name)
             if arrived.shape[0]:  # became local since the first look: update them here
-                self._local_retry(keys[arrived], segments.take(values, arrived), op_name,
-                                  additive)
+                away, dests = self._local_retry(keys[arrived], segments.take(values, arrived),
+                                                op_name, additive)
+                groups += self._regroup(arrived, away, dests)
+                arrived = np.delete(arrived, away)
             remote = []
             for dest, part in groups:
                 remote.append(keys[part])
@@ -304,24 +310,52 @@ class Worker:
         return groups, arrived
 
     def _local_retry(self, keys, values, what, additive=True):
-        """Read (pull) or update keys that just became usable here. A key that is still
-        not usable although the location cache names this node is a broken invariant."""
-        misses = np.empty(keys.shape[0], dtype=np.uint64)
+        """Read (pull, into `values`) or update keys that just became usable here; a key
+        whose state change is still under way is tried again. Returns (positions,
+        destinations) of keys that moved on to another node meanwhile: the caller sends
+        those there, like any miss. A key that stays unusable although the location
+        cache names this node is a broken invariant."""
+        segments = Segments.of(self._view, keys)
+        live = np.arange(keys.shape[0])  # positions still to be served here
+        away, dests = [], []
         for _ in range(1000):
-            if what == "pull":  # a pull may simply be read again, whole
-                nmiss = self._view.pull(keys, values, misses)
-            else:
-                nmiss = self._view.update(keys, values, misses, additive)
-            if nmiss == 0:
-                return
-            if what != "pull":  # the keys updated now must not be updated again
-                missed = misses[:nmiss].astype(np.intp)
-                values = Segments.of(self._view, keys).take(values, missed)
-                keys = keys[missed]
+            sub = keys[live]
+            misses = np.empty(sub.shape[0], dtype=np.uint64)
+            if what == "pull":
+                buf = np.empty(segments.size(live), dtype=self.dtype)
+                nmiss = self._view.pull(sub, buf, misses)
+            else:  # only the keys not updated yet: an update must not apply twice
+                buf = segments.take(values, live)
+                nmiss = self._view.update(sub, buf, misses, additive)
+            missed = misses[:nmiss].astype(np.intp)
+            if what == "pull":
+                done = np.ones(sub.shape[0], dtype=bool)
+                done[missed] = False
+                segments.put(values, live[done],
+                              Segments.of(self._view, sub).take(buf, np.flatnonzero(done)))
+            live = live[missed]
+            if live.shape[0]:
+                dest = route(self._view, keys[live], self.node, self.num_nodes)
+                moved = dest >= 0
+                away.append(live[moved])
+                dests.append(dest[moved])
+                live = live[~moved]
+            if live.shape[0] == 0:
+                break
             time.sleep(0.001)  # a state change under way: it completes in microseconds
-        bad = keys[misses[:nmiss].astype(np.intp)]
-        raise ClusterError(f"node {self.node}, worker {self.rank}: {what} of keys "
-                           f"{int(bad.min())}..{int(bad.max())}: no node holds them")
+        else:
+            bad = keys[live]
+            raise ClusterError(f"node {self.node}, worker {self.rank}: {what} of keys "
+                               f"{int(bad.min())}..{int(bad.max())}: no node holds them")
+        if not away:
+            return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.int32)
+        return np.concatenate(away), np.concatenate(dests)
+
+    @staticmethod
+    def _regroup(arrived, away, dests):
+        """[(node, positions in the batch)] for the keys of `arrived` (at `away`) that
+        moved on to `dests` while they were retried here."""
+        return [(node, arrived[away[idx]]) for node, idx in split_by(dests).items()]
 
     def _miss_buffer(self, n):
         if self._misses.shape[0] < n:
