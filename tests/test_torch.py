@@ -210,3 +210,19 @@ def test_bad_input_with_a_real_worker():
     assert len(errors) == 2
     assert "need value_length 8" in errors[0] and "table has value_length 4" in errors[0]
     assert f"id {N} out of range" in errors[1]
+
+
+def test_the_init_that_node_servers_unpickle_needs_no_torch(tmp_path):
+    """Node servers unpickle embedding_init(...): it must not drag torch in. (Run outside
+    the checkout, whose adapm/ folder would shadow the installed package.)"""
+    import pickle
+    import subprocess
+    import sys
+
+    from adapm import torch as adapm_torch
+    blob = pickle.dumps(adapm_torch.embedding_init(4, adapm_torch.Adagrad(0.1)))
+    code = ("import pickle, sys; init = pickle.loads(sys.stdin.buffer.read()); "
+            "v = init(__import__('numpy').arange(3)); "
+            "assert v.shape == (3, 8), v.shape; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], input=blob, check=True, timeout=60,
+                   cwd=tmp_path)
