@@ -17,6 +17,7 @@ from adapm.table import normalise_lengths
 
 MODES = ("adaptive", "static", "replicate_only", "relocate_only", "replicate_all")
 RELOCATING_MODES = ("adaptive", "relocate_only")  # modes in which keys change owner
+INTENT_MODES = ("adaptive", "relocate_only", "replicate_only")  # modes that act on intents
 DTYPES = ("float32", "float64")
 
 # Environment variables set for every worker process (by adapm.run and adapm-launch).

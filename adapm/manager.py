@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adapm.config import INTENT_MODES
+
 # Smoothing of the clock-speed estimate: weight of the newest round.
 SPEED_SMOOTHING = 0.2
 # The window covers the clocks of this many rounds, at this many standard deviations.
@@ -88,7 +90,7 @@ class Manager:
 
     @property
     def acts_on_intents(self):
-        return self.mode not in ("static", "replicate_all")
+        return self.mode in INTENT_MODES
 
     def plan(self, clocks, held, replicas):
         """The plan of one round. `held(keys)` -> mask of keys this node holds or has

@@ -160,9 +160,8 @@ class Worker:
                 raise ClusterError(f"worker {self.rank}: node server sent mode {welcome.arg0}")
             self.mode = config.MODES[welcome.arg0]
             # One node has nothing to place, and static and replicate_all ignore intents:
-            # there they are checked and counted, but not sent (a message costs ~40 us).
-            self._intents_matter = self.num_nodes > 1 and self.mode not in (
-                "static", "replicate_all")
+            # there they are checked and counted, but not handed to the server.
+            self._intents_matter = self.num_nodes > 1 and self.mode in config.INTENT_MODES
             self._connect_peers(welcome.addresses)
         except BaseException:
             self._teardown()

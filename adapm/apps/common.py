@@ -28,6 +28,12 @@ def launched():
     return ENV_RANK in os.environ
 
 
+def reports():
+    """Whether this process prints the run's header and summary: always when embedded,
+    only rank 0's when adapm-launch started one process per worker."""
+    return os.environ.get(ENV_RANK, "0") == "0"
+
+
 def start_cluster(app, train, opts, num_keys, value_length, init, nodes, workers_per_node,
                   mode):
     """Run `train(w, opts)` in every worker; returns the workers' results by rank (all of
@@ -144,11 +150,3 @@ def save_worker_result(opts, w, result):
         with open(f"{opts['worker_json']}.rank{w.rank}.json", "w") as f:
             json.dump(result, f)
     return result
-
-
-def access_summary(stats):
-    """'NN.N% of key accesses local' from a worker's stats (its node's counts)."""
-    node = stats["node"]
-    local = node["pulls_local"] + node["pushes_local"]
-    remote = node["pulls_remote"] + node["pushes_remote"]
-    return f"{local / max(local + remote, 1):.1%} of key accesses local"

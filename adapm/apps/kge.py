@@ -34,13 +34,14 @@ import numpy as np
 from adapm.apps.common import (
     AccessCounter,
     Progress,
+    reports,
     save_worker_result,
     start_cluster,
     sum_by_key,
     throughput_summary,
     zipf_ids,
 )
-from adapm.config import ENV_RANK, MODES
+from adapm.config import MODES
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
 
@@ -528,7 +529,7 @@ def main(nodes, workers_per_node, mode, save_data, json_path, **options):
     if graph.test.shape[0] == 0:
         raise click.UsageError("no test triples: give --test-file or a --test-fraction "
                                "that holds some out")
-    reporting = reporter()
+    reporting = reports()
     if save_data and reporting:
         save(graph, save_data)
     source = opts["train_file"] or "generated graph"
@@ -555,12 +556,6 @@ def main(nodes, workers_per_node, mode, save_data, json_path, **options):
             json.dump(summary, f, indent=1)
     if not summary["mrr_after"] > summary["mrr_before"]:
         raise SystemExit(f"[{APP}] training did not improve the test MRR")
-
-
-def reporter():
-    """Whether this process prints the run's header: always when embedded, only rank 0's
-    when adapm-launch started one process per worker."""
-    return os.environ.get(ENV_RANK, "0") == "0"
 
 
 def save(graph, folder):

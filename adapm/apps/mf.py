@@ -31,6 +31,8 @@ import numpy as np
 from adapm.apps.common import (
     AccessCounter,
     Progress,
+    launched,
+    reports,
     save_worker_result,
     start_cluster,
     sum_by_key,
@@ -321,12 +323,17 @@ def main(nodes, workers_per_node, rows, cols, train_cells, test_cells, rank, noi
                 noise=noise, epochs=epochs, batch=batch, lr=lr, reg=reg,
                 lookahead=lookahead, seed=seed, data=data, test_data=test_data,
                 worker_json=worker_json)
-    if save_data:
+    if save_data and reports():
         save(opts, save_data)
-    where = "one process, no parameter server" if plain else \
-        f"{nodes} node(s) x {workers_per_node} worker(s), mode {mode}"
-    print(f"[{APP}] {data or f'{rows}x{cols} generated matrix'}, rank {rank}; {where}",
-          flush=True)
+    if plain:
+        where = "one process, no parameter server"
+    elif launched():  # the launcher's cluster: its shape is the launcher's options
+        where = f"mode {mode}"
+    else:
+        where = f"{nodes} node(s) x {workers_per_node} worker(s), mode {mode}"
+    if reports():
+        print(f"[{APP}] {data or f'{rows}x{cols} generated matrix'}, rank {rank}; {where}",
+              flush=True)
     start = time.perf_counter()
     summary = train_plain(opts) if plain else run(opts, nodes, workers_per_node, mode)
     if summary is None:

@@ -26,7 +26,6 @@ loss of held-out sentences' pairs with fixed negatives (trained against untraine
 nearest neighbours (cosine of input vectors) of the most frequent words and, for the
 generated corpus, the share of those neighbours in the word's own topic."""
 
-import os
 import re
 import time
 from collections import Counter
@@ -36,8 +35,8 @@ from typing import Optional
 import click
 import numpy as np
 
-from adapm.apps.common import Progress, launched, start_cluster, sum_by_key
-from adapm.config import ENV_RANK, MODES
+from adapm.apps.common import AccessCounter, Progress, launched, reports, start_cluster, sum_by_key
+from adapm.config import MODES
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
 
@@ -328,13 +327,6 @@ def epoch_batches(rng, corpus, sentences, opts):
             for s in range(0, order.shape[0], size)]
 
 
-def access_counts(w):
-    """(local, remote) key accesses of this worker so far."""
-    stats = w.stats()
-    return np.array([stats["pulls_local"] + stats["pushes_local"],
-                     stats["pulls_remote"] + stats["pushes_remote"]], dtype=np.float64)
-
-
 class Negatives:
     """The negatives of an epoch's batches (batch i used at clock first + i, as
     IntentLoader numbers them): `sizes[i]` output keys drawn with w.prepare_sample for that
@@ -381,17 +373,19 @@ def train(w, opts):
         loader = IntentLoader(w, batches, keys_of=lambda b: np.concatenate([b[0], v + b[1]]),
                               lookahead=opts["lookahead"])
         negatives = Negatives(w, [c.shape[0] * k for c, _ in batches], (v, 2 * v))
-        loss_sum, counts, t0 = 0.0, access_counts(w), time.perf_counter()
+        accesses = AccessCounter()
+        accesses.begin(w)
+        loss_sum, t0 = 0.0, time.perf_counter()
         for centres, contexts in loader:
             negatives.prepare(w.clock + loader.ahead())
             loss_sum += sgns_step(w, centres, contexts, negatives.take(w.clock), v, dim, k,
                                   opts["lr"])
             progress.update(centres.shape[0], prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
-        local, remote = access_counts(w) - counts
+        accesses.end(w)
         mine = np.zeros((1, 2 * dim), dtype=np.float32)
-        mine[0, :STATS_SLOTS] = [loss_sum, pairs, pairs / max(elapsed, 1e-9), 1.0, local,
-                                 remote]
+        mine[0, :STATS_SLOTS] = [loss_sum, pairs, pairs / max(elapsed, 1e-9), 1.0,
+                                 accesses.local, accesses.remote]
         w.push(stats_key, mine)
         w.wait_sync()
         w.barrier()
@@ -539,7 +533,7 @@ def main(nodes, workers_per_node, mode, **opts):
     source = opts["text"] or (f"generated corpus ({opts['topics']} topics, Zipf "
                               f"{opts['zipf']}, noise {opts['noise']})")
     num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"])
-    if not launched() or int(os.environ[ENV_RANK]) == 0:
+    if reports():
         shape = "" if launched() else f"; {nodes} node(s) x {workers_per_node} worker(s)"
         print(f"[{APP}] {source}: {corpus.vocab_size:,} words, {corpus.tokens.shape[0]:,} "
               f"tokens, {corpus.num_sentences:,} sentences; table of {num_keys:,} keys x "
