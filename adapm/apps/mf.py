@@ -327,8 +327,8 @@ def main(nodes, workers_per_node, rows, cols, train_cells, test_cells, rank, noi
         save(opts, save_data)
     if plain:
         where = "one process, no parameter server"
-    elif launched():  # the launcher's cluster: its shape is the launcher's options
-        where = f"mode {mode}"
+    elif launched():  # shape and mode are the launcher's options, not these
+        where = "the cluster adapm-launch started"
     else:
         where = f"{nodes} node(s) x {workers_per_node} worker(s), mode {mode}"
     if reports():
