@@ -414,9 +414,10 @@ class Placement:
             held, idx, offsets = held[gone], idx[gone], offsets[gone]
             synced = self.synced[held.astype(np.intp)]
             lengths = lengths_of[held].astype(np.uint64)
-            local = arena[element_index(offsets, lengths)] - \
-                arena[element_index(synced, lengths)]
-            segments.put(values, idx, segments.take(values, idx) + local)
+            if state == REPLICA:  # a PENDING copy was never written: nothing to add
+                local = arena[element_index(offsets, lengths)] - \
+                    arena[element_index(synced, lengths)]
+                segments.put(values, idx, segments.take(values, idx) + local)
             self.table.allocator.free(offsets, lengths)
             self.table.allocator.free(synced, lengths)
             self.pending.difference_update(held.tolist())

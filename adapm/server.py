@@ -190,9 +190,12 @@ class NodeServer(Placement):
         while not self._stop:
             # Sleep until a message arrives or housekeeping is due: a node server that
             # wakes up needlessly takes a core from the workers.
-            ready = dict(poller.poll(self._sleep_ms()))
-            self.view.set_server_idle(False)
-            self._take_queued_intents()
+            idle = not self.placement_busy()
+            ready = dict(poller.poll(self._sleep_ms() if idle else BUSY_POLL_MS))
+            if idle:
+                self.view.set_server_idle(False)
+            if self.view.intents_queued():
+                self._take_queued_intents()
             if self.coordinator is not None and self.coordinator.socket in ready:
                 self.coordinator.handle_ready()
             if self.to_coordinator in ready:
@@ -218,10 +221,9 @@ class NodeServer(Placement):
                 return
 
     def _sleep_ms(self):
-        """How long to wait for a message. Before a long sleep the server says so in the
-        table, so that a worker appending an intent to its ring wakes it (WAKE)."""
-        if self.placement_busy():
-            return BUSY_POLL_MS
+        """How long an idle server waits for a message. It says in the table that it
+        sleeps, so that a worker appending an intent to its ring wakes it (WAKE); an
+        intent appended just before that is taken at once."""
         self.view.set_server_idle(True)
         return 0 if self.view.intents_queued() else IDLE_POLL_MS
 
