@@ -147,12 +147,19 @@ class Placement:
         now = time.monotonic()
         full = (self.sync_waiters or self.release_waiters or
                 now - self.refreshed_at >= REFRESH_INTERVAL)
+        wanted = np.fromiter(self.refresh_keys, dtype=np.uint64, count=len(self.refresh_keys))
+        self.refresh_keys = set()
+        # A worker waits to read its own write through these replicas, so they come back
+        # with the owner's value (KEEP), also those that no intent names any more: a drop
+        # brings no value back, and a dropped replica may stay (updated since, or intended
+        # again). They are dropped in a later round.
+        refresh = np.intersect1d(plan.drop, wanted)
+        plan.drop = np.setdiff1d(plan.drop, refresh)
         if full:
             self.refreshed_at = now
+            plan.keep = np.union1d(plan.keep, refresh)
         else:  # new requests, drops, and the replicas a worker asked to refresh
-            wanted = np.fromiter(self.refresh_keys, dtype=np.uint64, count=len(self.refresh_keys))
-            plan.keep = np.intersect1d(plan.keep, wanted)
-        self.refresh_keys = set()
+            plan.keep = np.union1d(np.intersect1d(plan.keep, wanted), refresh)
         requests = np.concatenate([self._make_pending(requests), rejoin])
         keys = np.concatenate([requests, plan.keep, plan.drop])
         kinds = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),

@@ -194,8 +194,6 @@ class NodeServer(Placement):
             ready = dict(poller.poll(self._sleep_ms() if idle else BUSY_POLL_MS))
             if idle:
                 self.view.set_server_idle(False)
-            if self.view.intents_queued():
-                self._take_queued_intents()
             if self.coordinator is not None and self.coordinator.socket in ready:
                 self.coordinator.handle_ready()
             if self.to_coordinator in ready:
@@ -204,6 +202,11 @@ class NodeServer(Placement):
                 self._drain(self.router, self._from_router)
             if self.coordinator is not None:
                 self.coordinator.tick()
+            # After the messages: an intent a worker appended before sending one of them
+            # (a REFRESH, a barrier) is known to the round that answers it, as when both
+            # came over the same socket.
+            if self.view.intents_queued():
+                self._take_queued_intents()
             try:
                 self.maybe_start_round()
             except Exception:  # noqa: BLE001 - fail loud, never die silently
