@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from adapm.initializers import parse_init
-from adapm.table import normalise_lengths
+from adapm.table import ENV_CLUSTER_TAG, cluster_tag, normalise_lengths  # noqa: F401
 
 MODES = ("adaptive", "static", "replicate_only", "relocate_only", "replicate_all")
 RELOCATING_MODES = ("adaptive", "relocate_only")  # modes in which keys change owner
@@ -37,6 +37,8 @@ ENV_START_TIMEOUT = "ADAPM_START_TIMEOUT"          # seconds for a cluster to fo
 ENV_NODE_TIMEOUT = "ADAPM_NODE_TIMEOUT"            # seconds of silence before a node is dead
 ENV_PROFILE_SERVER = "ADAPM_PROFILE_SERVER"        # development: cProfile node servers to FILE
 ENV_INTENT_LOG = "ADAPM_INTENT_LOG"                # diagnostics: node servers log intents to FILE
+# ENV_CLUSTER_TAG ("ADAPM_CLUSTER_TAG", from adapm.table, which needs it and which this
+# module imports): inherited by every process; segment names carry it (the tests' scope).
 
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 DEFAULT_LOCK_TIMEOUT = 5.0
@@ -90,6 +92,7 @@ class ClusterSpec:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.init = parse_init(self.init)
+        cluster_tag()  # a bad ADAPM_CLUSTER_TAG fails here, not later in a node server
 
     @property
     def num_workers(self):

@@ -41,6 +41,42 @@ def adapm_processes():
     return found
 
 
+def parent_of(pid):
+    """The parent pid of process `pid`, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descends_from(pid, ancestor):
+    """Whether `ancestor` started `pid`, directly or through other processes (that are
+    still alive: a process whose parent died was re-parented and descends from it no more)."""
+    seen = set()
+    while pid not in (None, 0, 1) and pid not in seen:  # seen: a pid reused mid-walk
+        if pid == ancestor:
+            return True
+        seen.add(pid)
+        pid = parent_of(pid)
+    return False
+
+
+def environ_value(pid, name):
+    """The value of environment variable `name` in the environment process `pid` started
+    with (later changes are not seen), or None: not set, not our process, or gone."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for entry in entries:
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode(errors="replace")
+    return None
+
+
 def die_with_parent(parent, sig=signal.SIGTERM):
     """Ask Linux to send `sig` to this process when its parent exits (even by SIGKILL),
     so that no node server or worker outlives the process that started it. `parent` is

@@ -6,6 +6,7 @@ module adapm._table; this module names segments, creates/attaches/unlinks them, 
 value slots and names the counter slots. It knows nothing of the network or the manager."""
 
 import os
+import re
 
 import numpy as np
 import posix_ipc
@@ -14,6 +15,10 @@ from adapm import _table
 from adapm._table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, LockTimeout, TableView  # noqa: F401
 
 SEGMENT_PREFIX = "/adapm-"
+# Segments made by processes with this variable set carry its value in their names, so
+# that whoever set it (the test suite) can tell its segments from anyone else's.
+ENV_CLUSTER_TAG = "ADAPM_CLUSTER_TAG"
+_TAG_PATTERN = re.compile(r"[A-Za-z0-9_]{0,32}")  # no "/" or "-": the name stays parseable
 
 # Slots of each worker's counter block (uint64 each). The worker is their only writer.
 WORKER_COUNTERS = (
@@ -27,13 +32,31 @@ NODE_COUNTERS = (
     "relocations", "replicas_made", "replicas_dropped", "late_intents", "bytes_sent",
     "bytes_received", "malformed_messages", "intents_received", "owner_changes",
     "rounds_started", "rounds_done",
+    "full_round_done",  # number of the last completed round that synced every replica
 )
 NODE_SLOT = {name: i for i, name in enumerate(NODE_COUNTERS)}
 
 
+def cluster_tag():
+    """The value of ADAPM_CLUSTER_TAG ('' when unset), checked to be usable in a name."""
+    tag = os.environ.get(ENV_CLUSTER_TAG, "")
+    if not _TAG_PATTERN.fullmatch(tag):
+        raise ValueError(f"environment variable {ENV_CLUSTER_TAG}={tag!r} must be at most "
+                         "32 letters, digits or _")
+    return tag
+
+
+def segment_prefix(tag):
+    """What the names of every segment made under cluster tag `tag` start with."""
+    return f"{SEGMENT_PREFIX}{tag}-" if tag else SEGMENT_PREFIX
+
+
 def segment_name(cluster_id, node):
-    """The /dev/shm name of a node's table; every AdaPM segment starts with SEGMENT_PREFIX."""
-    return f"{SEGMENT_PREFIX}{cluster_id}-n{node}"
+    """The /dev/shm name of a node's table: /adapm-[TAG-]CLUSTER_ID-nNODE. The tag is in
+    the name rather than in the cluster id so that it marks every segment, also those of
+    clusters whose id was given (--cluster-id, or derived from the coordinator), and so
+    that machines of one cluster need not share it (ids are checked when nodes join)."""
+    return f"{segment_prefix(cluster_tag())}{cluster_id}-n{node}"
 
 
 def unlink_segment(name):

@@ -1,6 +1,6 @@
 """A user script that runs a local cluster; tests drive it as a subprocess.
 
-usage: cluster_script.py normal|raise|wait MARKER_DIR"""
+usage: cluster_script.py normal|raise|wait|hold MARKER_DIR"""
 import os
 import sys
 import time
@@ -8,6 +8,15 @@ import time
 import numpy as np
 
 import adapm
+
+
+def hold_until_released(w, marker_dir, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(marker_dir, "release")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.05)
+        w.pull([1, 2])  # keep using the cluster, as a training job would
 
 
 def task(w, how, marker_dir):
@@ -20,6 +29,9 @@ def task(w, how, marker_dir):
         while True:  # until the test signals or kills something
             time.sleep(0.05)
             w.pull([1, 2])
+    if how == "hold":  # a job that is none of the test's business, until it is released
+        open(os.path.join(marker_dir, f"ready{w.rank}"), "w").close()
+        hold_until_released(w, marker_dir)
     w.barrier()
     return float(w.pull([3]).sum())
 

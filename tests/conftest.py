@@ -1,36 +1,82 @@
+"""The leftover check every test runs under, scoped to this pytest session.
+
+Other people run AdaPM on this machine too (a training job beside `pytest`): the check
+must never report, let alone kill or unlink, what is theirs. So this session sets its own
+ADAPM_CLUSTER_TAG, which every process a test starts inherits and which every segment
+made under it carries in its name, and looks only at those."""
 import os
+import secrets
+import signal
 import time
 
 import pytest
 
-from adapm.process import adapm_processes
+from adapm.config import ENV_CLUSTER_TAG
+from adapm.process import adapm_processes, descends_from, environ_value
+from adapm.table import segment_prefix, unlink_segment
+
+SESSION_PID = os.getpid()
+# Unique to this session (pid: other sessions now; random: sessions after this pid's reuse).
+SESSION_TAG = f"pytest{SESSION_PID}_{secrets.token_hex(4)}"
+os.environ[ENV_CLUSTER_TAG] = SESSION_TAG  # before any test starts anything
 
 
-def adapm_segments():
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("adapm-"))
+def session_segments():
+    """This session's AdaPM segments in /dev/shm (names without the leading /)."""
+    prefix = segment_prefix(SESSION_TAG).lstrip("/")
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(prefix))
+
+
+def in_session(pid):
+    """Whether process `pid` was started by this session. Its tag decides, as it survives
+    re-parenting; a process started with a cleared environment counts if it descends from
+    pytest. A process under pytest with another tag stands for someone else's job."""
+    tag = environ_value(pid, ENV_CLUSTER_TAG)
+    if tag is not None:
+        return tag == SESSION_TAG
+    return descends_from(pid, SESSION_PID)
+
+
+def session_processes():
+    """(pid, name) of this session's live AdaPM processes."""
+    return [(pid, name) for pid, name in adapm_processes() if in_session(pid)]
 
 
 def wait_until_clean(before_segments=(), before_processes=(), timeout=10.0):
-    """Leftover (segments, processes) after up to `timeout` seconds of grace."""
+    """This session's leftover (segments, processes), other than those given, after up to
+    `timeout` seconds of grace."""
     deadline = time.monotonic() + timeout
     while True:
-        segments = set(adapm_segments()) - set(before_segments)
-        processes = set(adapm_processes()) - set(before_processes)
+        segments = set(session_segments()) - set(before_segments)
+        processes = set(session_processes()) - set(before_processes)
         if (not segments and not processes) or time.monotonic() > deadline:
             return segments, processes
         time.sleep(0.05)
 
 
+def remove_leftovers(segments, processes):
+    """SIGKILL the processes and unlink the segments, so that one test's failure does not
+    cascade into the next tests. Only what is still this session's: a pid may have been
+    reused since it was listed."""
+    still_ours = set(session_processes())
+    for pid, name in processes:
+        if (pid, name) in still_ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    prefix = segment_prefix(SESSION_TAG).lstrip("/")
+    for name in segments:
+        if name.startswith(prefix):
+            unlink_segment("/" + name)
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers():
     """Every test must leave no AdaPM process and no /dev/shm segment behind."""
-    segments, processes = adapm_segments(), adapm_processes()
+    before = session_segments(), session_processes()
     yield
-    left_segments, left_processes = wait_until_clean(segments, processes)
-    for pid, _ in left_processes:  # do not let one failure cascade into the next tests
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    left_segments, left_processes = wait_until_clean(*before)
+    remove_leftovers(left_segments, left_processes)
     assert not left_segments, f"shared-memory segments left behind: {left_segments}"
     assert not left_processes, f"processes left behind: {left_processes}"

@@ -10,9 +10,9 @@ import pytest
 import adapm
 from adapm.cluster import LocalCluster
 from adapm.config import ClusterSpec
-from adapm.process import adapm_processes
+from adapm.process import parent_of
 
-from conftest import adapm_segments, wait_until_clean
+from conftest import session_processes, session_segments, wait_until_clean
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,16 +33,7 @@ def wait_for_markers(tmp_path, count, proc, timeout=30):
 
 
 def children_of(pid):
-    found = []
-    for child, name in adapm_processes():
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if ppid == pid:
-            found.append((child, name))
-    return found
+    return [(child, name) for child, name in session_processes() if parent_of(child) == pid]
 
 
 def assert_clean():
@@ -111,7 +102,7 @@ def test_worker_sees_cluster_error_when_server_dies(monkeypatch):
             assert time.monotonic() - started < 5
         finally:
             w.finalize()
-    assert not adapm_segments()
+    assert not session_segments()
 
 
 def test_barrier_after_a_worker_finalized_fails_instead_of_hanging():

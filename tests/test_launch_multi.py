@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from adapm.process import adapm_processes
+from adapm.process import parent_of
 
-from conftest import wait_until_clean
+from conftest import session_processes, wait_until_clean
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,10 +38,9 @@ def wait_for(path, count, procs, timeout=60):
 
 
 def child_named(parent, name):
-    for pid, comm in adapm_processes():
-        with open(f"/proc/{pid}/stat") as f:
-            if comm == name and int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
-                return pid
+    for pid, comm in session_processes():
+        if comm == name and parent_of(pid) == parent:
+            return pid
     raise AssertionError(f"no {name} under {parent}")
 
 
@@ -177,7 +176,7 @@ def test_killed_worker_fails_the_other_workers(tmp_path):
     proc = launcher("--nodes", "2", "--workers-per-node", "1", "--num-keys", "40",
                     "--value-length", "2", SCRIPT, "loop", str(tmp_path))
     wait_for(tmp_path, 2, [proc])
-    [victim] = [pid for pid, name in adapm_processes() if name == "adapm-w1"]
+    [victim] = [pid for pid, name in session_processes() if name == "adapm-w1"]
     killed = time.time()
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
