@@ -1,7 +1,8 @@
 """How adapm-launch starts a worker: `python -c BOOTSTRAP SCRIPT|-m MODULE ARGS...`.
 
-Names the process (adapm-wRANK), makes it die with the launcher, then runs the user's
-script or module as __main__ with its own arguments and the same sys.path as
+Takes the cluster's keys out of the environment (so that nothing the script starts
+inherits them), names the process (adapm-wRANK), makes it die with the launcher, then runs
+the user's script or module as __main__ with its own arguments and the same sys.path as
 `python SCRIPT ARGS` (the script's folder first) or `python -m MODULE ARGS` (the current
 folder first)."""
 
@@ -13,6 +14,7 @@ import traceback
 from adapm.config import ENV_LAUNCHER_PID, ENV_RANK
 from adapm.errors import ClusterError
 from adapm.process import die_with_parent, set_process_name
+from adapm.security import claim_client_keys
 
 # `python -c` puts the current folder first on sys.path; drop it before importing adapm,
 # so that a source checkout in the current folder cannot shadow the installed package.
@@ -24,6 +26,7 @@ EXIT_CLUSTER_FAILED = 75
 
 
 def main(argv):
+    claim_client_keys()
     die_with_parent(int(os.environ.get(ENV_LAUNCHER_PID, os.getppid())))
     set_process_name(f"adapm-w{os.environ.get(ENV_RANK, '')}")
     try:

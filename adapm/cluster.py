@@ -14,7 +14,7 @@ from adapm import config
 from adapm.config import WorkerEnv
 from adapm.errors import ClusterError
 from adapm.process import join_process, stop_process
-from adapm.security import ENV_CURVE_KEYS
+from adapm.security import ENV_CURVE_CLIENT
 from adapm.server import serve
 from adapm.summary import node_stats
 from adapm.table import SharedTable, segment_name, unlink_segment
@@ -135,11 +135,11 @@ class LocalCluster:
                     f"node {node}: server exited with code {proc.exitcode} during start")
 
     def worker_environ(self, rank):
-        """The environment of worker `rank`: where it finds its node, and the keys of a
-        secure cluster."""
+        """The environment of worker `rank`: where it finds its node, and, in a secure
+        cluster, the keys a client needs (never the server's secret key)."""
         environ = self.worker_env(rank).to_environ()
         if self.spec.curve is not None:
-            environ[ENV_CURVE_KEYS] = self.spec.curve.to_text()
+            environ[ENV_CURVE_CLIENT] = self.spec.curve.client_text()
         return environ
 
     def worker_env(self, rank):

@@ -31,7 +31,7 @@ from adapm.config import ENV_LAUNCHER_PID, MODES, ClusterSpec
 from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
 from adapm.process import stop_process
-from adapm.security import CurveKeys
+from adapm.security import CurveKeys, without_secrets
 from adapm.summary import format_summary
 
 DEFAULT_COORDINATOR_PORT = 29650
@@ -224,16 +224,13 @@ def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, tar
     if not hosts:
         raise click.UsageError(f"{hosts_file} names no host")
     coordinator = coordinator or f"{hosts[0]}:{DEFAULT_COORDINATOR_PORT}"
-    passed = _passed_options(ctx, drop={"hosts_file", "ssh_command", "remote_launcher",
-                                        "coordinator", "nodes", "nnodes", "node_rank",
-                                        "module", "script_and_args", "host"})
     procs = []
     lock = threading.Lock()
     with signals_unwind():
         try:
             for rank, host in enumerate(hosts):
-                remote = [remote_launcher, "--nnodes", str(len(hosts)), "--node-rank",
-                          str(rank), "--coordinator", coordinator, *passed, *target]
+                remote = remote_command(ctx, remote_launcher, len(hosts), rank, coordinator,
+                                        target)
                 procs.append(subprocess.Popen(
                     [*shlex.split(ssh_command), host, shlex.join(remote)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -250,6 +247,18 @@ def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, tar
                 stop_process(proc, grace=SHUTDOWN_GRACE, group=True)
 
 
+# Options of this launcher that the per-machine launchers of --hosts get otherwise or not.
+NOT_PASSED_TO_HOSTS = {"hosts_file", "ssh_command", "remote_launcher", "coordinator", "nodes",
+                       "nnodes", "node_rank", "module", "script_and_args", "host"}
+
+
+def remote_command(ctx, remote_launcher, nnodes, rank, coordinator, target):
+    """The per-machine launcher command (argv) that --hosts runs on host number `rank`."""
+    return [remote_launcher, "--nnodes", str(nnodes), "--node-rank", str(rank),
+            "--coordinator", coordinator, *_passed_options(ctx, NOT_PASSED_TO_HOSTS),
+            *target]
+
+
 def _passed_options(ctx, drop):
     """The command line options given to this launcher, as arguments for another."""
     args = []
@@ -259,8 +268,18 @@ def _passed_options(ctx, drop):
         source = ctx.get_parameter_source(param.name)
         if source in (click.core.ParameterSource.DEFAULT, None):
             continue
-        args += [param.opts[0], str(ctx.params[param.name])]
+        args += _as_arguments(param, ctx.params[param.name])
     return args
+
+
+def _as_arguments(param, value):
+    if param.is_flag:  # a flag takes no value: `--secure True` would make True the script
+        return [param.opts[0]] if value else []
+    if param.name == "keys_file":
+        # The file this launcher checked, by a name that does not depend on the folder a
+        # command starts in (ssh starts in the home folder).
+        return [param.opts[0], os.path.abspath(value)]
+    return [param.opts[0], str(value)]
 
 
 def _pump(stream, prefix, out, lock):
@@ -328,7 +347,9 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
             for node in cluster.nodes:
                 for local in range(spec.workers_per_node):
                     rank = node * spec.workers_per_node + local
-                    env = dict(os.environ, **cluster.worker_environ(rank))
+                    # A worker gets the keys of a client only, never the four keys this
+                    # launcher may have been given in ADAPM_CURVE_KEYS.
+                    env = dict(without_secrets(os.environ), **cluster.worker_environ(rank))
                     env[ENV_LAUNCHER_PID] = str(os.getpid())
                     # Each worker leads a session of its own, so that teardown reaches what
                     # the script starts too; signals reach workers through the launcher.

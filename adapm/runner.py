@@ -10,7 +10,7 @@ from adapm.cluster import LocalCluster, signals_unwind
 from adapm.config import ClusterSpec
 from adapm.errors import ClusterError, WorkerError
 from adapm.process import die_with_parent, own_process_group, set_process_name
-from adapm.security import CurveKeys
+from adapm.security import CurveKeys, claim_client_keys
 
 
 def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
@@ -114,6 +114,7 @@ def _worker_main(environ, fn, args, kwargs, send):
     own_process_group()
     set_process_name(f"adapm-w{environ['ADAPM_RANK']}")
     os.environ.update(environ)
+    claim_client_keys()  # before fn runs: nothing it starts inherits the keys
     w = None
     try:
         w = worker()
