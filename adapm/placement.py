@@ -66,11 +66,16 @@ class Placement:
                                      # intended again: ask the owner for them anew
         self.replica_keys = set()    # keys held here as REPLICA or PENDING
         self.pending = set()         # of those, requested and not answered yet
+        self.moving_in = set()       # keys a localize asked to move here, not arrived yet:
+                                     # no delta of theirs is sent after that request, so
+                                     # the owner applies every earlier one before it moves
+                                     # the key (FIFO along the key's path)
         self.replicas_of = {}        # owner side: key -> nodes holding a replica
         self.round = 0               # last round started
         self.round_done = 0          # last round completed (all earlier ones too)
         self.round_left = 0          # keys of the round in flight still unanswered
         self.round_started_at = 0.0
+        self.round_is_full = False   # the round in flight syncs every replica
         self.refreshed_at = 0.0      # when a round last synced every replica
         self.sync_waiters = []       # (identity, request id, round that must complete)
         self.refresh_waiters = []    # the same, for REFRESH of some replicas only
@@ -155,19 +160,23 @@ class Placement:
         # again). They are dropped in a later round.
         refresh = np.intersect1d(plan.drop, wanted)
         plan.drop = np.setdiff1d(plan.drop, refresh)
+        self.round_is_full = bool(full)
         if full:
             self.refreshed_at = now
             plan.keep = np.union1d(plan.keep, refresh)
         else:  # new requests, drops, and the replicas a worker asked to refresh
             plan.keep = np.union1d(np.intersect1d(plan.keep, wanted), refresh)
+        if self.moving_in:  # kept until they arrive: a drop would not take the delta
+            moving = np.isin(plan.drop, np.fromiter(self.moving_in, dtype=np.uint64))
+            plan.keep = np.union1d(plan.keep, plan.drop[moving])
+            plan.drop = plan.drop[~moving]
         requests = np.concatenate([self._make_pending(requests), rejoin])
         keys = np.concatenate([requests, plan.keep, plan.drop])
         kinds = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),
                                 np.full(plan.keep.shape[0], SYNC_KEEP, np.uint32),
                                 np.full(plan.drop.shape[0], SYNC_DROP, np.uint32)])
-        deltas = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
-        self.view.replica_deltas(keys, self.synced[keys.astype(np.intp)], deltas)
         segments = Segments.of(self.view, keys)
+        deltas = self._take_deltas(keys, segments)
         dirty = segments.nonzero(deltas)
         flags = kinds | np.where(dirty, HAS_DELTA, 0).astype(np.uint32)
         versions = self.seen_version[keys.astype(np.intp)]
@@ -181,6 +190,23 @@ class Placement:
                 values=segments.take(deltas, idx[dirty[idx]]), counters=flags[idx],
                 versions=versions[idx]))
         self._round_progress(0)
+
+    def _take_deltas(self, keys, segments):
+        """The keys' deltas (value - value at last sync; zero where not a replica), flat.
+        Keys that a localize asked to move here give none: their delta stays in the copy
+        and joins the key when it arrives (absorb_copies), since a delta sent after the
+        move request could reach the owner after the key left it."""
+        deltas = np.zeros(self.view.total_length(keys), dtype=self.view.dtype)
+        take = np.arange(keys.shape[0])
+        if self.moving_in:
+            take = np.flatnonzero(~np.isin(keys, np.fromiter(self.moving_in, np.uint64)))
+        if take.shape[0] == keys.shape[0]:
+            self.view.replica_deltas(keys, self.synced[keys.astype(np.intp)], deltas)
+        elif take.shape[0]:
+            part = np.empty(segments.size(take), dtype=self.view.dtype)
+            self.view.replica_deltas(keys[take], self.synced[keys[take].astype(np.intp)], part)
+            segments.put(deltas, take, part)
+        return deltas
 
     def _held(self, keys):
         """Mask: keys this node holds (owned, replica) or has requested."""
@@ -216,6 +242,8 @@ class Placement:
             return
         self.round_done = self.round
         self._count("rounds_done", 1)
+        if self.round_is_full:  # workers read it: replicas held then are fresh as of it
+            self._count("full_round_done", self.round - self._counter("full_round_done"))
         done = self.round_done
         for waiters in (self.sync_waiters, self.refresh_waiters):
             for waiter in [w for w in waiters if w[2] <= done]:
@@ -269,7 +297,7 @@ class Placement:
         dirty = idx[has_delta[idx]]
         if dirty.shape[0]:
             misses = np.empty(dirty.shape[0], dtype=np.uint64)
-            self.view.update(keys[dirty], deltas.of(dirty), misses, True)  # owned: no miss
+            self.view.update(keys[dirty], deltas.of(dirty), misses, True, True)  # owned
         keys, kinds, seen = keys[idx], kinds[idx], msg.versions[idx]
         versions = np.empty(keys.shape[0], dtype=np.uint32)
         self.view.versions_of(keys, versions)  # before the values: never newer than them
@@ -344,7 +372,7 @@ class Placement:
         unserved = np.zeros(keys.shape[0], dtype=bool)
         if dirty.shape[0]:
             misses = np.empty(dirty.shape[0], dtype=np.uint64)
-            nmiss = self.view.update(keys[dirty], deltas.of(dirty), misses, True)
+            nmiss = self.view.update(keys[dirty], deltas.of(dirty), misses, True, True)
             unserved[dirty[misses[:nmiss].astype(np.intp)]] = True
         if unserved.any():  # not owned here after all: pass them on once more
             self._forward_sync(msg, self.node, np.flatnonzero(unserved), deltas)
@@ -390,6 +418,15 @@ class Placement:
             self.table.allocator.free(synced[gone], lengths)
             self.replica_keys.difference_update(keys[gone].tolist())
             self._count("replicas_dropped", int(gone.sum()))
+
+    def overwrite_copies(self, keys, values):
+        """A local worker sets keys this node holds as replicas (the set itself goes on to
+        the owner): the copies take the set value and forget their pending delta, which
+        holds updates made here before the set (guarantee 3: a set overwrites them). The
+        delta of updates made after it follows the set to the owner on this node's path."""
+        done = np.zeros(keys.shape[0], dtype=np.uint8)
+        self.view.replica_overwrite(keys, self.synced[keys.astype(np.intp)],
+                                    np.ascontiguousarray(values, dtype=self.view.dtype), done)
 
     def absorb_copies(self, keys, values):
         """Keys arriving as owned (a MOVE) that this node holds as REPLICA or PENDING:

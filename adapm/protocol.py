@@ -82,7 +82,8 @@ class MsgType(enum.IntEnum):
     FWD_PUSH = 33      # keys, values; arg0: requester rank
     FWD_SET = 34       # keys, values; arg0: requester rank
     MOVE_REQUEST = 35  # keys; arg0: node that wants them; request_id: its request
-    MOVE = 36          # keys, values, counters; request_id: the requester's request
+    MOVE = 36          # keys, values, counters, versions (at the old owner);
+                       # request_id: the requester's request
     OWNER_UPDATE = 37  # keys, counters; arg0: new owner
     SYNC = 38          # keys, values (deltas of HAS_DELTA keys), counters (SYNC_* flags),
                        # versions (last seen); arg0: replica node; request_id: its round
@@ -110,7 +111,8 @@ _FRAMES = {
     MsgType.UPDATE_ACK: (), MsgType.LOCALIZED: (),
     MsgType.FWD_PULL: ("keys", "positions"), MsgType.FWD_PUSH: ("keys", "values"),
     MsgType.FWD_SET: ("keys", "values"), MsgType.MOVE_REQUEST: ("keys",),
-    MsgType.MOVE: ("keys", "values", "counters"), MsgType.OWNER_UPDATE: ("keys", "counters"),
+    MsgType.MOVE: ("keys", "values", "counters", "versions"),
+    MsgType.OWNER_UPDATE: ("keys", "counters"),
     MsgType.SYNC: ("keys", "values", "counters", "versions"),
     MsgType.SYNC_REPLY: ("keys", "values", "counters", "versions"),
     MsgType.JOIN: ("addresses",), MsgType.PEERS: ("addresses",), MsgType.NODE_BARRIER: (),

@@ -348,6 +348,9 @@ class NodeServer(Placement):
     def _count(self, name, n):
         self.view.node_counter_add(NODE_SLOT[name], n)
 
+    def _counter(self, name):
+        return self.view.node_counter_get(NODE_SLOT[name])
+
     def _send_frames(self, sock, frames):
         self._count("bytes_sent", protocol.send(sock, frames))
 
@@ -410,7 +413,8 @@ class NodeServer(Placement):
         n = keys.shape[0]
         out = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
         misses = np.empty(n, dtype=np.uint64)
-        nmiss = self.view.pull(keys, out, misses)
+        # Only keys owned here: a replica here may lag the owner (DESIGN.md §7.1).
+        nmiss = self.view.pull(keys, out, misses, True)
         if nmiss == 0:
             reply = Message(MsgType.PULL_REPLY, request_id=msg.request_id, values=out)
             if positions is None:
@@ -448,7 +452,9 @@ class NodeServer(Placement):
         _check_keys(keys, self.spec.num_keys)
         values = protocol.values_of(msg, self.view.dtype, self.view.total_length(keys))
         misses = np.empty(keys.shape[0], dtype=np.uint64)
-        nmiss = self.view.update(keys, values, misses, additive)
+        # Applied and acknowledged only where owned: an update acknowledged by a replica
+        # would wait in that replica's delta, lost to the owner while this node stalls.
+        nmiss = self.view.update(keys, values, misses, additive, True)
         applied = keys.shape[0] - nmiss
         if applied:
             self._to_worker(rank, Message(MsgType.UPDATE_ACK, request_id=msg.request_id,
@@ -457,11 +463,16 @@ class NodeServer(Placement):
             missed = misses[:nmiss].astype(np.intp)
             segs = Segments.of(self.view, keys)
             fwd_values = segs.take(values, missed)
+            if msg.type == MsgType.SET and self._is_local_worker(rank):
+                self.overwrite_copies(keys[missed], fwd_values)
             fwd_segs = Segments.of(self.view, keys[missed])
             self._forward(msg, fwd_type, keys[missed], rank,
                           lambda idx: {"values": fwd_segs.take(fwd_values, idx)})
 
     # -- relocation ----------------------------------------------------------------
+
+    def _is_local_worker(self, rank):
+        return self.first_rank <= rank < self.first_rank + self.workers
 
     def _on_localize(self, identity, msg):
         """A local worker asks for keys to be owned here (relocation)."""
@@ -476,7 +487,8 @@ class NodeServer(Placement):
             return
         self._next_op += 1
         self._localizing[self._next_op] = [identity, msg.request_id, wanted.shape[0],
-                                           time.monotonic()]
+                                           time.monotonic(), wanted]
+        self.moving_in.update(wanted.tolist())
         request = Message(MsgType.MOVE_REQUEST, request_id=self._next_op, arg0=self.node)
         self._forward_move_request(request, wanted)
 
@@ -523,9 +535,11 @@ class NodeServer(Placement):
             idx = np.flatnonzero(taken)
             moved = keys[idx]
             counters = self.ownership.counter[moved.astype(np.intp)] + np.uint32(1)
+            versions = np.empty(moved.shape[0], dtype=np.uint32)
+            self.view.versions_of(moved, versions)  # ABSENT now: nobody changes them
             self._to_peer(target, Message(MsgType.MOVE, request_id=request_id, arg1=purpose,
                                           keys=moved, values=segs.take(values, idx),
-                                          counters=counters))
+                                          counters=counters, versions=versions))
             lengths = self.view.directory_array()["length"][moved].astype(np.uint64)
             self.table.allocator.free(offsets[idx], lengths)
             for key in moved.tolist():
@@ -546,7 +560,8 @@ class NodeServer(Placement):
         lengths = self.view.directory_array()["length"][keys].astype(np.uint64)
         offsets = self.table.allocator.allocate(lengths)
         admitted = np.zeros(keys.shape[0], dtype=np.uint8)
-        self.view.admit(keys, values, offsets, OWNED, self.node, admitted)
+        self.view.admit(keys, values, offsets, OWNED, self.node, admitted,
+                        np.ascontiguousarray(msg.versions))
         admitted = admitted.astype(bool)
         if not admitted.all():
             log.error("node %d: received keys it already holds: %s..", self.node,
@@ -556,6 +571,8 @@ class NodeServer(Placement):
         counters = msg.counters[admitted]
         self.ownership.counter[keys.astype(np.intp)] = counters
         self.arrived_round[keys.astype(np.intp)] = self.round + 1  # never 0: "arrived"
+        if self.moving_in:
+            self.moving_in.difference_update(keys.tolist())
         self._count("relocations", keys.shape[0])
         self._owners_changed()
         for home, idx in split_by(home_of(keys, self.spec.num_nodes)).items():
@@ -587,9 +604,10 @@ class NodeServer(Placement):
     def _expire_localize(self, now):
         """A relocation that never completes (its request could not be routed) fails the
         worker's localize instead of leaving it waiting while the cluster lives."""
-        for op, (identity, request_id, _, started) in list(self._localizing.items()):
+        for op, (identity, request_id, _, started, keys) in list(self._localizing.items()):
             if now - started > self.start_timeout:
                 del self._localizing[op]
+                self.moving_in.difference_update(keys.tolist())
                 self._to_identity(identity, Message(MsgType.FAILED, request_id=request_id,
                                                     arg0=FAIL_ROUTING, count=op))
 
@@ -706,7 +724,7 @@ class NodeServer(Placement):
             for local, request_id in arrived.items():
                 self._reply_failed(self._local[local], request_id)
         self._barrier.clear()
-        for identity, request_id, _, _ in self._localizing.values():
+        for identity, request_id, *_ in self._localizing.values():
             self._reply_failed(identity, request_id)
         self._localizing.clear()
 

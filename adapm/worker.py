@@ -21,7 +21,7 @@ from adapm.keys import as_keys, as_values, pull_buffer
 from adapm.ownership import route, split_by
 from adapm.protocol import ALL_POSITIONS, Message, MsgType, worker_identity
 from adapm.sampling import Sampler
-from adapm.security import CurveKeys, connector
+from adapm.security import client_keys, connector
 from adapm.segments import Segments
 from adapm.summary import WORKER_STATS, node_stats
 from adapm.table import (
@@ -146,7 +146,7 @@ class Worker:
         self._unseen = []         # (keys, round): applied remotely, but replicas of these
                                   # keys here show it only once that sync round is done
         self._sampler = Sampler(self)
-        self._curve = CurveKeys.from_environ()
+        self._curve = client_keys(env.cluster_id)
         self._ctx = zmq.Context()
         self._socks = {}
         self._poller = zmq.Poller()
@@ -269,7 +269,9 @@ class Worker:
         misses = self._miss_buffer(keys.shape[0])
         op_name = "push" if additive else "set"
         try:
-            nmiss = self._view.update(keys, values, misses, additive)
+            # A set is applied here only to keys owned here; a replica here takes it
+            # through the node server, which sends it on to the owner (guarantee 3).
+            nmiss = self._view.update(keys, values, misses, additive, not additive)
         except LockTimeout as exc:
             raise self._lock_error(exc, op_name) from None
         kind = "pushes" if additive else "sets"
@@ -303,7 +305,7 @@ class Worker:
         """Where to send the keys at indices `missed` (not usable here at the first look):
         ([(node, indices)], indices of keys that became usable here in the meantime; their
         location cache already names this node)."""
-        dest = route(self._view, keys[missed], self.node, self.num_nodes)
+        dest = self._destinations(keys[missed], what)
         arrived = missed[dest < 0]
         groups = [(node, missed[idx]) for node, idx in split_by(dest).items() if node >= 0]
         return groups, arrived
@@ -325,7 +327,7 @@ class Worker:
                 nmiss = self._view.pull(sub, buf, misses)
             else:  # only the keys not updated yet: an update must not apply twice
                 buf = segments.take(values, live)
-                nmiss = self._view.update(sub, buf, misses, additive)
+                nmiss = self._view.update(sub, buf, misses, additive, not additive)
             missed = misses[:nmiss].astype(np.intp)
             if what == "pull":
                 done = np.ones(sub.shape[0], dtype=bool)
@@ -334,7 +336,7 @@ class Worker:
                               Segments.of(self._view, sub).take(buf, np.flatnonzero(done)))
             live = live[missed]
             if live.shape[0]:
-                dest = route(self._view, keys[live], self.node, self.num_nodes)
+                dest = self._destinations(keys[live], what)
                 moved = dest >= 0
                 away.append(live[moved])
                 dests.append(dest[moved])
@@ -349,6 +351,17 @@ class Worker:
         if not away:
             return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.int32)
         return np.concatenate(away), np.concatenate(dests)
+
+    def _destinations(self, keys, what):
+        """The node each missed key is sent to (-1: usable here by now): its cached
+        owner, but for a set of a key this node holds as a replica, this node's server,
+        which overwrites the replica and passes the set on to the owner."""
+        dest = route(self._view, keys, self.node, self.num_nodes)
+        if what == "set":
+            states = np.empty(keys.shape[0], dtype=np.uint8)
+            self._view.states_of(keys, states)
+            dest[(states == REPLICA) | (states == PENDING)] = self.node
+        return dest
 
     @staticmethod
     def _regroup(arrived, away, dests):
@@ -374,8 +387,9 @@ class Worker:
             self._prune_updates()
         if self._unseen:
             # Applied by their owners, but a replica here may have been fetched just
-            # before: wait for a sync round that started after the acknowledgement.
-            done = self._view.node_counter_get(NODE_SLOT["rounds_done"])
+            # before: wait for a round that started after the acknowledgement and synced
+            # every replica (other rounds carry only some keys).
+            done = self._view.node_counter_get(NODE_SLOT["full_round_done"])
             self._unseen = [(k, r) for k, r in self._unseen if r > done]
             stale = [k[np.isin(k, keys)] for k, _ in self._unseen]
             stale = np.unique(np.concatenate(stale)) if stale else stale

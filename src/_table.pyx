@@ -148,7 +148,11 @@ cdef inline void _unlock(adapm_entry_t* e, uint32_t seq_before, bint changed) no
     # Unchanged: restore the old word, so optimistic readers need not retry.
     adapm_store_release_u32(&e.seq, seq_before + 2 if changed else seq_before)
 
-cdef inline bint _usable(uint8_t state) noexcept nogil:
+cdef inline bint _usable(uint8_t state, bint owned_only) noexcept nogil:
+    # A node server serving another node's request uses only keys it owns: a replica
+    # may lag the owner and must never acknowledge an update (DESIGN.md §7.1).
+    if owned_only:
+        return state == ADAPM_OWNED
     return state == ADAPM_OWNED or state == ADAPM_REPLICA
 
 
@@ -158,7 +162,7 @@ cdef inline bint _usable(uint8_t state) noexcept nogil:
 
 cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
                    const uint64_t* keys, Py_ssize_t n, real* out, uint64_t* misses,
-                   uint64_t timeout_ns) noexcept nogil:
+                   uint64_t timeout_ns, bint owned_only) noexcept nogil:
     cdef Py_ssize_t i
     cdef int64_t nmiss = 0
     cdef uint64_t pos = 0, off, length
@@ -189,7 +193,7 @@ cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
             # that the compiler cannot re-read `off` after the bounds check.
             state = adapm_load_relaxed_u8(&e.state)
             off = adapm_load_relaxed_u64(&e.offset)
-            if not _usable(state) or off + length > capacity:
+            if not _usable(state, owned_only) or off + length > capacity:
                 adapm_fence_acquire()
                 if adapm_load_relaxed_u32(&e.seq) != s1:
                     continue
@@ -207,7 +211,8 @@ cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
 
 cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
                      const uint64_t* keys, Py_ssize_t n, const real* values,
-                     uint64_t* misses, uint64_t timeout_ns, bint additive) noexcept nogil:
+                     uint64_t* misses, uint64_t timeout_ns, bint additive,
+                     bint owned_only) noexcept nogil:
     cdef Py_ssize_t i
     cdef uint64_t j, pos = 0, length
     cdef int64_t nmiss = 0
@@ -226,7 +231,7 @@ cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
         if _lock(e, &s, timeout_ns) != 0:
             misses[0] = i
             return -1
-        if _usable(e.state) and e.offset + length <= capacity:
+        if _usable(e.state, owned_only) and e.offset + length <= capacity:
             dst = arena + e.offset
             if additive:
                 for j in range(length):
@@ -624,10 +629,12 @@ cdef class TableView:
                 total += self.directory[k[i]].length
         return total
 
-    def pull(self, cnp.ndarray keys, cnp.ndarray out, cnp.ndarray misses):
+    def pull(self, cnp.ndarray keys, cnp.ndarray out, cnp.ndarray misses,
+             bint owned_only=False):
         """Copy the values of usable keys into `out` (flat, key order). Returns the number
         of misses, whose indices into `keys` are written to `misses` (uint64, len(keys)).
-        Arguments must be contiguous, validated arrays of the right dtypes."""
+        Arguments must be contiguous, validated arrays of the right dtypes. `owned_only`:
+        replicas count as misses (a node server serving another node)."""
         self._check_open()
         cdef Py_ssize_t n = keys.shape[0]
         cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
@@ -636,18 +643,20 @@ cdef class TableView:
         if self.header.dtype == 0:
             with nogil:
                 r = _pull(self.directory, <float*>self.arena, self.arena_capacity, k, n,
-                          <float*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns)
+                          <float*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only)
         else:
             with nogil:
                 r = _pull(self.directory, <double*>self.arena, self.arena_capacity, k, n,
-                          <double*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns)
+                          <double*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only)
         if r < 0:
             raise LockTimeout(int(k[m[0]]))
         return r
 
-    def update(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray misses, bint additive):
+    def update(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray misses, bint additive,
+               bint owned_only=False):
         """Add (`additive`) or write `values` (flat, key order) to the usable keys. Returns
-        the number of misses, as `pull`."""
+        the number of misses, as `pull`. `owned_only`: replicas count as misses (a set
+        goes to the owner; a node server serving another node)."""
         self._check_open()
         cdef Py_ssize_t n = keys.shape[0]
         cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
@@ -657,12 +666,12 @@ cdef class TableView:
             with nogil:
                 r = _update(self.directory, <float*>self.arena, self.arena_capacity, k, n,
                             <const float*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
-                            additive)
+                            additive, owned_only)
         else:
             with nogil:
                 r = _update(self.directory, <double*>self.arena, self.arena_capacity, k, n,
                             <const double*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
-                            additive)
+                            additive, owned_only)
         if r < 0:
             raise LockTimeout(int(k[m[0]]))
         return r
@@ -739,12 +748,17 @@ cdef class TableView:
         return count
 
     def admit(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray offsets,
-              uint8_t state, uint16_t owner, cnp.ndarray admitted):
+              uint8_t state, uint16_t owner, cnp.ndarray admitted, cnp.ndarray versions=None):
         """Install values (flat, key order) for keys that are ABSENT here, in the given
         slots, with `state` and cached `owner` (KEEP_OWNER: leave the location cache as
         it is); admitted[i] says which were. Keys already held are left alone (their slot
-        offsets stay unused)."""
+        offsets stay unused). `versions` (uint32): the keys' versions at their previous
+        owner (a relocation); each key's version here becomes that + 1, so versions grow
+        across owners and a replica's last seen version never matches by accident."""
         self._check_open()
+        cdef const uint32_t* ver = NULL
+        if versions is not None:
+            ver = <const uint32_t*>cnp.PyArray_DATA(versions)
         cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
         cdef const uint64_t* offs = <const uint64_t*>cnp.PyArray_DATA(offsets)
         cdef uint8_t* a = <uint8_t*>cnp.PyArray_DATA(admitted)
@@ -767,7 +781,10 @@ cdef class TableView:
                     e.state = state
                     if owner != _KEEP_OWNER:
                         e.owner = owner
-                    e.version += 1
+                    if ver != NULL:
+                        e.version = ver[i] + 1
+                    else:
+                        e.version += 1
                     a[i] = 1
                     count += 1
                     _unlock(e, s, True)
@@ -801,6 +818,19 @@ cdef class TableView:
                             <float*>cnp.PyArray_DATA(owner_values))
         return _refresh(self, <double*>self.arena, keys, synced,
                         <double*>cnp.PyArray_DATA(owner_values))
+
+    def replica_overwrite(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray values,
+                          cnp.ndarray done):
+        """A local worker's set of keys held here as REPLICA or PENDING: value = synced =
+        the set value, under the key's lock, so the pending delta (updates made here
+        before the set) is discarded, not sent on top of the set; done[i] says which keys
+        were. The set itself goes to the owner. Returns the count."""
+        self._check_open()
+        if self.header.dtype == 0:
+            return _overwrite(self, <float*>self.arena, keys, synced,
+                              <const float*>cnp.PyArray_DATA(values), done)
+        return _overwrite(self, <double*>self.arena, keys, synced,
+                          <const double*>cnp.PyArray_DATA(values), done)
 
     def release(self, cnp.ndarray keys, uint8_t expected, cnp.ndarray offsets,
                 cnp.ndarray released):
@@ -928,6 +958,39 @@ cdef object _refresh(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray 
                 _unlock(e, s, True)
             else:
                 _unlock(e, s, False)
+            pos += length
+    if failed >= 0:
+        raise LockTimeout(int(k[failed]))
+    return count
+
+
+cdef object _overwrite(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
+                       const real* values, cnp.ndarray done):
+    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
+    cdef uint8_t* d = <uint8_t*>cnp.PyArray_DATA(done)
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef uint64_t pos = 0, length, count = 0
+    cdef uint32_t s
+    cdef adapm_entry_t* e
+    cdef int failed = -1
+    with nogil:
+        for i in range(n):
+            e = &view.directory[k[i]]
+            length = e.length
+            if _lock(e, &s, view.lock_timeout_ns) != 0:
+                failed = i
+                break
+            d[i] = 0
+            if (e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING) and \
+                    e.offset + length <= view.arena_capacity and \
+                    so[i] + length <= view.arena_capacity:
+                memcpy(arena + e.offset, values + pos, length * sizeof(real))
+                memcpy(arena + so[i], values + pos, length * sizeof(real))
+                e.version += 1
+                d[i] = 1
+                count += 1
+            _unlock(e, s, d[i] == 1)
             pos += length
     if failed >= 0:
         raise LockTimeout(int(k[failed]))

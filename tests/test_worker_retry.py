@@ -23,10 +23,13 @@ class OnceBusyView:
     def owners_of(self, keys, out):
         self.view.owners_of(keys, out)
 
-    def update(self, keys, values, misses, additive):
+    def states_of(self, keys, out):
+        self.view.states_of(keys, out)
+
+    def update(self, keys, values, misses, additive, owned_only=False):
         self.calls += 1
         if self.calls > 1:
-            return self.view.update(keys, values, misses, additive)
+            return self.view.update(keys, values, misses, additive, owned_only)
         ok = keys != self.busy_key
         d = self.uniform_length
         rest = np.ascontiguousarray(values.reshape(-1, d)[ok].reshape(-1))
@@ -37,6 +40,7 @@ class OnceBusyView:
 
 class RetryingWorker:
     _local_retry = Worker._local_retry
+    _destinations = Worker._destinations
     node, rank, num_nodes, dtype = 0, 0, 2, np.dtype("float32")
 
 
@@ -84,11 +88,11 @@ class MovedOnView(OnceBusyView):
         misses[:gone.shape[0]] = gone
         return gone.shape[0]
 
-    def update(self, keys, values, misses, additive):
+    def update(self, keys, values, misses, additive, owned_only=False):
         self.calls += 1
         return self._without_gone(keys, values, misses, "update")
 
-    def pull(self, keys, values, misses):
+    def pull(self, keys, values, misses, owned_only=False):
         self.calls += 1
         return self._without_gone(keys, values, misses, "pull")
 
