@@ -27,6 +27,7 @@ from atomic cimport (
     adapm_prefetch_write, adapm_monotonic_ns, adapm_yield,
 )
 from layout cimport (
+    ADAPM_REASON_BYTES,
     adapm_header_t, adapm_entry_t, ADAPM_MAGIC, ADAPM_LAYOUT_VERSION, ADAPM_HEADER_BYTES,
     ADAPM_WORKER_BLOCK_SLOTS, ADAPM_NODE_COUNTER_SLOTS, ADAPM_ABSENT, ADAPM_OWNED,
     ADAPM_REPLICA, ADAPM_PENDING, ADAPM_RING_CONTROL_WORDS, ADAPM_RING_HEAD, ADAPM_RING_TAIL,
@@ -74,25 +75,123 @@ cdef enum:
     # Spins between two looks at the clock while waiting for a key's lock.
     SPINS_PER_CHECK = 256
 
-cdef inline uint64_t _align64(uint64_t x) nogil:
-    return (x + 63) & ~(<uint64_t>63)
+# The header must hold every field of adapm_header_t, also those added at its end.
+if sizeof(adapm_header_t) > ADAPM_HEADER_BYTES:
+    raise ImportError(f"adapm_header_t is {sizeof(adapm_header_t)} bytes, more than "
+                      f"ADAPM_HEADER_BYTES = {ADAPM_HEADER_BYTES}")
+
+# Bounds of a table's shape: create() refuses to make a table outside them and attach()
+# refuses a header outside them (a corrupt one).
+MAX_WORKERS = 1 << 16       # worker blocks (and 512 KB intent rings) per node
+MAX_NODES = 0xFFFF          # a key's cached owner is a uint16, 0xFFFF means KEEP_OWNER
+MAX_VALUE_LENGTH = 2**32 - 1  # a directory entry's length is a uint32
+_MAX_TABLE_BYTES = 2**62    # far beyond any machine; keeps every offset sum in uint64
 
 
-def layout_sizes(uint64_t num_keys, uint32_t num_workers, uint64_t arena_capacity,
-                 uint32_t itemsize):
-    """Byte offsets of the regions and the total size of a segment."""
-    cdef uint64_t directory = ADAPM_HEADER_BYTES
-    cdef uint64_t workers = _align64(directory + num_keys * sizeof(adapm_entry_t))
-    cdef uint64_t rings = _align64(workers + num_workers * ADAPM_WORKER_BLOCK_SLOTS * 8)
-    cdef uint64_t arena = _align64(
+def _align64(x):
+    return (x + 63) & ~63
+
+
+def layout_sizes(num_keys, num_workers, arena_capacity, itemsize):
+    """Byte offsets of the regions and the total size of a segment. Computed with Python
+    integers, so a nonsensical shape (a corrupt header) cannot wrap around; one whose
+    segment could not exist (over 2**62 bytes) raises ValueError."""
+    num_keys, num_workers = int(num_keys), int(num_workers)
+    arena_capacity, itemsize = int(arena_capacity), int(itemsize)
+    if min(num_keys, num_workers, arena_capacity, itemsize) < 0:
+        raise ValueError("a table's sizes cannot be negative")
+    directory = ADAPM_HEADER_BYTES
+    workers = _align64(directory + num_keys * sizeof(adapm_entry_t))
+    rings = _align64(workers + num_workers * ADAPM_WORKER_BLOCK_SLOTS * 8)
+    arena = _align64(
         rings + num_workers * (ADAPM_RING_CONTROL_WORDS + ADAPM_RING_WORDS) * 8)
+    total = arena + arena_capacity * itemsize
+    if total > _MAX_TABLE_BYTES:
+        raise ValueError(f"a table of {num_keys} keys, {num_workers} workers and "
+                         f"{arena_capacity} arena elements would take {total} bytes")
     return {
         "directory_offset": directory,
         "workers_offset": workers,
         "rings_offset": rings,
         "arena_offset": arena,
-        "total_bytes": arena + arena_capacity * itemsize,
+        "total_bytes": total,
     }
+
+
+def _dtype_name(code):
+    return str(DTYPES[code]) if code < len(DTYPES) else "?"
+
+
+cdef object _header_problem(const adapm_header_t* h, uint64_t size):
+    """Why a published header cannot describe a table in a segment of `size` bytes (a
+    message naming the first bad field), or None. O(1): besides the header it reads at
+    most 65 directory entries. Every value is copied into a Python int first, so no
+    check can wrap around, and nothing outside the header is read before the offsets
+    and sizes that locate it are known to be right."""
+    cdef const adapm_entry_t* directory
+    bad = "corrupt AdaPM table header: "
+    if h.layout_version != ADAPM_LAYOUT_VERSION:
+        return (f"AdaPM table layout_version = {h.layout_version}, expected "
+                f"{ADAPM_LAYOUT_VERSION} (a table made by another version of adapm, or a "
+                "corrupt header)")
+    code = h.dtype
+    if code >= len(DTYPES):
+        return f"{bad}dtype = {code}, expected 0 (float32) or 1 (float64)"
+    itemsize = DTYPES[code].itemsize
+    num_nodes, node = h.num_nodes, h.node
+    if not 1 <= num_nodes <= MAX_NODES:
+        return f"{bad}num_nodes = {num_nodes}, expected 1 to {MAX_NODES}"
+    if node >= num_nodes:
+        return f"{bad}node = {node}, expected less than num_nodes = {num_nodes}"
+    total = h.total_bytes
+    if total != size:
+        return f"{bad}total_bytes = {total}, expected the segment's size, {size} bytes"
+    num_keys = h.num_keys
+    most_keys = (size - ADAPM_HEADER_BYTES) // sizeof(adapm_entry_t)
+    if not 1 <= num_keys <= most_keys:
+        return (f"{bad}num_keys = {num_keys}, expected 1 to {most_keys} (the directory "
+                f"must fit in the segment of {size} bytes)")
+    num_workers = h.num_workers
+    if not 1 <= num_workers <= MAX_WORKERS:
+        return f"{bad}num_workers = {num_workers}, expected 1 to {MAX_WORKERS}"
+    capacity = h.arena_capacity
+    if capacity > size // itemsize:
+        return (f"{bad}arena_capacity = {capacity}, expected at most {size // itemsize} "
+                f"elements of dtype = {code} ({_dtype_name(code)}) in a segment of {size} "
+                "bytes")
+    # Every region where the creator put it: no offset misaligned, overlapping or past
+    # the end. (Each bound above keeps these sums far below 2**64.)
+    want = layout_sizes(num_keys, num_workers, capacity, itemsize)
+    if h.directory_offset != want["directory_offset"]:
+        return (f"{bad}directory_offset = {h.directory_offset}, expected "
+                f"{want['directory_offset']}")
+    if h.workers_offset != want["workers_offset"]:
+        return (f"{bad}workers_offset = {h.workers_offset}, expected "
+                f"{want['workers_offset']} after a directory of num_keys = {num_keys} "
+                "entries")
+    if h.rings_offset != want["rings_offset"]:
+        return (f"{bad}rings_offset = {h.rings_offset}, expected {want['rings_offset']} "
+                f"after num_workers = {num_workers} worker blocks")
+    if h.arena_offset != want["arena_offset"]:
+        return (f"{bad}arena_offset = {h.arena_offset}, expected {want['arena_offset']} "
+                f"after num_workers = {num_workers} intent rings")
+    if want["total_bytes"] != total:
+        return (f"{bad}arena_capacity = {capacity} elements of dtype = {code} "
+                f"({_dtype_name(code)}) end the table at byte {want['total_bytes']}, "
+                f"expected total_bytes = {total}")
+    # A uniform length sizes every pull's buffer while the kernels copy each entry's
+    # length, and every key has a length of at least 1: check a sample of entries (all
+    # of them up to 64 keys, and always the last, which a too large num_keys misses).
+    uniform = h.uniform_length
+    if uniform > MAX_VALUE_LENGTH:
+        return f"{bad}uniform_length = {uniform}, expected at most {MAX_VALUE_LENGTH}"
+    directory = <const adapm_entry_t*>(<const char*>h + ADAPM_HEADER_BYTES)
+    for key in list(range(0, num_keys, max(1, num_keys // 64))) + [num_keys - 1]:
+        length = directory[<uint64_t>key].length
+        if length == 0 or (uniform and length != uniform):
+            return (f"{bad}uniform_length = {uniform} and num_keys = {num_keys}, but key "
+                    f"{key} has length {length} in the directory")
+    return None
 
 
 class LockTimeout(Exception):
@@ -148,6 +247,18 @@ cdef inline void _unlock(adapm_entry_t* e, uint32_t seq_before, bint changed) no
     # Unchanged: restore the old word, so optimistic readers need not retry.
     adapm_store_release_u32(&e.seq, seq_before + 2 if changed else seq_before)
 
+cdef inline bint _fits(uint64_t off, uint64_t length, uint64_t capacity) noexcept nogil:
+    # A slot inside the arena, written so that no sum can wrap around (a corrupt offset
+    # near 2**64 must be a miss, not the bytes before the arena).
+    return length <= capacity and off <= capacity - length
+
+cdef inline uint64_t _length(adapm_entry_t* e, uint64_t uniform) noexcept nogil:
+    # Buffers of a uniform table are sized by its uniform length: an entry claiming
+    # another length (a corrupt directory) gets length 0 and fails _fits' caller check.
+    if uniform == 0 or e.length == uniform:
+        return e.length
+    return 0
+
 cdef inline bint _usable(uint8_t state, bint owned_only) noexcept nogil:
     # A node server serving another node's request uses only keys it owns: a replica
     # may lag the owner and must never acknowledge an update (DESIGN.md §7.1).
@@ -162,7 +273,7 @@ cdef inline bint _usable(uint8_t state, bint owned_only) noexcept nogil:
 
 cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
                    const uint64_t* keys, Py_ssize_t n, real* out, uint64_t* misses,
-                   uint64_t timeout_ns, bint owned_only) noexcept nogil:
+                   uint64_t timeout_ns, bint owned_only, uint64_t uniform) noexcept nogil:
     cdef Py_ssize_t i
     cdef int64_t nmiss = 0
     cdef uint64_t pos = 0, off, length
@@ -178,7 +289,7 @@ cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
             if e.offset < capacity:
                 adapm_prefetch_read(arena + e.offset)
         e = &directory[keys[i]]
-        length = e.length  # fixed at creation
+        length = _length(e, uniform)  # fixed at creation
         sp.spins = 0
         sp.deadline_ns = 0
         sp.timeout_ns = timeout_ns
@@ -193,7 +304,8 @@ cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
             # that the compiler cannot re-read `off` after the bounds check.
             state = adapm_load_relaxed_u8(&e.state)
             off = adapm_load_relaxed_u64(&e.offset)
-            if not _usable(state, owned_only) or off + length > capacity:
+            if not _usable(state, owned_only) or length == 0 or \
+                    not _fits(off, length, capacity):
                 adapm_fence_acquire()
                 if adapm_load_relaxed_u32(&e.seq) != s1:
                     continue
@@ -205,14 +317,14 @@ cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
             s2 = adapm_load_relaxed_u32(&e.seq)
             if s1 == s2:
                 break
-        pos += length
+        pos += uniform if uniform != 0 else length
     return nmiss
 
 
 cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
                      const uint64_t* keys, Py_ssize_t n, const real* values,
                      uint64_t* misses, uint64_t timeout_ns, bint additive,
-                     bint owned_only) noexcept nogil:
+                     bint owned_only, uint64_t uniform) noexcept nogil:
     cdef Py_ssize_t i
     cdef uint64_t j, pos = 0, length
     cdef int64_t nmiss = 0
@@ -227,11 +339,11 @@ cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
             if e.offset < capacity:
                 adapm_prefetch_write(arena + e.offset)
         e = &directory[keys[i]]
-        length = e.length
+        length = _length(e, uniform)
         if _lock(e, &s, timeout_ns) != 0:
             misses[0] = i
             return -1
-        if _usable(e.state, owned_only) and e.offset + length <= capacity:
+        if _usable(e.state, owned_only) and length != 0 and _fits(e.offset, length, capacity):
             dst = arena + e.offset
             if additive:
                 for j in range(length):
@@ -244,7 +356,7 @@ cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
             _unlock(e, s, False)
             misses[nmiss] = i
             nmiss += 1
-        pos += length
+        pos += uniform if uniform != 0 else length
     return nmiss
 
 
@@ -300,6 +412,17 @@ cdef class TableView:
         dtype = np.dtype(dtype)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be float32 or float64, not {dtype}")
+        # The bounds attach() checks: never make a table that cannot be attached.
+        if num_keys < 1:
+            raise ValueError("a table needs at least one key")
+        if not 1 <= num_workers <= MAX_WORKERS:
+            raise ValueError(f"num_workers = {num_workers}, expected 1 to {MAX_WORKERS}")
+        if not 1 <= num_nodes <= MAX_NODES or node >= num_nodes:
+            raise ValueError(f"node {node} of num_nodes = {num_nodes}: expected "
+                             f"node < num_nodes <= {MAX_NODES}")
+        if uniform_length > MAX_VALUE_LENGTH:
+            raise ValueError(f"uniform_length = {uniform_length}, expected at most "
+                             f"{MAX_VALUE_LENGTH}")
         sizes = layout_sizes(num_keys, num_workers, arena_capacity, dtype.itemsize)
         cdef TableView view = TableView()
         view._map(fd, sizes["total_bytes"])
@@ -340,17 +463,18 @@ cdef class TableView:
         cdef TableView view = TableView()
         view._map(fd, st.st_size)
         cdef adapm_header_t* h = view.header
-        if adapm_load_relaxed_u64(&h.magic) != ADAPM_MAGIC:
+        cdef uint64_t magic = adapm_load_relaxed_u64(&h.magic)
+        if magic != ADAPM_MAGIC:
             view.close()
-            raise ValueError("shared-memory segment is not a (published) AdaPM table")
+            raise ValueError(f"shared-memory segment is not a (published) AdaPM table: "
+                             f"magic = {magic:#x}, expected {ADAPM_MAGIC:#x}")
         adapm_fence_acquire()
-        if h.layout_version != ADAPM_LAYOUT_VERSION:
-            version = h.layout_version
+        # Nothing past the header is touched before every offset and size checks out:
+        # a corrupt header raises here instead of crashing a later call (docs/table.md).
+        problem = _header_problem(h, st.st_size)
+        if problem is not None:
             view.close()
-            raise ValueError(f"table layout version {version}, expected {ADAPM_LAYOUT_VERSION}")
-        if h.total_bytes != <uint64_t>st.st_size or h.dtype > 1:
-            view.close()
-            raise ValueError("corrupt AdaPM table header")
+            raise ValueError(problem)
         view._bind_regions()
         return view
 
@@ -404,12 +528,37 @@ cdef class TableView:
         cdef uint64_t beat = adapm_load_relaxed_u64(&self.header.heartbeat_ns)
         return (now - beat) / 1e9 if now > beat else 0.0
 
-    def mark_failed(self, uint32_t code=1, uint32_t detail=0):
-        """Tell every process of the node that the cluster failed (first failure wins)."""
+    def mark_failed(self, uint32_t code=1, uint32_t detail=0, reason=""):
+        """Tell every process of the node that the cluster failed (first failure wins),
+        and why (`reason`: text naming the node, worker and keys involved)."""
         self._check_open()
+        cdef bytes text = reason.encode("utf-8", "replace")[:ADAPM_REASON_BYTES - 1]
+        cdef Py_ssize_t i
         if adapm_load_acquire_u32(&self.header.failed) == 0:
             self.header.failed_detail = detail
+            for i in range(len(text)):
+                self.header.failed_reason[i] = text[i]
+            self.header.failed_reason[len(text)] = 0
             adapm_store_release_u32(&self.header.failed, code)
+
+    @property
+    def failed_reason(self):
+        """The text mark_failed was given ('' when none; read after `failed`)."""
+        self._check_open()
+        if adapm_load_acquire_u32(&self.header.failed) == 0:
+            return ""
+        cdef bytes raw = bytes((<char*>self.header.failed_reason)[:ADAPM_REASON_BYTES])
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def cluster_token(self):
+        """The cluster's message token (0 until the cluster has formed)."""
+        self._check_open()
+        return adapm_load_acquire_u64(&self.header.cluster_token)
+
+    def set_cluster_token(self, uint64_t token):
+        self._check_open()
+        adapm_store_release_u64(&self.header.cluster_token, token)
 
     @property
     def failed_detail(self):
@@ -610,9 +759,10 @@ cdef class TableView:
         cdef uint64_t* o = <uint64_t*>cnp.PyArray_DATA(out)
         cdef Py_ssize_t i, n = keys.shape[0]
         cdef uint64_t total = 0
+        cdef uint64_t uniform = self.uniform_length
         with nogil:
-            for i in range(n):
-                o[i] = self.directory[k[i]].length
+            for i in range(n):  # a uniform table's buffers are laid out by its uniform length
+                o[i] = uniform if uniform != 0 else self.directory[k[i]].length
                 total += o[i]
         return total
 
@@ -643,11 +793,13 @@ cdef class TableView:
         if self.header.dtype == 0:
             with nogil:
                 r = _pull(self.directory, <float*>self.arena, self.arena_capacity, k, n,
-                          <float*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only)
+                          <float*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only,
+                          self.uniform_length)
         else:
             with nogil:
                 r = _pull(self.directory, <double*>self.arena, self.arena_capacity, k, n,
-                          <double*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only)
+                          <double*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only,
+                          self.uniform_length)
         if r < 0:
             raise LockTimeout(int(k[m[0]]))
         return r
@@ -666,12 +818,12 @@ cdef class TableView:
             with nogil:
                 r = _update(self.directory, <float*>self.arena, self.arena_capacity, k, n,
                             <const float*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
-                            additive, owned_only)
+                            additive, owned_only, self.uniform_length)
         else:
             with nogil:
                 r = _update(self.directory, <double*>self.arena, self.arena_capacity, k, n,
                             <const double*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
-                            additive, owned_only)
+                            additive, owned_only, self.uniform_length)
         if r < 0:
             raise LockTimeout(int(k[m[0]]))
         return r

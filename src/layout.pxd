@@ -7,6 +7,7 @@ cdef extern from "table_layout.h" nogil:
     uint32_t ADAPM_HEADER_BYTES
     uint32_t ADAPM_WORKER_BLOCK_SLOTS
     uint32_t ADAPM_NODE_COUNTER_SLOTS
+    uint32_t ADAPM_REASON_BYTES
     uint32_t ADAPM_RING_CONTROL_WORDS
     uint32_t ADAPM_RING_HEAD
     uint32_t ADAPM_RING_TAIL
@@ -38,6 +39,8 @@ cdef extern from "table_layout.h" nogil:
         uint64_t rings_offset
         uint64_t server_idle
         uint64_t node_counters[64]
+        uint64_t cluster_token
+        char failed_reason[512]
 
     ctypedef struct adapm_entry_t:
         uint32_t seq

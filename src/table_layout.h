@@ -11,10 +11,11 @@
 #include <stdint.h>
 
 #define ADAPM_MAGIC 0x31764d5041414441ULL /* "ADAAPMv1" little endian */
-#define ADAPM_LAYOUT_VERSION 2u
+#define ADAPM_LAYOUT_VERSION 3u
 #define ADAPM_HEADER_BYTES 4096u
 #define ADAPM_WORKER_BLOCK_SLOTS 64u      /* uint64 counters per worker: 512 bytes */
 #define ADAPM_NODE_COUNTER_SLOTS 64u
+#define ADAPM_REASON_BYTES 512u
 /* One intent ring per worker: the worker appends intents, the node server takes them.
  * Control words first (the head, written by the worker, and the tail, written by the
  * server, a cache line apart), then the ring's words. */
@@ -53,6 +54,10 @@ typedef struct {
     uint64_t server_idle;       /* non-zero while the server sleeps without a deadline
                                    soon: a worker that appends an intent wakes it */
     uint64_t node_counters[ADAPM_NODE_COUNTER_SLOTS];
+    uint64_t cluster_token;     /* the cluster's message token, once it has formed: every
+                                   worker message carries it (docs/protocol.md) */
+    char failed_reason[ADAPM_REASON_BYTES]; /* why the cluster failed (UTF-8, NUL-ended):
+                                   node, worker and key range; written before `failed` */
 } adapm_header_t;
 
 /* One per key, dense over [0, num_keys). 24 bytes. */
