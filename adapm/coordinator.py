@@ -8,18 +8,24 @@ node silent for longer than the node timeout, or a node reporting a failure, mak
 coordinator tell every node that the cluster failed; nodes then fail every call."""
 
 import logging
+import secrets
 import time
 
 import zmq
 
 from adapm import protocol
 from adapm.errors import ProtocolError
+from adapm.malformed import MalformedLog
 from adapm.protocol import Message, MsgType, node_identity
 from adapm.security import listener
 
 log = logging.getLogger("adapm.coordinator")
 
 HEARTBEAT_EVERY = 0.25  # seconds between heartbeats to every node
+MAX_FRAME_BYTES = 64 * 1024  # the coordinator's messages are small (addresses at most)
+RECEIVE_HWM = 1000
+# Accepted from a node before the cluster formed (no token exists for it yet).
+BEFORE_FORMED = {MsgType.JOIN, MsgType.HEARTBEAT, MsgType.NODE_FAILED}
 
 # Failure codes carried by FAILED / NODE_FAILED (arg0); count carries the detail.
 FAIL_BARRIER = 1        # a barrier can never complete: worker `count` already finalized
@@ -47,8 +53,11 @@ FAILURE_TEXT = {
 }
 
 
-def failure_text(code, detail):
-    return FAILURE_TEXT.get(code, "unknown failure {}").format(detail)
+def failure_text(code, detail, reason=""):
+    """What went wrong, for ClusterError and logs; `reason` (the failing node's own
+    words: node, worker, key range) is appended when there is one."""
+    text = FAILURE_TEXT.get(code, "unknown failure {}").format(detail)
+    return f"{text}: {reason}" if reason else text
 
 
 class Coordinator:
@@ -58,6 +67,8 @@ class Coordinator:
         self.socket = listener(ctx, curve)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self.address = bind_address(self.socket, address)
         self.addresses = [None] * num_nodes
         self.fingerprint = None
@@ -66,7 +77,10 @@ class Coordinator:
         self.done = set()
         self.failed = None
         self._last_beat = 0.0
-        self.malformed = 0
+        # Handed to the nodes that joined (PEERS); every later message must carry it.
+        self.token = secrets.randbits(63) | 1
+        self.formed = False
+        self.malformed = MalformedLog(log, "coordinator")
 
     # -- events ------------------------------------------------------------------
 
@@ -80,28 +94,47 @@ class Coordinator:
             try:
                 msg = protocol.decode(frames[1:])
                 node = msg.src_node
-                if frames[0].bytes != node_identity(node) or node >= self.num_nodes:
-                    raise ProtocolError(f"{msg.type.name} from an unknown peer")
+                if self._early_heartbeat(frames[0].bytes, msg):
+                    continue
+                self._check_sender(frames[0].bytes, msg)
             except ProtocolError as exc:
-                self.malformed += 1
-                log.warning("coordinator: dropped a malformed message: %s", exc)
+                self.malformed.dropped(exc)
                 continue
             self.last_seen[node] = time.monotonic()
-            handler = self._handlers.get(msg.type)
-            if handler is None:
-                self.malformed += 1
-                continue
             try:
-                handler(self, node, msg)
-            except Exception:  # noqa: BLE001 - one message never takes the coordinator down
-                self.malformed += 1
-                log.exception("coordinator: %s from node %d failed", msg.type.name, node)
+                self._handlers[msg.type](self, node, msg)
+            except ProtocolError as exc:
+                self.malformed.dropped(f"{msg.type.name} from node {node}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - an internal error fails the cluster
+                reason = (f"coordinator: internal error handling {msg.type.name} from node "
+                          f"{node}: {type(exc).__name__}: {exc}")
+                log.error("%s", reason, exc_info=exc)
+                self.fail(FAIL_INTERNAL, 0, reason)
+
+    def _early_heartbeat(self, identity, msg):
+        """A node's heartbeat sent before it heard PEERS carries no token yet: ignored
+        (it does not prove the node alive), but neither counted nor logged."""
+        return self.formed and msg.type == MsgType.HEARTBEAT and msg.token == 0 and \
+            identity == node_identity(msg.src_node)
+
+    def _check_sender(self, identity, msg):
+        node = msg.src_node
+        if identity != node_identity(node) or node >= self.num_nodes:
+            raise ProtocolError(f"{msg.type.name} from an unknown peer")
+        if msg.type not in self._handlers:
+            raise ProtocolError(f"{msg.type.name} is not a message for the coordinator")
+        if self.formed and msg.token != self.token:
+            raise ProtocolError(f"{msg.type.name} without the cluster's token")
+        if not self.formed and msg.type not in BEFORE_FORMED:
+            raise ProtocolError(f"{msg.type.name} before the cluster formed")
 
     def tick(self):
         """Heartbeats out; silent nodes detected. Call at least every HEARTBEAT_EVERY."""
         now = time.monotonic()
         if now - self._last_beat < HEARTBEAT_EVERY:
             return
+        if self.malformed.due():
+            self.malformed.flush()
         self._last_beat = now
         for node in list(self.last_seen):
             self._send(node, Message(MsgType.HEARTBEAT))
@@ -111,13 +144,14 @@ class Coordinator:
                     self.fail(FAIL_NODE_SILENT, node)
                     break
 
-    def fail(self, code, detail):
+    def fail(self, code, detail, reason=""):
         if self.failed is not None:
             return
-        self.failed = (code, detail)
-        log.error("coordinator: cluster failed: %s", failure_text(code, detail))
+        self.failed = (code, detail, reason)
+        log.error("coordinator: cluster failed: %s", failure_text(code, detail, reason))
         for node in list(self.last_seen):
-            self._send(node, Message(MsgType.NODE_FAILED, arg0=code, count=detail))
+            self._send(node, Message(MsgType.NODE_FAILED, arg0=code, count=detail,
+                                     text=reason))
 
     # -- handlers ------------------------------------------------------------------
 
@@ -128,9 +162,11 @@ class Coordinator:
             self.fail(FAIL_MISMATCH, node)
             return
         self.addresses[node] = msg.addresses[0]
-        if all(self.addresses):
+        if all(self.addresses) and not self.formed:
+            self.formed = True
             for peer in range(self.num_nodes):
-                self._send(peer, Message(MsgType.PEERS, addresses=self.addresses))
+                self._send(peer, Message(MsgType.PEERS, arg0=self.token,
+                                         addresses=self.addresses))
 
     def _on_barrier(self, node, msg):
         arrived = self.barriers.setdefault(msg.request_id, set())
@@ -156,7 +192,7 @@ class Coordinator:
     def _on_failed(self, node, msg):
         if not 0 < msg.arg0 < 2**31 or not 0 <= msg.count < 2**32:
             raise ProtocolError(f"failure code {msg.arg0}")
-        self.fail(msg.arg0, msg.count)
+        self.fail(msg.arg0, msg.count, msg.text)
 
     _handlers = {
         MsgType.JOIN: _on_join,

@@ -1,6 +1,6 @@
 """The wire format: the only module that knows byte layouts of messages.
 
-A message is a ZeroMQ multipart message: one fixed 48-byte little-endian header frame,
+A message is a ZeroMQ multipart message: one fixed 52-byte little-endian header frame,
 followed by raw frames (keys as uint64, positions as uint32, values in the table's dtype,
 counters as uint32, addresses as UTF-8 text), sent without copying. Nothing is ever
 unpickled. `decode` checks what a peer could get wrong (size, magic, version, type,
@@ -10,9 +10,12 @@ knows the dtype and the keys' lengths).
 
 Header fields:
     magic u16 | version u8 | type u8 | src_node u16 | flags u16 | src_worker u32 |
-    request_id u64 | count u64 | arg0 i64 | arg1 i64
+    request_id u64 | count u64 | arg0 i64 | arg1 i64 | token u64
 `src_worker` is a worker's global rank, or SERVER for a node server. The meaning of
-count/arg0/arg1 per type is given in MsgType."""
+count/arg0/arg1 per type is given in MsgType. `token` is the cluster's message token
+(random, handed by the coordinator to the nodes that joined, and by each node server to
+its workers through the table): a node accepts a message from a peer or a worker only
+with it, so a connection that merely reaches a port cannot pose as a member."""
 
 import enum
 import struct
@@ -23,12 +26,13 @@ import numpy as np
 from adapm.errors import ProtocolError
 
 MAGIC = 0xADA0
-VERSION = 2
-HEADER = struct.Struct("<HBBHHIQQqq")
+VERSION = 3
+HEADER = struct.Struct("<HBBHHIQQqqQ")
 HEADER_BYTES = HEADER.size
 SERVER = 0xFFFFFFFF          # src_worker of a node server
 MAX_KEYS_PER_MESSAGE = 1 << 28
 MAX_HOPS = 64                # forwarding bound: more means a routing bug, not a busy key
+MAX_TEXT_BYTES = 1024        # a failure's reason
 
 # Per-key flags of SYNC (what the replica node wants) and SYNC_REPLY (what it gets).
 SYNC_REQUEST = 0     # the node has no copy yet: relocate or replicate it there
@@ -73,7 +77,7 @@ class MsgType(enum.IntEnum):
     WELCOME = 16       # addresses (every node's server, by node id)
     RELEASE = 17       # request_id: barrier generation
     SYNCED = 18
-    FAILED = 19        # arg0: failure code, count: detail (node or worker)
+    FAILED = 19        # text (the reason); arg0: failure code, count: detail
     PULL_REPLY = 20    # positions, values (flags ALL_POSITIONS: positions empty)
     UPDATE_ACK = 21    # count: keys applied
     LOCALIZED = 22     # count: keys now owned by the node
@@ -91,13 +95,14 @@ class MsgType(enum.IntEnum):
                        # versions (the owner's); request_id: the round answered
     # node server <-> coordinator
     JOIN = 48          # addresses (the joining server's own); arg0: spec fingerprint
-    PEERS = 49         # addresses (every node's server, by node id)
+    PEERS = 49         # addresses (every node's server, by node id); arg0: the token
     NODE_BARRIER = 50  # request_id: generation
     NODE_RELEASE = 51  # request_id: generation
     HEARTBEAT = 52
     NODE_DONE = 53     # every worker of the node finalized
     SHUTDOWN = 54      # every node is done: stop serving
-    NODE_FAILED = 55   # arg0: failure code, count: detail; to and from the coordinator
+    NODE_FAILED = 55   # text (the reason); arg0: failure code, count: detail; to and
+                       # from the coordinator
 
 
 # Frames that follow the header, per type.
@@ -107,7 +112,7 @@ _FRAMES = {
     MsgType.SET: ("keys", "values"), MsgType.LOCALIZE: ("keys",), MsgType.REFRESH: ("keys",),
     MsgType.WAKE: (),
     MsgType.WELCOME: ("addresses",), MsgType.RELEASE: (), MsgType.SYNCED: (),
-    MsgType.FAILED: (), MsgType.PULL_REPLY: ("positions", "values"),
+    MsgType.FAILED: ("text",), MsgType.PULL_REPLY: ("positions", "values"),
     MsgType.UPDATE_ACK: (), MsgType.LOCALIZED: (),
     MsgType.FWD_PULL: ("keys", "positions"), MsgType.FWD_PUSH: ("keys", "values"),
     MsgType.FWD_SET: ("keys", "values"), MsgType.MOVE_REQUEST: ("keys",),
@@ -117,7 +122,7 @@ _FRAMES = {
     MsgType.SYNC_REPLY: ("keys", "values", "counters", "versions"),
     MsgType.JOIN: ("addresses",), MsgType.PEERS: ("addresses",), MsgType.NODE_BARRIER: (),
     MsgType.NODE_RELEASE: (), MsgType.HEARTBEAT: (), MsgType.NODE_DONE: (),
-    MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: (),
+    MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: ("text",),
 }
 _DTYPES = {"keys": np.uint64, "positions": np.uint32, "counters": np.uint32,
            "versions": np.uint32}
@@ -141,6 +146,8 @@ class Message:
     counters: np.ndarray = None
     versions: np.ndarray = None
     addresses: list = None
+    text: str = ""
+    token: int = 0
 
     @property
     def hops(self):
@@ -149,13 +156,16 @@ class Message:
     def encode(self):
         """Frames to pass to send() (socket.send_multipart)."""
         header = HEADER.pack(MAGIC, VERSION, int(self.type), self.src_node, self.flags,
-                             self.src_worker, self.request_id, self.count, self.arg0, self.arg1)
+                             self.src_worker, self.request_id, self.count, self.arg0, self.arg1,
+                             self.token)
         frames = [header]
         for kind in _FRAMES[self.type]:
             if kind == "values":
                 frames.append(_array_frame(self.values, None))
             elif kind == "addresses":
                 frames.append("\n".join(self.addresses).encode())
+            elif kind == "text":
+                frames.append(self.text.encode("utf-8", "replace")[:MAX_TEXT_BYTES])
             else:
                 arr = getattr(self, kind)
                 frames.append(_array_frame(np.empty(0) if arr is None else arr, _DTYPES[kind]))
@@ -208,7 +218,7 @@ def decode(frames):
     header = _frame_bytes(frames[0])
     if header.nbytes != HEADER_BYTES:
         raise ProtocolError(f"header of {header.nbytes} bytes, expected {HEADER_BYTES}")
-    magic, version, mtype, src_node, flags, src_worker, request_id, count, arg0, arg1 = \
+    magic, version, mtype, src_node, flags, src_worker, request_id, count, arg0, arg1, token = \
         HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic 0x{magic:04x}")
@@ -222,13 +232,18 @@ def decode(frames):
     if len(frames) != 1 + len(kinds):
         raise ProtocolError(f"{mtype.name} with {len(frames) - 1} data frames, "
                             f"expected {len(kinds)}")
-    msg = Message(mtype, src_node, src_worker, request_id, count, arg0, arg1, flags)
+    msg = Message(mtype, src_node, src_worker, request_id, count, arg0, arg1, flags,
+                  token=token)
     for kind, frame in zip(kinds, frames[1:]):
         buf = _frame_bytes(frame)
         if kind == "values":
             msg.values = buf
         elif kind == "addresses":
             msg.addresses = _addresses(buf)
+        elif kind == "text":
+            if buf.nbytes > MAX_TEXT_BYTES:
+                raise ProtocolError(f"text frame of {buf.nbytes} bytes")
+            msg.text = bytes(buf).decode("utf-8", "replace")
         else:
             setattr(msg, kind, _typed(buf, kind))
     for kind in _PER_KEY:
@@ -269,3 +284,13 @@ def values_of(msg, dtype, elements):
         raise ProtocolError(f"{msg.type.name}: values frame of {got} bytes, expected "
                             f"{elements} x {dtype}")
     return np.frombuffer(buf, dtype=dtype)
+
+
+def max_frame_bytes(num_keys, max_length, itemsize):
+    """The largest frame a legal message between members can hold, for a table of
+    `num_keys` keys of at most `max_length` elements: a request names at most num_keys
+    keys (workers split larger calls), so its values are at most num_keys values long.
+    Receiving sockets refuse larger frames (ZeroMQ's MAXMSGSIZE disconnects the sender)
+    before allocating them."""
+    per_key = max(np.dtype(np.uint64).itemsize, int(max_length) * int(itemsize))
+    return int(num_keys) * per_key + 64 * 1024

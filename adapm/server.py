@@ -24,7 +24,7 @@ import time
 import numpy as np
 import zmq
 
-from adapm import config, protocol
+from adapm import config, failpoints, protocol
 from adapm.config import MODES, RELOCATING_MODES
 from adapm.coordinator import (
     FAIL_BARRIER,
@@ -40,6 +40,7 @@ from adapm.coordinator import (
 from adapm.errors import ProtocolError
 from adapm.initializers import chunks, initial_values
 from adapm.intents import IntentLog, IntentStore
+from adapm.malformed import MalformedLog
 from adapm.ownership import Ownership, home_of, route, split_by
 from adapm.placement import Placement
 from adapm.process import die_with_parent, set_process_name
@@ -64,6 +65,8 @@ FAILED_LINGER = 1.0      # seconds a failed node keeps answering "failed" before
 EXIT_FAILED = 3          # exit code of a node server after the cluster failed
 HOUSEKEEPING_EVERY = 0.05
 MAX_BATCH = 256          # messages handled per round before the round's housekeeping
+RECEIVE_HWM = 1000       # messages queued per connection before ZeroMQ stops reading it
+EARLY_BACKLOG = 10000    # messages kept while the cluster forms (a peer may be quicker)
 WORKER_CHECK_EVERY = 0.5
 
 # Who may send which message: workers (identity W<rank>) or peer servers (N<node>).
@@ -120,6 +123,10 @@ class NodeServer(Placement):
         self._failed_at = 0.0
         self.exit_code = 0
         self._stop = False
+        self.token = None           # the cluster's message token, from PEERS
+        self._early = []            # messages that came before PEERS (replayed after it)
+        self.malformed = MalformedLog(log, f"node {node}")
+        self.failpoints = failpoints.active(node)  # tests of the failure paths only
         self._coordinator_seen = time.monotonic()
         self._done_sent = False
         self._init_placement()
@@ -128,13 +135,18 @@ class NodeServer(Placement):
 
     def start(self):
         self._create_table()
+        if "arena_full" in self.failpoints:  # the next slot needed finds the arena full
+            self.table.allocator.capacity = self.table.allocator.top
         self.ctx = zmq.Context()
         if self.spec.curve is not None:
             self.auth = self.spec.curve.authenticator(self.ctx)
         self.router = listener(self.ctx, self.spec.curve)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.RCVHWM, 0)
+        # Bounded input: no frame larger than the largest legal message (ZeroMQ drops
+        # the connection before allocating it), and a bounded queue per connection.
+        self.router.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
+        self.router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self.router.setsockopt(zmq.SNDHWM, 0)
         self.address = bind_address(self.router, self.listen)
         if self.node == 0:
@@ -153,6 +165,12 @@ class NodeServer(Placement):
         sock.setsockopt(zmq.IDENTITY, node_identity(self.node))
         sock.connect(address)
         return sock
+
+    def _max_frame_bytes(self):
+        lengths = self.spec.value_length
+        longest = int(lengths) if np.ndim(lengths) == 0 else int(np.max(lengths))
+        return protocol.max_frame_bytes(self.spec.num_keys, longest,
+                                        np.dtype(self.spec.dtype).itemsize)
 
     def _create_table(self):
         spec = self.spec
@@ -209,9 +227,8 @@ class NodeServer(Placement):
                 self._take_queued_intents()
             try:
                 self.maybe_start_round()
-            except Exception:  # noqa: BLE001 - fail loud, never die silently
-                log.exception("node %d: a sync round failed", self.node)
-                self._report_failure(FAIL_INTERNAL, self.node)
+            except Exception as exc:  # noqa: BLE001 - fail loud, never die silently
+                self._internal_error("a sync round", exc)
             now = time.monotonic()
             if now - last_housekeeping >= HOUSEKEEPING_EVERY:
                 last_housekeeping = now
@@ -236,16 +253,13 @@ class NodeServer(Placement):
             try:
                 queued = self.view.intent_take(worker)
             except ValueError as exc:
-                self._count("malformed_messages", 1)
-                log.warning("node %d: worker %d: %s", self.node, self.first_rank + worker, exc)
+                self._malformed(f"worker {self.first_rank + worker}'s intent ring: {exc}")
                 continue
             for start, end, keys in queued:
                 try:
                     self._record_intent(worker, start, end, keys)
                 except ProtocolError as exc:
-                    self._count("malformed_messages", 1)
-                    log.warning("node %d: worker %d: rejected an intent: %s", self.node,
-                                self.first_rank + worker, exc)
+                    self._malformed(f"an intent of worker {self.first_rank + worker}: {exc}")
 
     def _drain(self, sock, handle):
         for _ in range(MAX_BATCH):
@@ -260,6 +274,8 @@ class NodeServer(Placement):
         self.view.heartbeat()
         self._to_coordinator(Message(MsgType.HEARTBEAT))
         self.intents.expire(self.view.counters()[:, WORKER_SLOT["clock"]])
+        if self.malformed.due():
+            self.malformed.flush()
         if self._failed is None and now - self._coordinator_seen > self.node_timeout:
             self._fail(FAIL_COORDINATOR, 0)
 
@@ -278,13 +294,19 @@ class NodeServer(Placement):
     # -- dispatch ------------------------------------------------------------------
 
     def _from_router(self, frames):
+        if self.token is None:  # a peer that heard PEERS first: handled once this node has
+            if len(self._early) < EARLY_BACKLOG:
+                self._early.append(frames)
+            else:
+                self._malformed("more messages than the backlog holds before the cluster "
+                                "formed")
+            return
         identity, body = frames[0].bytes, frames[1:]
         try:
             msg = protocol.decode(body)
             self._check_sender(identity, msg)
         except ProtocolError as exc:
-            self._count("malformed_messages", 1)
-            log.warning("node %d: dropped a malformed message: %s", self.node, exc)
+            self._malformed(exc)
             return
         self._count("bytes_received", protocol.frame_size(body))
         if self._failed is not None and msg.type in WORKER_REQUESTS and \
@@ -292,18 +314,50 @@ class NodeServer(Placement):
             self._reply_failed(identity, msg.request_id)
             return
         try:
+            if self.failpoints.get("raise_in") == msg.type.name:
+                raise failpoints.InjectedFault(f"failpoint raise_in={msg.type.name}")
             self._handlers[msg.type](self, identity, msg)
-        except Exception as exc:  # noqa: BLE001 - one message never takes the node down
-            self._count("malformed_messages", 1)
-            if isinstance(exc, ProtocolError):
-                log.warning("node %d: rejected %s: %s", self.node, msg.type.name, exc)
-            else:
-                log.exception("node %d: %s failed", self.node, msg.type.name)
-            if msg.type in WORKER_REQUESTS:  # the worker must not wait for an answer
-                self._to_identity(identity, Message(MsgType.FAILED, request_id=msg.request_id,
-                                                    arg0=FAIL_REJECTED, count=self.node))
+        except ProtocolError as exc:
+            if msg.type not in WORKER_REQUESTS:
+                # A member's message that passed authentication: dropping it could lose
+                # keys or updates (a MOVE's sender has already let go of them).
+                self._internal_error(self._describe(msg), exc)
+                return
+            # A worker's request that fails validation is rejected: counted, and the
+            # worker told (it must not wait for an answer).
+            self._malformed(f"{self._describe(msg)}: {exc}")
+            self._to_identity(identity, Message(MsgType.FAILED, request_id=msg.request_id,
+                                                arg0=FAIL_REJECTED, count=self.node,
+                                                text=f"node {self.node}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - an internal error fails the node loudly
+            self._internal_error(self._describe(msg), exc)
+
+    def _describe(self, msg):
+        """'PUSH from worker 3 (node 1) for keys 10..99': for logs and failure reasons."""
+        sender = f"node {msg.src_node}" if msg.src_worker == protocol.SERVER else \
+            f"worker {msg.src_worker} (node {msg.src_node})"
+        text = f"{msg.type.name} from {sender}"
+        if msg.keys is not None and msg.keys.shape[0]:
+            text += f" for {msg.keys.shape[0]} keys in {int(msg.keys.min())}.." \
+                    f"{int(msg.keys.max())}"
+        return text
+
+    def _malformed(self, reason):
+        """A message that failed validation: dropped and counted (rate-limited log)."""
+        self._count("malformed_messages", 1)
+        self.malformed.dropped(reason)
+
+    def _internal_error(self, what, exc):
+        """A bug or an exhausted resource (a full arena): the node fails, loudly, and so
+        does the cluster; never a dropped message that silently loses state."""
+        reason = f"node {self.node}: internal error in {what}: {type(exc).__name__}: {exc}"
+        log.error("%s", reason, exc_info=exc)
+        self._report_failure(FAIL_INTERNAL, self.node, reason)
 
     def _check_sender(self, identity, msg):
+        if msg.token != self.token:
+            raise ProtocolError(f"{msg.type.name} without the cluster's token (a connection "
+                                "that is not a member)")
         if msg.type in WORKER_REQUESTS:
             if msg.src_worker >= self.spec.num_workers:
                 raise ProtocolError(f"{msg.type.name} from worker {msg.src_worker}, of "
@@ -318,6 +372,8 @@ class NodeServer(Placement):
         elif msg.type in PEER_REQUESTS:
             if identity != node_identity(msg.src_node) or msg.src_node >= self.spec.num_nodes:
                 raise ProtocolError(f"{msg.type.name} from an unknown peer")
+            if msg.src_node == self.node:
+                raise ProtocolError(f"{msg.type.name} claiming to come from this node itself")
             if msg.type in FORWARDED_REQUESTS and not 0 <= msg.arg0 < self.spec.num_workers:
                 raise ProtocolError(f"{msg.type.name} for worker {msg.arg0}")
         else:
@@ -327,8 +383,7 @@ class NodeServer(Placement):
         try:
             msg = protocol.decode(frames)
         except ProtocolError as exc:
-            self._count("malformed_messages", 1)
-            log.warning("node %d: dropped a malformed coordinator message: %s", self.node, exc)
+            self._malformed(f"from the coordinator: {exc}")
             return
         self._coordinator_seen = time.monotonic()
         if msg.type == MsgType.PEERS:
@@ -339,9 +394,9 @@ class NodeServer(Placement):
             self._stop = True
         elif msg.type == MsgType.NODE_FAILED:
             if not 0 < msg.arg0 < 2**31 or not 0 <= msg.count < 2**32:
-                self._count("malformed_messages", 1)
+                self._malformed(f"NODE_FAILED with code {msg.arg0}")
                 return
-            self._fail(msg.arg0, msg.count)
+            self._fail(msg.arg0, msg.count, msg.text)
 
     # -- sending -------------------------------------------------------------------
 
@@ -359,6 +414,7 @@ class NodeServer(Placement):
 
     def _to_identity(self, identity, msg):
         msg.src_node = self.node
+        msg.token = self.token or 0
         try:
             self._send_frames(self.router, [identity, *msg.encode()])
         except zmq.ZMQError as exc:  # the worker is gone (ROUTER_MANDATORY)
@@ -366,16 +422,18 @@ class NodeServer(Placement):
 
     def _to_peer(self, node, msg):
         msg.src_node = self.node
+        msg.token = self.token
         self._send_frames(self.peers[node], msg.encode())
 
     def _to_coordinator(self, msg):
         msg.src_node = self.node
+        msg.token = self.token or 0
         protocol.send(self.to_coordinator, msg.encode())
 
     def _reply_failed(self, identity, request_id):
-        code, detail = self._failed
+        code, detail, reason = self._failed
         self._to_identity(identity, Message(MsgType.FAILED, request_id=request_id,
-                                            arg0=code, count=detail))
+                                            arg0=code, count=detail, text=reason))
 
     # -- routing -------------------------------------------------------------------
 
@@ -563,10 +621,11 @@ class NodeServer(Placement):
         self.view.admit(keys, values, offsets, OWNED, self.node, admitted,
                         np.ascontiguousarray(msg.versions))
         admitted = admitted.astype(bool)
-        if not admitted.all():
-            log.error("node %d: received keys it already holds: %s..", self.node,
-                      keys[~admitted][:4])
+        if not admitted.all():  # their values would be lost: a broken invariant
             self.table.allocator.free(offsets[~admitted], lengths[~admitted])
+            held = keys[~admitted]
+            raise RuntimeError(f"MOVE of {held.shape[0]} keys in {int(held.min())}.."
+                               f"{int(held.max())} that this node holds already")
         keys = keys[admitted]
         counters = msg.counters[admitted]
         self.ownership.counter[keys.astype(np.intp)] = counters
@@ -697,29 +756,38 @@ class NodeServer(Placement):
             return
         if self.addresses is not None:
             return
+        if not 0 < msg.arg0 < 2**63:
+            log.error("node %d: coordinator sent no cluster token", self.node)
+            return
+        self.token = msg.arg0
+        self.view.set_cluster_token(self.token)  # for this node's workers
         self.addresses = msg.addresses
         for node, address in enumerate(self.addresses):
             if node != self.node:
                 self.peers[node] = self._dealer(address)
         if self.spec.mode == "replicate_all" and self.spec.num_nodes > 1:
             self._replicate_everything()
+        early, self._early = self._early, []
+        for frames in early:
+            self._from_router(frames)
         if self.on_ready is not None:
             self.on_ready(self.address)
 
     # -- failure -------------------------------------------------------------------
 
-    def _report_failure(self, code, detail):
-        self._to_coordinator(Message(MsgType.NODE_FAILED, arg0=code, count=detail))
-        self._fail(code, detail)
+    def _report_failure(self, code, detail, reason=""):
+        self._to_coordinator(Message(MsgType.NODE_FAILED, arg0=code, count=detail,
+                                     text=reason))
+        self._fail(code, detail, reason)
 
-    def _fail(self, code, detail):
+    def _fail(self, code, detail, reason=""):
         """The cluster failed: every waiting and later call of every worker raises."""
         if self._failed is not None:
             return
-        self._failed = (code, detail)
+        self._failed = (code, detail, reason)
         self._failed_at = time.monotonic()
-        log.error("node %d: %s", self.node, failure_text(code, detail))
-        self.view.mark_failed(code, detail)
+        log.error("node %d: %s", self.node, failure_text(code, detail, reason))
+        self.view.mark_failed(code, detail, reason)
         for arrived in self._barrier.values():
             for local, request_id in arrived.items():
                 self._reply_failed(self._local[local], request_id)

@@ -152,6 +152,7 @@ class Worker:
         self._poller = zmq.Poller()
         self._closed = False
         try:
+            self._token = self._cluster_token()
             self._connect(env.node, env.server)
             self._view.counter_set(self.local_rank, WORKER_SLOT["pid"], os.getpid())
             welcome = self._control(MsgType.HELLO, MsgType.WELCOME, count=os.getpid(),
@@ -236,7 +237,7 @@ class Worker:
                                 Segments.of(self._view, keys[arrived]).take(values, done))
                 groups += self._regroup(arrived, away, dests)
                 arrived = arrived[done]
-            for dest, part in groups:
+            for dest, part in self._messages(groups):
                 op.parts[self._start(dest, Message(MsgType.PULL, keys=keys[part]), op,
                                      part.shape[0])] = part
             self._count("pulls_remote", nmiss - arrived.shape[0])
@@ -288,7 +289,7 @@ class Worker:
                 groups += self._regroup(arrived, away, dests)
                 arrived = np.delete(arrived, away)
             remote = []
-            for dest, part in groups:
+            for dest, part in self._messages(groups):
                 remote.append(keys[part])
                 self._start(dest, Message(mtype, keys=keys[part],
                                           values=segments.take(values, part)), op,
@@ -351,6 +352,18 @@ class Worker:
         if not away:
             return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.int32)
         return np.concatenate(away), np.concatenate(dests)
+
+    def _chunks(self, idx):
+        """`idx` in parts of at most num_keys: no message is larger than the largest legal
+        one, which nodes enforce (protocol.max_frame_bytes); only calls with many
+        repeated keys are split."""
+        step = self.num_keys
+        return [idx] if idx.shape[0] <= step else \
+            [idx[i:i + step] for i in range(0, idx.shape[0], step)]
+
+    def _messages(self, groups):
+        """[(node, indices)] with each group split into messages of legal size."""
+        return [(dest, chunk) for dest, part in groups for chunk in self._chunks(part)]
 
     def _destinations(self, keys, what):
         """The node each missed key is sent to (-1: usable here by now): its cached
@@ -449,10 +462,11 @@ class Worker:
             # Into this worker's ring in the shared table: no message, unless the ring is
             # full (then as a message) or the node server sleeps (then a WAKE).
             appended, wake = self._view.intent_append(self.local_rank, start, end, keys)
-            if not appended:  # a copy: a large message is sent later, from its buffer,
-                # and `keys` may be the caller's own array, refilled for the next batch
+            if not appended:  # as a message, of the distinct keys (an intent names a set,
+                # and no message may hold more than num_keys keys); np.unique copies, and
+                # must: `keys` may be the caller's own array, refilled for the next batch
                 self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end,
-                                              keys=keys.copy()))
+                                              keys=np.unique(keys)))
             elif wake:
                 self._send(self.node, Message(MsgType.WAKE))
         self._count("intents", keys.shape[0])
@@ -495,7 +509,7 @@ class Worker:
         keys = as_keys(keys, self._view)
         if keys.shape[0]:
             self._drain_updates()
-            self._control(MsgType.LOCALIZE, MsgType.LOCALIZED, keys=keys)
+            self._control(MsgType.LOCALIZE, MsgType.LOCALIZED, keys=np.unique(keys))
 
     # -- coordination ------------------------------------------------------------------
 
@@ -585,6 +599,7 @@ class Worker:
     def _send(self, node, msg):
         msg.src_node = self.node
         msg.src_worker = self.rank
+        msg.token = self._token
         size = protocol.send(self._socks[node], msg.encode())
         # Traffic with the worker's own node server stays on its machine: counted apart.
         self._count("bytes_sent" if node != self.node else "bytes_to_node", size)
@@ -613,6 +628,18 @@ class Worker:
             self._forget(op)
             raise ClusterError(f"node {self.node}, worker {self.rank}: no answer to "
                                f"{what} within {timeout:.0f} s") from None
+
+    def _cluster_token(self):
+        """The token every message to a node carries: this node's server writes it into
+        the table once the cluster has formed (workers normally start after that)."""
+        deadline = time.monotonic() + self._connect_timeout()
+        while not self._view.cluster_token:
+            self._check_cluster()
+            if time.monotonic() > deadline:
+                raise ClusterError(f"node {self.node}, worker {self.rank}: the cluster did "
+                                   f"not form within {self._connect_timeout():.0f} s")
+            time.sleep(0.01)
+        return self._view.cluster_token
 
     @staticmethod
     def _connect_timeout():
@@ -661,7 +688,7 @@ class Worker:
         op, left = entry
         if msg.type == MsgType.FAILED:
             op.error = ClusterError(f"node {self.node}, worker {self.rank}: "
-                                    f"{failure_text(msg.arg0, msg.count)}")
+                                    f"{failure_text(msg.arg0, msg.count, msg.text)}")
             self._forget(op)
             return
         try:
@@ -685,8 +712,9 @@ class Worker:
     def _check_cluster(self):
         code = self._view.failed
         if code:
+            why = failure_text(code, self._view.failed_detail, self._view.failed_reason)
             raise ClusterError(f"node {self.node}, worker {self.rank}: the cluster failed: "
-                               f"{failure_text(code, self._view.failed_detail)}")
+                               f"{why}")
         age = self._view.heartbeat_age()
         if age > self._heartbeat_timeout:
             raise ClusterError(

@@ -46,8 +46,8 @@ def test_secure_launch_works(tmp_path):
     assert proc.stdout.count("total 300") == 2
 
 
-def _outsider_gets_answer(address, keys=None):
-    """Send a well-formed HELLO as worker 0 would; True if any answer comes back."""
+def _outsider_gets_answer(address, keys=None, token=0):
+    """Send a well-formed HELLO as worker 5 would; True if any answer comes back."""
     ctx = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)
@@ -56,7 +56,7 @@ def _outsider_gets_answer(address, keys=None):
         if keys is not None:
             keys.connect(sock)
         sock.connect(address)
-        sock.send_multipart(Message(MsgType.HELLO, src_worker=5).encode())
+        sock.send_multipart(Message(MsgType.HELLO, src_worker=5, token=token).encode())
         return bool(sock.poll(1500))
     finally:
         ctx.destroy(linger=0)
@@ -72,14 +72,18 @@ def test_outsiders_are_rejected(monkeypatch):
         stranger = CurveKeys(keys.server_public, keys.server_secret,
                              *zmq.curve_keypair())
         assert not _outsider_gets_answer(address, stranger)           # wrong client key
-        assert _outsider_gets_answer(address, keys)                   # the cluster's keys
+        assert not _outsider_gets_answer(address, keys)  # the cluster's keys, no token
+        token = cluster.tables[0].view.cluster_token
+        assert _outsider_gets_answer(address, keys, token)     # keys and the cluster's token
         for name, value in cluster.worker_environ(0).items():
             monkeypatch.setenv(name, value)
         w = adapm.Worker(cluster.worker_env(0))
         try:
             w.push([1], [[1.0, 2.0]])
             assert w.pull([1]).tolist() == [[1.0, 2.0]]
-            assert w.stats()["node"]["malformed_messages"] == 0  # nothing even reached it
+            # only the HELLO without the token reached the node (and was dropped); the
+            # connections without the cluster's CURVE keys never completed
+            assert w.stats()["node"]["malformed_messages"] == 1
         finally:
             w.finalize()
 
