@@ -65,6 +65,9 @@ def signals_deferred():
             signal.raise_signal(signum)
 
 
+START_GRACE = 5.0  # seconds the launching process waits beyond the servers' start timeout
+
+
 class LocalCluster:
     """The node servers of one cluster that run on this machine, as child processes.
 
@@ -88,7 +91,9 @@ class LocalCluster:
 
     def start(self):
         timeout = config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
-        deadline = time.monotonic() + timeout
+        # A little longer than the servers wait themselves: their own failure says what
+        # they waited for, which beats this process's plain "did not form".
+        deadline = time.monotonic() + timeout + START_GRACE
         pipes = {}
         if 0 in self.nodes:  # node 0 first: it binds the coordinator the others join
             pipes[0] = self._start_server(0)
@@ -96,8 +101,8 @@ class LocalCluster:
         for node in self.nodes:
             if node != 0:
                 pipes[node] = self._start_server(node)
-        for node in self.nodes:
-            self.addresses[node] = self._await(node, pipes[node], "ready", deadline)
+        for node, address in self._await_all(pipes, "ready", deadline):
+            self.addresses[node] = address
             pipes[node].close()
             # Keep a mapping of each table: its name goes away once the workers attached,
             # and a failure must still be announced to the workers through it.
@@ -113,6 +118,24 @@ class LocalCluster:
         send.close()
         self.servers[node] = proc
         return receive
+
+    def _await_all(self, pipes, wanted, deadline):
+        """(node, detail) of every node as it reports `wanted`; the first node that fails
+        raises at once (two nodes given one port: the second cannot bind, and the first
+        would wait for it until the start timeout)."""
+        waiting = dict(pipes)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClusterError(f"node{'s' if len(waiting) > 1 else ''} "
+                                   f"{', '.join(map(str, sorted(waiting)))}: cluster did not "
+                                   f"form within the start timeout ({config.ENV_START_TIMEOUT})")
+            handles = [h for node in waiting for h in (waiting[node],
+                                                       self.servers[node].sentinel)]
+            ready = set(wait(handles, timeout=left))
+            for node in [n for n in waiting if waiting[n] in ready or
+                         self.servers[n].sentinel in ready]:
+                yield node, self._await(node, waiting.pop(node), wanted, deadline)
 
     def _await(self, node, receive, wanted, deadline):
         proc = self.servers[node]

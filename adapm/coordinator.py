@@ -21,7 +21,8 @@ from adapm.security import listener
 
 log = logging.getLogger("adapm.coordinator")
 
-HEARTBEAT_EVERY = 0.25  # seconds between heartbeats to every node
+HEARTBEAT_EVERY = 0.25  # seconds between heartbeats to every node (count: nodes joined)
+REPORT_EVERY = 5.0      # seconds between progress lines while the cluster forms
 MAX_FRAME_BYTES = 64 * 1024  # the coordinator's messages are small (addresses at most)
 RECEIVE_HWM = 1000
 # Accepted from a node before the cluster formed (no token exists for it yet).
@@ -38,6 +39,7 @@ FAIL_REJECTED = 7       # a request was malformed or not allowed; count: the nod
 FAIL_BARRIER_NODE = 8   # a barrier can never complete: every worker of node `count` left
 FAIL_STOPPED = 9        # the launching process stops the cluster: worker `count` failed
 FAIL_INTERNAL = 10      # node `count` hit an internal error (its log has the traceback)
+FAIL_START = 11         # node `count` gave up: the cluster did not form in time
 
 FAILURE_TEXT = {
     FAIL_BARRIER: "a barrier can never complete: worker {} has already finalized",
@@ -50,6 +52,7 @@ FAILURE_TEXT = {
     FAIL_BARRIER_NODE: "a barrier can never complete: every worker of node {} has finalized",
     FAIL_STOPPED: "the cluster is being stopped because worker {} failed",
     FAIL_INTERNAL: "node {} hit an internal error (its log has the traceback)",
+    FAIL_START: "node {} gave up waiting for the cluster to form",
 }
 
 
@@ -77,6 +80,7 @@ class Coordinator:
         self.done = set()
         self.failed = None
         self._last_beat = 0.0
+        self._started_at = self._reported_at = time.monotonic()
         # Handed to the nodes that joined (PEERS); every later message must carry it.
         self.token = secrets.randbits(63) | 1
         self.formed = False
@@ -136,13 +140,24 @@ class Coordinator:
         if self.malformed.due():
             self.malformed.flush()
         self._last_beat = now
+        joined = self.joined()
         for node in list(self.last_seen):
-            self._send(node, Message(MsgType.HEARTBEAT))
+            self._send(node, Message(MsgType.HEARTBEAT, count=joined))
+        if not self.formed and now - self._reported_at >= REPORT_EVERY:
+            self._reported_at = now
+            missing = [n for n, a in enumerate(self.addresses) if a is None]
+            log.warning("coordinator at %s: %d of %d nodes joined after %.0f s; waiting for "
+                        "node%s %s", self.address, joined, self.num_nodes,
+                        now - self._started_at, "s" if len(missing) > 1 else "",
+                        ", ".join(map(str, missing)))
         if self.failed is None and len(self.last_seen) == self.num_nodes:
             for node, seen in self.last_seen.items():
                 if now - seen > self.node_timeout:
                     self.fail(FAIL_NODE_SILENT, node)
                     break
+
+    def joined(self):
+        return sum(address is not None for address in self.addresses)
 
     def fail(self, code, detail, reason=""):
         if self.failed is not None:

@@ -73,9 +73,42 @@ def _first_env(*names):
     return None
 
 
-def _env_int(*names):
-    value = _first_env(*names)
-    return int(value) if value is not None and value.isdigit() else None
+
+# Where a per-machine launcher finds the number of nodes and its own node rank when the
+# options do not say: the first variable set wins (docs/configuration.md).
+NODE_COUNT_VARIABLES = ("ADAPM_NNODES", "SLURM_NNODES", "GROUP_WORLD_SIZE", "WORLD_SIZE")
+NODE_RANK_VARIABLES = ("ADAPM_NODE_RANK", "SLURM_NODEID", "NODE_RANK", "GROUP_RANK")
+
+
+def machine_placement(environ):
+    """(number of nodes, this machine's node rank) from the environment, None where it
+    says nothing. WORLD_SIZE counts processes (torchrun, Kubernetes): it is the number
+    of machines only where one process runs per machine, so LOCAL_WORLD_SIZE > 1 is
+    refused, and so are variables that disagree on the number of nodes."""
+    local = _int_variable(environ, "LOCAL_WORLD_SIZE")
+    if local is not None and local > 1:
+        raise click.UsageError(
+            f"LOCAL_WORLD_SIZE={local}: this launcher was started {local} times per machine, "
+            "but adapm-launch runs once per machine and starts --workers-per-node workers "
+            "itself (torchrun --nproc-per-node 1, or --nnodes/--node-rank)")
+    counts = {name: value for name in NODE_COUNT_VARIABLES
+              if (value := _int_variable(environ, name)) is not None}
+    if len(set(counts.values())) > 1:
+        said = ", ".join(f"{name}={value}" for name, value in counts.items())
+        raise click.UsageError(f"the environment disagrees on the number of nodes ({said}; "
+                               "WORLD_SIZE counts processes, not machines): pass --nnodes")
+    ranks = [value for name in NODE_RANK_VARIABLES
+             if (value := _int_variable(environ, name)) is not None]
+    return (next(iter(counts.values()), None), ranks[0] if ranks else None)
+
+
+def _int_variable(environ, name):
+    value = environ.get(name)
+    if not value:
+        return None
+    if not value.isdigit():
+        raise click.UsageError(f"{name}={value!r} is not a number")
+    return int(value)
 
 
 def split_host_port(text, default_port):
@@ -163,9 +196,9 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
     if hosts_file:
         sys.exit(launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator,
                               target))
-    nnodes = nnodes or _env_int("ADAPM_NNODES", "SLURM_NNODES", "WORLD_SIZE")
-    node_rank = node_rank if node_rank is not None else _env_int(
-        "ADAPM_NODE_RANK", "SLURM_NODEID", "NODE_RANK")
+    env_nnodes, env_rank = machine_placement(os.environ)
+    nnodes = nnodes or env_nnodes
+    node_rank = node_rank if node_rank is not None else env_rank
     if nodes is None and (node_rank is not None and nnodes):
         sys.exit(launch_machine(common, nnodes, node_rank, coordinator, host, port,
                                 cluster_id, target))

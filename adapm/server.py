@@ -32,6 +32,7 @@ from adapm.coordinator import (
     FAIL_INTERNAL,
     FAIL_REJECTED,
     FAIL_ROUTING,
+    FAIL_START,
     FAIL_WORKER_DIED,
     Coordinator,
     bind_address,
@@ -68,6 +69,7 @@ MAX_BATCH = 256          # messages handled per round before the round's houseke
 RECEIVE_HWM = 1000       # messages queued per connection before ZeroMQ stops reading it
 EARLY_BACKLOG = 10000    # messages kept while the cluster forms (a peer may be quicker)
 WORKER_CHECK_EVERY = 0.5
+START_REPORT_EVERY = 5.0  # seconds between "waiting for ..." lines while the cluster forms
 
 # Who may send which message: workers (identity W<rank>) or peer servers (N<node>).
 WORKER_REQUESTS = {MsgType.HELLO, MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT,
@@ -127,7 +129,8 @@ class NodeServer(Placement):
         self._early = []            # messages that came before PEERS (replayed after it)
         self.malformed = MalformedLog(log, f"node {node}")
         self.failpoints = failpoints.active(node)  # tests of the failure paths only
-        self._coordinator_seen = time.monotonic()
+        self._coordinator_seen = self._started_at = self._reported_at = time.monotonic()
+        self._joined = 0            # nodes that joined, as the coordinator's heartbeats say
         self._done_sent = False
         self._init_placement()
 
@@ -276,8 +279,33 @@ class NodeServer(Placement):
         self.intents.expire(self.view.counters()[:, WORKER_SLOT["clock"]])
         if self.malformed.due():
             self.malformed.flush()
-        if self._failed is None and now - self._coordinator_seen > self.node_timeout:
+        if self._failed is not None:
+            return
+        if self.addresses is None:  # not formed yet: nodes start in any order
+            self._wait_for_cluster(now)
+        elif now - self._coordinator_seen > self.node_timeout:
             self._fail(FAIL_COORDINATOR, 0)
+
+    def _wait_for_cluster(self, now):
+        """Until the cluster has formed, keep trying for the whole start timeout (ZeroMQ
+        reconnects and delivers the JOIN once the coordinator is up), saying every few
+        seconds what this node waits for; then give up, loudly."""
+        waited = now - self._started_at
+        if waited > self.start_timeout:
+            reason = (f"node {self.node}: the cluster did not form within "
+                      f"{self.start_timeout:.0f} s ({config.ENV_START_TIMEOUT}): "
+                      f"{self._start_state()}")
+            self._fail(FAIL_START, self.node, reason)
+        elif now - self._reported_at >= START_REPORT_EVERY:
+            self._reported_at = now
+            log.warning("node %d: %s (%.0f s of %.0f s)", self.node, self._start_state(),
+                        waited, self.start_timeout)
+
+    def _start_state(self):
+        if self._joined == 0:
+            return f"waiting for the coordinator at {self.coordinator_address}"
+        return (f"{self._joined} of {self.spec.num_nodes} nodes have joined the coordinator "
+                f"at {self.coordinator_address}; waiting for the others")
 
     def _check_local_workers(self):
         """A local worker that died without saying goodbye fails the cluster."""
@@ -385,13 +413,16 @@ class NodeServer(Placement):
         except ProtocolError as exc:
             self._malformed(f"from the coordinator: {exc}")
             return
-        self._coordinator_seen = time.monotonic()
+        self._coordinator_seen = self._started_at = self._reported_at = time.monotonic()
+        self._joined = 0            # nodes that joined, as the coordinator's heartbeats say
         if msg.type == MsgType.PEERS:
             self._on_peers(msg)
         elif msg.type == MsgType.NODE_RELEASE:
             self._release_barrier(msg.request_id)
         elif msg.type == MsgType.SHUTDOWN:
             self._stop = True
+        elif msg.type == MsgType.HEARTBEAT:
+            self._joined = min(int(msg.count), self.spec.num_nodes)
         elif msg.type == MsgType.NODE_FAILED:
             if not 0 < msg.arg0 < 2**31 or not 0 <= msg.count < 2**32:
                 self._malformed(f"NODE_FAILED with code {msg.arg0}")
@@ -775,6 +806,11 @@ class NodeServer(Placement):
 
     # -- failure -------------------------------------------------------------------
 
+    @property
+    def failure(self):
+        """Why the cluster failed, as this node knows it ('' while it has not)."""
+        return "" if self._failed is None else failure_text(*self._failed)
+
     def _report_failure(self, code, detail, reason=""):
         self._to_coordinator(Message(MsgType.NODE_FAILED, arg0=code, count=detail,
                                      text=reason))
@@ -898,6 +934,8 @@ def serve(spec, node, coordinator, ready, listen=None):
                             f"{profile_to}.node{node}")
         else:
             server.serve_forever()
+        if server.addresses is None and server.failure:  # gave up before the cluster formed
+            ready.send(("error", server.failure))
     finally:
         server.close()
         ready.close()
