@@ -43,6 +43,7 @@ from adapm.protocol import (
 from adapm.segments import Segments, element_index
 from adapm.table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, WORKER_SLOT
 
+_NO_KEYS = np.empty(0, dtype=np.uint64)
 MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
 # Replicas are synced (delta up, value down when behind) at most this often, unless a
 # wait_sync or a barrier needs a full exchange; rounds in between carry only new requests
@@ -76,6 +77,8 @@ class Placement:
         self.round_left = 0          # keys of the round in flight still unanswered
         self.round_started_at = 0.0
         self.round_is_full = False   # the round in flight syncs every replica
+        self.round_deltas = _NO_KEYS  # keys whose delta the round in flight carries (sorted)
+        self.deferred_sets = []      # (identity, SET) of local workers, waiting for that
         self.refreshed_at = 0.0      # when a round last synced every replica
         self.sync_waiters = []       # (identity, request id, round that must complete)
         self.refresh_waiters = []    # the same, for REFRESH of some replicas only
@@ -178,6 +181,7 @@ class Placement:
         segments = Segments.of(self.view, keys)
         deltas = self._take_deltas(keys, segments)
         dirty = segments.nonzero(deltas)
+        self.round_deltas = np.unique(keys[dirty])
         flags = kinds | np.where(dirty, HAS_DELTA, 0).astype(np.uint32)
         versions = self.seen_version[keys.astype(np.intp)]
         self.round_left = keys.shape[0]
@@ -244,14 +248,50 @@ class Placement:
         self._count("rounds_done", 1)
         if self.round_is_full:  # workers read it: replicas held then are fresh as of it
             self._count("full_round_done", self.round - self._counter("full_round_done"))
+        self.round_deltas = _NO_KEYS
+        self.answer_waiters()
+        deferred, self.deferred_sets = self.deferred_sets, []
+        for identity, msg in deferred:  # their keys' earlier deltas are applied now
+            self._on_set(identity, msg)
+
+    def answer_waiters(self):
+        """Answer the waits that the rounds done so far satisfy. wait_sync and barriers
+        also wait for the keys a localize is moving here: their local updates reach the
+        owner only with the key (no delta of theirs is sent meanwhile)."""
         done = self.round_done
-        for waiters in (self.sync_waiters, self.refresh_waiters):
-            for waiter in [w for w in waiters if w[2] <= done]:
-                waiters.remove(waiter)
-                self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
+        for waiter in [w for w in self.refresh_waiters if w[2] <= done]:
+            self.refresh_waiters.remove(waiter)
+            self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
+        if self.moving_in:
+            return
+        for waiter in [w for w in self.sync_waiters if w[2] <= done]:
+            self.sync_waiters.remove(waiter)
+            self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
         for waiter in [w for w in self.release_waiters if w[1] <= done]:
             self.release_waiters.remove(waiter)
             self._release_now(waiter[0])
+
+    def defer_set(self, identity, msg, keys):
+        """A local worker's set of replicas whose delta (updates made here before the
+        set) is on its way in the round in flight: the set waits for the round, so that
+        the owner applies the delta first (the two could take different paths)."""
+        if self.round_deltas.shape[0] == 0 or not self.round_in_flight:
+            return False
+        if not np.isin(keys, self.round_deltas).any():
+            return False
+        self.deferred_sets.append((identity, msg))
+        return True
+
+    def _not_full_after_all(self):
+        """A replica of the round in flight stays without a fresh value (its drop was
+        answered, but it is kept): the round does not count as syncing every replica, and
+        the waits for such a round wait for the next one, which syncs it."""
+        if not self.round_is_full:
+            return
+        self.round_is_full = False
+        later = self.round + 1
+        self.sync_waiters = [(i, r, max(n, later)) for i, r, n in self.sync_waiters]
+        self.release_waiters = [(g, max(n, later)) for g, n in self.release_waiters]
 
     def wait_for_round(self, identity, request_id):
         """wait_sync: answer once a round that starts after now has completed."""
@@ -407,11 +447,15 @@ class Placement:
         if again.any():
             self.rejoin.update(keys[again].tolist())
             keys = keys[~again]
+            self._not_full_after_all()
         offsets = np.zeros(keys.shape[0], dtype=np.uint64)
         released = np.zeros(keys.shape[0], dtype=np.uint8)
         synced = self.synced[keys.astype(np.intp)]
         self.view.release_clean(keys, synced, offsets, released)
         gone = released.astype(bool)
+        if not gone.all():  # written meanwhile: its delta goes, and a value comes, next round
+            self.refresh_keys.update(keys[~gone].tolist())
+            self._not_full_after_all()
         if gone.any():
             lengths = self.view.directory_array()["length"][keys[gone]].astype(np.uint64)
             self.table.allocator.free(offsets[gone], lengths)

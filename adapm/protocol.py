@@ -30,7 +30,7 @@ VERSION = 3
 HEADER = struct.Struct("<HBBHHIQQqqQ")
 HEADER_BYTES = HEADER.size
 SERVER = 0xFFFFFFFF          # src_worker of a node server
-MAX_KEYS_PER_MESSAGE = 1 << 28
+MAX_KEYS_PER_MESSAGE = (1 << 32) - 1  # positions are uint32; workers split larger calls
 MAX_HOPS = 64                # forwarding bound: more means a routing bug, not a busy key
 MAX_TEXT_BYTES = 1024        # a failure's reason
 

@@ -67,7 +67,6 @@ EXIT_FAILED = 3          # exit code of a node server after the cluster failed
 HOUSEKEEPING_EVERY = 0.05
 MAX_BATCH = 256          # messages handled per round before the round's housekeeping
 RECEIVE_HWM = 1000       # messages queued per connection before ZeroMQ stops reading it
-EARLY_BACKLOG = 10000    # messages kept while the cluster forms (a peer may be quicker)
 WORKER_CHECK_EVERY = 0.5
 START_REPORT_EVERY = 5.0  # seconds between "waiting for ..." lines while the cluster forms
 
@@ -126,7 +125,6 @@ class NodeServer(Placement):
         self.exit_code = 0
         self._stop = False
         self.token = None           # the cluster's message token, from PEERS
-        self._early = []            # messages that came before PEERS (replayed after it)
         self.malformed = MalformedLog(log, f"node {node}")
         self.failpoints = failpoints.active(node)  # tests of the failure paths only
         self._coordinator_seen = self._started_at = self._reported_at = time.monotonic()
@@ -203,12 +201,18 @@ class NodeServer(Placement):
 
     def serve_forever(self):
         poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
+        listening = False
         poller.register(self.to_coordinator, zmq.POLLIN)
         if self.coordinator is not None:
             poller.register(self.coordinator.socket, zmq.POLLIN)
         last_housekeeping = last_worker_check = 0.0
         while not self._stop:
+            if not listening and self.token is not None:
+                # Peers and workers are read only once the cluster has formed: a peer that
+                # heard PEERS first waits in ZeroMQ's bounded queue (RCVHWM), and nothing
+                # that arrives before is read, let alone stored, without the token.
+                poller.register(self.router, zmq.POLLIN)
+                listening = True
             # Sleep until a message arrives or housekeeping is due: a node server that
             # wakes up needlessly takes a core from the workers.
             idle = not self.placement_busy()
@@ -322,13 +326,6 @@ class NodeServer(Placement):
     # -- dispatch ------------------------------------------------------------------
 
     def _from_router(self, frames):
-        if self.token is None:  # a peer that heard PEERS first: handled once this node has
-            if len(self._early) < EARLY_BACKLOG:
-                self._early.append(frames)
-            else:
-                self._malformed("more messages than the backlog holds before the cluster "
-                                "formed")
-            return
         identity, body = frames[0].bytes, frames[1:]
         try:
             msg = protocol.decode(body)
@@ -413,8 +410,7 @@ class NodeServer(Placement):
         except ProtocolError as exc:
             self._malformed(f"from the coordinator: {exc}")
             return
-        self._coordinator_seen = self._started_at = self._reported_at = time.monotonic()
-        self._joined = 0            # nodes that joined, as the coordinator's heartbeats say
+        self._coordinator_seen = time.monotonic()
         if msg.type == MsgType.PEERS:
             self._on_peers(msg)
         elif msg.type == MsgType.NODE_RELEASE:
@@ -528,6 +524,10 @@ class NodeServer(Placement):
         self._serve_update(msg, msg.src_worker, True, MsgType.FWD_PUSH)
 
     def _on_set(self, identity, msg):
+        _check_keys(msg.keys, self.spec.num_keys)
+        protocol.values_of(msg, self.view.dtype, self.view.total_length(msg.keys))
+        if self._is_local_worker(msg.src_worker) and self.defer_set(identity, msg, msg.keys):
+            return
         self._serve_update(msg, msg.src_worker, False, MsgType.FWD_SET)
 
     def _on_fwd_push(self, identity, msg):
@@ -663,6 +663,8 @@ class NodeServer(Placement):
         self.arrived_round[keys.astype(np.intp)] = self.round + 1  # never 0: "arrived"
         if self.moving_in:
             self.moving_in.difference_update(keys.tolist())
+            if not self.moving_in:
+                self.answer_waiters()
         self._count("relocations", keys.shape[0])
         self._owners_changed()
         for home, idx in split_by(home_of(keys, self.spec.num_nodes)).items():
@@ -698,6 +700,7 @@ class NodeServer(Placement):
             if now - started > self.start_timeout:
                 del self._localizing[op]
                 self.moving_in.difference_update(keys.tolist())
+                self.answer_waiters()
                 self._to_identity(identity, Message(MsgType.FAILED, request_id=request_id,
                                                     arg0=FAIL_ROUTING, count=op))
 
@@ -798,9 +801,6 @@ class NodeServer(Placement):
                 self.peers[node] = self._dealer(address)
         if self.spec.mode == "replicate_all" and self.spec.num_nodes > 1:
             self._replicate_everything()
-        early, self._early = self._early, []
-        for frames in early:
-            self._from_router(frames)
         if self.on_ready is not None:
             self.on_ready(self.address)
 

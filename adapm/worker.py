@@ -357,7 +357,7 @@ class Worker:
         """`idx` in parts of at most num_keys: no message is larger than the largest legal
         one, which nodes enforce (protocol.max_frame_bytes); only calls with many
         repeated keys are split."""
-        step = self.num_keys
+        step = min(self.num_keys, protocol.MAX_KEYS_PER_MESSAGE)
         return [idx] if idx.shape[0] <= step else \
             [idx[i:i + step] for i in range(0, idx.shape[0], step)]
 

@@ -213,7 +213,7 @@ def test_set_overwrites_in_every_mode(mode):
     results = adapm.run(set_semantics, nodes=3, workers_per_node=2, num_keys=30,
                         value_length=1, dtype="float64", mode=mode, init=("uniform", 10, 10, 0))
     workers = 6
-    for held, got in results:
+    for _, got in results:
         np.testing.assert_array_equal(got["all set 0"], 0.0)
         np.testing.assert_array_equal(got["all set 7"], 7.0)
         np.testing.assert_array_equal(got["set 5 then pushes"], 5.0 + workers)

@@ -55,7 +55,7 @@ def test_nodes_started_seconds_apart_in_either_order_form_one_cluster(tmp_path, 
     if first == 1:
         assert f"node 1: waiting for the coordinator at tcp://127.0.0.1:{port}" in outs[1]
     else:
-        assert f"1 of 2 nodes joined" in outs[0] and "waiting for node 1" in outs[0], outs[0]
+        assert "1 of 2 nodes joined" in outs[0] and "waiting for node 1" in outs[0], outs[0]
     segments, processes = wait_until_clean(timeout=15)
     assert not segments and not processes
 
@@ -113,3 +113,21 @@ def test_launcher_refuses_a_world_size_that_counts_processes(tmp_path):
     proc = subprocess.run([LAUNCHER, "--num-keys", "4", SCRIPT, "ok", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, env=environ)
     assert proc.returncode == 2 and "LOCAL_WORLD_SIZE=4" in proc.stderr, proc.stderr
+
+
+def test_a_node_waiting_for_a_missing_peer_says_how_many_joined_and_gives_up(tmp_path):
+    """Nodes 0 and 1 of 3 start, node 2 never does: node 1 hears the coordinator all the
+    time, and still reports how many of 3 joined, and gives up at the start timeout."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    environ = {**os.environ, "ADAPM_START_TIMEOUT": "7"}
+    cluster_id = f"mj{uuid.uuid4().hex[:6]}"
+    procs = [subprocess.Popen(
+        [LAUNCHER, "--nnodes", "3", "--node-rank", str(rank), "--coordinator", coordinator,
+         "--host", "127.0.0.1", "--num-keys", "6", "--cluster-id", cluster_id,
+         SCRIPT, "ok", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=environ) for rank in (0, 1)]
+    outs = [proc.communicate(timeout=60)[0] for proc in procs]
+    assert all(proc.returncode != 0 for proc in procs), outs
+    assert "node 1: 2 of 3 nodes have joined the coordinator" in outs[1], outs[1]
+    assert "the cluster did not form within 7 s" in outs[1], outs[1]
+    assert "waiting for node 2" in outs[0], outs[0]

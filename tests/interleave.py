@@ -1,0 +1,109 @@
+"""A harness for interleavings: real NodeServers with real shared-memory tables in this
+process, no sockets. Messages go through encode/decode into one FIFO queue per (sender,
+receiver) pair, as ZeroMQ gives them, and the test delivers them in whatever order it
+wants, so a race that live processes hit once in many runs happens every time. (Written
+by an independent review to confirm its findings; kept as the regression tests' base.)"""
+import collections
+
+import numpy as np
+
+from adapm import protocol
+from adapm.config import ClusterSpec
+from adapm.protocol import Message, node_identity, worker_identity
+from adapm.server import NodeServer
+
+TOKEN = 12345
+
+
+class Net:
+    def __init__(self):
+        self.q = collections.defaultdict(collections.deque)  # (src, dst) -> frames
+        self.to_workers = collections.defaultdict(list)       # rank -> decoded msgs
+
+    def pending(self):
+        """{(src, dst): [type names]} of the messages not delivered yet."""
+        return {k: [protocol.decode(f).type.name for f in v] for k, v in self.q.items() if v}
+
+    def deliver_all(self, servers, first=None):
+        """Deliver until nothing is pending; `first(pending)` may pick the (src, dst) queue
+        to serve next (default: any)."""
+        while True:
+            pending = self.pending()
+            if not pending:
+                return
+            src, dst = (first(pending) if first else None) or next(iter(pending))
+            self.deliver(src, dst, servers)
+
+    def deliver(self, src, dst, servers, n=1, only=None):
+        for _ in range(n):
+            frames = self.q[(src, dst)].popleft()
+            body = [bytes(memoryview(f)) if not isinstance(f, bytes) else f for f in frames]
+            msg = protocol.decode(body)
+            if only is not None:
+                assert msg.type == only, (msg.type, only)
+            servers[dst]._from_router([FakeFrame(node_identity(src)), *body])
+            return msg
+
+
+class FakeFrame:
+    def __init__(self, b):
+        self.bytes = b
+
+
+def make_cluster(num_keys=12, nodes=2, mode="replicate_only", wpn=1, length=1):
+    """(spec, net, servers) of a formed cluster whose servers send into `net`."""
+    spec = ClusterSpec(num_keys=num_keys, value_length=length, num_nodes=nodes,
+                       workers_per_node=wpn, mode=mode, init="zeros")
+    net = Net()
+    servers = []
+    for n in range(nodes):
+        s = NodeServer(spec, n, "tcp://127.0.0.1:1")
+        s._create_table()
+        s.token = TOKEN
+        s.view.set_cluster_token(TOKEN)
+        s.addresses = [f"tcp://127.0.0.1:{9000+i}" for i in range(nodes)]
+        s.peers = {i: ("peer", i) for i in range(nodes) if i != n}
+        for w in range(wpn):
+            s._local[w] = worker_identity(n * wpn + w)
+
+        def send(sock, frames, s=s):
+            if isinstance(sock, tuple):
+                net.q[(s.node, sock[1])].append([bytes(memoryview(f)) for f in frames])
+            else:  # router: identity first
+                ident = bytes(memoryview(frames[0]))
+                msg = protocol.decode([bytes(memoryview(f)) for f in frames[1:]])
+                net.to_workers[ident].append(msg)
+        s._send_frames = send
+        s._to_coordinator = lambda msg: None
+        servers.append(s)
+    return spec, net, servers
+
+
+def worker_msg(server, rank, mtype, **fields):
+    """A worker's request, as it arrives at `server`."""
+    msg = Message(mtype, src_node=rank // server.workers, src_worker=rank, token=TOKEN,
+                  **fields)
+    frames = msg.encode()
+    body = [bytes(memoryview(f)) for f in frames]
+    server._from_router([FakeFrame(worker_identity(rank)), *body])
+
+
+def local_pull(server, keys):
+    keys = np.asarray(keys, dtype=np.uint64)
+    out = np.empty(server.view.total_length(keys), dtype=server.view.dtype)
+    misses = np.empty(keys.shape[0], dtype=np.uint64)
+    n = server.view.pull(keys, out, misses)
+    return out, n
+
+
+def local_push(server, keys, values, additive=True, owned_only=False):
+    keys = np.asarray(keys, dtype=np.uint64)
+    values = np.asarray(values, dtype=server.view.dtype)
+    misses = np.empty(keys.shape[0], dtype=np.uint64)
+    return server.view.update(keys, values, misses, additive, owned_only)
+
+
+def close(servers):
+    for s in servers:
+        s.table.unlink()
+        s.table.close()
