@@ -77,7 +77,7 @@ class Placement:
         self.round_left = 0          # keys of the round in flight still unanswered
         self.round_started_at = 0.0
         self.round_is_full = False   # the round in flight syncs every replica
-        self.round_deltas = _NO_KEYS  # keys whose delta the round in flight carries (sorted)
+        self.round_deltas = _NO_KEYS  # keys whose delta the round in flight carries
         self.deferred_sets = []      # (identity, SET) of local workers, waiting for that
         self.refreshed_at = 0.0      # when a round last synced every replica
         self.sync_waiters = []       # (identity, request id, round that must complete)
@@ -181,7 +181,7 @@ class Placement:
         segments = Segments.of(self.view, keys)
         deltas = self._take_deltas(keys, segments)
         dirty = segments.nonzero(deltas)
-        self.round_deltas = np.unique(keys[dirty])
+        self.round_deltas = keys[dirty]  # distinct: requests, keep and drop are disjoint
         flags = kinds | np.where(dirty, HAS_DELTA, 0).astype(np.uint32)
         versions = self.seen_version[keys.astype(np.intp)]
         self.round_left = keys.shape[0]
@@ -435,6 +435,9 @@ class Placement:
                 self.pending.difference_update(with_value.tolist())
         seen = answer != REPLY_DROPPED
         self.seen_version[keys[seen].astype(np.intp)] = msg.versions[seen]
+        # Up to date as of this round (a value, or "current"): workers waiting to read an
+        # update the owner acknowledged before this round started need no refresh.
+        self.view.stamp_fresh(np.ascontiguousarray(keys[seen]), int(msg.request_id) & 0xFFFFFFFF)
         dropped = keys[answer == REPLY_DROPPED]
         if dropped.shape[0]:
             self._release_replicas(dropped)

@@ -15,6 +15,7 @@ import numpy as np
 import zmq
 
 from adapm import config, protocol
+from adapm.consistency import InFlight, Unseen
 from adapm.coordinator import failure_text
 from adapm.errors import ClosedError, ClusterError, ProtocolError
 from adapm.keys import as_keys, as_values, pull_buffer
@@ -142,9 +143,9 @@ class Worker:
         self._barriers = 0
         self._next_request = 0
         self._waiting = {}        # request id -> (op, keys or replies still expected)
-        self._updates = []        # unacknowledged update ops, oldest first
-        self._unseen = []         # (keys, round): applied remotely, but replicas of these
-                                  # keys here show it only once that sync round is done
+        self._updates = InFlight()  # unacknowledged update ops, oldest first
+        self._unseen = Unseen()     # applied remotely, but copies of these keys here show
+                                    # it only once a sync round brought them a value
         self._sampler = Sampler(self)
         self._curve = client_keys(env.cluster_id)
         self._ctx = zmq.Context()
@@ -296,7 +297,7 @@ class Worker:
                             part.shape[0])
             if groups:
                 op.keys = np.concatenate(remote)
-                self._updates.append(op)
+                self._updates.add(op)
             self._count(f"{kind}_remote", nmiss - arrived.shape[0])
             self._count(f"{kind}_local", arrived.shape[0])
             self._limit_updates_in_flight()
@@ -394,48 +395,57 @@ class Worker:
         to be acknowledged first. Updates of other keys stay in flight."""
         if self._updates:
             self._prune_updates()
-            for op in self._updates:
-                if not op.done and np.isin(keys, op.keys).any():
-                    self._wait(op)
+            for op in self._updates.blocking(keys):
+                self._wait(op)
             self._prune_updates()
         if self._unseen:
-            # Applied by their owners, but a replica here may have been fetched just
-            # before: wait for a round that started after the acknowledgement and synced
-            # every replica (other rounds carry only some keys).
-            done = self._view.node_counter_get(NODE_SLOT["full_round_done"])
-            self._unseen = [(k, r) for k, r in self._unseen if r > done]
-            stale = [k[np.isin(k, keys)] for k, _ in self._unseen]
-            stale = np.unique(np.concatenate(stale)) if stale else stale
-            if len(stale):
+            # Applied by their owners, but a copy here may have been fetched just before:
+            # read it once a sync round that started after the acknowledgement brought it
+            # a value (the node stamps each copy), else refresh it first.
+            self._unseen.forget_rounds_up_to(
+                self._view.node_counter_get(NODE_SLOT["full_round_done"]))
+            waiting, rounds = self._unseen.among(keys)
+            stale = waiting[self._stale(waiting, rounds)]
+            if stale.shape[0]:
                 self._control(MsgType.REFRESH, MsgType.SYNCED, keys=stale)
-                self._unseen = [(k[~np.isin(k, stale)], r) for k, r in self._unseen]
+                self._unseen.forget(stale)
+
+    def _stale(self, keys, rounds):
+        """Mask of `keys` held here as copies (replica or requested) that no sync round
+        starting at their `rounds` or later has brought up to date yet: only those may
+        lack this worker's acknowledged update. Keys owned here have it, and a key not
+        held is read from its owner."""
+        if keys.shape[0] == 0:
+            return np.zeros(0, dtype=bool)
+        states = np.empty(keys.shape[0], dtype=np.uint8)
+        self._view.states_of(keys, states)
+        fresh = np.empty(keys.shape[0], dtype=np.uint32)
+        self._view.fresh_rounds(keys, fresh)
+        return ((states == REPLICA) | (states == PENDING)) & (fresh < rounds)
 
     def _prune_updates(self):
-        done = [op for op in self._updates if op.done]
-        if done:
-            self._updates = [op for op in self._updates if not op.done]
-            for op in done:
-                self._raise_if_failed(op)
-                self._remember_unseen(op.keys)
+        for op in self._updates.take_done():
+            self._raise_if_failed(op)
+            self._remember_unseen(op.keys)
 
     def _remember_unseen(self, keys):
-        """Keys updated remotely that this node holds as (pending) replicas: the next
-        sync round brings the update here."""
+        """Keys updated remotely that this node holds as copies (replica or requested): a
+        sync round that starts from now on brings the update here."""
         states = np.empty(keys.shape[0], dtype=np.uint8)
         self._view.states_of(keys, states)
         copies = keys[(states == REPLICA) | (states == PENDING)]
         if copies.shape[0]:
             started = self._view.node_counter_get(NODE_SLOT["rounds_started"])
-            self._unseen.append((copies, started + 1))
+            self._unseen.add(copies, started + 1, self._stale)
 
     def _limit_updates_in_flight(self):
         self._prune_updates()
         while len(self._updates) > MAX_UPDATES_IN_FLIGHT:
-            self._wait(self._updates[0])
+            self._wait(self._updates.ops[0])
             self._prune_updates()
 
     def _drain_updates(self):
-        for op in self._updates:
+        for op in list(self._updates.ops):
             self._wait(op)
         self._prune_updates()
 
@@ -526,7 +536,7 @@ class Worker:
         self._check_open()
         self._drain_updates()
         self._control(MsgType.WAIT_SYNC, MsgType.SYNCED)
-        self._unseen = []
+        self._unseen.clear()
 
     def stats(self):
         """Counts of keys for this worker, and in 'node' the same summed over its node plus

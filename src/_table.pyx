@@ -103,8 +103,9 @@ def layout_sizes(num_keys, num_workers, arena_capacity, itemsize):
     directory = ADAPM_HEADER_BYTES
     workers = _align64(directory + num_keys * sizeof(adapm_entry_t))
     rings = _align64(workers + num_workers * ADAPM_WORKER_BLOCK_SLOTS * 8)
-    arena = _align64(
+    fresh = _align64(
         rings + num_workers * (ADAPM_RING_CONTROL_WORDS + ADAPM_RING_WORDS) * 8)
+    arena = _align64(fresh + num_keys * 4)
     total = arena + arena_capacity * itemsize
     if total > _MAX_TABLE_BYTES:
         raise ValueError(f"a table of {num_keys} keys, {num_workers} workers and "
@@ -113,6 +114,7 @@ def layout_sizes(num_keys, num_workers, arena_capacity, itemsize):
         "directory_offset": directory,
         "workers_offset": workers,
         "rings_offset": rings,
+        "fresh_offset": fresh,
         "arena_offset": arena,
         "total_bytes": total,
     }
@@ -172,9 +174,12 @@ cdef object _header_problem(const adapm_header_t* h, uint64_t size):
     if h.rings_offset != want["rings_offset"]:
         return (f"{bad}rings_offset = {h.rings_offset}, expected {want['rings_offset']} "
                 f"after num_workers = {num_workers} worker blocks")
+    if h.fresh_offset != want["fresh_offset"]:
+        return (f"{bad}fresh_offset = {h.fresh_offset}, expected {want['fresh_offset']} "
+                f"after num_workers = {num_workers} intent rings")
     if h.arena_offset != want["arena_offset"]:
         return (f"{bad}arena_offset = {h.arena_offset}, expected {want['arena_offset']} "
-                f"after num_workers = {num_workers} intent rings")
+                f"after num_keys = {num_keys} fresh rounds")
     if want["total_bytes"] != total:
         return (f"{bad}arena_capacity = {capacity} elements of dtype = {code} "
                 f"({_dtype_name(code)}) end the table at byte {want['total_bytes']}, "
@@ -369,6 +374,7 @@ cdef class TableView:
     cdef adapm_entry_t* directory
     cdef uint64_t* workers
     cdef uint64_t* rings
+    cdef uint32_t* fresh
     cdef char* arena
     cdef readonly object dtype
     cdef readonly uint64_t num_keys
@@ -396,6 +402,7 @@ cdef class TableView:
         self.directory = <adapm_entry_t*>(self.base + h.directory_offset)
         self.workers = <uint64_t*>(self.base + h.workers_offset)
         self.rings = <uint64_t*>(self.base + h.rings_offset)
+        self.fresh = <uint32_t*>(self.base + h.fresh_offset)
         self.arena = self.base + h.arena_offset
         self.dtype = DTYPES[h.dtype]
         self.num_keys = h.num_keys
@@ -437,6 +444,7 @@ cdef class TableView:
         h.directory_offset = sizes["directory_offset"]
         h.workers_offset = sizes["workers_offset"]
         h.rings_offset = sizes["rings_offset"]
+        h.fresh_offset = sizes["fresh_offset"]
         h.arena_offset = sizes["arena_offset"]
         h.arena_capacity = arena_capacity
         h.total_bytes = sizes["total_bytes"]
@@ -1036,6 +1044,28 @@ cdef class TableView:
         with nogil:
             for i in range(n):
                 o[i] = adapm_load_acquire_u32(&self.directory[k[i]].version)
+
+    def fresh_rounds(self, cnp.ndarray keys, cnp.ndarray out):
+        """Fill `out` (uint32) with the sync round whose answer last brought each key's
+        replica here up to date (0: none). A worker that got an update acknowledged by
+        the owner before round r started reads a replica stamped r or later as showing it."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef uint32_t* o = <uint32_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        with nogil:
+            for i in range(n):
+                o[i] = adapm_load_acquire_u32(&self.fresh[k[i]])
+
+    def stamp_fresh(self, cnp.ndarray keys, uint32_t round_id):
+        """Server: the replicas of `keys` are up to date as of sync round `round_id`
+        (stamped after their values were written, with release order)."""
+        self._check_open()
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef Py_ssize_t i, n = keys.shape[0]
+        with nogil:
+            for i in range(n):
+                adapm_store_release_u32(&self.fresh[k[i]], round_id)
 
     def states_of(self, cnp.ndarray keys, cnp.ndarray out):
         """Fill `out` (uint8) with each key's state (a racy snapshot, for decisions that

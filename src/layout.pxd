@@ -41,6 +41,7 @@ cdef extern from "table_layout.h" nogil:
         uint64_t node_counters[64]
         uint64_t cluster_token
         char failed_reason[512]
+        uint64_t fresh_offset
 
     ctypedef struct adapm_entry_t:
         uint32_t seq

@@ -1,7 +1,7 @@
 /* Byte layout of a node's shared-memory parameter table (see docs/table.md).
  *
  *   [header: 4096 bytes][directory: num_keys x 24 bytes][worker blocks][intent rings]
- *   [value arena]
+ *   [fresh rounds: num_keys x 4 bytes][value arena]
  *
  * The header and directory are fixed at creation. Every region starts on a
  * 64-byte boundary so that no two workers' counters share a cache line. */
@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 #define ADAPM_MAGIC 0x31764d5041414441ULL /* "ADAAPMv1" little endian */
-#define ADAPM_LAYOUT_VERSION 3u
+#define ADAPM_LAYOUT_VERSION 4u
 #define ADAPM_HEADER_BYTES 4096u
 #define ADAPM_WORKER_BLOCK_SLOTS 64u      /* uint64 counters per worker: 512 bytes */
 #define ADAPM_NODE_COUNTER_SLOTS 64u
@@ -58,6 +58,8 @@ typedef struct {
                                    worker message carries it (docs/protocol.md) */
     char failed_reason[ADAPM_REASON_BYTES]; /* why the cluster failed (UTF-8, NUL-ended):
                                    node, worker and key range; written before `failed` */
+    uint64_t fresh_offset;      /* per key, uint32: the sync round whose answer last
+                                   brought this node's replica of the key up to date */
 } adapm_header_t;
 
 /* One per key, dense over [0, num_keys). 24 bytes. */

@@ -24,8 +24,9 @@ from adapm.table import OWNED, SharedTable, segment_name
 
 pytestmark = pytest.mark.timeout(60)
 
-# name: (byte offset in adapm_header_t, struct format). Fields after node_counters are
-# deliberately not listed: the tests must not depend on them.
+# name: (byte offset in adapm_header_t, struct format). Of the fields after node_counters
+# only the region offset fresh_offset is listed (test_field_offsets_match_the_header
+# checks every offset here against the compiled header).
 HEADER_FIELDS = {
     "magic": (0, "<Q"),
     "layout_version": (8, "<I"),
@@ -41,6 +42,8 @@ HEADER_FIELDS = {
     "arena_capacity": (72, "<Q"),
     "total_bytes": (80, "<Q"),
     "rings_offset": (120, "<Q"),
+    # after node_counters (648), cluster_token (8) and failed_reason (512): an offset too
+    "fresh_offset": (1168, "<Q"),
 }
 
 NUM_KEYS = 100
@@ -263,6 +266,11 @@ HEADER_CASES = [
     ("rings_offset", "overlaps_workers", lambda v, s: v - 512),
     ("rings_offset", "end_of_segment", lambda v, s: s),
     ("rings_offset", "2^63", lambda v, s: 2**63),
+    ("fresh_offset", "zero", lambda v, s: 0),
+    ("fresh_offset", "misaligned", lambda v, s: v + 4),
+    ("fresh_offset", "overlaps_rings", lambda v, s: v - 4096),
+    ("fresh_offset", "past_segment", lambda v, s: s + 4096),
+    ("fresh_offset", "max", lambda v, s: U64 - 64),
     ("arena_offset", "zero", lambda v, s: 0),
     ("arena_offset", "misaligned", lambda v, s: v + 4),
     ("arena_offset", "overlaps_rings", lambda v, s: v - 4096),
