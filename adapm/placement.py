@@ -110,11 +110,15 @@ class Placement:
             return
         now = time.monotonic()
         since = now - self.round_started_at
-        if since < MIN_ROUND_INTERVAL or not self.placement_busy():
+        if not self.placement_busy():
             return
-        urgent = (self.sync_waiters or self.release_waiters or self.refresh_waiters or
-                  self.rejoin or
-                  self.initial_requests is not None or self._intents_due())
+        due = self._intents_due()
+        # Keys that intents want now do not wait for the round rate limit: a round in
+        # flight is the only thing they wait for (reaction time, B8).
+        if since < MIN_ROUND_INTERVAL and not due:
+            return
+        urgent = (due or self.sync_waiters or self.release_waiters or self.refresh_waiters or
+                  self.rejoin or self.initial_requests is not None)
         if not urgent and since < REFRESH_INTERVAL:
             return
         self.round_started_at = now

@@ -62,6 +62,7 @@ log = logging.getLogger("adapm.server")
 CLOSE_LINGER_MS = 200     # how long queued messages may take to leave at a normal end
 IDLE_POLL_MS = 50        # longest wait for a message when there is nothing else to do
 BUSY_POLL_MS = 1         # ... while sync rounds are due (at most ~1000 rounds a second)
+AWAKE, ASLEEP, POLLING = 0, 1, 2  # what the server says it does (TableView.set_server_idle)
 FAILED_LINGER = 1.0      # seconds a failed node keeps answering "failed" before it exits
 EXIT_FAILED = 3          # exit code of a node server after the cluster failed
 HOUSEKEEPING_EVERY = 0.05
@@ -215,10 +216,8 @@ class NodeServer(Placement):
                 listening = True
             # Sleep until a message arrives or housekeeping is due: a node server that
             # wakes up needlessly takes a core from the workers.
-            idle = not self.placement_busy()
-            ready = dict(poller.poll(self._sleep_ms() if idle else BUSY_POLL_MS))
-            if idle:
-                self.view.set_server_idle(False)
+            ready = dict(poller.poll(self._sleep_ms()))
+            self.view.set_server_idle(AWAKE)
             if self.coordinator is not None and self.coordinator.socket in ready:
                 self.coordinator.handle_ready()
             if self.to_coordinator in ready:
@@ -248,11 +247,16 @@ class NodeServer(Placement):
                 return
 
     def _sleep_ms(self):
-        """How long an idle server waits for a message. It says in the table that it
-        sleeps, so that a worker appending an intent to its ring wakes it (WAKE); an
-        intent appended just before that is taken at once."""
-        self.view.set_server_idle(True)
-        return 0 if self.view.intents_queued() else IDLE_POLL_MS
+        """How long the server waits for a message: long when it has nothing to do, a
+        millisecond while rounds are due. It says in the table which, so that a worker
+        appending an intent to its ring wakes it (WAKE): for any intent while it sleeps,
+        for an intent due soon while it polls briefly (a key wanted now must not wait a
+        millisecond). An intent appended just before that is taken at once."""
+        idle = not self.placement_busy()
+        self.view.set_server_idle(ASLEEP if idle else POLLING)
+        if self.view.intents_queued():
+            return 0
+        return IDLE_POLL_MS if idle else BUSY_POLL_MS
 
     def _take_queued_intents(self):
         """Intents the local workers appended to their rings in the shared table."""

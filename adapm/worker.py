@@ -36,6 +36,8 @@ from adapm.table import (
 
 POLL_SLICE_MS = 100        # how often a waiting call checks that the cluster is alive
 MAX_UPDATES_IN_FLIGHT = 64  # unacknowledged push/set messages before a push waits
+SERVER_ASLEEP, SERVER_POLLING = 1, 2  # what a node server says it does (the table header)
+URGENT_CLOCKS = 2           # an intent this close to the worker's clock wakes a polling server
 
 
 class _Op:
@@ -470,8 +472,11 @@ class Worker:
             return
         if self._intents_matter:
             # Into this worker's ring in the shared table: no message, unless the ring is
-            # full (then as a message) or the node server sleeps (then a WAKE).
-            appended, wake = self._view.intent_append(self.local_rank, start, end, keys)
+            # full (then as a message) or the node server sleeps, or polls for a while
+            # and this intent is due soon (then a WAKE).
+            appended, server = self._view.intent_append(self.local_rank, start, end, keys)
+            wake = server == SERVER_ASLEEP or (server == SERVER_POLLING and
+                                               start <= self._clock + URGENT_CLOCKS)
             if not appended:  # as a message, of the distinct keys (an intent names a set,
                 # and no message may hold more than num_keys keys); np.unique copies, and
                 # must: `keys` may be the caller's own array, refilled for the next batch

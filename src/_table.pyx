@@ -606,9 +606,10 @@ cdef class TableView:
     def intent_append(self, uint32_t worker, int64_t start, int64_t end,
                       const uint64_t[::1] keys):
         """Append one intent to `worker`'s ring; only that worker may call this (one
-        producer). Returns (appended, wake): appended is False when the record does not
-        fit now (the caller sends it as a message instead); wake is True when the server
-        is asleep and must be woken with a message."""
+        producer). Returns (appended, server): appended is False when the record does
+        not fit now (the caller sends it as a message instead); server is what the server
+        said it does (set_server_idle): 0 awake, 1 asleep (wake it with a message), 2 in
+        a short poll (wake it for an intent that is due soon)."""
         self._check_open()
         if worker >= self.num_workers:
             raise IndexError(f"no worker {worker} on this node")
@@ -617,9 +618,10 @@ cdef class TableView:
         cdef uint64_t* ring = self._ring(worker)
         cdef uint64_t* data = ring + ADAPM_RING_CONTROL_WORDS
         cdef uint64_t head, tail, pos, skip, at
-        cdef bint fits = False, wake = False
+        cdef bint fits = False
+        cdef uint64_t server = 0
         if need > ADAPM_RING_WORDS:
-            return False, False
+            return False, 0
         with nogil:
             head = adapm_load_relaxed_u64(ring + ADAPM_RING_HEAD)
             tail = adapm_load_acquire_u64(ring + ADAPM_RING_TAIL)  # the server is done
@@ -639,8 +641,8 @@ cdef class TableView:
                 # Pairs with set_server_idle: either the server sees this record before
                 # it sleeps, or this load sees that it sleeps.
                 adapm_fence_seq_cst()
-                wake = adapm_load_relaxed_u64(&self.header.server_idle) != 0
-        return fits, wake
+                server = adapm_load_relaxed_u64(&self.header.server_idle)
+        return fits, server
 
     def intent_take(self, uint32_t worker):
         """Every intent queued in `worker`'s ring, oldest first, as (start, end, keys);
@@ -696,11 +698,12 @@ cdef class TableView:
                 return True
         return False
 
-    def set_server_idle(self, bint idle):
-        """The server says it sleeps (workers appending an intent then wake it) or is
-        awake. After set_server_idle(True), look at intents_queued() before sleeping."""
+    def set_server_idle(self, uint64_t state):
+        """The server says it is awake (0), sleeps (1: a worker appending an intent wakes
+        it) or polls briefly (2: a worker wakes it for an intent due soon). Before it
+        blocks, it looks at intents_queued() after this."""
         self._check_open()
-        adapm_store_relaxed_u64(&self.header.server_idle, 1 if idle else 0)
+        adapm_store_relaxed_u64(&self.header.server_idle, state)
         adapm_fence_seq_cst()
 
     def counters(self):

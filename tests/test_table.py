@@ -240,14 +240,16 @@ def test_a_full_ring_refuses_and_a_sleeping_server_asks_to_be_woken(make_table):
     assert not view.intent_append(0, 1, 2, big)[0]           # no room until taken
     assert not view.intent_append(0, 0, 1, np.zeros(RING_WORDS, np.uint64))[0]  # never fits
     assert len(view.intent_take(0)) == 1
-    view.set_server_idle(True)
-    assert view.intent_append(0, 1, 2, big) == (True, True)  # fits; wake the server
-    view.set_server_idle(False)
+    view.set_server_idle(1)
+    assert view.intent_append(0, 1, 2, big) == (True, 1)  # fits; the server sleeps
+    view.set_server_idle(0)
     # that record wrapped: the words it skipped and its own fill the ring until taken
-    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (False, False)
+    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (False, 0)
     assert [start for start, _, _ in view.intent_take(0)] == [1]
-    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (True, False)
+    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (True, 0)
     assert [start for start, _, _ in view.intent_take(0)] == [2]
+    view.set_server_idle(2)  # a short poll: the worker decides by how soon the intent is due
+    assert view.intent_append(0, 4, 5, np.arange(2, dtype=np.uint64)) == (True, 2)
 
 
 def test_a_corrupt_ring_is_dropped_with_an_error(make_table):
