@@ -11,12 +11,16 @@ the worker's clock each time the loop comes back for the next batch. `batches` m
 iterable: a list, a generator, a `torch.utils.data.DataLoader` (whose tensors `keys_of`
 may return; they are converted with numpy).
 
-How far ahead: by default the wrapper measures how long the loop takes per batch and
-keeps about LEAD_SECONDS of batches announced (never fewer than MIN_AHEAD, never more than
-MAX_AHEAD batches). The manager acts on an intent only once it comes into its action
-window, so announcing early costs nothing but the memory of the batches read ahead; what
-matters is announcing early enough, and a fixed number of batches cannot be right both
-for 50 µs and for 5 s steps. `lookahead=N` fixes the number instead."""
+How far ahead: by default the wrapper measures how long the loop takes per batch, and
+reads how long the node takes to act on an intent (`w.reaction_time()`, which the node
+measures from its own sync rounds), and keeps SAFETY times that much time of batches
+announced (at least MIN_LEAD_SECONDS; LEAD_SECONDS until the node has measured anything),
+never fewer than MIN_AHEAD batches, and never more than MAX_AHEAD (a bound on the memory
+of batches read ahead, not a tuning knob). The manager acts on an intent only once it
+comes into its action window, so announcing early costs nothing but the memory of the
+batches read ahead; what matters is announcing early enough, and a fixed number of
+batches cannot be right both for 50 µs and for 5 s steps, nor for a node that reacts in
+1 ms and one that takes 20. `lookahead=N` fixes the number instead."""
 
 import collections
 import math
@@ -27,9 +31,11 @@ import numpy as np
 # The time a node needs to act on an intent is a few sync rounds: under 10 ms on an idle
 # machine, 10-20 ms on a 2-core machine shared with 4 busy workers (docs/benchmarks.md).
 # Keeping 50 ms of batches announced leaves room for that with a wide margin.
-LEAD_SECONDS = 0.05
+LEAD_SECONDS = 0.05        # until the node has measured its reaction time
+SAFETY = 4                 # reaction times of batches announced
+MIN_LEAD_SECONDS = 0.005
 MIN_AHEAD = 4
-MAX_AHEAD = 256
+MAX_AHEAD = 4096
 FIRST_AHEAD = 32          # before the first batch has been timed
 STEP_SMOOTHING = 0.1      # weight of the newest step in the step-time estimate
 
@@ -61,7 +67,9 @@ class IntentLoader:
             return self.lookahead
         if self.step_seconds is None:
             return FIRST_AHEAD
-        wanted = math.ceil(LEAD_SECONDS / max(self.step_seconds, 1e-9))
+        reaction = self.worker.reaction_time()
+        lead = max(MIN_LEAD_SECONDS, SAFETY * reaction) if reaction > 0 else LEAD_SECONDS
+        wanted = math.ceil(lead / max(self.step_seconds, 1e-9))
         return max(MIN_AHEAD, min(MAX_AHEAD, wanted))
 
     def __iter__(self):

@@ -25,7 +25,7 @@ import numpy as np
 
 from adapm import protocol
 from adapm.errors import ProtocolError
-from adapm.manager import Manager
+from adapm.manager import Manager, ReactionTime
 from adapm.ownership import split_by
 from adapm.protocol import (
     HAS_DELTA,
@@ -41,7 +41,7 @@ from adapm.protocol import (
     MsgType,
 )
 from adapm.segments import Segments, element_index
-from adapm.table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, WORKER_SLOT
+from adapm.table import ABSENT, KEEP_OWNER, NODE_SLOT, OWNED, PENDING, REPLICA, WORKER_SLOT
 
 _NO_KEYS = np.empty(0, dtype=np.uint64)
 MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
@@ -77,6 +77,8 @@ class Placement:
         self.round_left = 0          # keys of the round in flight still unanswered
         self.round_started_at = 0.0
         self.round_is_full = False   # the round in flight syncs every replica
+        self.round_asks = False      # ... asks owners for keys (its time is a reaction)
+        self.reaction = ReactionTime()
         self.round_deltas = _NO_KEYS  # keys whose delta the round in flight carries
         self.deferred_sets = []      # (identity, SET) of local workers, waiting for that
         self.refreshed_at = 0.0      # when a round last synced every replica
@@ -178,6 +180,7 @@ class Placement:
             plan.keep = np.union1d(plan.keep, plan.drop[moving])
             plan.drop = plan.drop[~moving]
         requests = np.concatenate([self._make_pending(requests), rejoin])
+        self.round_asks = requests.shape[0] > 0
         keys = np.concatenate([requests, plan.keep, plan.drop])
         kinds = np.concatenate([np.full(requests.shape[0], SYNC_REQUEST, np.uint32),
                                 np.full(plan.keep.shape[0], SYNC_KEEP, np.uint32),
@@ -251,7 +254,11 @@ class Placement:
         self.round_done = self.round
         self._count("rounds_done", 1)
         if self.round_is_full:  # workers read it: replicas held then are fresh as of it
-            self._count("full_round_done", self.round - self._counter("full_round_done"))
+            self.view.node_counter_set(NODE_SLOT["full_round_done"], self.round)
+        if self.round_asks:
+            self.reaction.observe(time.monotonic() - self.round_started_at)
+            self.view.node_counter_set(NODE_SLOT["reaction_us"],
+                                       int(self.reaction.seconds() * 1e6))
         self.round_deltas = _NO_KEYS
         self.answer_waiters()
         deferred, self.deferred_sets = self.deferred_sets, []

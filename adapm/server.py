@@ -434,9 +434,6 @@ class NodeServer(Placement):
     def _count(self, name, n):
         self.view.node_counter_add(NODE_SLOT[name], n)
 
-    def _counter(self, name):
-        return self.view.node_counter_get(NODE_SLOT[name])
-
     def _send_frames(self, sock, frames):
         self._count("bytes_sent", protocol.send(sock, frames))
 

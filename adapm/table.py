@@ -33,6 +33,7 @@ NODE_COUNTERS = (
     "bytes_received", "malformed_messages", "intents_received", "owner_changes",
     "rounds_started", "rounds_done",
     "full_round_done",  # number of the last completed round that synced every replica
+    "reaction_us",      # the node's estimate of the time from an intent to a usable key
 )
 NODE_SLOT = {name: i for i, name in enumerate(NODE_COUNTERS)}
 

@@ -501,6 +501,12 @@ class Worker:
         keys = self._sampler.take(handle, count)
         return keys, self.pull(keys)
 
+    def reaction_time(self):
+        """Seconds this worker's node currently takes from an intent to a usable key, as
+        it measures it (0.0 before it has acted on any): announce keys at least this far
+        ahead of their use. adapm.data.IntentLoader reads it."""
+        return self._view.node_counter_get(NODE_SLOT["reaction_us"]) / 1e6
+
     @property
     def clock(self):
         return self._clock

@@ -724,6 +724,12 @@ cdef class TableView:
         cdef uint64_t* c = &self.header.node_counters[slot]
         adapm_store_relaxed_u64(c, adapm_load_relaxed_u64(c) + amount)
 
+    def node_counter_set(self, uint32_t slot, uint64_t value):
+        """A node-level figure that is a value, not a count (the node server only)."""
+        if self.base == NULL or slot >= ADAPM_NODE_COUNTER_SLOTS:
+            raise IndexError("no such node counter")
+        adapm_store_relaxed_u64(&self.header.node_counters[slot], value)
+
     def node_counter_get(self, uint32_t slot):
         if self.base == NULL or slot >= ADAPM_NODE_COUNTER_SLOTS:
             raise IndexError("no such node counter")

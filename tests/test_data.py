@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.data import FIRST_AHEAD, MAX_AHEAD, MIN_AHEAD, IntentLoader
+from adapm.data import FIRST_AHEAD, MAX_AHEAD, MIN_AHEAD, SAFETY, IntentLoader
 from adapm.intents import read_intent_log
 
 pytestmark = pytest.mark.timeout(120)
@@ -14,9 +14,13 @@ pytestmark = pytest.mark.timeout(120)
 class RecordingWorker:
     """Stands in for a Worker: a clock and a record of intent calls (in-process)."""
 
-    def __init__(self, clock=0):
+    def __init__(self, clock=0, reaction=0.0):
         self.clock = clock
+        self.reaction = reaction  # what the node says it takes to act on an intent
         self.calls = []  # (clock when called, keys, start)
+
+    def reaction_time(self):
+        return self.reaction
 
     def intent(self, keys, start, end=None):
         assert end is None
@@ -84,6 +88,19 @@ def test_default_lookahead_adapts_to_the_step_time():
     slow = IntentLoader(w, plan(3), keys_of=lambda b: b)
     slow.step_seconds = 2.0
     assert slow.ahead() == MIN_AHEAD
+
+
+def test_default_lookahead_follows_the_nodes_reaction_time():
+    """The node measures how long it takes to act on an intent; the loader keeps SAFETY
+    times that much time of batches announced, whatever the step time."""
+    for reaction, step in ((0.010, 0.001), (0.002, 0.0001), (0.040, 0.004)):
+        loader = IntentLoader(RecordingWorker(reaction=reaction), plan(3), keys_of=lambda b: b)
+        loader.step_seconds = step
+        assert loader.ahead() == max(MIN_AHEAD, round(SAFETY * reaction / step))
+    fast_node = IntentLoader(RecordingWorker(reaction=0.001), plan(3), keys_of=lambda b: b)
+    slow_node = IntentLoader(RecordingWorker(reaction=0.02), plan(3), keys_of=lambda b: b)
+    fast_node.step_seconds = slow_node.step_seconds = 0.001
+    assert slow_node.ahead() > fast_node.ahead()
 
 
 def test_bad_arguments():
