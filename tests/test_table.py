@@ -342,3 +342,28 @@ def test_slot_allocator_reuses_freed_slots_and_never_overlaps_live_ones():
     assert again[0] == freed[0] and alloc.top <= top + 2  # a freed slot is taken first
     with pytest.raises(MemoryError, match="arena full"):
         alloc.allocate(np.full(1000, 5, dtype=np.uint64))
+
+
+def test_the_type_stub_names_exactly_what_the_compiled_module_has():
+    """adapm/_table.pyi documents the compiled module; it must not drift from it."""
+    import ast
+    from pathlib import Path
+
+    from adapm import _table
+    stub = ast.parse((Path(_table.__file__).parent / "_table.pyi").read_text())
+    module_names, view_names = set(), set()
+    for node in stub.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            module_names.add(node.name)
+        elif isinstance(node, ast.AnnAssign):
+            module_names.add(node.target.id)
+        if isinstance(node, ast.ClassDef) and node.name == "TableView":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    view_names.add(item.name)
+                elif isinstance(item, ast.AnnAssign):
+                    view_names.add(item.target.id)
+    public = {n for n in dir(_table) if not n.startswith("_") and n != "np"}
+    assert module_names == public
+    view_public = {n for n in dir(_table.TableView) if not n.startswith("_")}
+    assert view_names - {"__init__"} == view_public
