@@ -1,8 +1,11 @@
 """Runs every benchmark: `tox -e bench` (quick) or `tox -e bench -- --full`.
-B7 (bench_scale.py) needs a core per process and is run on its own."""
+B7 (bench_scale.py) needs a core per process and is run on its own; B9 (bench_cpu.py)
+prints absolute figures here, and compares with `--baseline CHECKOUT` when run alone."""
 import sys
 
+import bench_cpu
 import bench_mf
+import bench_miss
 import bench_remote
 
 import bench_local
@@ -15,3 +18,5 @@ if __name__ == "__main__":
     bench_memory.main(full)
     bench_remote.main(argv)
     bench_mf.main(full)
+    bench_miss.main(full)
+    bench_cpu.main([])
