@@ -42,6 +42,7 @@ from adapm.protocol import (
 )
 from adapm.segments import Segments, element_index
 from adapm.table import ABSENT, KEEP_OWNER, NODE_SLOT, OWNED, PENDING, REPLICA, WORKER_SLOT
+from adapm.waiters import RoundWaiters
 
 _NO_KEYS = np.empty(0, dtype=np.uint64)
 MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
@@ -82,10 +83,8 @@ class Placement:
         self.round_deltas = _NO_KEYS  # keys whose delta the round in flight carries
         self.deferred_sets = []      # (identity, SET) of local workers, waiting for that
         self.refreshed_at = 0.0      # when a round last synced every replica
-        self.sync_waiters = []       # (identity, request id, round that must complete)
-        self.refresh_waiters = []    # the same, for REFRESH of some replicas only
+        self.waiters = RoundWaiters(self._reply_synced, self._release_now)
         self.refresh_keys = set()    # replicas to sync with the next round in any case
-        self.release_waiters = []    # (barrier generation, round that must complete)
         self.initial_requests = None
 
     def _replicate_everything(self):
@@ -101,8 +100,7 @@ class Placement:
 
     def placement_busy(self):
         """Whether rounds should run now (the server then polls without sleeping)."""
-        return bool(self.replica_keys or self.sync_waiters or self.release_waiters or
-                    self.refresh_waiters or
+        return bool(self.replica_keys or self.waiters or
                     self.rejoin or
                     self.initial_requests is not None or
                     (self.manager.acts_on_intents and len(self.intents)))
@@ -119,8 +117,7 @@ class Placement:
         # flight is the only thing they wait for (reaction time, B8).
         if since < MIN_ROUND_INTERVAL and not due:
             return
-        urgent = (due or self.sync_waiters or self.release_waiters or self.refresh_waiters or
-                  self.rejoin or self.initial_requests is not None)
+        urgent = (due or self.waiters or self.rejoin or self.initial_requests is not None)
         if not urgent and since < REFRESH_INTERVAL:
             return
         self.round_started_at = now
@@ -159,8 +156,7 @@ class Placement:
         if plan.late:
             self._count("late_intents", plan.late)
         now = time.monotonic()
-        full = (self.sync_waiters or self.release_waiters or
-                now - self.refreshed_at >= REFRESH_INTERVAL)
+        full = (self.waiters.want_full_round or now - self.refreshed_at >= REFRESH_INTERVAL)
         wanted = np.fromiter(self.refresh_keys, dtype=np.uint64, count=len(self.refresh_keys))
         self.refresh_keys = set()
         # A worker waits to read its own write through these replicas, so they come back
@@ -266,21 +262,11 @@ class Placement:
             self._on_set(identity, msg)
 
     def answer_waiters(self):
-        """Answer the waits that the rounds done so far satisfy. wait_sync and barriers
-        also wait for the keys a localize is moving here: their local updates reach the
-        owner only with the key (no delta of theirs is sent meanwhile)."""
-        done = self.round_done
-        for waiter in [w for w in self.refresh_waiters if w[2] <= done]:
-            self.refresh_waiters.remove(waiter)
-            self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
-        if self.moving_in:
-            return
-        for waiter in [w for w in self.sync_waiters if w[2] <= done]:
-            self.sync_waiters.remove(waiter)
-            self._to_identity(waiter[0], Message(MsgType.SYNCED, request_id=waiter[1]))
-        for waiter in [w for w in self.release_waiters if w[1] <= done]:
-            self.release_waiters.remove(waiter)
-            self._release_now(waiter[0])
+        """Answer the waits that the rounds done so far satisfy (adapm.waiters)."""
+        self.waiters.answer(self.round_done, keys_moving_in=bool(self.moving_in))
+
+    def _reply_synced(self, identity, request_id):
+        self._to_identity(identity, Message(MsgType.SYNCED, request_id=request_id))
 
     def defer_set(self, identity, msg, keys):
         """A local worker's set of replicas whose delta (updates made here before the
@@ -300,24 +286,22 @@ class Placement:
         if not self.round_is_full:
             return
         self.round_is_full = False
-        later = self.round + 1
-        self.sync_waiters = [(i, r, max(n, later)) for i, r, n in self.sync_waiters]
-        self.release_waiters = [(g, max(n, later)) for g, n in self.release_waiters]
+        self.waiters.not_before(self.round + 1)
 
     def wait_for_round(self, identity, request_id):
         """wait_sync: answer once a round that starts after now has completed."""
-        self.sync_waiters.append((identity, request_id, self.round + 1))
+        self.waiters.wait_sync(identity, request_id, self.round + 1)
 
     def refresh_soon(self, identity, request_id, keys):
         """A worker's update of these keys was applied by their owners; answer once the
         replicas here have synced with a round that starts after now."""
         self.refresh_keys.update(keys.tolist())
-        self.refresh_waiters.append((identity, request_id, self.round + 1))
+        self.waiters.wait_refresh(identity, request_id, self.round + 1)
 
     def release_after_round(self, generation):
         """A barrier: replicas fetch the values that every node flushed before it."""
         if self.replica_keys:
-            self.release_waiters.append((generation, self.round + 1))
+            self.waiters.wait_release(generation, self.round + 1)
         else:
             self._release_now(generation)
 
