@@ -1,35 +1,13 @@
 """The shared-memory table as a component of its own: no server, no network."""
 import multiprocessing
-import os
 import time
 
 import numpy as np
 import pytest
 
-from adapm.table import ABSENT, OWNED, LockTimeout, SharedTable, normalise_lengths, segment_name
+from adapm.table import ABSENT, OWNED, LockTimeout, SharedTable, normalise_lengths
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def make_table():
-    made = []
-
-    def make(num_keys=100, value_length=4, dtype="float32", workers=2, values=None,
-             publish=True):
-        name = segment_name(f"t{os.getpid()}x{len(made)}", 0)
-        table = SharedTable.create(name, num_keys, value_length, dtype, workers)
-        made.append(table)
-        keys = np.arange(num_keys, dtype=np.uint64)
-        table.install(keys, OWNED, values)
-        if publish:
-            table.publish()
-        return table
-
-    yield make
-    for table in made:
-        table.unlink()
-        table.close()
 
 
 def kernel_pull(view, keys):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from adapm import _table
-from adapm.table import OWNED, SharedTable, segment_name
+from adapm.table import SharedTable, segment_name
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,24 +72,16 @@ def write_field(name, field, value):
 
 
 @pytest.fixture
-def table_factory():
-    made = []
+def table_factory(make_table):
+    """A table whose values are 0, 1, 2, ... in key order, so a read shows any mixup."""
 
     def make(value_length=LENGTH, dtype="float32", num_nodes=1, node=0, num_keys=NUM_KEYS):
-        name = segment_name(f"corrupt{os.getpid()}x{len(made)}", node)
-        table = SharedTable.create(name, num_keys, value_length, dtype, WORKERS,
-                                   node=node, num_nodes=num_nodes)
-        made.append(table)
-        total = table.view.total_length(np.arange(num_keys, dtype=np.uint64))
-        table.install(np.arange(num_keys, dtype=np.uint64), OWNED,
-                      np.arange(total, dtype=dtype))
-        table.publish()
-        return table
+        total = int(np.sum(np.broadcast_to(value_length, (num_keys,))))
+        return make_table(num_keys=num_keys, value_length=value_length, dtype=dtype,
+                          workers=WORKERS, values=np.arange(total, dtype=dtype), node=node,
+                          num_nodes=num_nodes)
 
-    yield make
-    for table in made:
-        table.close()
-        table.unlink()
+    return make
 
 
 # ---------------------------------------------------------------------------
