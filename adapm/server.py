@@ -55,14 +55,22 @@ from adapm.protocol import (
 )
 from adapm.security import connector, listener
 from adapm.segments import Segments
-from adapm.table import NODE_SLOT, OWNED, WORKER_SLOT, SharedTable, segment_name
+from adapm.table import (
+    NODE_SLOT,
+    OWNED,
+    SERVER_ASLEEP,
+    SERVER_AWAKE,
+    SERVER_POLLING,
+    WORKER_SLOT,
+    SharedTable,
+    segment_name,
+)
 
 log = logging.getLogger("adapm.server")
 
 CLOSE_LINGER_MS = 200     # how long queued messages may take to leave at a normal end
 IDLE_POLL_MS = 50        # longest wait for a message when there is nothing else to do
 BUSY_POLL_MS = 1         # ... while sync rounds are due (at most ~1000 rounds a second)
-AWAKE, ASLEEP, POLLING = 0, 1, 2  # what the server says it does (TableView.set_server_idle)
 FAILED_LINGER = 1.0      # seconds a failed node keeps answering "failed" before it exits
 EXIT_FAILED = 3          # exit code of a node server after the cluster failed
 HOUSEKEEPING_EVERY = 0.05
@@ -217,7 +225,7 @@ class NodeServer(Placement):
             # Sleep until a message arrives or housekeeping is due: a node server that
             # wakes up needlessly takes a core from the workers.
             ready = dict(poller.poll(self._sleep_ms()))
-            self.view.set_server_idle(AWAKE)
+            self.view.set_server_idle(SERVER_AWAKE)
             if self.coordinator is not None and self.coordinator.socket in ready:
                 self.coordinator.handle_ready()
             if self.to_coordinator in ready:
@@ -253,7 +261,7 @@ class NodeServer(Placement):
         for an intent due soon while it polls briefly (a key wanted now must not wait a
         millisecond). An intent appended just before that is taken at once."""
         idle = not self.placement_busy()
-        self.view.set_server_idle(ASLEEP if idle else POLLING)
+        self.view.set_server_idle(SERVER_ASLEEP if idle else SERVER_POLLING)
         if self.view.intents_queued():
             return 0
         return IDLE_POLL_MS if idle else BUSY_POLL_MS

@@ -36,6 +36,9 @@ NODE_COUNTERS = (
     "reaction_us",      # the node's estimate of the time from an intent to a usable key
 )
 NODE_SLOT = {name: i for i, name in enumerate(NODE_COUNTERS)}
+# What a node server says it does, in the header (TableView.set_server_idle): a worker
+# that appends an intent wakes a sleeping server, and a polling one for an intent due soon.
+SERVER_AWAKE, SERVER_ASLEEP, SERVER_POLLING = 0, 1, 2
 
 
 def cluster_tag():

@@ -29,6 +29,8 @@ from adapm.table import (
     NODE_SLOT,
     PENDING,
     REPLICA,
+    SERVER_ASLEEP,
+    SERVER_POLLING,
     WORKER_SLOT,
     LockTimeout,
     SharedTable,
@@ -37,7 +39,6 @@ from adapm.table import (
 POLL_SLICE_MS = 100        # how often a waiting call checks that the cluster is alive
 MAX_UPDATES_IN_FLIGHT = 64  # unacknowledged push/set messages before a push waits
 STATE_CHANGE_TIMEOUT = 1.0  # seconds a key named here may stay unusable (a broken invariant)
-SERVER_ASLEEP, SERVER_POLLING = 1, 2  # what a node server says it does (the table header)
 URGENT_CLOCKS = 2           # an intent this close to the worker's clock wakes a polling server
 
 

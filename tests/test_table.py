@@ -5,7 +5,16 @@ import time
 import numpy as np
 import pytest
 
-from adapm.table import ABSENT, OWNED, LockTimeout, SharedTable, normalise_lengths
+from adapm.table import (
+    ABSENT,
+    OWNED,
+    SERVER_ASLEEP,
+    SERVER_AWAKE,
+    SERVER_POLLING,
+    LockTimeout,
+    SharedTable,
+    normalise_lengths,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -218,16 +227,16 @@ def test_a_full_ring_refuses_and_a_sleeping_server_asks_to_be_woken(make_table):
     assert not view.intent_append(0, 1, 2, big)[0]           # no room until taken
     assert not view.intent_append(0, 0, 1, np.zeros(RING_WORDS, np.uint64))[0]  # never fits
     assert len(view.intent_take(0)) == 1
-    view.set_server_idle(1)
-    assert view.intent_append(0, 1, 2, big) == (True, 1)  # fits; the server sleeps
-    view.set_server_idle(0)
+    view.set_server_idle(SERVER_ASLEEP)
+    assert view.intent_append(0, 1, 2, big) == (True, SERVER_ASLEEP)  # fits; wake it
+    view.set_server_idle(SERVER_AWAKE)
     # that record wrapped: the words it skipped and its own fill the ring until taken
-    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (False, 0)
+    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (False, SERVER_AWAKE)
     assert [start for start, _, _ in view.intent_take(0)] == [1]
-    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (True, 0)
+    assert view.intent_append(0, 2, 3, np.arange(3, dtype=np.uint64)) == (True, SERVER_AWAKE)
     assert [start for start, _, _ in view.intent_take(0)] == [2]
-    view.set_server_idle(2)  # a short poll: the worker decides by how soon the intent is due
-    assert view.intent_append(0, 4, 5, np.arange(2, dtype=np.uint64)) == (True, 2)
+    view.set_server_idle(SERVER_POLLING)  # the worker decides by how soon the intent is due
+    assert view.intent_append(0, 4, 5, np.arange(2, dtype=np.uint64)) == (True, SERVER_POLLING)
 
 
 def test_a_corrupt_ring_is_dropped_with_an_error(make_table):
