@@ -466,9 +466,8 @@ class Placement:
         the owner): the copies take the set value and forget their pending delta, which
         holds updates made here before the set (guarantee 3: a set overwrites them). The
         delta of updates made after it follows the set to the owner on this node's path."""
-        done = np.zeros(keys.shape[0], dtype=np.uint8)
         self.view.replica_overwrite(keys, self.synced[keys.astype(np.intp)],
-                                    np.ascontiguousarray(values, dtype=self.view.dtype), done)
+                                    np.ascontiguousarray(values, dtype=self.view.dtype))
 
     def absorb_copies(self, keys, values):
         """Keys arriving as owned (a MOVE) that this node holds as REPLICA or PENDING:

@@ -988,18 +988,17 @@ cdef class TableView:
         return _refresh(self, <double*>self.arena, keys, synced,
                         <double*>cnp.PyArray_DATA(owner_values))
 
-    def replica_overwrite(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray values,
-                          cnp.ndarray done):
+    def replica_overwrite(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray values):
         """A local worker's set of keys held here as REPLICA or PENDING: value = synced =
         the set value, under the key's lock, so the pending delta (updates made here
-        before the set) is discarded, not sent on top of the set; done[i] says which keys
-        were. The set itself goes to the owner. Returns the count."""
+        before the set) is discarded, not sent on top of the set. Other keys are left
+        alone. The set itself goes to the owner. Returns the count."""
         self._check_open()
         if self.header.dtype == 0:
             return _overwrite(self, <float*>self.arena, keys, synced,
-                              <const float*>cnp.PyArray_DATA(values), done)
+                              <const float*>cnp.PyArray_DATA(values))
         return _overwrite(self, <double*>self.arena, keys, synced,
-                          <const double*>cnp.PyArray_DATA(values), done)
+                          <const double*>cnp.PyArray_DATA(values))
 
     def release(self, cnp.ndarray keys, uint8_t expected, cnp.ndarray offsets,
                 cnp.ndarray released):
@@ -1156,14 +1155,14 @@ cdef object _refresh(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray 
 
 
 cdef object _overwrite(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
-                       const real* values, cnp.ndarray done):
+                       const real* values):
     cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
     cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
-    cdef uint8_t* d = <uint8_t*>cnp.PyArray_DATA(done)
     cdef Py_ssize_t i, n = keys.shape[0]
     cdef uint64_t pos = 0, length, count = 0
     cdef uint32_t s
     cdef adapm_entry_t* e
+    cdef bint copy
     cdef int failed = -1
     with nogil:
         for i in range(n):
@@ -1172,16 +1171,15 @@ cdef object _overwrite(TableView view, real* arena, cnp.ndarray keys, cnp.ndarra
             if _lock(e, &s, view.lock_timeout_ns) != 0:
                 failed = i
                 break
-            d[i] = 0
-            if (e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING) and \
-                    e.offset + length <= view.arena_capacity and \
-                    so[i] + length <= view.arena_capacity:
+            copy = (e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING) and \
+                _fits(e.offset, length, view.arena_capacity) and \
+                _fits(so[i], length, view.arena_capacity)
+            if copy:
                 memcpy(arena + e.offset, values + pos, length * sizeof(real))
                 memcpy(arena + so[i], values + pos, length * sizeof(real))
                 e.version += 1
-                d[i] = 1
                 count += 1
-            _unlock(e, s, d[i] == 1)
+            _unlock(e, s, copy)
             pos += length
     if failed >= 0:
         raise LockTimeout(int(k[failed]))

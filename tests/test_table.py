@@ -354,3 +354,29 @@ def test_the_type_stub_names_exactly_what_the_compiled_module_has():
     assert module_names == public
     view_public = {n for n in dir(_table.TableView) if not n.startswith("_")}
     assert view_names - {"__init__"} == view_public
+
+
+def test_a_set_overwrites_a_replica_and_its_value_at_last_sync(make_table):
+    """replica_overwrite: the copy and its last-synced value both take the set value, so
+    the pending delta (value - synced) is gone; owned and absent keys are left alone."""
+    from adapm.table import REPLICA
+    table = make_table(num_keys=64, value_length=2, dtype="float64", values=np.zeros(128))
+    view = table.view
+    keys = np.array([1, 2], dtype=np.uint64)
+    offsets = np.empty(2, np.uint64)
+    released = np.zeros(2, np.uint8)
+    view.release(keys, OWNED, offsets, released)  # make room: 1 and 2 become copies
+    admitted = np.zeros(2, np.uint8)
+    view.admit(keys, np.array([5.0, 5, 6, 6]), offsets, REPLICA, 0, admitted)
+    synced = np.array([100, 102], dtype=np.uint64)  # "value at last sync" (unused keys)
+    view.arena_array()[100:104] = [4.0, 4, 6, 6]    # key 1 has a pending delta of 1
+    done = view.replica_overwrite(np.array([0, 1, 2], np.uint64),
+                                  np.array([0, 100, 102], np.uint64),
+                                  np.array([9.0, 9, 7, 7, 8, 8]))
+    assert done == 2
+    out, misses = kernel_pull(view, [0, 1, 2])
+    assert out.tolist() == [0, 0, 7, 7, 8, 8] and misses.size == 0  # key 0 is owned
+    assert view.arena_array()[100:104].tolist() == [7, 7, 8, 8]      # no delta left
+    deltas = np.empty(4)
+    view.replica_deltas(keys, synced, deltas)
+    assert deltas.tolist() == [0, 0, 0, 0]
