@@ -171,8 +171,9 @@ class Placement:
             plan.keep = np.union1d(plan.keep, refresh)
         else:  # new requests, drops, and the replicas a worker asked to refresh
             plan.keep = np.union1d(np.intersect1d(plan.keep, wanted), refresh)
-        if self.moving_in:  # kept until they arrive: a drop would not take the delta
-            moving = np.isin(plan.drop, np.fromiter(self.moving_in, dtype=np.uint64))
+        moving_in = np.fromiter(self.moving_in, dtype=np.uint64, count=len(self.moving_in))
+        if moving_in.shape[0]:  # kept until they arrive: a drop would not take the delta
+            moving = np.isin(plan.drop, moving_in)
             plan.keep = np.union1d(plan.keep, plan.drop[moving])
             plan.drop = plan.drop[~moving]
         requests = np.concatenate([self._make_pending(requests), rejoin])
@@ -182,7 +183,7 @@ class Placement:
                                 np.full(plan.keep.shape[0], SYNC_KEEP, np.uint32),
                                 np.full(plan.drop.shape[0], SYNC_DROP, np.uint32)])
         segments = Segments.of(self.view, keys)
-        deltas = self._take_deltas(keys, segments)
+        deltas = self._take_deltas(keys, segments, moving_in)
         dirty = segments.nonzero(deltas)
         self.round_deltas = keys[dirty]  # distinct: requests, keep and drop are disjoint
         flags = kinds | np.where(dirty, HAS_DELTA, 0).astype(np.uint32)
@@ -198,18 +199,18 @@ class Placement:
                 versions=versions[idx]))
         self._round_progress(0)
 
-    def _take_deltas(self, keys, segments):
+    def _take_deltas(self, keys, segments, moving_in):
         """The keys' deltas (value - value at last sync; zero where not a replica), flat.
-        Keys that a localize asked to move here give none: their delta stays in the copy
-        and joins the key when it arrives (absorb_copies), since a delta sent after the
-        move request could reach the owner after the key left it."""
-        deltas = np.zeros(self.view.total_length(keys), dtype=self.view.dtype)
-        take = np.arange(keys.shape[0])
-        if self.moving_in:
-            take = np.flatnonzero(~np.isin(keys, np.fromiter(self.moving_in, np.uint64)))
-        if take.shape[0] == keys.shape[0]:
+        Keys that a localize asked to move here (`moving_in`) give none: their delta stays
+        in the copy and joins the key when it arrives (absorb_copies), since a delta sent
+        after the move request could reach the owner after the key left it."""
+        deltas = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
+        if moving_in.shape[0] == 0:
             self.view.replica_deltas(keys, self.synced[keys.astype(np.intp)], deltas)
-        elif take.shape[0]:
+            return deltas
+        deltas[:] = 0
+        take = np.flatnonzero(~np.isin(keys, moving_in))
+        if take.shape[0]:
             part = np.empty(segments.size(take), dtype=self.view.dtype)
             self.view.replica_deltas(keys[take], self.synced[keys[take].astype(np.intp)], part)
             segments.put(deltas, take, part)

@@ -136,6 +136,8 @@ class NodeServer(Placement):
         self.token = None           # the cluster's message token, from PEERS
         self.malformed = MalformedLog(log, f"node {node}")
         self.failpoints = failpoints.active(node)  # tests of the failure paths only
+        raise_in = self.failpoints.get("raise_in")
+        self._raise_in = MsgType[raise_in] if raise_in else None
         self._coordinator_seen = self._started_at = self._reported_at = time.monotonic()
         self._joined = 0            # nodes that joined, as the coordinator's heartbeats say
         self._done_sent = False
@@ -351,7 +353,7 @@ class NodeServer(Placement):
             self._reply_failed(identity, msg.request_id)
             return
         try:
-            if self.failpoints.get("raise_in") == msg.type.name:
+            if msg.type is self._raise_in:
                 raise failpoints.InjectedFault(f"failpoint raise_in={msg.type.name}")
             self._handlers[msg.type](self, identity, msg)
         except ProtocolError as exc:
@@ -533,11 +535,10 @@ class NodeServer(Placement):
         self._serve_update(msg, msg.src_worker, True, MsgType.FWD_PUSH)
 
     def _on_set(self, identity, msg):
-        _check_keys(msg.keys, self.spec.num_keys)
-        protocol.values_of(msg, self.view.dtype, self.view.total_length(msg.keys))
+        values = self._update_values(msg)  # checked before it may wait for a round
         if self._is_local_worker(msg.src_worker) and self.defer_set(identity, msg, msg.keys):
             return
-        self._serve_update(msg, msg.src_worker, False, MsgType.FWD_SET)
+        self._apply_update(msg, msg.src_worker, False, MsgType.FWD_SET, values)
 
     def _on_fwd_push(self, identity, msg):
         self._serve_update(msg, int(msg.arg0), True, MsgType.FWD_PUSH)
@@ -546,9 +547,15 @@ class NodeServer(Placement):
         self._serve_update(msg, int(msg.arg0), False, MsgType.FWD_SET)
 
     def _serve_update(self, msg, rank, additive, fwd_type):
+        self._apply_update(msg, rank, additive, fwd_type, self._update_values(msg))
+
+    def _update_values(self, msg):
+        """The values of a push or set, checked against its keys and the table."""
+        _check_keys(msg.keys, self.spec.num_keys)
+        return protocol.values_of(msg, self.view.dtype, self.view.total_length(msg.keys))
+
+    def _apply_update(self, msg, rank, additive, fwd_type, values):
         keys = msg.keys
-        _check_keys(keys, self.spec.num_keys)
-        values = protocol.values_of(msg, self.view.dtype, self.view.total_length(keys))
         misses = np.empty(keys.shape[0], dtype=np.uint64)
         # Applied and acknowledged only where owned: an update acknowledged by a replica
         # would wait in that replica's delta, lost to the owner while this node stalls.
