@@ -5,24 +5,37 @@ Reads and writes of keys the node holds go straight to the node's shared-memory 
 are batched per destination (the node's location cache says where each key lives), one
 message each; replies come straight back from whichever node owns the keys. Control
 calls (barrier, wait_sync, intents, localize, finalize) are messages to the worker's own
-node server. Every wait also watches the cluster's health, so a dead peer turns into
-ClusterError within seconds instead of a hang."""
+node server.
+
+The client is three parts, each with one concern:
+- `Worker` (here): the public API, validation, the local path into the table, and the
+  miss path (where the keys the node does not hold go, and what changed meanwhile);
+- `adapm.requests.Requests`: requests in flight and their replies, over the sockets;
+  every wait also watches the cluster's health (`ClusterHealth`), so a dead peer turns
+  into ClusterError within seconds instead of a hang;
+- `adapm.consistency.ReadYourWrites`: which earlier updates a call must wait for."""
 
 import os
 import time
 
 import numpy as np
-import zmq
 
 from adapm import config, protocol
-from adapm.consistency import InFlight, Unseen
-from adapm.coordinator import failure_text
-from adapm.errors import ClosedError, ClusterError, ProtocolError
+from adapm.consistency import ReadYourWrites
+from adapm.errors import ClosedError, ClusterError
 from adapm.keys import as_keys, as_values, pull_buffer
 from adapm.ownership import route, split_by
-from adapm.protocol import ALL_POSITIONS, Message, MsgType, worker_identity
+from adapm.protocol import Message, MsgType, worker_identity
+from adapm.requests import (
+    ClusterHealth,
+    CountOp,
+    Pending,
+    PullOp,
+    Requests,
+    Sockets,
+)
 from adapm.sampling import Sampler
-from adapm.security import client_keys, connector
+from adapm.security import client_keys
 from adapm.segments import Segments
 from adapm.summary import WORKER_STATS, node_stats
 from adapm.table import (
@@ -36,90 +49,8 @@ from adapm.table import (
     SharedTable,
 )
 
-POLL_SLICE_MS = 100        # how often a waiting call checks that the cluster is alive
-MAX_UPDATES_IN_FLIGHT = 64  # unacknowledged push/set messages before a push waits
 STATE_CHANGE_TIMEOUT = 1.0  # seconds a key named here may stay unusable (a broken invariant)
 URGENT_CLOCKS = 2           # an intent this close to the worker's clock wakes a polling server
-
-
-class _Op:
-    """An operation waiting for replies: `left` keys (or replies) still to come."""
-
-    __slots__ = ("left", "error", "result")
-
-    def __init__(self):
-        self.left = 0
-        self.error = None
-        self.result = None
-
-    @property
-    def done(self):
-        return self.left <= 0 or self.error is not None
-
-
-class _PullOp(_Op):
-    __slots__ = ("out", "segments", "parts")
-
-    def __init__(self, out, segments):
-        super().__init__()
-        self.out, self.segments, self.parts = out, segments, {}
-        self.result = out
-
-    def feed(self, msg, dtype):
-        part = self.parts[msg.request_id]
-        if msg.flags & ALL_POSITIONS:
-            idx = part
-            if part.shape[0] == self.out.shape[0] and self.segments.uniform:
-                # The whole pull answered by one node, in order: one plain copy.
-                values = protocol.values_of(msg, dtype, self.out.size)
-                np.copyto(self.out.reshape(-1), values)
-                return part.shape[0]
-        else:
-            if msg.positions.shape[0] and int(msg.positions.max()) >= part.shape[0]:
-                raise ProtocolError("pull reply with positions outside the request")
-            idx = part[msg.positions.astype(np.intp)]
-        values = protocol.values_of(msg, dtype, self.segments.size(idx))
-        self.segments.put(self.out, idx, values)
-        return idx.shape[0]
-
-
-class _CountOp(_Op):
-    """Update acknowledgements (count of keys applied) or one control reply."""
-
-    __slots__ = ("reply_type", "reply", "keys")
-
-    def __init__(self, reply_type=None):
-        super().__init__()
-        self.reply_type, self.reply, self.keys = reply_type, None, None
-
-    def feed(self, msg, dtype):
-        if self.reply_type is None:
-            if msg.type != MsgType.UPDATE_ACK:
-                raise ProtocolError(f"{msg.type.name} answering an update")
-            return msg.count
-        if msg.type != self.reply_type:
-            raise ProtocolError(f"{msg.type.name} answering a {self.reply_type.name} request")
-        self.reply = msg
-        return 1
-
-
-class Pending:
-    """Handle of an asynchronous operation; wait() returns its result (pull: the array)."""
-
-    __slots__ = ("_worker", "_op")
-
-    def __init__(self, worker, op):
-        self._worker, self._op = worker, op
-
-    def done(self):
-        if not self._op.done:
-            self._worker._pump(0)
-        return self._op.done
-
-    def wait(self, timeout=None):
-        """Block until the operation completed (or TimeoutError after `timeout` s)."""
-        self._worker._wait(self._op, timeout)
-        return self._op.result
 
 
 class Worker:
@@ -127,38 +58,36 @@ class Worker:
 
     def __init__(self, env):
         self._closed = True
+        self._requests = None
         self.rank = env.rank
         self.local_rank = env.local_rank
         self.node = env.node
         self.num_nodes = env.num_nodes
         self.workers_per_node = env.workers_per_node
         self.num_workers = env.num_nodes * env.workers_per_node
-        self._heartbeat_timeout = config.env_float(
-            config.ENV_HEARTBEAT_TIMEOUT, config.DEFAULT_HEARTBEAT_TIMEOUT)
         self._table = SharedTable.attach(env.table)
         self._view = self._table.view
         self._view.lock_timeout_ns = int(
             config.env_float(config.ENV_LOCK_TIMEOUT, config.DEFAULT_LOCK_TIMEOUT) * 1e9)
         self.num_keys = self._view.num_keys
         self.dtype = self._view.dtype
+        self._health = ClusterHealth(
+            self._view,
+            config.env_float(config.ENV_HEARTBEAT_TIMEOUT, config.DEFAULT_HEARTBEAT_TIMEOUT),
+            f"node {self.node}, worker {self.rank}")
         self._misses = np.empty(1024, dtype=np.uint64)
-        self._last_health_check = time.monotonic()
         self._clock = 0
         self._barriers = 0
-        self._next_request = 0
-        self._waiting = {}        # request id -> (op, keys or replies still expected)
-        self._updates = InFlight()  # unacknowledged update ops, oldest first
-        self._unseen = Unseen()     # applied remotely, but copies of these keys here show
-                                    # it only once a sync round brought them a value
         self._sampler = Sampler(self)
-        self._curve = client_keys(env.cluster_id)
-        self._ctx = zmq.Context()
-        self._socks = {}
-        self._poller = zmq.Poller()
         self._closed = False
         try:
-            self._token = self._cluster_token()
-            self._connect(env.node, env.server)
+            token = self._cluster_token()
+            sockets = Sockets(worker_identity(self.rank), client_keys(env.cluster_id))
+            self._requests = Requests(sockets, self.node, self.rank, token, self.dtype,
+                                      self._health.check, self._count)
+            self._consistency = ReadYourWrites(self._view, self._requests.wait,
+                                               self._refresh_copies)
+            self._requests.connect(env.node, env.server)
             self._view.counter_set(self.local_rank, WORKER_SLOT["pid"], os.getpid())
             welcome = self._control(MsgType.HELLO, MsgType.WELCOME, count=os.getpid(),
                                     timeout=self._connect_timeout())
@@ -173,16 +102,6 @@ class Worker:
             self._teardown()
             raise
 
-    def _connect(self, node, address):
-        sock = connector(self._ctx, self._curve)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)  # intents must never block the worker
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.IDENTITY, worker_identity(self.rank))
-        sock.connect(address)
-        self._socks[node] = sock
-        self._poller.register(sock, zmq.POLLIN)
-
     def _connect_peers(self, addresses):
         """Connect to every other node, so that any owner can reply to this worker."""
         if len(addresses) != self.num_nodes:
@@ -191,13 +110,14 @@ class Worker:
         hellos = []
         for node, address in enumerate(addresses):
             if node != self.node:
-                self._connect(node, address)
-                op = _CountOp(MsgType.WELCOME)
-                self._start(node, Message(MsgType.HELLO, count=os.getpid()), op, 1)
+                self._requests.connect(node, address)
+                op = CountOp(MsgType.WELCOME)
+                self._requests.start(node, Message(MsgType.HELLO, count=os.getpid()), op, 1)
                 hellos.append((node, op))
         timeout = self._connect_timeout()
         for node, op in hellos:
-            self._wait_or_fail(op, timeout, f"hello to node {node} at {addresses[node]}")
+            self._requests.wait_or_fail(op, timeout,
+                                        f"hello to node {node} at {addresses[node]}")
 
     # -- who and where -------------------------------------------------------------
 
@@ -222,14 +142,14 @@ class Worker:
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
         out = pull_buffer(out, keys, total, self._view)
-        self._keep_update_order(keys)
+        self._consistency.before_access(keys)
         misses = self._miss_buffer(keys.shape[0])
         try:
             nmiss = self._view.pull(keys, out, misses)
         except LockTimeout as exc:
             raise self._lock_error(exc, "pull") from None
         self._count("pulls_local", keys.shape[0] - nmiss)
-        op = _PullOp(out, None)
+        op = PullOp(out)
         if nmiss:
             missed = misses[:nmiss].astype(np.intp)
             op.segments = Segments.of(self._view, keys)
@@ -243,11 +163,12 @@ class Worker:
                 groups += self._regroup(arrived, away, dests)
                 arrived = arrived[done]
             for dest, part in self._messages(groups):
-                op.parts[self._start(dest, Message(MsgType.PULL, keys=keys[part]), op,
-                                     part.shape[0])] = part
+                request = self._requests.start(dest, Message(MsgType.PULL, keys=keys[part]),
+                                               op, part.shape[0])
+                op.parts[request] = part
             self._count("pulls_remote", nmiss - arrived.shape[0])
             self._count("pulls_local", arrived.shape[0])
-        return Pending(self, op)
+        return Pending(self._requests, op)
 
     def push(self, keys, values):
         """Add `values` to the keys' values (duplicate keys add up). Returns when the
@@ -261,17 +182,17 @@ class Worker:
 
     def push_async(self, keys, values):
         """As push; the handle's wait() returns once every owner applied the update."""
-        return Pending(self, self._update(keys, values, True))
+        return Pending(self._requests, self._update(keys, values, True))
 
     def set_async(self, keys, values):
-        return Pending(self, self._update(keys, values, False))
+        return Pending(self._requests, self._update(keys, values, False))
 
     def _update(self, keys, values, additive):
         self._check_open()
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
         values = as_values(values, keys, total, self._view)
-        self._keep_update_order(keys)
+        self._consistency.before_access(keys)
         misses = self._miss_buffer(keys.shape[0])
         op_name = "push" if additive else "set"
         try:
@@ -282,7 +203,7 @@ class Worker:
             raise self._lock_error(exc, op_name) from None
         kind = "pushes" if additive else "sets"
         self._count(f"{kind}_local", keys.shape[0] - nmiss)
-        op = _CountOp()
+        op = CountOp()
         if nmiss:
             missed = misses[:nmiss].astype(np.intp)
             segments = Segments.of(self._view, keys)
@@ -296,16 +217,19 @@ class Worker:
             remote = []
             for dest, part in self._messages(groups):
                 remote.append(keys[part])
-                self._start(dest, Message(mtype, keys=keys[part],
-                                          values=segments.take(values, part)), op,
-                            part.shape[0])
+                self._requests.start(dest, Message(mtype, keys=keys[part],
+                                                   values=segments.take(values, part)), op,
+                                     part.shape[0])
             if groups:
                 op.keys = np.concatenate(remote)
-                self._updates.add(op)
             self._count(f"{kind}_remote", nmiss - arrived.shape[0])
             self._count(f"{kind}_local", arrived.shape[0])
-            self._limit_updates_in_flight()
+            self._consistency.track(op)
         return op
+
+    # -- the miss path: keys not usable here at the first look --------------------------
+    # It stays in Worker: it reads and updates the table the way the public calls do, and
+    # tests (test_worker_retry) drive _local_retry/_destinations on a stand-in worker.
 
     def _split(self, keys, missed, what):
         """Where to send the keys at indices `missed` (not usable here at the first look):
@@ -395,66 +319,9 @@ class Worker:
             self._misses = np.empty(max(n, 2 * self._misses.shape[0]), dtype=np.uint64)
         return self._misses
 
-    def _keep_update_order(self, keys):
-        """Read your own writes, and one worker's updates applied in order: a request
-        for a key with an update of this worker still in flight could overtake it (keys
-        move, requests are forwarded along different paths), so it waits for that update
-        to be acknowledged first. Updates of other keys stay in flight."""
-        if self._updates:
-            self._prune_updates()
-            for op in self._updates.blocking(keys):
-                self._wait(op)
-            self._prune_updates()
-        if self._unseen:
-            # Applied by their owners, but a copy here may have been fetched just before:
-            # read it once a sync round that started after the acknowledgement brought it
-            # a value (the node stamps each copy), else refresh it first.
-            self._unseen.forget_rounds_up_to(
-                self._view.node_counter_get(NODE_SLOT["full_round_done"]))
-            waiting, rounds = self._unseen.among(keys)
-            stale = waiting[self._stale(waiting, rounds)]
-            if stale.shape[0]:
-                self._control(MsgType.REFRESH, MsgType.SYNCED, keys=stale)
-                self._unseen.forget(stale)
-
-    def _stale(self, keys, rounds):
-        """Mask of `keys` held here as copies (replica or requested) that no sync round
-        starting at their `rounds` or later has brought up to date yet: only those may
-        lack this worker's acknowledged update. Keys owned here have it, and a key not
-        held is read from its owner."""
-        if keys.shape[0] == 0:
-            return np.zeros(0, dtype=bool)
-        states = np.empty(keys.shape[0], dtype=np.uint8)
-        self._view.states_of(keys, states)
-        fresh = np.empty(keys.shape[0], dtype=np.uint32)
-        self._view.fresh_rounds(keys, fresh)
-        return ((states == REPLICA) | (states == PENDING)) & (fresh < rounds)
-
-    def _prune_updates(self):
-        for op in self._updates.take_done():
-            self._raise_if_failed(op)
-            self._remember_unseen(op.keys)
-
-    def _remember_unseen(self, keys):
-        """Keys updated remotely that this node holds as copies (replica or requested): a
-        sync round that starts from now on brings the update here."""
-        states = np.empty(keys.shape[0], dtype=np.uint8)
-        self._view.states_of(keys, states)
-        copies = keys[(states == REPLICA) | (states == PENDING)]
-        if copies.shape[0]:
-            started = self._view.node_counter_get(NODE_SLOT["rounds_started"])
-            self._unseen.add(copies, started + 1, self._stale)
-
-    def _limit_updates_in_flight(self):
-        self._prune_updates()
-        while len(self._updates) > MAX_UPDATES_IN_FLIGHT:
-            self._wait(self._updates.ops[0])
-            self._prune_updates()
-
-    def _drain_updates(self):
-        for op in list(self._updates.ops):
-            self._wait(op)
-        self._prune_updates()
+    def _refresh_copies(self, keys):
+        """Have the node server bring its copies of `keys` up to date (a sync round)."""
+        self._control(MsgType.REFRESH, MsgType.SYNCED, keys=keys)
 
     def _lock_error(self, exc, op):
         return ClusterError(
@@ -485,10 +352,10 @@ class Worker:
             if not appended:  # as a message, of the distinct keys (an intent names a set,
                 # and no message may hold more than num_keys keys); np.unique copies, and
                 # must: `keys` may be the caller's own array, refilled for the next batch
-                self._send(self.node, Message(MsgType.INTENT, arg0=start, arg1=end,
-                                              keys=np.unique(keys)))
+                self._requests.send(self.node, Message(MsgType.INTENT, arg0=start,
+                                                       arg1=end, keys=np.unique(keys)))
             elif wake:
-                self._send(self.node, Message(MsgType.WAKE))
+                self._requests.send(self.node, Message(MsgType.WAKE))
         self._count("intents", keys.shape[0])
 
     def prepare_sample(self, n, start, end=None, key_range=None):
@@ -534,7 +401,7 @@ class Worker:
                              f"the cluster runs {self.mode}")
         keys = as_keys(keys, self._view)
         if keys.shape[0]:
-            self._drain_updates()
+            self._consistency.drain()
             self._control(MsgType.LOCALIZE, MsgType.LOCALIZED, keys=np.unique(keys))
 
     # -- coordination ------------------------------------------------------------------
@@ -542,7 +409,7 @@ class Worker:
     def barrier(self):
         """Wait until every worker of the cluster has called barrier()."""
         self._check_open()
-        self._drain_updates()
+        self._consistency.drain()
         self._barriers += 1
         self._control(MsgType.BARRIER, MsgType.RELEASE, arg0=self._barriers)
 
@@ -550,9 +417,9 @@ class Worker:
         """Return once this worker's updates are applied and every replica its node holds
         has exchanged its updates."""
         self._check_open()
-        self._drain_updates()
+        self._consistency.drain()
         self._control(MsgType.WAIT_SYNC, MsgType.SYNCED)
-        self._unseen.clear()
+        self._consistency.synced()
 
     def stats(self):
         """Counts of keys for this worker, and in 'node' the same summed over its node plus
@@ -575,9 +442,8 @@ class Worker:
             return
         linger = 0  # on failure: the cluster is gone, nothing to wait for or to tell
         try:
-            for op, _ in list(self._waiting.values()):
-                self._wait(op)
-            self._send(self.node, Message(MsgType.GOODBYE))
+            self._requests.wait_all()
+            self._requests.send(self.node, Message(MsgType.GOODBYE))
             linger = 1000  # let the goodbye leave before the socket closes
         except ClusterError:
             pass
@@ -586,12 +452,8 @@ class Worker:
 
     def _teardown(self, linger=0):
         self._closed = True
-        for sock in self._socks.values():
-            sock.close(linger=linger)
-        self._socks = {}
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        if self._requests is not None:
+            self._requests.close(linger)
         self._table.close()
 
     def __enter__(self):
@@ -605,62 +467,28 @@ class Worker:
         if not getattr(self, "_closed", True):
             self._teardown()
 
-    # -- messaging -----------------------------------------------------------------
+    # -- checks and messages ----------------------------------------------------------
 
     def _check_open(self):
-        """Every call: closed? failed? and, at most every POLL_SLICE_MS, is the node
-        server alive? (a dead server must not go unnoticed by a worker that only
-        reads and writes local keys)"""
+        """Every call: closed? failed? and, now and then, is the node server alive?"""
         if self._closed:
             raise ClosedError(f"worker {self.rank} was finalized")
-        now = time.monotonic()
-        if self._view.failed or now - self._last_health_check > POLL_SLICE_MS / 1000:
-            self._last_health_check = now
-            self._check_cluster()
+        self._health.check_if_due()
 
     def _count(self, name, n):
         if n:
             self._view.counter_add(self.local_rank, WORKER_SLOT[name], n)
 
-    def _send(self, node, msg):
-        msg.src_node = self.node
-        msg.src_worker = self.rank
-        msg.token = self._token
-        size = protocol.send(self._socks[node], msg.encode())
-        # Traffic with the worker's own node server stays on its machine: counted apart.
-        self._count("bytes_sent" if node != self.node else "bytes_to_node", size)
-
-    def _start(self, node, msg, op, expected):
-        """Send `msg` to `node` as part of `op`, expecting `expected` keys/replies back."""
-        self._next_request += 1
-        msg.request_id = self._next_request
-        self._waiting[msg.request_id] = (op, expected)
-        op.left += expected
-        self._send(node, msg)
-        return msg.request_id
-
     def _control(self, mtype, reply_type, timeout=None, **fields):
         """A request to this worker's node server; returns its reply."""
-        op = _CountOp(reply_type)
-        self._start(self.node, Message(mtype, **fields), op, 1)
-        self._wait_or_fail(op, timeout, mtype.name.lower())
-        return op.reply
-
-    def _wait_or_fail(self, op, timeout, what):
-        """Wait for `op`; no answer within `timeout` seconds is a ClusterError."""
-        try:
-            self._wait(op, timeout)
-        except TimeoutError:
-            self._forget(op)
-            raise ClusterError(f"node {self.node}, worker {self.rank}: no answer to "
-                               f"{what} within {timeout:.0f} s") from None
+        return self._requests.ask(self.node, Message(mtype, **fields), reply_type, timeout)
 
     def _cluster_token(self):
         """The token every message to a node carries: this node's server writes it into
         the table once the cluster has formed (workers normally start after that)."""
         deadline = time.monotonic() + self._connect_timeout()
         while not self._view.cluster_token:
-            self._check_cluster()
+            self._health.check()
             if time.monotonic() > deadline:
                 raise ClusterError(f"node {self.node}, worker {self.rank}: the cluster did "
                                    f"not form within {self._connect_timeout():.0f} s")
@@ -670,82 +498,6 @@ class Worker:
     @staticmethod
     def _connect_timeout():
         return config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
-
-    def _wait(self, op, timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not op.done:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"worker {self.rank}: operation still pending after "
-                                   f"{timeout} s")
-            if not self._pump(POLL_SLICE_MS):
-                try:
-                    self._check_cluster()
-                except ClusterError:
-                    self._forget(op)  # nothing will answer it any more
-                    raise
-        self._raise_if_failed(op)
-
-    def _raise_if_failed(self, op):
-        if op.error is not None:
-            raise op.error
-
-    def _pump(self, timeout_ms):
-        """Receive and dispatch replies; returns how many arrived."""
-        handled = 0
-        for sock, _ in self._poller.poll(timeout_ms):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                handled += 1
-                self._count("bytes_received", protocol.frame_size(frames))
-                self._dispatch(frames)
-        return handled
-
-    def _dispatch(self, frames):
-        try:
-            msg = protocol.decode(frames)
-        except ProtocolError:
-            return  # never act on a malformed message
-        entry = self._waiting.get(msg.request_id)
-        if entry is None:
-            return  # a late reply to an operation that already failed
-        op, left = entry
-        if msg.type == MsgType.FAILED:
-            op.error = ClusterError(f"node {self.node}, worker {self.rank}: "
-                                    f"{failure_text(msg.arg0, msg.count, msg.text)}")
-            self._forget(op)
-            return
-        try:
-            got = op.feed(msg, self.dtype)
-        except ProtocolError as exc:
-            op.error = ClusterError(f"node {self.node}, worker {self.rank}: malformed "
-                                    f"reply from node {msg.src_node}: {exc}")
-            self._forget(op)
-            return
-        op.left -= got
-        left -= got
-        if left <= 0:
-            del self._waiting[msg.request_id]
-        else:
-            self._waiting[msg.request_id] = (op, left)
-
-    def _forget(self, op):
-        for request_id in [r for r, (o, _) in self._waiting.items() if o is op]:
-            del self._waiting[request_id]
-
-    def _check_cluster(self):
-        code = self._view.failed
-        if code:
-            why = failure_text(code, self._view.failed_detail, self._view.failed_reason)
-            raise ClusterError(f"node {self.node}, worker {self.rank}: the cluster failed: "
-                               f"{why}")
-        age = self._view.heartbeat_age()
-        if age > self._heartbeat_timeout:
-            raise ClusterError(
-                f"node {self.node}, worker {self.rank}: node server silent for {age:.1f} s; "
-                "it is presumed dead")
 
 
 def _clock_value(name, value):

@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from adapm.consistency import InFlight, Unseen
+from adapm.consistency import InFlight, ReadYourWrites, Unseen
+from adapm.errors import ClusterError
+from adapm.table import NODE_SLOT, OWNED, PENDING, REPLICA
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -59,3 +61,134 @@ def test_unseen_stays_bounded_by_dropping_what_became_fresh():
     assert stale == added // 2  # every stale (odd) key is still remembered
     # what is kept beyond the keys still stale is bounded: the fresh ones get dropped
     assert len(unseen) - stale <= Unseen.PRUNE_ABOVE
+
+
+# -- ReadYourWrites: the worker's use of the two, with a stand-in table and requests ------
+
+class View:
+    """The table as ReadYourWrites reads it: keys' states, their copies' fresh rounds
+    (the round that last brought a value), and the node's round counters."""
+
+    def __init__(self, num_keys=100):
+        self.states = np.full(num_keys, OWNED, dtype=np.uint8)
+        self.fresh = np.zeros(num_keys, dtype=np.uint32)
+        self.counters = np.zeros(len(NODE_SLOT), dtype=np.uint64)
+
+    def states_of(self, keys, out):
+        out[:] = self.states[keys]
+
+    def fresh_rounds(self, keys, out):
+        out[:] = self.fresh[keys]
+
+    def node_counter_get(self, slot):
+        return int(self.counters[slot])
+
+    def set_counter(self, name, value):
+        self.counters[NODE_SLOT[name]] = value
+
+
+class Update(Op):
+    """An update operation as the worker tracks it."""
+
+    def __init__(self, keys):
+        super().__init__([] if keys is None else keys)
+        self.keys = None if keys is None else self.keys
+        self.error = None
+
+
+def make(max_in_flight=64):
+    view, waited, refreshed = View(), [], []
+
+    def wait(op):  # as Requests.wait: the operation completes (or raises its error)
+        if not op.done:
+            waited.append(op)
+        op.done = True
+        if op.error is not None:
+            raise op.error
+
+    def refresh(keys):
+        refreshed.append(keys.tolist())
+
+    ryw = ReadYourWrites(view, wait, refresh, max_in_flight)
+    return ryw, view, waited, refreshed
+
+
+def keys(*ks):
+    return np.array(ks, dtype=np.uint64)
+
+
+def test_a_call_waits_only_for_updates_in_flight_of_its_own_keys():
+    ryw, _, waited, refreshed = make()
+    a, b = Update([1, 2]), Update([5])
+    ryw.track(a)
+    ryw.track(b)
+    ryw.before_access(keys(7, 8))
+    assert waited == []
+    ryw.before_access(keys(9, 2))
+    assert waited == [a] and len(ryw.in_flight) == 1  # a acknowledged and pruned
+    b.done = True  # acknowledged meanwhile: no wait
+    ryw.before_access(keys(5))
+    assert waited == [a] and len(ryw.in_flight) == 0 and refreshed == []
+
+
+def test_beyond_the_limit_of_updates_in_flight_a_push_waits_for_the_oldest():
+    ryw, _, waited, _ = make(max_in_flight=2)
+    ops = [Update([k]) for k in range(3)]
+    ryw.track(ops[0])
+    ryw.track(ops[1])
+    assert waited == []
+    ryw.track(ops[2])
+    assert waited == [ops[0]] and len(ryw.in_flight) == 2
+    ryw.track(Update(None))  # an update that sent nothing: not tracked
+    assert len(ryw.in_flight) == 2
+
+
+def test_drain_waits_for_every_update_oldest_first():
+    ryw, _, waited, _ = make()
+    ops = [Update([k]) for k in range(4)]
+    for op in ops:
+        ryw.track(op)
+    ops[2].done = True
+    ryw.drain()
+    assert waited == [ops[0], ops[1], ops[3]] and len(ryw.in_flight) == 0
+
+
+def test_a_failed_update_raises_its_error_at_the_next_call():
+    ryw, _, _, _ = make()
+    op = Update([3])
+    ryw.track(op)
+    op.error, op.done = ClusterError("node 1 rejected it"), True
+    with pytest.raises(ClusterError, match="rejected"):
+        ryw.before_access(keys(50))
+    assert len(ryw.in_flight) == 0
+
+
+def test_an_acknowledged_update_of_a_copy_here_is_read_after_a_round_brought_it():
+    ryw, view, _, refreshed = make()
+    view.states[[1, 2]] = REPLICA
+    view.states[3] = PENDING
+    view.set_counter("rounds_started", 7)  # round 7 may have fetched the old value
+    op = Update([1, 2, 3, 4])              # key 4 is owned here: it has the update
+    ryw.track(op)
+    op.done = True
+    ryw.before_access(keys(60))            # prunes: the copies now wait for round 8
+    assert ryw.unseen.keys.tolist() == [1, 2, 3] and ryw.unseen.rounds.tolist() == [8] * 3
+    view.fresh[2] = 8                      # round 8 already stamped key 2's copy
+    ryw.before_access(keys(1, 2, 4))
+    assert refreshed == [[1]]              # only the copy no round brought up to date
+    assert ryw.unseen.keys.tolist() == [2, 3]
+    view.set_counter("full_round_done", 8)  # a full round synced every replica
+    ryw.before_access(keys(3))
+    assert refreshed == [[1]] and len(ryw.unseen) == 0
+
+
+def test_wait_sync_means_nothing_is_unseen_any_more():
+    ryw, view, _, refreshed = make()
+    view.states[1] = REPLICA
+    op = Update([1])
+    ryw.track(op)
+    ryw.drain()
+    assert ryw.unseen.keys.tolist() == [1]
+    ryw.synced()
+    ryw.before_access(keys(1))
+    assert refreshed == [] and len(ryw.unseen) == 0
