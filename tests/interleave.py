@@ -50,6 +50,30 @@ class FakeFrame:
         self.bytes = b
 
 
+class NetOutbox:
+    """A node server's outbox that queues into the Net (encoded and decoded, as on the
+    wire) instead of sending."""
+
+    def __init__(self, net, node):
+        self.net, self.node = net, node
+
+    def to_peer(self, node, msg):
+        self.net.q[(self.node, node)].append(self._wire(msg))
+
+    def to_identity(self, identity, msg):
+        self.net.to_workers[identity].append(protocol.decode(self._wire(msg)))
+
+    def to_worker(self, rank, msg):
+        self.to_identity(worker_identity(rank), msg)
+
+    def to_coordinator(self, msg):
+        pass
+
+    def _wire(self, msg):
+        msg.src_node, msg.token = self.node, TOKEN
+        return [bytes(memoryview(f)) for f in msg.encode()]
+
+
 def make_cluster(num_keys=12, nodes=2, mode="replicate_only", wpn=1, length=1):
     """(spec, net, servers) of a formed cluster whose servers send into `net`."""
     spec = ClusterSpec(num_keys=num_keys, value_length=length, num_nodes=nodes,
@@ -58,23 +82,11 @@ def make_cluster(num_keys=12, nodes=2, mode="replicate_only", wpn=1, length=1):
     servers = []
     for n in range(nodes):
         s = NodeServer(spec, n, "tcp://127.0.0.1:1")
-        s._create_table()
-        s.token = TOKEN
-        s.view.set_cluster_token(TOKEN)
-        s.addresses = [f"tcp://127.0.0.1:{9000+i}" for i in range(nodes)]
-        s.peers = {i: ("peer", i) for i in range(nodes) if i != n}
+        s.create_table()
+        s.assemble(NetOutbox(net, n))
+        s.formed(TOKEN, [f"tcp://127.0.0.1:{9000+i}" for i in range(nodes)])
         for w in range(wpn):
-            s._local[w] = worker_identity(n * wpn + w)
-
-        def send(sock, frames, s=s):
-            if isinstance(sock, tuple):
-                net.q[(s.node, sock[1])].append([bytes(memoryview(f)) for f in frames])
-            else:  # router: identity first
-                ident = bytes(memoryview(frames[0]))
-                msg = protocol.decode([bytes(memoryview(f)) for f in frames[1:]])
-                net.to_workers[ident].append(msg)
-        s._send_frames = send
-        s._to_coordinator = lambda msg: None
+            s.local_workers.identities[w] = worker_identity(n * wpn + w)
         servers.append(s)
     return spec, net, servers
 

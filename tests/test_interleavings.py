@@ -21,7 +21,7 @@ def state(server, key):
 def replica_on_node_0(net, here, owner, k):
     here.intents.add(0, k, 0, 5)
     here.refreshed_at = 0
-    here._start_round()
+    here.rounds.start()
     net.deliver(0, 1, [here, owner], only=MsgType.SYNC)
     net.deliver(1, 0, [here, owner], only=MsgType.SYNC_REPLY)
     assert state(here, int(k[0])) == REPLICA
@@ -36,8 +36,8 @@ def test_a_dropped_replica_that_stays_does_not_count_as_synced(kept_because):
     try:
         k = np.array([1], dtype=np.uint64)  # owned by node 1 (owner); node 0 (here) replicates it
         replica_on_node_0(net, here, owner, k)
-        here.round_started_at = here.refreshed_at = 0
-        here._start_round()                                   # a round in flight (KEEP k)
+        here.rounds.round_started_at = here.rounds.refreshed_at = 0
+        here.rounds.start()                                   # a round in flight (KEEP k)
         worker_msg(here, 0, MsgType.SET, keys=k, values=np.array([7.0], np.float32))
         local_push(owner, k, [1.0])                            # the owner's worker writes k
         net.deliver(0, 1, [here, owner], only=MsgType.SYNC)       # answered with value 1
@@ -47,8 +47,8 @@ def test_a_dropped_replica_that_stays_does_not_count_as_synced(kept_because):
         # the worker prunes the acknowledgement: it reads k after a full round >= this one
         unseen_round = here.view.node_counter_get(NODE_SLOT["rounds_started"]) + 1
         here.view.counter_set(0, WORKER_SLOT["clock"], 6)     # the intent has ended
-        here.round_started_at = here.refreshed_at = 0
-        here._start_round()                                   # a full round: k is dropped
+        here.rounds.round_started_at = here.rounds.refreshed_at = 0
+        here.rounds.start()                                   # a full round: k is dropped
         if kept_because == "intended again":
             here.intents.add(0, k, 8, 12)
         else:
@@ -80,15 +80,15 @@ def test_a_set_does_not_overtake_the_same_nodes_earlier_delta():
         first.intents.add(0, k, 0, 10**6)
         here.intents.add(0, k, 0, 10**6)
         here.refreshed_at = 0
-        here._start_round()
+        here.rounds.start()
         net.deliver(0, 1, S, only=MsgType.SYNC)
         net.deliver(1, 0, S, only=MsgType.SYNC_REPLY)
         assert state(here, 0) == REPLICA
         local_push(here, k, [5.0])
         worker_msg(second, 2, MsgType.LOCALIZE, keys=k)
         net.deliver(2, 0, S, only=MsgType.MOVE_REQUEST)
-        here.round_started_at = here.refreshed_at = 0
-        here._start_round()                                   # SYNC with delta 5 -> node 1
+        here.rounds.round_started_at = here.rounds.refreshed_at = 0
+        here.rounds.start()                                   # SYNC with delta 5 -> node 1
         net.deliver(0, 1, S, only=MsgType.MOVE_REQUEST)    # node 1 moves k to node 2
         net.deliver(0, 1, S, only=MsgType.SYNC)            # and passes the SYNC on
         net.deliver(1, 2, S, only=MsgType.MOVE)
@@ -114,8 +114,8 @@ def test_wait_sync_waits_for_keys_a_localize_is_moving_here():
         local_push(here, k, [3.0])                            # a local update of the replica
         worker_msg(here, 0, MsgType.LOCALIZE, keys=k)         # MOVE_REQUEST queued to owner
         worker_msg(here, 0, MsgType.WAIT_SYNC)
-        here.round_started_at = here.refreshed_at = 0
-        here._start_round()                                   # KEEP k, without its delta
+        here.rounds.round_started_at = here.rounds.refreshed_at = 0
+        here.rounds.start()                                   # KEEP k, without its delta
         # the adversary answers the round before the move request is served
         pending = net.pending()
         assert pending[(0, 1)] == ["MOVE_REQUEST", "SYNC"]

@@ -2,47 +2,49 @@
 owner decisions, the lazy intent counts and protocol.send; each failed before its fix."""
 import gc
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import adapm
+from adapm.holders import ReplicaHolders
 from adapm.intents import IntentStore, read_intent_log
 from adapm.manager import SETTLE_ROUNDS, Manager
-from adapm.placement import Placement
 from adapm.protocol import SYNC_KEEP, SYNC_REQUEST
+from adapm.relocation import Relocation
+from adapm.rounds import Rounds
 
 pytestmark = pytest.mark.timeout(60)
 
 
 # -- 1. A key that arrived in the current round is moved on again (bouncing) ------------
 
-class OwnerSide(Placement):
-    """Just the state _answer_requests reads, as a node server has it."""
-
-    def __init__(self, num_keys=10):
-        self.intents = IntentStore(1, num_keys)
-        self.manager = Manager("adaptive", 1, self.intents)
-        self.replicas_of = {}
-        self.arrived_round = np.zeros(num_keys, dtype=np.int64)
-        self.round = 7
-        self.counts = {}
-
-    def _count(self, name, n):
-        self.counts[name] = self.counts.get(name, 0) + n
+def owner_side(num_keys=10, round_now=7):
+    """The rounds part of an owner with just what _answer_requests reads: intents, the
+    manager, replica holders and the relocation part's arrival stamps (no table)."""
+    intents = IntentStore(1, num_keys)
+    ctx = SimpleNamespace(view=None, intents=intents, num_keys=num_keys, counts={})
+    ctx.count = lambda name, n: ctx.counts.__setitem__(name, ctx.counts.get(name, 0) + n)
+    rounds = Rounds(ctx, None, None, None, ReplicaHolders(num_keys, 2),
+                    Manager("adaptive", 1, intents), None)
+    rounds.relocation = Relocation(ctx, None, None, None, None, rounds, 1.0)
+    rounds.round = round_now
+    return rounds
 
 
 def test_a_key_that_arrived_during_the_current_round_is_not_moved_on():
-    """_on_move stamps an arriving key with arrived_round = round + 1 ("never 0"), so
+    """on_move stamps an arriving key with arrived_round = round + 1 ("never 0"), so
     until the next round starts round - arrived_round is -1. The scalar decide() of
     before treated that as 'just arrived' (replicate); the vectorised _answer_requests
     maps it to -1 = 'never arrived' and relocates the key straight on: the anti-bounce
     rule (SETTLE_ROUNDS) is off for the freshest arrivals."""
-    owner = OwnerSide()
+    owner = owner_side()
+    arrived_round = owner.relocation.arrived_round
     fresh, settled, old, never = 1, 2, 3, 4
-    owner.arrived_round[fresh] = owner.round + 1           # as _on_move sets it
-    owner.arrived_round[settled] = owner.round             # arrived one round ago
-    owner.arrived_round[old] = owner.round - SETTLE_ROUNDS - 5
+    arrived_round[fresh] = owner.round + 1           # as on_move sets it
+    arrived_round[settled] = owner.round             # arrived one round ago
+    arrived_round[old] = owner.round - SETTLE_ROUNDS - 5
     keys = np.array([fresh, settled, old, never], dtype=np.uint64)
     kinds = np.full(4, SYNC_REQUEST, dtype=np.uint32)
     relocate = owner._answer_requests(keys, kinds, holder=1)
@@ -51,7 +53,7 @@ def test_a_key_that_arrived_during_the_current_round_is_not_moved_on():
 
 
 def test_answer_requests_ignores_keys_that_are_not_requests():
-    owner = OwnerSide()
+    owner = owner_side()
     keys = np.array([1, 2], dtype=np.uint64)
     kinds = np.array([SYNC_KEEP, SYNC_REQUEST], dtype=np.uint32)
     assert owner._answer_requests(keys, kinds, holder=1).tolist() == [False, True]

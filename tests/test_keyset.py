@@ -1,0 +1,63 @@
+"""KeySet: the node server's sets of keys, as arrays (no processes)."""
+import numpy as np
+import pytest
+
+from adapm.keyset import KeySet
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def k(*keys):
+    return np.array(keys, dtype=np.uint64)
+
+
+def test_add_discard_contains_and_sorted_members():
+    s = KeySet(100)
+    assert not s and len(s) == 0
+    assert s.add(k(5, 3, 5, 9)).tolist() == [3, 5, 9]
+    assert s.add(k(9, 1)).tolist() == [1]
+    assert len(s) == 4 and s
+    assert s.contains(k(1, 2, 3)).tolist() == [True, False, True]
+    assert s.discard(k(3, 4)).tolist() == [3]
+    assert s.keys().tolist() == [1, 5, 9]
+    assert s.keys().dtype == np.uint64
+
+
+def test_a_key_removed_and_added_again_is_listed_once():
+    s = KeySet(10)
+    s.add(k(1, 2))
+    s.discard(k(1))
+    s.add(k(1))
+    s.discard(k(2))
+    s.add(k(2))
+    assert s.keys().tolist() == [1, 2]
+    assert len(s) == 2
+
+
+def test_take_empties_the_set():
+    s = KeySet(10)
+    s.add(k(4, 7))
+    assert s.take().tolist() == [4, 7]
+    assert not s and s.keys().tolist() == []
+    assert s.contains(k(4, 7)).tolist() == [False, False]
+    assert s.take().tolist() == []
+
+
+def test_against_a_python_set_under_random_batches():
+    rng = np.random.default_rng(3)
+    s, ref = KeySet(500), set()
+    for _ in range(300):
+        batch = rng.integers(0, 500, rng.integers(0, 40)).astype(np.uint64)
+        op = rng.integers(0, 4)
+        if op == 0:
+            assert sorted(s.add(batch).tolist()) == sorted(set(batch.tolist()) - ref)
+            ref |= set(batch.tolist())
+        elif op == 1:
+            assert sorted(s.discard(batch).tolist()) == sorted(set(batch.tolist()) & ref)
+            ref -= set(batch.tolist())
+        elif op == 2:
+            assert s.keys().tolist() == sorted(ref)
+        else:
+            assert s.contains(batch).tolist() == [x in ref for x in batch.tolist()]
+        assert len(s) == len(ref)
+    assert s.keys().tolist() == sorted(ref)
