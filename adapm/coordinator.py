@@ -16,7 +16,7 @@ import zmq
 from adapm import protocol
 from adapm.errors import ProtocolError
 from adapm.malformed import MalformedLog
-from adapm.protocol import Message, MsgType, node_identity
+from adapm.protocol import MsgType, node_identity
 from adapm.security import listener
 
 log = logging.getLogger("adapm.coordinator")
@@ -28,7 +28,7 @@ RECEIVE_HWM = 1000
 # Accepted from a node before the cluster formed (no token exists for it yet).
 BEFORE_FORMED = {MsgType.JOIN, MsgType.HEARTBEAT, MsgType.NODE_FAILED}
 
-# Failure codes carried by FAILED / NODE_FAILED (arg0); count carries the detail.
+# Failure codes carried by FAILED / NODE_FAILED (code); `detail` says which node or worker.
 FAIL_BARRIER = 1        # a barrier can never complete: worker `count` already finalized
 FAIL_NODE_SILENT = 2    # node `count` stopped sending heartbeats
 FAIL_WORKER_DIED = 3    # worker `count` died without finalizing
@@ -142,7 +142,7 @@ class Coordinator:
         self._last_beat = now
         joined = self.joined()
         for node in list(self.last_seen):
-            self._send(node, Message(MsgType.HEARTBEAT, count=joined))
+            self._send(node, protocol.Heartbeat(joined=joined))
         if not self.formed and now - self._reported_at >= REPORT_EVERY:
             self._reported_at = now
             missing = [n for n, a in enumerate(self.addresses) if a is None]
@@ -165,33 +165,33 @@ class Coordinator:
         self.failed = (code, detail, reason)
         log.error("coordinator: cluster failed: %s", failure_text(code, detail, reason))
         for node in list(self.last_seen):
-            self._send(node, Message(MsgType.NODE_FAILED, arg0=code, count=detail,
+            self._send(node, protocol.NodeFailed(code=code, detail=detail,
                                      text=reason))
 
     # -- handlers ------------------------------------------------------------------
 
     def _on_join(self, node, msg):
         if self.fingerprint is None:
-            self.fingerprint = msg.arg0
-        if msg.arg0 != self.fingerprint or len(msg.addresses) != 1:
+            self.fingerprint = msg.fingerprint
+        if msg.fingerprint != self.fingerprint or len(msg.addresses) != 1:
             self.fail(FAIL_MISMATCH, node)
             return
         self.addresses[node] = msg.addresses[0]
         if all(self.addresses) and not self.formed:
             self.formed = True
             for peer in range(self.num_nodes):
-                self._send(peer, Message(MsgType.PEERS, arg0=self.token,
+                self._send(peer, protocol.Peers(cluster_token=self.token,
                                          addresses=self.addresses))
 
     def _on_barrier(self, node, msg):
-        arrived = self.barriers.setdefault(msg.request_id, set())
+        arrived = self.barriers.setdefault(msg.generation, set())
         arrived.add(node)
         if self.done:  # a node whose workers all left can never arrive
             self.fail(FAIL_BARRIER_NODE, min(self.done))
         elif len(arrived) == self.num_nodes:
-            del self.barriers[msg.request_id]
+            del self.barriers[msg.generation]
             for peer in range(self.num_nodes):
-                self._send(peer, Message(MsgType.NODE_RELEASE, request_id=msg.request_id))
+                self._send(peer, protocol.NodeRelease(generation=msg.generation))
 
     def _on_heartbeat(self, node, msg):
         pass  # last_seen is updated for every message
@@ -202,12 +202,12 @@ class Coordinator:
             self.fail(FAIL_BARRIER_NODE, node)
         elif len(self.done) == self.num_nodes:
             for peer in range(self.num_nodes):
-                self._send(peer, Message(MsgType.SHUTDOWN))
+                self._send(peer, protocol.Shutdown())
 
     def _on_failed(self, node, msg):
-        if not 0 < msg.arg0 < 2**31 or not 0 <= msg.count < 2**32:
-            raise ProtocolError(f"failure code {msg.arg0}")
-        self.fail(msg.arg0, msg.count, msg.text)
+        if not 0 < msg.code < 2**31 or not 0 <= msg.detail < 2**32:
+            raise ProtocolError(f"failure code {msg.code}")
+        self.fail(msg.code, msg.detail, msg.text)
 
     _handlers = {
         MsgType.JOIN: _on_join,

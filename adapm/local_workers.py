@@ -1,9 +1,9 @@
 """This node's workers, a part of the node server: who they are (their connections), the
 barriers they wait in, their goodbyes, and whether they are still alive."""
 
+from adapm import protocol
 from adapm.config import MODES
 from adapm.coordinator import FAIL_BARRIER, FAIL_WORKER_DIED
-from adapm.protocol import Message, MsgType
 from adapm.table import WORKER_SLOT
 
 
@@ -36,18 +36,18 @@ class LocalWorkers:
                 # Every worker has mapped the table: its name is no longer needed, and
                 # without a name nothing can leak, however the processes end.
                 self.ctx.table.unlink()
-        self.outbox.to_identity(identity, Message(
-            MsgType.WELCOME, request_id=msg.request_id,
-            arg0=MODES.index(self.ctx.spec.mode), addresses=self.addresses()))
+        self.outbox.to_identity(identity, protocol.Welcome(
+            request_id=msg.request_id, mode=MODES.index(self.ctx.spec.mode),
+            addresses=self.addresses()))
 
     def on_barrier(self, identity, msg):
-        generation = msg.arg0
+        generation = msg.generation
         arrived = self._barrier.setdefault(generation, {})
         arrived[msg.src_worker - self.ctx.first_rank] = msg.request_id
         if self.left:
             self._cannot_complete()
         elif len(arrived) == self.ctx.workers:
-            self.outbox.to_coordinator(Message(MsgType.NODE_BARRIER, request_id=generation))
+            self.outbox.to_coordinator(protocol.NodeBarrier(generation=generation))
 
     def _cannot_complete(self):
         """A worker that finalized can never arrive: fail instead of hanging."""
@@ -56,7 +56,7 @@ class LocalWorkers:
     def release_now(self, generation):
         for local, request_id in self._barrier.pop(generation, {}).items():
             self.outbox.to_identity(self.identities[local],
-                                    Message(MsgType.RELEASE, request_id=request_id))
+                                    protocol.Release(request_id=request_id))
 
     def on_goodbye(self, identity, msg):
         """Returns True once every worker of the node said goodbye (the first time)."""
@@ -65,7 +65,7 @@ class LocalWorkers:
             self._cannot_complete()
         if len(self.left) == self.ctx.workers and not self._done_sent:
             self._done_sent = True
-            self.outbox.to_coordinator(Message(MsgType.NODE_DONE))
+            self.outbox.to_coordinator(protocol.NodeDone())
 
     def check_alive(self, alive):
         """A worker that died without saying goodbye fails the cluster. alive(pid)."""

@@ -172,16 +172,116 @@ class Message:
         return frames
 
 
+# Each type's named fields and the header slot each travels in: the one place that knows
+# that, say, an INTENT's start clock is arg0. Code reads and writes the names only.
+_NAMED = {
+    MsgType.HELLO: {"pid": "count"},
+    MsgType.BARRIER: {"generation": "arg0"},
+    MsgType.INTENT: {"start": "arg0", "end": "arg1"},
+    MsgType.WELCOME: {"mode": "arg0"},
+    MsgType.FAILED: {"code": "arg0", "detail": "count"},
+    MsgType.UPDATE_ACK: {"applied": "count"},
+    MsgType.LOCALIZED: {"owned": "count"},
+    MsgType.FWD_PULL: {"requester": "arg0"},
+    MsgType.FWD_PUSH: {"requester": "arg0"},
+    MsgType.FWD_SET: {"requester": "arg0"},
+    MsgType.MOVE_REQUEST: {"target": "arg0"},
+    MsgType.MOVE: {"purpose": "arg1"},
+    MsgType.OWNER_UPDATE: {"owner": "arg0"},
+    MsgType.SYNC: {"holder": "arg0", "round": "request_id"},
+    MsgType.SYNC_REPLY: {"round": "request_id"},
+    MsgType.JOIN: {"fingerprint": "arg0"},
+    MsgType.PEERS: {"cluster_token": "arg0"},
+    MsgType.NODE_BARRIER: {"generation": "request_id"},
+    MsgType.NODE_RELEASE: {"generation": "request_id"},
+    MsgType.HEARTBEAT: {"joined": "count"},
+    MsgType.NODE_FAILED: {"code": "arg0", "detail": "count"},
+}
+# Fields every type has besides its own: the request a reply answers, and the flags.
+_COMMON = ("request_id", "flags")
+
+
+def _slot(name, slot):
+    return property(lambda self: getattr(self, slot),
+                    lambda self, value: setattr(self, slot, value),
+                    doc=f"travels in the header's {slot}")
+
+
+def _message_type(mtype):
+    """The builder and reader of one message type: a Message whose constructor takes
+    only the type's own fields (by name) and whose named fields read the header slots."""
+    named = _NAMED.get(mtype, {})
+    allowed = frozenset(named) | frozenset(_FRAMES[mtype]) | frozenset(_COMMON)
+
+    def __init__(self, **fields):
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise TypeError(f"{mtype.name} has no field {', '.join(unknown)}")
+        Message.__init__(self, mtype)
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    members = {"__init__": __init__, "TYPE": mtype, "FIELDS": tuple(named),
+               "__doc__": f"{mtype.name}: fields {', '.join([*named, *_FRAMES[mtype]]) or '-'}"}
+    members.update({name: _slot(name, slot) for name, slot in named.items()})
+    name = "".join(part.capitalize() for part in mtype.name.split("_"))
+    return type(name, (Message,), members)
+
+
+# worker -> node server
+Hello = _message_type(MsgType.HELLO)
+Barrier = _message_type(MsgType.BARRIER)
+WaitSync = _message_type(MsgType.WAIT_SYNC)
+Intent = _message_type(MsgType.INTENT)
+Goodbye = _message_type(MsgType.GOODBYE)
+Pull = _message_type(MsgType.PULL)
+Push = _message_type(MsgType.PUSH)
+Set = _message_type(MsgType.SET)
+Localize = _message_type(MsgType.LOCALIZE)
+Refresh = _message_type(MsgType.REFRESH)
+Wake = _message_type(MsgType.WAKE)
+# node server -> worker
+Welcome = _message_type(MsgType.WELCOME)
+Release = _message_type(MsgType.RELEASE)
+Synced = _message_type(MsgType.SYNCED)
+Failed = _message_type(MsgType.FAILED)
+PullReply = _message_type(MsgType.PULL_REPLY)
+UpdateAck = _message_type(MsgType.UPDATE_ACK)
+Localized = _message_type(MsgType.LOCALIZED)
+# node server -> node server
+FwdPull = _message_type(MsgType.FWD_PULL)
+FwdPush = _message_type(MsgType.FWD_PUSH)
+FwdSet = _message_type(MsgType.FWD_SET)
+MoveRequest = _message_type(MsgType.MOVE_REQUEST)
+Move = _message_type(MsgType.MOVE)
+OwnerUpdate = _message_type(MsgType.OWNER_UPDATE)
+Sync = _message_type(MsgType.SYNC)
+SyncReply = _message_type(MsgType.SYNC_REPLY)
+# node server <-> coordinator
+Join = _message_type(MsgType.JOIN)
+Peers = _message_type(MsgType.PEERS)
+NodeBarrier = _message_type(MsgType.NODE_BARRIER)
+NodeRelease = _message_type(MsgType.NODE_RELEASE)
+Heartbeat = _message_type(MsgType.HEARTBEAT)
+NodeDone = _message_type(MsgType.NODE_DONE)
+Shutdown = _message_type(MsgType.SHUTDOWN)
+NodeFailed = _message_type(MsgType.NODE_FAILED)
+
+BY_TYPE = {cls.TYPE: cls for cls in (
+    Hello, Barrier, WaitSync, Intent, Goodbye, Pull, Push, Set, Localize, Refresh, Wake,
+    Welcome, Release, Synced, Failed, PullReply, UpdateAck, Localized, FwdPull, FwdPush,
+    FwdSet, MoveRequest, Move, OwnerUpdate, Sync, SyncReply, Join, Peers, NodeBarrier,
+    NodeRelease, Heartbeat, NodeDone, Shutdown, NodeFailed)}
+assert set(BY_TYPE) == set(MsgType), "a message type without its builder"
+
+
 def forwarded(msg, mtype, **fields):
     """A copy of `msg` as a forwarded message of `mtype`, one hop further."""
     hops = msg.hops + 1
     if hops > MAX_HOPS:
         raise ProtocolError(f"{msg.type.name} forwarded more than {MAX_HOPS} times")
-    out = Message(mtype, request_id=msg.request_id, flags=(msg.flags & 0xFF) |
-                  (hops << HOPS_SHIFT))
-    for name, value in fields.items():
-        setattr(out, name, value)
-    return out
+    return BY_TYPE[mtype](request_id=msg.request_id,
+                          flags=(msg.flags & 0xFF) | (hops << HOPS_SHIFT), **fields)
 
 
 def _array_frame(arr, dtype):
@@ -232,8 +332,9 @@ def decode(frames):
     if len(frames) != 1 + len(kinds):
         raise ProtocolError(f"{mtype.name} with {len(frames) - 1} data frames, "
                             f"expected {len(kinds)}")
-    msg = Message(mtype, src_node, src_worker, request_id, count, arg0, arg1, flags,
-                  token=token)
+    msg = object.__new__(BY_TYPE[mtype])  # read through the type's named fields
+    Message.__init__(msg, mtype, src_node, src_worker, request_id, count, arg0, arg1, flags,
+                     token=token)
     for kind, frame in zip(kinds, frames[1:]):
         buf = _frame_bytes(frame)
         if kind == "values":

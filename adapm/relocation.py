@@ -18,7 +18,7 @@ from adapm.config import RELOCATING_MODES
 from adapm.coordinator import FAIL_ROUTING
 from adapm.errors import ProtocolError
 from adapm.ownership import home_of, split_by
-from adapm.protocol import MOVE_FOR_ROUND, Message, MsgType
+from adapm.protocol import MOVE_FOR_ROUND
 from adapm.segments import Segments
 from adapm.table import OWNED
 
@@ -51,14 +51,14 @@ class Relocation:
         keys = np.unique(msg.keys)
         wanted = keys[self.ctx.not_owned(keys)]
         if wanted.shape[0] == 0:
-            self.outbox.to_identity(identity, Message(
-                MsgType.LOCALIZED, request_id=msg.request_id, count=keys.shape[0]))
+            self.outbox.to_identity(identity, protocol.Localized(
+                request_id=msg.request_id, owned=keys.shape[0]))
             return
         self._next_op += 1
         self._localizing[self._next_op] = [identity, msg.request_id, wanted.shape[0],
                                            time.monotonic(), wanted]
         self.replicas.moving_in.add(wanted)
-        request = Message(MsgType.MOVE_REQUEST, request_id=self._next_op, arg0=self.ctx.node)
+        request = protocol.MoveRequest(request_id=self._next_op, target=self.ctx.node)
         self.routes.forward_move_request(request, wanted)
 
     def expire(self, now):
@@ -69,8 +69,8 @@ class Relocation:
                 del self._localizing[op]
                 self.replicas.moving_in.discard(keys)
                 self.rounds.answer_waiters()
-                self.outbox.to_identity(identity, Message(
-                    MsgType.FAILED, request_id=request_id, arg0=FAIL_ROUTING, count=op))
+                self.outbox.to_identity(identity, protocol.Failed(
+                    request_id=request_id, code=FAIL_ROUTING, detail=op))
 
     def fail_all(self, reply_failed):
         """The cluster failed: every localize waiting here is answered FAILED."""
@@ -85,14 +85,15 @@ class Relocation:
         entry[2] -= count
         if entry[2] <= 0:
             del self._localizing[op]
-            self.outbox.to_identity(entry[0], Message(MsgType.LOCALIZED, request_id=entry[1]))
+            self.outbox.to_identity(entry[0], protocol.Localized(request_id=entry[1],
+                                                                owned=entry[4].shape[0]))
 
     # -- owner side ----------------------------------------------------------------
 
     def on_move_request(self, identity, msg):
         """Give the keys this node owns to node arg0; pass the rest on along their path."""
         self.ctx.check_keys(msg.keys)
-        target = int(msg.arg0)
+        target = int(msg.target)
         if not 0 <= target < self.ctx.num_nodes:
             raise ProtocolError(f"move request for node {target}")
         keys = msg.keys
@@ -121,8 +122,8 @@ class Relocation:
             counters = self.ctx.ownership.counter[moved.astype(np.intp)] + np.uint32(1)
             versions = np.empty(moved.shape[0], dtype=np.uint32)
             self.view.versions_of(moved, versions)  # ABSENT now: nobody changes them
-            self.outbox.to_peer(target, Message(
-                MsgType.MOVE, request_id=request_id, arg1=purpose, keys=moved,
+            self.outbox.to_peer(target, protocol.Move(
+                request_id=request_id, purpose=purpose, keys=moved,
                 values=segs.take(values, idx), counters=counters, versions=versions))
             self.ctx.table.allocator.free(offsets[idx], self.ctx.lengths(moved))
             self.holders.forget(moved)
@@ -132,7 +133,7 @@ class Relocation:
     def on_owner_update(self, identity, msg):
         """At a key's home: a newer owner of the key (counters say which news is newer)."""
         self.ctx.check_keys(msg.keys)
-        owner = int(msg.arg0)
+        owner = int(msg.owner)
         if not 0 <= owner < self.ctx.num_nodes:
             raise ProtocolError(f"owner update naming node {owner}")
         if not self.ctx.ownership.is_home(msg.keys).all():
@@ -165,7 +166,7 @@ class Relocation:
         self.ctx.count("relocations", keys.shape[0])
         self.ctx.count("owner_changes", 1)
         self._tell_homes(keys, counters)
-        if msg.arg1 == MOVE_FOR_ROUND:
+        if msg.purpose == MOVE_FOR_ROUND:
             self.rounds.progress(msg.keys.shape[0], msg.request_id)
         else:
             self._localized(msg.request_id, msg.keys.shape[0])
@@ -190,8 +191,8 @@ class Relocation:
             if home == node:
                 self.ctx.ownership.record(keys[idx], node, counters[idx])
             else:
-                self.outbox.to_peer(home, Message(MsgType.OWNER_UPDATE, arg0=node,
-                                                  keys=keys[idx], counters=counters[idx]))
+                self.outbox.to_peer(home, protocol.OwnerUpdate(owner=node, keys=keys[idx],
+                                                             counters=counters[idx]))
 
     def rounds_since_arrival(self, keys, now_round):
         """Per key: rounds since it arrived here by relocation (-1: it never did). A key

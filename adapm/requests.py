@@ -97,7 +97,7 @@ class CountOp(Op):
         if self.reply_type is None:
             if msg.type != MsgType.UPDATE_ACK:
                 raise ProtocolError(f"{msg.type.name} answering an update")
-            return msg.count
+            return msg.applied
         if msg.type != self.reply_type:
             raise ProtocolError(f"{msg.type.name} answering a {self.reply_type.name} request")
         self.reply = msg
@@ -243,7 +243,7 @@ class Requests:
             return  # a late reply to an operation that already failed
         op, left = entry
         if msg.type == MsgType.FAILED:
-            self._fail(op, failure_text(msg.arg0, msg.count, msg.text))
+            self._fail(op, failure_text(msg.code, msg.detail, msg.text))
             return
         try:
             got = op.feed(msg, self.dtype)

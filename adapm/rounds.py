@@ -39,7 +39,6 @@ from adapm.protocol import (
     SYNC_KEEP,
     SYNC_KIND,
     SYNC_REQUEST,
-    Message,
     MsgType,
 )
 from adapm.segments import Segments
@@ -203,8 +202,8 @@ class Rounds:
             if dest < 0:  # owned here by now: nothing to ask anybody
                 self.round_left -= idx.shape[0]
                 continue
-            self.outbox.to_peer(dest, Message(
-                MsgType.SYNC, request_id=self.round, arg0=self.ctx.node, keys=keys[idx],
+            self.outbox.to_peer(dest, protocol.Sync(
+                round=self.round, holder=self.ctx.node, keys=keys[idx],
                 values=segments.take(deltas, idx[dirty[idx]]), counters=flags[idx],
                 versions=versions[idx]))
         self.progress(0)
@@ -237,7 +236,7 @@ class Rounds:
         self.waiters.answer(self.round_done, keys_moving_in=bool(self.replicas.moving_in))
 
     def _reply_synced(self, identity, request_id):
-        self.outbox.to_identity(identity, Message(MsgType.SYNCED, request_id=request_id))
+        self.outbox.to_identity(identity, protocol.Synced(request_id=request_id))
 
     def defer_set(self, identity, msg, keys):
         """A local worker's set of replicas whose delta (updates made here before the
@@ -281,7 +280,7 @@ class Rounds:
     def on_sync(self, identity, msg):
         keys = msg.keys
         self.ctx.check_keys(keys)
-        holder = int(msg.arg0)
+        holder = int(msg.holder)
         if not 0 <= holder < self.ctx.num_nodes:
             raise ProtocolError(f"sync for node {holder}")
         kinds = msg.counters & SYNC_KIND
@@ -315,7 +314,7 @@ class Rounds:
         relocate = self._answer_requests(keys, kinds, holder)
         self._track_holders(keys, kinds, holder, forwarded=msg.hops > 0)
         if relocate.any():
-            self.relocation.evict_and_move(keys[relocate], holder, msg.request_id,
+            self.relocation.evict_and_move(keys[relocate], holder, msg.round,
                                            MOVE_FOR_ROUND)
         reply = ~relocate
         if reply.any():
@@ -323,8 +322,8 @@ class Rounds:
             with_value = rkeys[ranswer == REPLY_VALUE]
             values = np.empty(self.view.total_length(with_value), dtype=self.view.dtype)
             self.view.pull(with_value, values, np.empty(with_value.shape[0], np.uint64))
-            self.outbox.to_peer(holder, Message(
-                MsgType.SYNC_REPLY, request_id=msg.request_id, keys=rkeys, values=values,
+            self.outbox.to_peer(holder, protocol.SyncReply(
+                round=msg.round, keys=rkeys, values=values,
                 counters=ranswer, versions=versions[reply]))
 
     def _answer_requests(self, keys, kinds, holder):
@@ -359,7 +358,7 @@ class Rounds:
             if dest < 0:
                 continue
             self.outbox.to_peer(dest, protocol.forwarded(
-                msg, MsgType.SYNC, arg0=holder, keys=keys[sub],
+                msg, MsgType.SYNC, holder=holder, keys=keys[sub],
                 values=deltas.of(sub[has_delta[sub]]), counters=msg.counters[sub],
                 versions=msg.versions[sub]))
 
@@ -375,7 +374,7 @@ class Rounds:
             unserved[dirty[misses[:nmiss].astype(np.intp)]] = True
         if unserved.any():  # not owned here after all: pass them on once more
             self._forward_sync(msg, self.ctx.node, np.flatnonzero(unserved), deltas)
-        self.progress(keys.shape[0] - int(unserved.sum()), msg.request_id)
+        self.progress(keys.shape[0] - int(unserved.sum()), msg.round)
 
     # -- replica side --------------------------------------------------------------
 
@@ -393,11 +392,11 @@ class Rounds:
         self.replicas.seen_version[keys[seen].astype(np.intp)] = msg.versions[seen]
         # Up to date as of this round (a value, or "current"): workers waiting to read an
         # update the owner acknowledged before this round started need no refresh.
-        self.view.stamp_fresh(np.ascontiguousarray(keys[seen]), int(msg.request_id) & 0xFFFFFFFF)
+        self.view.stamp_fresh(np.ascontiguousarray(keys[seen]), int(msg.round) & 0xFFFFFFFF)
         dropped = keys[answer == REPLY_DROPPED]
         if dropped.shape[0]:
             self._release(dropped)
-        self.progress(keys.shape[0], msg.request_id)
+        self.progress(keys.shape[0], msg.round)
 
     def _release(self, keys):
         """Forget replicas that have no update newer than their last flush. A replica

@@ -8,7 +8,7 @@ from adapm import protocol
 from adapm.coordinator import FAIL_ROUTING
 from adapm.errors import ProtocolError
 from adapm.ownership import route, split_by
-from adapm.protocol import Message, MsgType
+from adapm.protocol import MsgType
 
 log = logging.getLogger("adapm.server")
 
@@ -33,15 +33,16 @@ class Routes:
                 self._unroutable(rank, msg, keys[idx])
                 continue
             try:
-                out = protocol.forwarded(msg, mtype, keys=keys[idx], arg0=rank, **fields_of(idx))
+                out = protocol.forwarded(msg, mtype, keys=keys[idx], requester=rank,
+                                         **fields_of(idx))
             except ProtocolError:  # forwarded too often: fail the request, never loop
                 self._unroutable(rank, msg, keys[idx])
                 continue
             self.outbox.to_peer(dest, out)
 
     def _unroutable(self, rank, msg, keys):
-        self.outbox.to_worker(rank, Message(MsgType.FAILED, request_id=msg.request_id,
-                                            arg0=FAIL_ROUTING, count=int(keys[0])))
+        self.outbox.to_worker(rank, protocol.Failed(request_id=msg.request_id, code=FAIL_ROUTING,
+                                                    detail=int(keys[0])))
 
     def forward_move_request(self, msg, keys):
         for dest, idx in split_by(self.route(keys)).items():
@@ -50,4 +51,4 @@ class Routes:
                           self.ctx.node, keys[idx][:4])
                 continue
             self.outbox.to_peer(dest, protocol.forwarded(msg, MsgType.MOVE_REQUEST,
-                                                         keys=keys[idx], arg0=msg.arg0))
+                                                         keys=keys[idx], target=msg.target))

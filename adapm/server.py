@@ -45,7 +45,7 @@ from adapm.node_context import NodeContext
 from adapm.outbox import Outbox
 from adapm.ownership import Ownership, home_of
 from adapm.process import die_with_parent, set_process_name
-from adapm.protocol import Message, MsgType, node_identity, worker_identity
+from adapm.protocol import MsgType, node_identity, worker_identity
 from adapm.relocation import Relocation
 from adapm.replicas import ReplicaCopies
 from adapm.rounds import Rounds
@@ -170,7 +170,7 @@ class NodeServer:
                                            self.spec.curve)
             self.coordinator_address = self.coordinator.address
         self.outbox.coordinator = self._dealer(self.coordinator_address)
-        self.outbox.to_coordinator(Message(MsgType.JOIN, arg0=self.spec.fingerprint(),
+        self.outbox.to_coordinator(protocol.Join(fingerprint=self.spec.fingerprint(),
                                            addresses=[self.address]))
 
     def assemble(self, outbox):
@@ -337,7 +337,7 @@ class NodeServer:
     def _housekeeping(self, now):
         self.relocation.expire(now)
         self.view.heartbeat()
-        self.outbox.to_coordinator(Message(MsgType.HEARTBEAT))
+        self.outbox.to_coordinator(protocol.Heartbeat())
         self.intents.expire(self.view.counters()[:, WORKER_SLOT["clock"]])
         if self.malformed.due():
             self.malformed.flush()
@@ -397,9 +397,9 @@ class NodeServer:
             # A worker's request that fails validation is rejected: counted, and the
             # worker told (it must not wait for an answer).
             self._malformed(f"{self._describe(msg)}: {exc}")
-            self.outbox.to_identity(identity, Message(
-                MsgType.FAILED, request_id=msg.request_id, arg0=FAIL_REJECTED,
-                count=self.node, text=f"node {self.node}: {exc}"))
+            self.outbox.to_identity(identity, protocol.Failed(
+                request_id=msg.request_id, code=FAIL_REJECTED, detail=self.node,
+                text=f"node {self.node}: {exc}"))
         except Exception as exc:  # noqa: BLE001 - an internal error fails the node loudly
             self._internal_error(self._describe(msg), exc)
 
@@ -445,8 +445,8 @@ class NodeServer:
                 raise ProtocolError(f"{msg.type.name} from an unknown peer")
             if msg.src_node == self.node:
                 raise ProtocolError(f"{msg.type.name} claiming to come from this node itself")
-            if msg.type in FORWARDED_REQUESTS and not 0 <= msg.arg0 < self.spec.num_workers:
-                raise ProtocolError(f"{msg.type.name} for worker {msg.arg0}")
+            if msg.type in FORWARDED_REQUESTS and not 0 <= msg.requester < self.spec.num_workers:
+                raise ProtocolError(f"{msg.type.name} for worker {msg.requester}")
         else:
             raise ProtocolError(f"{msg.type.name} is not a request for a node server")
 
@@ -460,24 +460,24 @@ class NodeServer:
         if msg.type == MsgType.PEERS:
             self._on_peers(msg)
         elif msg.type == MsgType.NODE_RELEASE:
-            self._release_barrier(msg.request_id)
+            self._release_barrier(msg.generation)
         elif msg.type == MsgType.SHUTDOWN:
             self._stop = True
         elif msg.type == MsgType.HEARTBEAT:
-            self._joined = min(int(msg.count), self.spec.num_nodes)
+            self._joined = min(int(msg.joined), self.spec.num_nodes)
         elif msg.type == MsgType.NODE_FAILED:
-            if not 0 < msg.arg0 < 2**31 or not 0 <= msg.count < 2**32:
-                self._malformed(f"NODE_FAILED with code {msg.arg0}")
+            if not 0 < msg.code < 2**31 or not 0 <= msg.detail < 2**32:
+                self._malformed(f"NODE_FAILED with code {msg.code}")
                 return
-            self._fail(msg.arg0, msg.count, msg.text)
+            self._fail(msg.code, msg.detail, msg.text)
 
     def _count(self, name, n):
         self.view.node_counter_add(NODE_SLOT[name], n)
 
     def _reply_failed(self, identity, request_id):
         code, detail, reason = self._failed
-        self.outbox.to_identity(identity, Message(MsgType.FAILED, request_id=request_id,
-                                                  arg0=code, count=detail, text=reason))
+        self.outbox.to_identity(identity, protocol.Failed(request_id=request_id, code=code,
+                                                          detail=detail, text=reason))
 
     # -- control -------------------------------------------------------------------
 
@@ -492,7 +492,7 @@ class NodeServer:
 
     def _on_intent(self, identity, msg):
         """An intent that did not fit into the worker's ring (or a huge one)."""
-        self._record_intent(msg.src_worker - self.first_rank, msg.arg0, msg.arg1,
+        self._record_intent(msg.src_worker - self.first_rank, msg.start, msg.end,
                             msg.keys.copy())
 
     def _on_wake(self, identity, msg):
@@ -527,13 +527,13 @@ class NodeServer:
             return
         if self.addresses is not None:
             return
-        if not 0 < msg.arg0 < 2**63:
+        if not 0 < msg.cluster_token < 2**63:
             log.error("node %d: coordinator sent no cluster token", self.node)
             return
         for node, address in enumerate(msg.addresses):
             if node != self.node:
                 self.outbox.peers[node] = self._dealer(address)
-        self.formed(msg.arg0, msg.addresses)
+        self.formed(msg.cluster_token, msg.addresses)
         if self.on_ready is not None:
             self.on_ready(self.address)
 
@@ -555,7 +555,7 @@ class NodeServer:
         return "" if self._failed is None else failure_text(*self._failed)
 
     def _report_failure(self, code, detail, reason=""):
-        self.outbox.to_coordinator(Message(MsgType.NODE_FAILED, arg0=code, count=detail,
+        self.outbox.to_coordinator(protocol.NodeFailed(code=code, detail=detail,
                                            text=reason))
         self._fail(code, detail, reason)
 

@@ -10,7 +10,7 @@ node stalls."""
 import numpy as np
 
 from adapm import protocol
-from adapm.protocol import ALL_POSITIONS, Message, MsgType
+from adapm.protocol import ALL_POSITIONS, MsgType
 from adapm.segments import Segments
 
 
@@ -32,7 +32,7 @@ class DataServing:
         self._serve_pull(msg, msg.src_worker, msg.keys, None)
 
     def on_fwd_pull(self, identity, msg):
-        self._serve_pull(msg, int(msg.arg0), msg.keys, msg.positions)
+        self._serve_pull(msg, int(msg.requester), msg.keys, msg.positions)
 
     def _serve_pull(self, msg, rank, keys, positions):
         self.ctx.check_keys(keys)
@@ -41,7 +41,7 @@ class DataServing:
         misses = np.empty(n, dtype=np.uint64)
         nmiss = self.view.pull(keys, out, misses, True)  # owned keys only
         if nmiss == 0:
-            reply = Message(MsgType.PULL_REPLY, request_id=msg.request_id, values=out)
+            reply = protocol.PullReply(request_id=msg.request_id, values=out)
             if positions is None:
                 reply.flags = ALL_POSITIONS
             else:
@@ -53,8 +53,8 @@ class DataServing:
         own_positions = np.arange(n, dtype=np.uint32) if positions is None else positions
         if served.shape[0]:
             segs = Segments.of(self.view, keys)
-            self.outbox.to_worker(rank, Message(MsgType.PULL_REPLY, request_id=msg.request_id,
-                                                positions=own_positions[served],
+            self.outbox.to_worker(rank, protocol.PullReply(request_id=msg.request_id,
+                                                   positions=own_positions[served],
                                                 values=segs.take(out, served)))
         fwd_positions = own_positions[missed]
         self.routes.forward_request(msg, MsgType.FWD_PULL, keys[missed], rank,
@@ -73,10 +73,10 @@ class DataServing:
         self._apply(msg, msg.src_worker, False, MsgType.FWD_SET, values)
 
     def on_fwd_push(self, identity, msg):
-        self._apply(msg, int(msg.arg0), True, MsgType.FWD_PUSH, self._values(msg))
+        self._apply(msg, int(msg.requester), True, MsgType.FWD_PUSH, self._values(msg))
 
     def on_fwd_set(self, identity, msg):
-        self._apply(msg, int(msg.arg0), False, MsgType.FWD_SET, self._values(msg))
+        self._apply(msg, int(msg.requester), False, MsgType.FWD_SET, self._values(msg))
 
     def _values(self, msg):
         """The values of a push or set, checked against its keys and the table."""
@@ -89,8 +89,8 @@ class DataServing:
         nmiss = self.view.update(keys, values, misses, additive, True)  # owned keys only
         applied = keys.shape[0] - nmiss
         if applied:
-            self.outbox.to_worker(rank, Message(MsgType.UPDATE_ACK, request_id=msg.request_id,
-                                                count=applied))
+            self.outbox.to_worker(rank, protocol.UpdateAck(request_id=msg.request_id,
+                                                   applied=applied))
         if nmiss == 0:
             return
         missed = misses[:nmiss].astype(np.intp)

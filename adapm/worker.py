@@ -25,7 +25,7 @@ from adapm.consistency import ReadYourWrites
 from adapm.errors import ClosedError, ClusterError
 from adapm.keys import as_keys, as_values, pull_buffer
 from adapm.ownership import route, split_by
-from adapm.protocol import Message, MsgType, worker_identity
+from adapm.protocol import MsgType, worker_identity
 from adapm.requests import (
     ClusterHealth,
     CountOp,
@@ -89,11 +89,11 @@ class Worker:
                                                self._refresh_copies)
             self._requests.connect(env.node, env.server)
             self._view.counter_set(self.local_rank, WORKER_SLOT["pid"], os.getpid())
-            welcome = self._control(MsgType.HELLO, MsgType.WELCOME, count=os.getpid(),
+            welcome = self._control(MsgType.HELLO, MsgType.WELCOME, pid=os.getpid(),
                                     timeout=self._connect_timeout())
-            if not 0 <= welcome.arg0 < len(config.MODES):
-                raise ClusterError(f"worker {self.rank}: node server sent mode {welcome.arg0}")
-            self.mode = config.MODES[welcome.arg0]
+            if not 0 <= welcome.mode < len(config.MODES):
+                raise ClusterError(f"worker {self.rank}: node server sent mode {welcome.mode}")
+            self.mode = config.MODES[welcome.mode]
             # One node has nothing to place, and static and replicate_all ignore intents:
             # there they are checked and counted, but not handed to the server.
             self._intents_matter = self.num_nodes > 1 and self.mode in config.INTENT_MODES
@@ -112,7 +112,7 @@ class Worker:
             if node != self.node:
                 self._requests.connect(node, address)
                 op = CountOp(MsgType.WELCOME)
-                self._requests.start(node, Message(MsgType.HELLO, count=os.getpid()), op, 1)
+                self._requests.start(node, protocol.Hello(pid=os.getpid()), op, 1)
                 hellos.append((node, op))
         timeout = self._connect_timeout()
         for node, op in hellos:
@@ -163,7 +163,7 @@ class Worker:
                 groups += self._regroup(arrived, away, dests)
                 arrived = arrived[done]
             for dest, part in self._messages(groups):
-                request = self._requests.start(dest, Message(MsgType.PULL, keys=keys[part]),
+                request = self._requests.start(dest, protocol.Pull(keys=keys[part]),
                                                op, part.shape[0])
                 op.parts[request] = part
             self._count("pulls_remote", nmiss - arrived.shape[0])
@@ -217,8 +217,8 @@ class Worker:
             remote = []
             for dest, part in self._messages(groups):
                 remote.append(keys[part])
-                self._requests.start(dest, Message(mtype, keys=keys[part],
-                                                   values=segments.take(values, part)), op,
+                self._requests.start(dest, protocol.BY_TYPE[mtype](
+                    keys=keys[part], values=segments.take(values, part)), op,
                                      part.shape[0])
             if groups:
                 op.keys = np.concatenate(remote)
@@ -352,10 +352,10 @@ class Worker:
             if not appended:  # as a message, of the distinct keys (an intent names a set,
                 # and no message may hold more than num_keys keys); np.unique copies, and
                 # must: `keys` may be the caller's own array, refilled for the next batch
-                self._requests.send(self.node, Message(MsgType.INTENT, arg0=start,
-                                                       arg1=end, keys=np.unique(keys)))
+                self._requests.send(self.node, protocol.Intent(start=start, end=end,
+                                                               keys=np.unique(keys)))
             elif wake:
-                self._requests.send(self.node, Message(MsgType.WAKE))
+                self._requests.send(self.node, protocol.Wake())
         self._count("intents", keys.shape[0])
 
     def prepare_sample(self, n, start, end=None, key_range=None):
@@ -411,7 +411,7 @@ class Worker:
         self._check_open()
         self._consistency.drain()
         self._barriers += 1
-        self._control(MsgType.BARRIER, MsgType.RELEASE, arg0=self._barriers)
+        self._control(MsgType.BARRIER, MsgType.RELEASE, generation=self._barriers)
 
     def wait_sync(self):
         """Return once this worker's updates are applied and every replica its node holds
@@ -443,7 +443,7 @@ class Worker:
         linger = 0  # on failure: the cluster is gone, nothing to wait for or to tell
         try:
             self._requests.wait_all()
-            self._requests.send(self.node, Message(MsgType.GOODBYE))
+            self._requests.send(self.node, protocol.Goodbye())
             linger = 1000  # let the goodbye leave before the socket closes
         except ClusterError:
             pass
@@ -481,7 +481,7 @@ class Worker:
 
     def _control(self, mtype, reply_type, timeout=None, **fields):
         """A request to this worker's node server; returns its reply."""
-        return self._requests.ask(self.node, Message(mtype, **fields), reply_type, timeout)
+        return self._requests.ask(self.node, protocol.BY_TYPE[mtype](**fields), reply_type, timeout)
 
     def _cluster_token(self):
         """The token every message to a node carries: this node's server writes it into

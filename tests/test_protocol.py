@@ -48,3 +48,44 @@ def test_random_bytes_never_decode_into_anything_but_protocol_error():
             protocol.decode(frames)
         except ProtocolError:
             pass
+
+
+# -- one builder and one reader per type, with named fields -----------------------------
+
+def test_every_type_has_a_builder_whose_named_fields_survive_the_wire():
+    from adapm.protocol import _NAMED, BY_TYPE, decode
+
+    for mtype, cls in BY_TYPE.items():
+        names = _NAMED.get(mtype, {})
+        fields = {name: 1000 + i for i, name in enumerate(names)}
+        msg = cls(**fields)
+        assert msg.type is mtype
+        if "addresses" in protocol._FRAMES[mtype]:
+            msg.addresses = []
+        back = decode([bytes(memoryview(f)) for f in msg.encode()])
+        assert type(back) is cls, mtype
+        assert {name: getattr(back, name) for name in names} == fields, mtype
+
+
+def test_a_builder_refuses_fields_of_other_types_and_raw_header_slots():
+    from adapm.protocol import Intent, Pull
+
+    with pytest.raises(TypeError, match="INTENT has no field arg0"):
+        Intent(arg0=3)
+    with pytest.raises(TypeError, match="PULL has no field start"):
+        Pull(start=3)
+
+
+def test_named_fields_read_the_header_slot_that_the_type_puts_them_in():
+    from adapm.protocol import FwdPull, Intent, Sync
+
+    keys = np.arange(3, dtype=np.uint64)
+    msg = protocol.decode([bytes(memoryview(f)) for f in
+                           Intent(start=7, end=9, keys=keys).encode()])
+    assert (msg.start, msg.end) == (7, 9)
+    fwd = FwdPull(requester=5, keys=keys, positions=np.arange(3, dtype=np.uint32))
+    assert protocol.decode([bytes(memoryview(f)) for f in fwd.encode()]).requester == 5
+    sync = Sync(round=4, holder=1, keys=keys, values=np.empty(0, np.float32),
+                counters=np.zeros(3, np.uint32), versions=np.zeros(3, np.uint32))
+    back = protocol.decode([bytes(memoryview(f)) for f in sync.encode()])
+    assert (back.round, back.holder) == (4, 1)
