@@ -19,13 +19,17 @@ from libc.string cimport memcpy, memset
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.stat cimport fstat, struct_stat
 
+# Declarations (as pyzmq keeps them): the segment's layout (layout.pxd), atomics
+# (atomic.pxd), the per-key seqlock (seqlock.pxd), a value slot's checks (arena.pxd) and
+# the kernels' shared lock-and-fail loop (batch.pxd). This file holds the logic.
+from arena cimport _fits, _length, _usable, real
 from atomic cimport (
-    adapm_load_acquire_u32, adapm_load_relaxed_u32, adapm_store_release_u32,
-    adapm_cas_acquire_u32, adapm_load_relaxed_u8, adapm_load_relaxed_u64, adapm_store_relaxed_u64,
-    adapm_fence_acquire, adapm_fence_release, adapm_fence_seq_cst, adapm_cpu_relax,
-    adapm_prefetch_read, adapm_load_acquire_u64, adapm_store_release_u64,
-    adapm_prefetch_write, adapm_monotonic_ns, adapm_yield,
+    adapm_fence_acquire, adapm_fence_release, adapm_fence_seq_cst, adapm_load_acquire_u32,
+    adapm_load_acquire_u64, adapm_load_relaxed_u8, adapm_load_relaxed_u32,
+    adapm_load_relaxed_u64, adapm_monotonic_ns, adapm_prefetch_read, adapm_store_release_u32,
+    adapm_store_release_u64, adapm_store_relaxed_u64,
 )
+from batch cimport Batch, _batch, _entry_ahead, _lock_next, _slot_ahead, _unlock_held
 from layout cimport (
     ADAPM_REASON_BYTES,
     adapm_header_t, adapm_entry_t, ADAPM_MAGIC, ADAPM_LAYOUT_VERSION, ADAPM_HEADER_BYTES,
@@ -33,6 +37,7 @@ from layout cimport (
     ADAPM_REPLICA, ADAPM_PENDING, ADAPM_RING_CONTROL_WORDS, ADAPM_RING_HEAD, ADAPM_RING_TAIL,
     ADAPM_RING_WORDS, ADAPM_RING_WRAP,
 )
+from seqlock cimport Spinner, _lock, _spin, _spinner, _unlock
 
 import numpy as np
 
@@ -63,17 +68,6 @@ assert ENTRY_DTYPE.itemsize == sizeof(adapm_entry_t)
 cdef enum:
     _KEEP_OWNER = 0xFFFF
 KEEP_OWNER = _KEEP_OWNER  # admit(): leave the location cache unchanged
-
-ctypedef fused real:
-    float
-    double
-
-# How far ahead the batch loops prefetch directory entries and value slots.
-cdef enum:
-    PREFETCH_ENTRY = 8
-    PREFETCH_VALUE = 4
-    # Spins between two looks at the clock while waiting for a key's lock.
-    SPINS_PER_CHECK = 256
 
 # The header must hold every field of adapm_header_t, also those added at its end.
 if sizeof(adapm_header_t) > ADAPM_HEADER_BYTES:
@@ -207,103 +201,51 @@ class LockTimeout(Exception):
         self.key = key
 
 
-# ---------------------------------------------------------------------------
-# Per-key lock (writers) and spinning with a deadline.
-
-cdef struct Spinner:
-    uint64_t spins
-    uint64_t deadline_ns
-    uint64_t timeout_ns
-
-cdef inline bint _spin(Spinner* sp) noexcept nogil:
-    """One wait step. Returns True when the deadline passed."""
-    cdef uint64_t now
-    sp.spins += 1
-    if sp.spins < 64:
-        adapm_cpu_relax()
-        return False
-    adapm_yield()
-    if sp.spins % SPINS_PER_CHECK != 0:
-        return False
-    now = adapm_monotonic_ns()
-    if sp.deadline_ns == 0:
-        sp.deadline_ns = now + sp.timeout_ns
-        return False
-    return now > sp.deadline_ns
-
-cdef inline int _lock(adapm_entry_t* e, uint32_t* seq_out, uint64_t timeout_ns) noexcept nogil:
-    """Take the key's write lock; 0 on success, -1 on timeout."""
-    cdef uint32_t s
-    cdef Spinner sp
-    sp.spins = 0
-    sp.deadline_ns = 0
-    sp.timeout_ns = timeout_ns
-    while True:
-        s = adapm_load_relaxed_u32(&e.seq)
-        if (s & 1) == 0 and adapm_cas_acquire_u32(&e.seq, s, s + 1):
-            # Order the odd sequence word before the value stores (seqlock writer rule).
-            adapm_fence_release()
-            seq_out[0] = s
-            return 0
-        if _spin(&sp):
-            return -1
-
-cdef inline void _unlock(adapm_entry_t* e, uint32_t seq_before, bint changed) noexcept nogil:
-    # Unchanged: restore the old word, so optimistic readers need not retry.
-    adapm_store_release_u32(&e.seq, seq_before + 2 if changed else seq_before)
-
-cdef inline bint _fits(uint64_t off, uint64_t length, uint64_t capacity) noexcept nogil:
-    # A slot inside the arena, written so that no sum can wrap around (a corrupt offset
-    # near 2**64 must be a miss, not the bytes before the arena).
-    return length <= capacity and off <= capacity - length
-
-cdef inline uint64_t _length(adapm_entry_t* e, uint64_t uniform) noexcept nogil:
-    # Buffers of a uniform table are sized by its uniform length: an entry claiming
-    # another length (a corrupt directory) gets length 0 and fails _fits' caller check.
-    if uniform == 0 or e.length == uniform:
-        return e.length
+cdef int _check_batch(Batch b) except -1:
+    """The kernels' one error path: a key whose lock timed out fails the call, naming the
+    key (see batch.pxd: the keys before it were done, it and those after it untouched)."""
+    if b.failed >= 0:
+        raise LockTimeout(int(b.keys[b.failed]))
     return 0
 
-cdef inline bint _usable(uint8_t state, bint owned_only) noexcept nogil:
-    # A node server serving another node's request uses only keys it owns: a replica
-    # may lag the owner and must never acknowledge an update (DESIGN.md §7.1).
-    if owned_only:
-        return state == ADAPM_OWNED
-    return state == ADAPM_OWNED or state == ADAPM_REPLICA
-
 
 # ---------------------------------------------------------------------------
-# Batched kernels. Each returns the number of misses (keys not usable here, their
-# indices written to `misses`), or -1 when a lock timed out (index in misses[0]).
+# The hot path's kernels: each returns the number of misses (keys not usable here, their
+# indices written to `misses`); a lock that timed out ends the batch (batch.failed), for
+# the caller's _check_batch. Both walk a local copy of the batch: stores into the arena
+# could alias a Batch reached through a pointer, and a local one stays in registers.
 
-cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
-                   const uint64_t* keys, Py_ssize_t n, real* out, uint64_t* misses,
-                   uint64_t timeout_ns, bint owned_only, uint64_t uniform) noexcept nogil:
+cdef int64_t _pull(Batch* batch, real* arena, real* out, uint64_t* misses, bint owned_only,
+                   uint64_t uniform) noexcept nogil:
+    """The read side: no lock is taken. Each value is copied optimistically and the copy
+    retried when a writer held or changed the key meanwhile (a seqlock reader)."""
+    cdef Batch b = batch[0]
+    b.arena = <const char*>arena  # the same slots; a constant itemsize frees a register
+    b.itemsize = sizeof(real)
     cdef Py_ssize_t i
     cdef int64_t nmiss = 0
-    cdef uint64_t pos = 0, off, length
+    cdef uint64_t pos = 0, off, length, capacity = b.capacity
     cdef uint32_t s1, s2
     cdef uint8_t state
     cdef adapm_entry_t* e
+    cdef const void* ahead
     cdef Spinner sp
-    for i in range(n):
-        if i + PREFETCH_ENTRY < n:
-            adapm_prefetch_read(&directory[keys[i + PREFETCH_ENTRY]])
-        if i + PREFETCH_VALUE < n:
-            e = &directory[keys[i + PREFETCH_VALUE]]
-            if e.offset < capacity:
-                adapm_prefetch_read(arena + e.offset)
-        e = &directory[keys[i]]
+    for i in range(b.n):
+        ahead = _entry_ahead(&b, i)
+        if ahead != NULL:
+            adapm_prefetch_read(ahead)
+        ahead = _slot_ahead(&b, i)
+        if ahead != NULL:
+            adapm_prefetch_read(ahead)
+        e = &b.directory[b.keys[i]]
         length = _length(e, uniform)  # fixed at creation
-        sp.spins = 0
-        sp.deadline_ns = 0
-        sp.timeout_ns = timeout_ns
+        sp = _spinner(b.timeout_ns)
         while True:
             s1 = adapm_load_acquire_u32(&e.seq)
             if s1 & 1:
                 if _spin(&sp):
-                    misses[0] = i
-                    return -1
+                    batch.failed = i
+                    return nmiss
                 continue
             # Racing reads by design (a writer may change them): single atomic loads, so
             # that the compiler cannot re-read `off` after the bounds check.
@@ -326,28 +268,19 @@ cdef int64_t _pull(adapm_entry_t* directory, real* arena, uint64_t capacity,
     return nmiss
 
 
-cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
-                     const uint64_t* keys, Py_ssize_t n, const real* values,
-                     uint64_t* misses, uint64_t timeout_ns, bint additive,
-                     bint owned_only, uint64_t uniform) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef uint64_t j, pos = 0, length
+cdef int64_t _update(Batch* batch, real* arena, const real* values, uint64_t* misses,
+                     bint additive, bint owned_only, uint64_t uniform) noexcept nogil:
+    """The write side: each usable key's value is added to or overwritten under its lock."""
+    cdef Batch b = batch[0]
+    b.arena = <const char*>arena  # as in _pull
+    b.itemsize = sizeof(real)
+    cdef uint64_t j, pos = 0, length, capacity = b.capacity
     cdef int64_t nmiss = 0
-    cdef uint32_t s
     cdef adapm_entry_t* e
     cdef real* dst
-    for i in range(n):
-        if i + PREFETCH_ENTRY < n:
-            adapm_prefetch_write(&directory[keys[i + PREFETCH_ENTRY]])
-        if i + PREFETCH_VALUE < n:
-            e = &directory[keys[i + PREFETCH_VALUE]]
-            if e.offset < capacity:
-                adapm_prefetch_write(arena + e.offset)
-        e = &directory[keys[i]]
+    while _lock_next(&b):
+        e = b.entry
         length = _length(e, uniform)
-        if _lock(e, &s, timeout_ns) != 0:
-            misses[0] = i
-            return -1
         if _usable(e.state, owned_only) and length != 0 and _fits(e.offset, length, capacity):
             dst = arena + e.offset
             if additive:
@@ -356,12 +289,13 @@ cdef int64_t _update(adapm_entry_t* directory, real* arena, uint64_t capacity,
             else:
                 memcpy(dst, values + pos, length * sizeof(real))
             e.version += 1
-            _unlock(e, s, True)
+            _unlock_held(&b, True)
         else:
-            _unlock(e, s, False)
-            misses[nmiss] = i
+            _unlock_held(&b, False)
+            misses[nmiss] = b.i
             nmiss += 1
         pos += uniform if uniform != 0 else length
+    batch.failed = b.failed
     return nmiss
 
 
@@ -376,6 +310,7 @@ cdef class TableView:
     cdef uint64_t* rings
     cdef uint32_t* fresh
     cdef char* arena
+    cdef uint64_t itemsize  # bytes per arena element
     cdef readonly object dtype
     cdef readonly uint64_t num_keys
     cdef readonly uint64_t uniform_length
@@ -405,6 +340,7 @@ cdef class TableView:
         self.fresh = <uint32_t*>(self.base + h.fresh_offset)
         self.arena = self.base + h.arena_offset
         self.dtype = DTYPES[h.dtype]
+        self.itemsize = self.dtype.itemsize
         self.num_keys = h.num_keys
         self.uniform_length = h.uniform_length
         self.num_workers = h.num_workers
@@ -501,6 +437,14 @@ cdef class TableView:
     cdef inline _check_open(self):
         if self.base == NULL:
             raise ValueError("table is closed")
+
+    cdef inline Batch _batch_of(self, cnp.ndarray keys, bint prefetch_values):
+        """A kernel's walk over `keys` (contiguous uint64, validated by the caller; see
+        batch.pxd). prefetch_values: the kernel touches the keys' current value slots."""
+        return _batch(self.directory, <const uint64_t*>cnp.PyArray_DATA(keys),
+                      keys.shape[0], self.lock_timeout_ns,
+                      self.arena if prefetch_values else NULL, self.itemsize,
+                      self.arena_capacity)
 
     # -- header ------------------------------------------------------------------
 
@@ -803,22 +747,18 @@ cdef class TableView:
         Arguments must be contiguous, validated arrays of the right dtypes. `owned_only`:
         replicas count as misses (a node server serving another node)."""
         self._check_open()
-        cdef Py_ssize_t n = keys.shape[0]
-        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef Batch b = self._batch_of(keys, True)
         cdef uint64_t* m = <uint64_t*>cnp.PyArray_DATA(misses)
         cdef int64_t r
         if self.header.dtype == 0:
             with nogil:
-                r = _pull(self.directory, <float*>self.arena, self.arena_capacity, k, n,
-                          <float*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only,
-                          self.uniform_length)
+                r = _pull(&b, <float*>self.arena, <float*>cnp.PyArray_DATA(out), m,
+                          owned_only, self.uniform_length)
         else:
             with nogil:
-                r = _pull(self.directory, <double*>self.arena, self.arena_capacity, k, n,
-                          <double*>cnp.PyArray_DATA(out), m, self.lock_timeout_ns, owned_only,
-                          self.uniform_length)
-        if r < 0:
-            raise LockTimeout(int(k[m[0]]))
+                r = _pull(&b, <double*>self.arena, <double*>cnp.PyArray_DATA(out), m,
+                          owned_only, self.uniform_length)
+        _check_batch(b)
         return r
 
     def update(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray misses, bint additive,
@@ -827,22 +767,18 @@ cdef class TableView:
         the number of misses, as `pull`. `owned_only`: replicas count as misses (a set
         goes to the owner; a node server serving another node)."""
         self._check_open()
-        cdef Py_ssize_t n = keys.shape[0]
-        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef Batch b = self._batch_of(keys, True)
         cdef uint64_t* m = <uint64_t*>cnp.PyArray_DATA(misses)
         cdef int64_t r
         if self.header.dtype == 0:
             with nogil:
-                r = _update(self.directory, <float*>self.arena, self.arena_capacity, k, n,
-                            <const float*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
-                            additive, owned_only, self.uniform_length)
+                r = _update(&b, <float*>self.arena, <const float*>cnp.PyArray_DATA(values),
+                            m, additive, owned_only, self.uniform_length)
         else:
             with nogil:
-                r = _update(self.directory, <double*>self.arena, self.arena_capacity, k, n,
-                            <const double*>cnp.PyArray_DATA(values), m, self.lock_timeout_ns,
-                            additive, owned_only, self.uniform_length)
-        if r < 0:
-            raise LockTimeout(int(k[m[0]]))
+                r = _update(&b, <double*>self.arena, <const double*>cnp.PyArray_DATA(values),
+                            m, additive, owned_only, self.uniform_length)
+        _check_batch(b)
         return r
 
     def hold_lock(self, uint64_t key):
@@ -884,36 +820,29 @@ cdef class TableView:
         mark it ABSENT with `new_owner` cached, and set taken[i]. Keys not OWNED here are
         left alone (taken[i] = 0). Returns the number taken."""
         self._check_open()
-        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef Batch b = self._batch_of(keys, True)
         cdef uint64_t* offs = <uint64_t*>cnp.PyArray_DATA(offsets)
         cdef uint8_t* t = <uint8_t*>cnp.PyArray_DATA(taken)
         cdef char* out = <char*>cnp.PyArray_DATA(values)
-        cdef Py_ssize_t i, n = keys.shape[0]
-        cdef uint64_t pos = 0, itemsize = self.dtype.itemsize, count = 0
-        cdef uint32_t s
+        cdef uint64_t pos = 0, itemsize = self.itemsize, count = 0
         cdef adapm_entry_t* e
-        cdef int failed = -1
         with nogil:
-            for i in range(n):
-                e = &self.directory[k[i]]
-                if _lock(e, &s, self.lock_timeout_ns) != 0:
-                    failed = i
-                    break
+            while _lock_next(&b):
+                e = b.entry
                 if e.state == ADAPM_OWNED:
                     memcpy(out + pos * itemsize, self.arena + e.offset * itemsize,
                            e.length * itemsize)
-                    offs[i] = e.offset
+                    offs[b.i] = e.offset
                     e.state = ADAPM_ABSENT
                     e.owner = new_owner
-                    t[i] = 1
+                    t[b.i] = 1
                     count += 1
-                    _unlock(e, s, True)
+                    _unlock_held(&b, True)
                 else:
-                    t[i] = 0
-                    _unlock(e, s, False)
+                    t[b.i] = 0
+                    _unlock_held(&b, False)
                 pos += e.length
-        if failed >= 0:
-            raise LockTimeout(int(k[failed]))
+        _check_batch(b)
         return count
 
     def admit(self, cnp.ndarray keys, cnp.ndarray values, cnp.ndarray offsets,
@@ -928,41 +857,35 @@ cdef class TableView:
         cdef const uint32_t* ver = NULL
         if versions is not None:
             ver = <const uint32_t*>cnp.PyArray_DATA(versions)
-        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        # The slots written are the new ones in `offsets`: none to prefetch.
+        cdef Batch b = self._batch_of(keys, False)
         cdef const uint64_t* offs = <const uint64_t*>cnp.PyArray_DATA(offsets)
         cdef uint8_t* a = <uint8_t*>cnp.PyArray_DATA(admitted)
         cdef const char* src = <const char*>cnp.PyArray_DATA(values)
-        cdef Py_ssize_t i, n = keys.shape[0]
-        cdef uint64_t pos = 0, itemsize = self.dtype.itemsize, count = 0
-        cdef uint32_t s
+        cdef uint64_t pos = 0, itemsize = self.itemsize, count = 0
         cdef adapm_entry_t* e
-        cdef int failed = -1
         with nogil:
-            for i in range(n):
-                e = &self.directory[k[i]]
-                if _lock(e, &s, self.lock_timeout_ns) != 0:
-                    failed = i
-                    break
-                if e.state == ADAPM_ABSENT and offs[i] + e.length <= self.arena_capacity:
-                    memcpy(self.arena + offs[i] * itemsize, src + pos * itemsize,
+            while _lock_next(&b):
+                e = b.entry
+                if e.state == ADAPM_ABSENT and offs[b.i] + e.length <= self.arena_capacity:
+                    memcpy(self.arena + offs[b.i] * itemsize, src + pos * itemsize,
                            e.length * itemsize)
-                    e.offset = offs[i]
+                    e.offset = offs[b.i]
                     e.state = state
                     if owner != _KEEP_OWNER:
                         e.owner = owner
                     if ver != NULL:
-                        e.version = ver[i] + 1
+                        e.version = ver[b.i] + 1
                     else:
                         e.version += 1
-                    a[i] = 1
+                    a[b.i] = 1
                     count += 1
-                    _unlock(e, s, True)
+                    _unlock_held(&b, True)
                 else:
-                    a[i] = 0
-                    _unlock(e, s, False)
+                    a[b.i] = 0
+                    _unlock_held(&b, False)
                 pos += e.length
-        if failed >= 0:
-            raise LockTimeout(int(k[failed]))
+        _check_batch(b)
         return count
 
     # -- replicas (node server only) -----------------------------------------------
@@ -1005,31 +928,24 @@ cdef class TableView:
         """Keys in state `expected` become ABSENT (their slot offsets are written to
         `offsets`, released[i] = 1); others are left alone. Returns the count."""
         self._check_open()
-        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef Batch b = self._batch_of(keys, False)
         cdef uint64_t* offs = <uint64_t*>cnp.PyArray_DATA(offsets)
         cdef uint8_t* r = <uint8_t*>cnp.PyArray_DATA(released)
-        cdef Py_ssize_t i, n = keys.shape[0]
         cdef uint64_t count = 0
-        cdef uint32_t s
         cdef adapm_entry_t* e
-        cdef int failed = -1
         with nogil:
-            for i in range(n):
-                e = &self.directory[k[i]]
-                if _lock(e, &s, self.lock_timeout_ns) != 0:
-                    failed = i
-                    break
+            while _lock_next(&b):
+                e = b.entry
                 if e.state == expected:
-                    offs[i] = e.offset
+                    offs[b.i] = e.offset
                     e.state = ADAPM_ABSENT
-                    r[i] = 1
+                    r[b.i] = 1
                     count += 1
-                    _unlock(e, s, True)
+                    _unlock_held(&b, True)
                 else:
-                    r[i] = 0
-                    _unlock(e, s, False)
-        if failed >= 0:
-            raise LockTimeout(int(k[failed]))
+                    r[b.i] = 0
+                    _unlock_held(&b, False)
+        _check_batch(b)
         return count
 
     def release_clean(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray offsets,
@@ -1087,141 +1003,115 @@ cdef class TableView:
                 o[i] = self.directory[k[i]].state
 
 
+# The node server's kernels on replicas, per element type (under the keys' locks).
+
 cdef object _deltas(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
                     real* out):
-    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef Batch b = view._batch_of(keys, True)
     cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
-    cdef Py_ssize_t i, n = keys.shape[0]
     cdef uint64_t j, pos = 0, length
-    cdef uint32_t s
     cdef adapm_entry_t* e
     cdef real* v
     cdef real* sv
-    cdef int failed = -1
     with nogil:
-        for i in range(n):
-            e = &view.directory[k[i]]
+        while _lock_next(&b):
+            e = b.entry
             length = e.length
-            if _lock(e, &s, view.lock_timeout_ns) != 0:
-                failed = i
-                break
             if e.state == ADAPM_REPLICA:
                 v = arena + e.offset
-                sv = arena + so[i]
+                sv = arena + so[b.i]
                 for j in range(length):
                     out[pos + j] = v[j] - sv[j]
                     sv[j] = v[j]
             else:
                 memset(out + pos, 0, length * sizeof(real))
-            _unlock(e, s, False)  # the value itself did not change
+            _unlock_held(&b, False)  # the value itself did not change
             pos += length
-    if failed >= 0:
-        raise LockTimeout(int(k[failed]))
+    _check_batch(b)
 
 
 cdef object _refresh(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
                      real* fresh):
-    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef Batch b = view._batch_of(keys, True)
     cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
-    cdef Py_ssize_t i, n = keys.shape[0]
     cdef uint64_t j, pos = 0, length, count = 0
-    cdef uint32_t s
     cdef adapm_entry_t* e
     cdef real* v
     cdef real* sv
-    cdef int failed = -1
     with nogil:
-        for i in range(n):
-            e = &view.directory[k[i]]
+        while _lock_next(&b):
+            e = b.entry
             length = e.length
-            if _lock(e, &s, view.lock_timeout_ns) != 0:
-                failed = i
-                break
             if e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING:
                 v = arena + e.offset
-                sv = arena + so[i]
+                sv = arena + so[b.i]
                 for j in range(length):
                     v[j] = fresh[pos + j] + (v[j] - sv[j])
                     sv[j] = fresh[pos + j]
                 e.state = ADAPM_REPLICA
                 count += 1
-                _unlock(e, s, True)
+                _unlock_held(&b, True)
             else:
-                _unlock(e, s, False)
+                _unlock_held(&b, False)
             pos += length
-    if failed >= 0:
-        raise LockTimeout(int(k[failed]))
+    _check_batch(b)
     return count
 
 
 cdef object _overwrite(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
                        const real* values):
-    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef Batch b = view._batch_of(keys, True)
     cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
-    cdef Py_ssize_t i, n = keys.shape[0]
     cdef uint64_t pos = 0, length, count = 0
-    cdef uint32_t s
     cdef adapm_entry_t* e
     cdef bint copy
-    cdef int failed = -1
     with nogil:
-        for i in range(n):
-            e = &view.directory[k[i]]
+        while _lock_next(&b):
+            e = b.entry
             length = e.length
-            if _lock(e, &s, view.lock_timeout_ns) != 0:
-                failed = i
-                break
             copy = (e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING) and \
                 _fits(e.offset, length, view.arena_capacity) and \
-                _fits(so[i], length, view.arena_capacity)
+                _fits(so[b.i], length, view.arena_capacity)
             if copy:
                 memcpy(arena + e.offset, values + pos, length * sizeof(real))
-                memcpy(arena + so[i], values + pos, length * sizeof(real))
+                memcpy(arena + so[b.i], values + pos, length * sizeof(real))
                 e.version += 1
                 count += 1
-            _unlock(e, s, copy)
+            _unlock_held(&b, copy)
             pos += length
-    if failed >= 0:
-        raise LockTimeout(int(k[failed]))
+    _check_batch(b)
     return count
 
 
 cdef object _release_clean(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
                            cnp.ndarray offsets, cnp.ndarray released):
-    cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+    cdef Batch b = view._batch_of(keys, True)
     cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
     cdef uint64_t* offs = <uint64_t*>cnp.PyArray_DATA(offsets)
     cdef uint8_t* r = <uint8_t*>cnp.PyArray_DATA(released)
-    cdef Py_ssize_t i, n = keys.shape[0]
     cdef uint64_t j, length, count = 0
-    cdef uint32_t s
     cdef adapm_entry_t* e
     cdef real* v
     cdef real* sv
     cdef bint clean
-    cdef int failed = -1
     with nogil:
-        for i in range(n):
-            e = &view.directory[k[i]]
+        while _lock_next(&b):
+            e = b.entry
             length = e.length
-            if _lock(e, &s, view.lock_timeout_ns) != 0:
-                failed = i
-                break
-            r[i] = 0
+            r[b.i] = 0
             if e.state == ADAPM_REPLICA:
                 v = arena + e.offset
-                sv = arena + so[i]
+                sv = arena + so[b.i]
                 clean = True
                 for j in range(length):
                     if v[j] != sv[j]:
                         clean = False
                         break
                 if clean:
-                    offs[i] = e.offset
+                    offs[b.i] = e.offset
                     e.state = ADAPM_ABSENT
-                    r[i] = 1
+                    r[b.i] = 1
                     count += 1
-            _unlock(e, s, r[i] == 1)
-    if failed >= 0:
-        raise LockTimeout(int(k[failed]))
+            _unlock_held(&b, r[b.i] == 1)
+    _check_batch(b)
     return count

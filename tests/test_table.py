@@ -380,3 +380,116 @@ def test_a_set_overwrites_a_replica_and_its_value_at_last_sync(make_table):
     deltas = np.empty(4)
     view.replica_deltas(keys, synced, deltas)
     assert deltas.tolist() == [0, 0, 0, 0]
+
+
+
+def _replicas(view, keys, synced, delta):
+    """Make `keys` (OWNED, values as installed) REPLICAs at their own slots, each with a
+    value at last sync (in the slots `synced`) of value - delta."""
+    from adapm.table import REPLICA
+    offsets = np.empty(len(keys), np.uint64)
+    view.release(keys, OWNED, offsets, np.zeros(len(keys), np.uint8))
+    arena = view.arena_array()
+    values = np.concatenate([arena[o:o + 2] for o in offsets.tolist()])
+    view.admit(keys, values, offsets, REPLICA, 0, np.zeros(len(keys), np.uint8))
+    for o, s in zip(offsets.tolist(), synced.tolist()):
+        arena[s:s + 2] = arena[o:o + 2] - delta
+
+
+def _batch_kernels():
+    """Each kernel that locks keys, on the batch [1, 7, 3] of a table of 16 keys of 2
+    float64 (key k's value: 2k, 2k + 1): (prepare, call, key 1's state and value after
+    it). `call` registers its outputs in `out` (per key: `keys`, flat: `values`),
+    filled with sentinels, before it runs the kernel."""
+    from adapm.table import REPLICA
+
+    def keys_out(out, dtype):
+        out["keys"].append(np.full(3, 9, dtype))
+        return out["keys"][-1]
+
+    def values_out(out):
+        out["values"].append(np.full(6, -1.0))
+        return out["values"][-1]
+
+    def update(view, keys, synced, out):
+        view.update(keys, np.ones(6), np.empty(3, np.uint64), True)
+
+    def release(view, keys, synced, out):
+        view.release(keys, OWNED, keys_out(out, np.uint64), keys_out(out, np.uint8))
+
+    def evict(view, keys, synced, out):
+        view.evict(keys, 0, values_out(out), keys_out(out, np.uint64),
+                   keys_out(out, np.uint8))
+
+    def absent(view, keys, synced):
+        view.release(keys, OWNED, np.empty(3, np.uint64), np.zeros(3, np.uint8))
+
+    def admit(view, keys, synced, out):
+        view.admit(keys, np.array([10.0, 10, 11, 11, 12, 12]), synced, OWNED, 0,
+                   keys_out(out, np.uint8))
+
+    def deltas(view, keys, synced, out):
+        view.replica_deltas(keys, synced, values_out(out))
+
+    def refresh(view, keys, synced, out):
+        view.replica_refresh(keys, synced, np.array([20.0, 20, 21, 21, 22, 22]))
+
+    def overwrite(view, keys, synced, out):
+        view.replica_overwrite(keys, synced, np.array([30.0, 30, 31, 31, 32, 32]))
+
+    def release_clean(view, keys, synced, out):
+        view.release_clean(keys, synced, keys_out(out, np.uint64), keys_out(out, np.uint8))
+
+    def replicas(delta):
+        return lambda view, keys, synced: _replicas(view, keys, synced, delta)
+
+    # key 1 after the call: (state, value, value at last sync)
+    return {
+        "update": (None, update, (OWNED, [3, 4], [24, 25])),
+        "release": (None, release, (ABSENT, [2, 3], [24, 25])),
+        "evict": (None, evict, (ABSENT, [2, 3], [24, 25])),
+        "admit": (absent, admit, (OWNED, [10, 10], [10, 10])),  # its slot: synced[0]
+        "replica_deltas": (replicas(1), deltas, (REPLICA, [2, 3], [2, 3])),
+        "replica_refresh": (replicas(1), refresh, (REPLICA, [21, 21], [20, 20])),
+        "replica_overwrite": (replicas(1), overwrite, (REPLICA, [30, 30], [30, 30])),
+        "release_clean": (replicas(0), release_clean, (ABSENT, [2, 3], [2, 3])),
+    }
+
+
+@pytest.mark.parametrize("kernel", list(_batch_kernels()))
+def test_a_lock_timeout_in_a_batch_names_its_key_and_leaves_the_rest(make_table, kernel):
+    """The kernels' shared lock-and-fail loop (src/batch.pxd): when the lock of one key of
+    a batch times out, the call raises LockTimeout naming that key; the keys before it
+    were done, it and the keys after it are untouched (their outputs too), and no lock is
+    left held."""
+    prepare, call, key1_after = _batch_kernels()[kernel]
+    table = make_table(num_keys=16, value_length=2, dtype="float64", values=np.arange(32.0))
+    view = table.view
+    view.lock_timeout_ns = 20_000_000
+    keys = np.array([1, 7, 3], np.uint64)
+    synced = np.array([24, 26, 28], np.uint64)  # the slots of keys 12 to 14, unused here
+    if prepare is not None:
+        prepare(view, keys, synced)
+    seq = view.hold_lock(7)
+    directory_before = view.directory_array().copy()
+    arena_before = view.arena_array().copy()
+    out = {"keys": [], "values": []}
+    with pytest.raises(LockTimeout) as info:
+        call(view, keys, synced, out)
+    assert info.value.key == 7
+    directory, arena = view.directory_array(), view.arena_array()
+    entry = directory[1]
+    offset = int(entry["offset"])
+    assert (entry["state"], arena[offset:offset + 2].tolist(), arena[24:26].tolist()) == \
+        key1_after
+    assert entry["seq"] % 2 == 0  # unlocked after its work
+    assert (directory[[3, 7]] == directory_before[[3, 7]]).all()  # 7 is still held: odd
+    rest = [int(o) + j for o in directory_before["offset"][[3, 7]] for j in (0, 1)]
+    rest += list(range(26, 30))  # keys 7 and 3's values at last sync
+    np.testing.assert_array_equal(arena[rest], arena_before[rest])
+    for per_key in out["keys"]:
+        assert per_key[1:].tolist() == [9, 9]
+    for flat in out["values"]:
+        assert flat[2:].tolist() == [-1] * 4
+    view.release_lock(7, seq, changed=False)
+    assert (view.directory_array()["seq"] % 2 == 0).all()
