@@ -32,8 +32,11 @@ class Outbox:
         """To a connection of the router (a worker); a worker that is gone is logged,
         not an error: its node fails the cluster if it died."""
         self._stamp(msg)
+        frames = msg.encode()
         try:
-            self._send(self.router, [identity, *msg.encode()])
+            # the routing identity is not counted, as on receipt
+            self._count("bytes_sent", protocol.send(self.router, [identity, *frames]) -
+                        len(identity))
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: no such connection
             log.warning("node %d: could not reply to a worker: %s", self.node, exc)
 
