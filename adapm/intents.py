@@ -6,6 +6,7 @@ came due (start inside the action window) and whether a key is intended at all (
 intent not yet expired); an intent is forgotten once its worker's clock passed its end."""
 
 import bisect
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,12 +22,21 @@ class Intent:
     end: int = field(compare=False)
     keys: np.ndarray = field(compare=False)
     acted: bool = field(default=False, compare=False)
+    expired: bool = field(default=False, compare=False)
 
 
 class IntentStore:
     def __init__(self, num_workers, num_keys):
         self._by_worker = [[] for _ in range(num_workers)]  # sorted by start
         self._next_due = [0] * num_workers                  # first intent not acted on
+        # Per worker, a heap of (end, sequence, intent): expire() pops what ended, at a
+        # cost that grows with the intents that ended, not with the thousands that may
+        # wait ahead. An expired intent is flagged and leaves the sorted list once it
+        # reaches its front (or when flagged ones are half the list).
+        self._ends = [[] for _ in range(num_workers)]
+        self._flagged = [0] * num_workers                   # expired, still listed
+        self._sequence = 0
+        self._live = 0
         # How many unexpired intents name each key (a key named twice counts twice).
         # Intents come and go one batch at a time, thousands a second: their keys are
         # queued and counted in one pass when the counts are read (about once a round).
@@ -41,29 +51,49 @@ class IntentStore:
             raise ValueError(f"intent window [{start}, {end}) is empty")
         intents = self._by_worker[worker]
         intent = Intent(start, end, keys)
-        position = bisect.bisect_right(intents, intent)
-        intents.insert(position, intent)
+        if not intents or intents[-1].start <= start:  # the usual order: no search
+            position = len(intents)
+            intents.append(intent)
+        else:
+            position = bisect.bisect_right(intents, intent)
+            intents.insert(position, intent)
         if position < self._next_due[worker]:  # arrived late, behind acted ones
             self._next_due[worker] = position
+        self._sequence += 1
+        heapq.heappush(self._ends[worker], (end, self._sequence, intent))
+        self._live += 1
         self._added.append(keys)
         self.received += keys.shape[0]
 
     def expire(self, clocks):
         """Forget intents whose window ended before each worker's current clock."""
-        for worker, intents in enumerate(self._by_worker):
+        for worker, ends in enumerate(self._ends):
             clock = int(clocks[worker])
-            if not intents or all(i.end > clock for i in intents):
-                continue
-            keep = []
-            for intent in intents:
-                if intent.end > clock:
-                    keep.append(intent)
-                else:
-                    self._removed.append(intent.keys)
-            self._by_worker[worker] = keep
-            self._next_due[worker] = next(
-                (i for i, intent in enumerate(keep) if not intent.acted), len(keep))
+            while ends and ends[0][0] <= clock:
+                intent = heapq.heappop(ends)[2]
+                intent.expired = True
+                self._removed.append(intent.keys)
+                self._flagged[worker] += 1
+                self._live -= 1
+            if self._flagged[worker]:
+                self._unlist_expired(worker)
         self._fold()  # at most once a round: the queues never outgrow a round's intents
+
+    def _unlist_expired(self, worker):
+        intents = self._by_worker[worker]
+        front = 0
+        while front < len(intents) and intents[front].expired:
+            front += 1
+        if front:
+            del intents[:front]
+            self._flagged[worker] -= front
+            self._next_due[worker] = max(0, self._next_due[worker] - front)
+        if self._flagged[worker] * 2 > len(intents):
+            kept = [i for i in intents if not i.expired]
+            self._next_due[worker] = next(
+                (n for n, i in enumerate(kept) if not i.acted), len(kept))
+            self._by_worker[worker] = kept
+            self._flagged[worker] = 0
 
     @property
     def count(self):
@@ -93,7 +123,7 @@ class IntentStore:
         found = []
         i = self._next_due[worker]
         while i < len(intents) and intents[i].start < horizon:
-            if not intents[i].acted:
+            if not intents[i].acted and not intents[i].expired:
                 intents[i].acted = True
                 found.append(intents[i])
             i += 1
@@ -104,7 +134,7 @@ class IntentStore:
         """Start of this worker's first intent not acted on yet (a huge number if none)."""
         intents = self._by_worker[worker]
         i = self._next_due[worker]
-        while i < len(intents) and intents[i].acted:
+        while i < len(intents) and (intents[i].acted or intents[i].expired):
             i += 1
         return intents[i].start if i < len(intents) else 2**62
 
@@ -113,7 +143,8 @@ class IntentStore:
         return self.count[keys.astype(np.intp)] > 0
 
     def __len__(self):
-        return sum(len(intents) for intents in self._by_worker)
+        """Intents not expired."""
+        return self._live
 
 
 class IntentLog:

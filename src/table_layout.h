@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 #define ADAPM_MAGIC 0x31764d5041414441ULL /* "ADAAPMv1" little endian */
-#define ADAPM_LAYOUT_VERSION 4u
+#define ADAPM_LAYOUT_VERSION 5u
 #define ADAPM_HEADER_BYTES 4096u
 #define ADAPM_WORKER_BLOCK_SLOTS 64u      /* uint64 counters per worker: 512 bytes */
 #define ADAPM_NODE_COUNTER_SLOTS 64u
@@ -22,7 +22,9 @@
 #define ADAPM_RING_CONTROL_WORDS 16u
 #define ADAPM_RING_HEAD 0u
 #define ADAPM_RING_TAIL 8u
-#define ADAPM_RING_WORDS 65536u          /* 512 KB per worker */
+#define ADAPM_RING_WORDS 524288u         /* 4 MB per worker (sparse: pages are touched as
+                                            intents fill them); at 512 KB, MF look-ahead
+                                            overflowed it and 2 in 3 intents went as messages */
 #define ADAPM_RING_WRAP 0xFFFFFFFFFFFFFFFFULL /* "the next record starts at word 0" */
 
 /* Key states. Only the node server changes them. */
