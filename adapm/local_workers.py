@@ -8,13 +8,12 @@ from adapm.table import WORKER_SLOT
 
 
 class LocalWorkers:
-    def __init__(self, ctx, outbox, release_after_round, report_failure, addresses):
-        """release_after_round(generation): the barrier is complete cluster-wide, release
-        it once replicas fetched what was flushed; report_failure(code, detail): fail the
-        cluster; addresses(): every node's address (for WELCOME)."""
+    def __init__(self, ctx, outbox, report_failure, addresses):
+        """report_failure(code, detail): fail the cluster; addresses(): every node's
+        address (for WELCOME). A barrier complete cluster-wide is released through
+        `release_now`, by the rounds part once replicas fetched what was flushed."""
         self.ctx = ctx
         self.outbox = outbox
-        self.release_after_round = release_after_round
         self.report_failure = report_failure
         self.addresses = addresses
         self.identities = {}    # local worker index -> routing identity

@@ -46,7 +46,7 @@ RELOCATE, REPLICATE = "relocate", "replicate"
 
 # Retention (class Retention). Learned per key; these are only its unit and its bound.
 # The unit: a replica nobody intends is synced only in full rounds (every 20 ms,
-# placement.REFRESH_INTERVAL), and rounds run at least that often while the node holds
+# rounds.REFRESH_INTERVAL), and rounds run at least that often while the node holds
 # replicas, so keeping one for a unit costs at most one sync entry (its drop costs one
 # too), and a finer retention could not be honoured anyway.
 RETAIN_UNIT = 0.02

@@ -63,7 +63,7 @@ def node_identity(node):
 class MsgType(enum.IntEnum):
     # worker -> node server (any node for data, its own node for control)
     HELLO = 1          # count: pid
-    BARRIER = 2        # request_id: barrier generation
+    BARRIER = 2        # generation
     WAIT_SYNC = 3
     INTENT = 4         # keys; arg0: start clock, arg1: end clock
     GOODBYE = 5

@@ -182,8 +182,8 @@ class NodeServer:
         routes = Routes(ctx, outbox)
         holders = ReplicaHolders(self.spec.num_keys, self.spec.num_nodes)
         self.replicas = ReplicaCopies(ctx)
-        self.local_workers = LocalWorkers(ctx, outbox, self._release_barrier,
-                                          self._report_failure, lambda: self.addresses)
+        self.local_workers = LocalWorkers(ctx, outbox, self._report_failure,
+                                          lambda: self.addresses)
         self.manager = Manager(self.spec.mode, self.workers, self.intents,
                                num_keys=self.spec.num_keys)
         self.rounds = Rounds(ctx, outbox, routes, self.replicas, holders, self.manager,

@@ -766,9 +766,8 @@ class LocalWorkersHarness:
     def __init__(self, server):
         self.ctx = context(server)
         self.outbox = RecordingOutbox(server.node)
-        self.released = []
         self.failures = []
-        self.part = LocalWorkers(self.ctx, self.outbox, self.released.append,
+        self.part = LocalWorkers(self.ctx, self.outbox,
                                  lambda code, detail: self.failures.append((code, detail)),
                                  lambda: list(ADDRESSES[:2]))
 
