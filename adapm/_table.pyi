@@ -9,6 +9,9 @@ OWNED: int
 REPLICA: int
 PENDING: int
 KEEP_OWNER: int
+SERVE_NO_VALUE: int
+SERVE_VALUE: int
+SERVE_VALUE_IF_CHANGED: int
 HEADER_BYTES: int
 ENTRY_BYTES: int
 ENTRY_DTYPE: np.dtype
@@ -111,6 +114,9 @@ class TableView:
     def admit(self, keys: np.ndarray, values: np.ndarray, offsets: np.ndarray, state: int,
               owner: int, admitted: np.ndarray,
               versions: np.ndarray | None = None) -> int: ...
+    def serve_sync(self, keys: np.ndarray, deltas: np.ndarray, has_delta: np.ndarray,
+                   seen: np.ndarray, wanted: np.ndarray, owned: np.ndarray,
+                   versions: np.ndarray, with_value: np.ndarray, out: np.ndarray) -> int: ...
     def replica_deltas(self, keys: np.ndarray, synced: np.ndarray,
                        out: np.ndarray) -> None: ...
     def replica_refresh(self, keys: np.ndarray, synced: np.ndarray,

@@ -42,7 +42,15 @@ from adapm.protocol import (
     MsgType,
 )
 from adapm.segments import Segments
-from adapm.table import NODE_SLOT, OWNED, REPLICA, WORKER_SLOT
+from adapm.table import (
+    NODE_SLOT,
+    OWNED,
+    REPLICA,
+    SERVE_NO_VALUE,
+    SERVE_VALUE,
+    SERVE_VALUE_IF_CHANGED,
+    WORKER_SLOT,
+)
 from adapm.waiters import RoundWaiters
 
 _NO_KEYS = np.empty(0, dtype=np.uint64)
@@ -299,32 +307,36 @@ class Rounds:
             self._answer_sync(msg, holder, idx, kinds[idx], has_delta, deltas)
 
     def _answer_sync(self, msg, holder, idx, kinds, has_delta, deltas):
-        keys = msg.keys
-        dirty = idx[has_delta[idx]]
-        if dirty.shape[0]:
-            misses = np.empty(dirty.shape[0], dtype=np.uint64)
-            self.view.update(keys[dirty], deltas.of(dirty), misses, True, True)  # owned
-        keys, seen = keys[idx], msg.versions[idx]
-        versions = np.empty(keys.shape[0], dtype=np.uint32)
-        self.view.versions_of(keys, versions)  # before the values: never newer than them
-        expected = seen + has_delta[idx].astype(np.uint32)
-        answer = np.where(versions == expected, REPLY_CURRENT, REPLY_VALUE).astype(np.uint32)
-        answer[kinds == SYNC_DROP] = REPLY_DROPPED
-        answer[kinds == SYNC_REQUEST] = REPLY_VALUE
+        """Answer the keys of a SYNC owned here: the manager decides for the requested
+        ones, then one kernel call (serve_sync) applies every delta and reads each key's
+        version and, where the answer carries it, its value, under the key's lock."""
+        keys = msg.keys[idx]
         relocate = self._answer_requests(keys, kinds, holder)
         self._track_holders(keys, kinds, holder, forwarded=msg.hops > 0)
+        wanted = np.where(kinds == SYNC_KEEP, SERVE_VALUE_IF_CHANGED,
+                          SERVE_VALUE).astype(np.uint8)
+        wanted[(kinds == SYNC_DROP) | relocate] = SERVE_NO_VALUE  # a MOVE takes the value
+        n = keys.shape[0]
+        owned, with_value = np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.uint8)
+        versions = np.empty(n, dtype=np.uint32)
+        values = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
+        delta = has_delta[idx]
+        used = self.view.serve_sync(keys, deltas.of(idx[delta]), delta.view(np.uint8),
+                                    np.ascontiguousarray(msg.versions[idx]), wanted, owned,
+                                    versions, with_value, values)
+        if not owned.all():  # only this thread changes states: a broken invariant
+            raise RuntimeError(f"{int((owned == 0).sum())} keys of a SYNC stopped being "
+                               f"owned here while it was answered")
         if relocate.any():
             self.relocation.evict_and_move(keys[relocate], holder, msg.round,
                                            MOVE_FOR_ROUND)
         reply = ~relocate
         if reply.any():
-            rkeys, ranswer = keys[reply], answer[reply]
-            with_value = rkeys[ranswer == REPLY_VALUE]
-            values = np.empty(self.view.total_length(with_value), dtype=self.view.dtype)
-            self.view.pull(with_value, values, np.empty(with_value.shape[0], np.uint64))
+            answer = np.where(with_value == 1, REPLY_VALUE, REPLY_CURRENT).astype(np.uint32)
+            answer[kinds == SYNC_DROP] = REPLY_DROPPED
             self.outbox.to_peer(holder, protocol.SyncReply(
-                round=msg.round, keys=rkeys, values=values,
-                counters=ranswer, versions=versions[reply]))
+                round=msg.round, keys=keys[reply], values=values[:used],
+                counters=answer[reply], versions=versions[reply]))
 
     def _answer_requests(self, keys, kinds, holder):
         """The manager's decision for each requested key; returns the mask to relocate."""

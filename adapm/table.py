@@ -12,7 +12,18 @@ import numpy as np
 import posix_ipc
 
 from adapm import _table
-from adapm._table import ABSENT, KEEP_OWNER, OWNED, PENDING, REPLICA, LockTimeout, TableView  # noqa: F401
+from adapm._table import (  # noqa: F401
+    ABSENT,
+    KEEP_OWNER,
+    OWNED,
+    PENDING,
+    REPLICA,
+    SERVE_NO_VALUE,
+    SERVE_VALUE,
+    SERVE_VALUE_IF_CHANGED,
+    LockTimeout,
+    TableView,
+)
 
 SEGMENT_PREFIX = "/adapm-"
 # Segments made by processes with this variable set carry its value in their names, so

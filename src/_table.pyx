@@ -68,6 +68,14 @@ assert ENTRY_DTYPE.itemsize == sizeof(adapm_entry_t)
 cdef enum:
     _KEEP_OWNER = 0xFFFF
 KEEP_OWNER = _KEEP_OWNER  # admit(): leave the location cache unchanged
+# serve_sync(): which of a sync's keys get their value copied out.
+cdef enum:
+    _SERVE_NO_VALUE = 0          # dropped, or about to be relocated
+    _SERVE_VALUE = 1             # always (a requested key)
+    _SERVE_VALUE_IF_CHANGED = 2  # only when its version is not the one the replica saw
+SERVE_NO_VALUE = _SERVE_NO_VALUE
+SERVE_VALUE = _SERVE_VALUE
+SERVE_VALUE_IF_CHANGED = _SERVE_VALUE_IF_CHANGED
 
 # The header must hold every field of adapm_header_t, also those added at its end.
 if sizeof(adapm_header_t) > ADAPM_HEADER_BYTES:
@@ -297,6 +305,55 @@ cdef int64_t _update(Batch* batch, real* arena, const real* values, uint64_t* mi
         pos += uniform if uniform != 0 else length
     batch.failed = b.failed
     return nmiss
+
+
+cdef uint64_t _serve_sync(Batch* batch, real* arena, const real* deltas,
+                          const uint8_t* has_delta, const uint32_t* seen,
+                          const uint8_t* wanted, uint8_t* owned, uint32_t* versions,
+                          uint8_t* with_value, real* out, uint64_t uniform) noexcept nogil:
+    """The owner's side of a sync round, each key under its lock: its delta (if any) is
+    added, its version read, and its value copied out when `wanted` says so, all in one
+    critical section, so that the version sent describes exactly the value sent. Keys
+    not owned here are left alone (owned[i] = 0). Returns the elements written to out."""
+    cdef Batch b = batch[0]
+    b.arena = <const char*>arena  # as in _pull
+    b.itemsize = sizeof(real)
+    cdef uint64_t j, dpos = 0, opos = 0, length, capacity = b.capacity
+    cdef uint32_t version
+    cdef uint8_t want
+    cdef bint changed
+    cdef adapm_entry_t* e
+    cdef real* value
+    while _lock_next(&b):
+        e = b.entry
+        length = _length(e, uniform)
+        changed = False
+        if e.state == ADAPM_OWNED and length != 0 and _fits(e.offset, length, capacity):
+            owned[b.i] = 1
+            value = arena + e.offset
+            if has_delta[b.i]:
+                for j in range(length):
+                    value[j] += deltas[dpos + j]
+                e.version += 1
+                changed = True
+            version = e.version
+            versions[b.i] = version
+            want = wanted[b.i]
+            if want == _SERVE_VALUE or (want == _SERVE_VALUE_IF_CHANGED and
+                                       version != <uint32_t>(seen[b.i] + has_delta[b.i])):
+                memcpy(out + opos, value, length * sizeof(real))
+                opos += length
+                with_value[b.i] = 1
+            else:
+                with_value[b.i] = 0
+        else:
+            owned[b.i] = 0
+            with_value[b.i] = 0
+        _unlock_held(&b, changed)
+        if has_delta[b.i]:
+            dpos += e.length
+    batch.failed = b.failed
+    return opos
 
 
 cdef class TableView:
@@ -889,6 +946,38 @@ cdef class TableView:
         return count
 
     # -- replicas (node server only) -----------------------------------------------
+
+    def serve_sync(self, cnp.ndarray keys, cnp.ndarray deltas, cnp.ndarray has_delta,
+                   cnp.ndarray seen, cnp.ndarray wanted, cnp.ndarray owned,
+                   cnp.ndarray versions, cnp.ndarray with_value, cnp.ndarray out):
+        """Owner side of a sync round, one call for a message's keys: for each key owned
+        here, add its delta (`has_delta` uint8; `deltas` flat, of those keys only, in key
+        order), read its version into `versions` (uint32) and copy its value into `out`
+        (flat, key order) when `wanted` (uint8) is SERVE_VALUE, or SERVE_VALUE_IF_CHANGED
+        and the version is not `seen` (uint32) + its delta; with_value[i] says which
+        were. owned[i] = 0 for keys not owned here (left alone). Returns the elements
+        written to `out`."""
+        self._check_open()
+        cdef Batch b = self._batch_of(keys, True)
+        cdef const uint8_t* hd = <const uint8_t*>cnp.PyArray_DATA(has_delta)
+        cdef const uint32_t* sn = <const uint32_t*>cnp.PyArray_DATA(seen)
+        cdef const uint8_t* wt = <const uint8_t*>cnp.PyArray_DATA(wanted)
+        cdef uint8_t* ow = <uint8_t*>cnp.PyArray_DATA(owned)
+        cdef uint32_t* vs = <uint32_t*>cnp.PyArray_DATA(versions)
+        cdef uint8_t* wv = <uint8_t*>cnp.PyArray_DATA(with_value)
+        cdef uint64_t r
+        if self.header.dtype == 0:
+            with nogil:
+                r = _serve_sync(&b, <float*>self.arena,
+                                <const float*>cnp.PyArray_DATA(deltas), hd, sn, wt, ow, vs,
+                                wv, <float*>cnp.PyArray_DATA(out), self.uniform_length)
+        else:
+            with nogil:
+                r = _serve_sync(&b, <double*>self.arena,
+                                <const double*>cnp.PyArray_DATA(deltas), hd, sn, wt, ow, vs,
+                                wv, <double*>cnp.PyArray_DATA(out), self.uniform_length)
+        _check_batch(b)
+        return r
 
     def replica_deltas(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray out):
         """For each replica key: out = value - synced, then synced = value, under the

@@ -493,3 +493,41 @@ def test_a_lock_timeout_in_a_batch_names_its_key_and_leaves_the_rest(make_table,
         assert flat[2:].tolist() == [-1] * 4
     view.release_lock(7, seq, changed=False)
     assert (view.directory_array()["seq"] % 2 == 0).all()
+
+
+# -- serve_sync: the owner's side of a sync round in one call ---------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_serve_sync_applies_deltas_and_copies_the_values_the_answers_carry(make_table, dtype):
+    from adapm.table import SERVE_NO_VALUE, SERVE_VALUE, SERVE_VALUE_IF_CHANGED
+
+    values = np.arange(6 * 2, dtype=dtype)
+    table = make_table(num_keys=6, value_length=2, dtype=dtype, values=values)
+    view = table.view
+    released = np.zeros(1, dtype=np.uint8)
+    view.release(np.array([5], dtype=np.uint64), OWNED, np.zeros(1, np.uint64), released)
+    before = np.empty(6, dtype=np.uint32)
+    view.versions_of(np.arange(6, dtype=np.uint64), before)
+    # 0: keep, unchanged since seen, no delta -> no value; 1: keep, changed -> value;
+    # 2: keep with a delta, otherwise unchanged -> no value; 3: request -> value;
+    # 4: drop with a delta -> applied, no value; 5: not owned here (its delta skipped)
+    keys = np.arange(6, dtype=np.uint64)
+    has_delta = np.array([0, 0, 1, 0, 1, 1], dtype=np.uint8)
+    deltas = np.array([10, 20, 30, 40, 50, 60], dtype=dtype)  # keys 2, 4, 5
+    seen = before.copy()
+    seen[1] += 7  # the replica saw another version
+    wanted = np.array([SERVE_VALUE_IF_CHANGED] * 3 + [SERVE_VALUE, SERVE_NO_VALUE,
+                      SERVE_VALUE], dtype=np.uint8)
+    owned, with_value = np.empty(6, np.uint8), np.empty(6, np.uint8)
+    versions = np.empty(6, np.uint32)
+    out = np.empty(12, dtype=dtype)
+    used = view.serve_sync(keys, deltas, has_delta, seen, wanted, owned, versions,
+                           with_value, out)
+    assert owned.tolist() == [1, 1, 1, 1, 1, 0]
+    assert with_value.tolist() == [0, 1, 0, 1, 0, 0]
+    assert used == 4 and out[:4].tolist() == [2, 3, 6, 7]       # keys 1 and 3
+    assert (versions[:5] == before[:5] + has_delta[:5]).all()
+    now = np.empty(12, dtype=dtype)
+    view.pull(keys[:5], now[:10], np.empty(5, np.uint64))
+    assert now[4:6].tolist() == [4 + 10, 5 + 20]                  # key 2's delta
+    assert now[8:10].tolist() == [8 + 30, 9 + 40]                 # key 4's delta
