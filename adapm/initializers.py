@@ -1,7 +1,8 @@
 """Initial values of the parameters.
 
 Schemes (API.md): None/"zeros"; ("uniform", low, high, seed); ("normal", std, seed); or a
-callable init(keys) -> values. The random schemes are counter based: the value of element
+callable init(keys) -> values (one with `needs_value_length`, as adapm.optim's inits, is
+called init(keys, value_length)). The random schemes are counter based: the value of element
 j of key k is a pure function of (seed, k, j) (a SplitMix64 hash), so the same seed gives
 the same values whatever the number of nodes and whichever node computes them."""
 
@@ -67,7 +68,14 @@ def initial_values(init, keys, lengths, dtype):
     lengths = np.asarray(lengths, dtype=np.uint64)
     total = int(lengths.sum())
     if callable(init):
-        values = np.asarray(init(keys.copy()))
+        if total == 0:
+            return np.zeros(0, dtype=dtype)
+        if getattr(init, "needs_value_length", False):  # adapm.optim's inits: the layout
+            if (lengths != lengths[0]).any():
+                raise ValueError("an optimizer's init needs a uniform value_length")
+            values = np.asarray(init(keys.copy(), int(lengths[0])))
+        else:
+            values = np.asarray(init(keys.copy()))
         if values.dtype.kind not in "fiu" or values.size != total:
             raise ValueError(
                 f"init callable returned {values.shape} {values.dtype} for {len(keys)} keys, "

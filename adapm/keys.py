@@ -51,6 +51,23 @@ def as_values(values, keys, total, table):
     return np.ascontiguousarray(arr, dtype=table.dtype).reshape(-1)
 
 
+def as_gradients(grads, n, dim, table):
+    """Gradients as a contiguous (n, dim) array of the table's dtype, finite."""
+    arr = grads if isinstance(grads, np.ndarray) else np.asarray(grads)
+    if hasattr(grads, "detach") and not isinstance(grads, np.ndarray):  # a torch tensor
+        arr = grads.detach().cpu().numpy()
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"gradients must be numeric, got dtype {arr.dtype}")
+    if arr.shape != (n, dim):
+        raise ValueError(f"gradients have shape {arr.shape}, expected ({n}, {dim}) for "
+                         f"{n} keys of rows of {dim}")
+    arr = np.ascontiguousarray(arr, dtype=table.dtype)
+    if not np.isfinite(arr).all():
+        raise ValueError("gradients hold NaN or infinite values (the step would spoil the "
+                         "rows and their optimizer state)")
+    return arr
+
+
 def pull_buffer(out, keys, total, table):
     """The array a pull writes into: `out` checked, or a new one."""
     n = keys.shape[0]

@@ -73,6 +73,8 @@ class MsgType(enum.IntEnum):
     LOCALIZE = 9       # keys: bring them to this node (relocation)
     REFRESH = 10       # keys: sync these replicas with the next round, then answer SYNCED
     WAKE = 11          # an intent waits in the worker's ring and the server was asleep
+    APPLY = 12         # keys (distinct), values (their summed gradients, n x dim), params
+                       # (the optimizer, adapm.optim.PARAMS): one step per key at its owner
     # node server -> worker
     WELCOME = 16       # addresses (every node's server, by node id)
     RELEASE = 17       # request_id: barrier generation
@@ -85,6 +87,7 @@ class MsgType(enum.IntEnum):
     FWD_PULL = 32      # keys, positions; arg0: requester rank
     FWD_PUSH = 33      # keys, values; arg0: requester rank
     FWD_SET = 34       # keys, values; arg0: requester rank
+    FWD_APPLY = 40     # keys, values, params; arg0: requester rank
     MOVE_REQUEST = 35  # keys; arg0: node that wants them; request_id: its request
     MOVE = 36          # keys, values, counters, versions (at the old owner);
                        # request_id: the requester's request
@@ -110,12 +113,13 @@ _FRAMES = {
     MsgType.HELLO: (), MsgType.BARRIER: (), MsgType.WAIT_SYNC: (), MsgType.GOODBYE: (),
     MsgType.INTENT: ("keys",), MsgType.PULL: ("keys",), MsgType.PUSH: ("keys", "values"),
     MsgType.SET: ("keys", "values"), MsgType.LOCALIZE: ("keys",), MsgType.REFRESH: ("keys",),
-    MsgType.WAKE: (),
+    MsgType.WAKE: (), MsgType.APPLY: ("keys", "values", "params"),
     MsgType.WELCOME: ("addresses",), MsgType.RELEASE: (), MsgType.SYNCED: (),
     MsgType.FAILED: ("text",), MsgType.PULL_REPLY: ("positions", "values"),
     MsgType.UPDATE_ACK: (), MsgType.LOCALIZED: (),
     MsgType.FWD_PULL: ("keys", "positions"), MsgType.FWD_PUSH: ("keys", "values"),
-    MsgType.FWD_SET: ("keys", "values"), MsgType.MOVE_REQUEST: ("keys",),
+    MsgType.FWD_SET: ("keys", "values"), MsgType.FWD_APPLY: ("keys", "values", "params"),
+    MsgType.MOVE_REQUEST: ("keys",),
     MsgType.MOVE: ("keys", "values", "counters", "versions"),
     MsgType.OWNER_UPDATE: ("keys", "counters"),
     MsgType.SYNC: ("keys", "values", "counters", "versions"),
@@ -125,7 +129,8 @@ _FRAMES = {
     MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: ("text",),
 }
 _DTYPES = {"keys": np.uint64, "positions": np.uint32, "counters": np.uint32,
-           "versions": np.uint32}
+           "versions": np.uint32, "params": np.float64}
+PARAMS_COUNT = 8             # an APPLY's params frame: float64 values (adapm.optim.PARAMS)
 # Frames whose element count must equal the keys frame's.
 _PER_KEY = ("positions", "counters", "versions")
 
@@ -145,6 +150,7 @@ class Message:
     values: object = None       # outgoing: array; incoming: raw bytes (see values_of)
     counters: np.ndarray = None
     versions: np.ndarray = None
+    params: np.ndarray = None
     addresses: list = None
     text: str = ""
     token: int = 0
@@ -185,6 +191,7 @@ _NAMED = {
     MsgType.FWD_PULL: {"requester": "arg0"},
     MsgType.FWD_PUSH: {"requester": "arg0"},
     MsgType.FWD_SET: {"requester": "arg0"},
+    MsgType.FWD_APPLY: {"requester": "arg0"},
     MsgType.MOVE_REQUEST: {"target": "arg0"},
     MsgType.MOVE: {"purpose": "arg1"},
     MsgType.OWNER_UPDATE: {"owner": "arg0"},
@@ -240,6 +247,7 @@ Set = _message_type(MsgType.SET)
 Localize = _message_type(MsgType.LOCALIZE)
 Refresh = _message_type(MsgType.REFRESH)
 Wake = _message_type(MsgType.WAKE)
+Apply = _message_type(MsgType.APPLY)
 # node server -> worker
 Welcome = _message_type(MsgType.WELCOME)
 Release = _message_type(MsgType.RELEASE)
@@ -252,6 +260,7 @@ Localized = _message_type(MsgType.LOCALIZED)
 FwdPull = _message_type(MsgType.FWD_PULL)
 FwdPush = _message_type(MsgType.FWD_PUSH)
 FwdSet = _message_type(MsgType.FWD_SET)
+FwdApply = _message_type(MsgType.FWD_APPLY)
 MoveRequest = _message_type(MsgType.MOVE_REQUEST)
 Move = _message_type(MsgType.MOVE)
 OwnerUpdate = _message_type(MsgType.OWNER_UPDATE)
@@ -269,9 +278,9 @@ NodeFailed = _message_type(MsgType.NODE_FAILED)
 
 BY_TYPE = {cls.TYPE: cls for cls in (
     Hello, Barrier, WaitSync, Intent, Goodbye, Pull, Push, Set, Localize, Refresh, Wake,
-    Welcome, Release, Synced, Failed, PullReply, UpdateAck, Localized, FwdPull, FwdPush,
-    FwdSet, MoveRequest, Move, OwnerUpdate, Sync, SyncReply, Join, Peers, NodeBarrier,
-    NodeRelease, Heartbeat, NodeDone, Shutdown, NodeFailed)}
+    Apply, Welcome, Release, Synced, Failed, PullReply, UpdateAck, Localized, FwdPull,
+    FwdPush, FwdSet, FwdApply, MoveRequest, Move, OwnerUpdate, Sync, SyncReply, Join, Peers,
+    NodeBarrier, NodeRelease, Heartbeat, NodeDone, Shutdown, NodeFailed)}
 assert set(BY_TYPE) == set(MsgType), "a message type without its builder"
 
 
@@ -352,6 +361,9 @@ def decode(frames):
         if arr is not None and msg.keys is not None and arr.shape[0] != msg.keys.shape[0]:
             raise ProtocolError(f"{mtype.name}: {arr.shape[0]} {kind} for "
                                 f"{msg.keys.shape[0]} keys")
+    if msg.params is not None and msg.params.shape[0] != PARAMS_COUNT:
+        raise ProtocolError(f"{mtype.name}: params frame of {msg.params.shape[0]} values, "
+                            f"expected {PARAMS_COUNT}")
     return msg
 
 

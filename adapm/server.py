@@ -79,12 +79,14 @@ START_REPORT_EVERY = 5.0  # seconds between "waiting for ..." lines while the cl
 # Who may send which message: workers (identity W<rank>) or peer servers (N<node>).
 WORKER_REQUESTS = {MsgType.HELLO, MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT,
                    MsgType.GOODBYE, MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.LOCALIZE,
-                   MsgType.REFRESH, MsgType.WAKE}
+                   MsgType.REFRESH, MsgType.WAKE, MsgType.APPLY}
 LOCAL_ONLY = {MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT, MsgType.GOODBYE,
               MsgType.LOCALIZE, MsgType.REFRESH, MsgType.WAKE}
-FORWARDED_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET}
-PEER_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.MOVE_REQUEST,
-                 MsgType.MOVE, MsgType.OWNER_UPDATE, MsgType.SYNC, MsgType.SYNC_REPLY}
+FORWARDED_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET,
+                      MsgType.FWD_APPLY}
+PEER_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.FWD_APPLY,
+                 MsgType.MOVE_REQUEST, MsgType.MOVE, MsgType.OWNER_UPDATE, MsgType.SYNC,
+                 MsgType.SYNC_REPLY}
 
 
 def home_keys(num_keys, node, num_nodes):
@@ -213,6 +215,8 @@ class NodeServer:
             MsgType.FWD_PULL: serving.on_fwd_pull,
             MsgType.FWD_PUSH: serving.on_fwd_push,
             MsgType.FWD_SET: serving.on_fwd_set,
+            MsgType.APPLY: serving.on_apply,
+            MsgType.FWD_APPLY: serving.on_fwd_apply,
             MsgType.LOCALIZE: relocation.on_localize,
             MsgType.MOVE_REQUEST: relocation.on_move_request,
             MsgType.MOVE: relocation.on_move,

@@ -9,7 +9,8 @@ node stalls."""
 
 import numpy as np
 
-from adapm import protocol
+from adapm import optim, protocol
+from adapm.errors import ProtocolError
 from adapm.protocol import ALL_POSITIONS, MsgType
 from adapm.segments import Segments
 
@@ -100,3 +101,42 @@ class DataServing:
         fwd_segs = Segments.of(self.view, keys[missed])
         self.routes.forward_request(msg, fwd_type, keys[missed], rank,
                                     lambda idx: {"values": fwd_segs.take(fwd_values, idx)})
+
+    # -- optimizer steps (adapm.optim) ---------------------------------------------
+
+    def on_apply(self, identity, msg):
+        self._apply_gradients(msg, msg.src_worker)
+
+    def on_fwd_apply(self, identity, msg):
+        self._apply_gradients(msg, int(msg.requester))
+
+    def _apply_gradients(self, msg, rank):
+        """One optimizer step per key owned here (the same kernel as a worker's local
+        step), acknowledged with the count; the rest is passed on along the path with its
+        gradients and the same params."""
+        keys = msg.keys
+        self.ctx.check_keys(keys)
+        try:
+            params, dim = optim.read_params(msg.params, self.view.uniform_length)
+        except ValueError as exc:
+            raise ProtocolError(f"{msg.type.name}: {exc}") from None
+        n = keys.shape[0]
+        grads = protocol.values_of(msg, self.view.dtype, n * dim).reshape(n, dim)
+        order = np.argsort(keys, kind="stable")
+        if n > 1 and (keys[order[1:]] == keys[order[:-1]]).any():
+            raise ProtocolError(f"{msg.type.name} names a key twice (gradients are summed "
+                                "by the sender)")
+        distinct = np.empty(n, dtype=np.uint64)
+        summed = np.empty((n, dim), dtype=self.view.dtype)
+        misses = np.empty(n, dtype=np.uint64)
+        _, nmiss = self.view.apply_optimizer(keys, order, grads, params, distinct, summed,
+                                             misses, True)  # owned keys only
+        if n - nmiss:
+            self.outbox.to_worker(rank, protocol.UpdateAck(request_id=msg.request_id,
+                                                           applied=n - nmiss))
+        if nmiss:
+            missed = misses[:nmiss].astype(np.intp)
+            fwd_keys, fwd_grads = distinct[missed], summed[missed]
+            self.routes.forward_request(msg, MsgType.FWD_APPLY, fwd_keys, rank,
+                                        lambda idx: {"values": fwd_grads[idx],
+                                                     "params": params})

@@ -23,7 +23,8 @@ import numpy as np
 from adapm import config, protocol
 from adapm.consistency import ReadYourWrites
 from adapm.errors import ClosedError, ClusterError
-from adapm.keys import as_keys, as_values, pull_buffer
+from adapm.keys import as_gradients, as_keys, as_values, pull_buffer
+from adapm.optim import SparseOptimizer
 from adapm.ownership import route, split_by
 from adapm.protocol import MsgType, worker_identity
 from adapm.requests import (
@@ -186,6 +187,83 @@ class Worker:
 
     def set_async(self, keys, values):
         return Pending(self._requests, self._update(keys, values, False))
+
+    # -- fused optimizers (adapm.optim) -----------------------------------------------
+
+    def pull_rows(self, keys, optimizer):
+        """The keys' rows (len(keys), dim), without the optimizer's state beside them."""
+        dim = self._row_dim(optimizer)
+        values = self.pull(keys)
+        return np.ascontiguousarray(values[:, :dim])
+
+    def apply_gradients(self, keys, grads, optimizer):
+        """One step of `optimizer` (adapm.optim) per distinct key with its gradients
+        summed (grads: (len(keys), dim)): in place where this node holds the key, else at
+        its owner. An update like push: a later pull of this worker sees it, and
+        wait_sync()/barrier() wait for it."""
+        self._check_open()
+        dim = self._row_dim(optimizer)
+        keys = as_keys(keys, self._view)
+        grads = as_gradients(grads, keys.shape[0], dim, self._view)
+        if keys.shape[0] == 0:
+            return
+        params = optimizer.params(dim)
+        self._consistency.before_access(keys)
+        n = keys.shape[0]
+        distinct, summed = np.empty(n, dtype=np.uint64), np.empty((n, dim), dtype=self.dtype)
+        misses = self._miss_buffer(n)
+        try:
+            u, nmiss = self._view.apply_optimizer(keys, np.argsort(keys, kind="stable"),
+                                                  grads, params, distinct, summed, misses)
+        except LockTimeout as exc:
+            raise self._lock_error(exc, "apply_gradients") from None
+        self._count("pushes_local", u - nmiss)
+        if nmiss:
+            missed = misses[:nmiss].astype(np.intp)
+            self._apply_remote(distinct[:u], summed[:u], missed, params)
+
+    def _row_dim(self, optimizer):
+        if not isinstance(optimizer, SparseOptimizer):
+            raise TypeError(f"optimizer must be an adapm.optim optimizer, got {optimizer!r}")
+        if not self._view.uniform_length:
+            raise ValueError("fused optimizers need a table of uniform value_length")
+        return optimizer.dim_of(self._view.uniform_length)
+
+    def _apply_remote(self, keys, summed, missed, params):
+        """Send the distinct keys at `missed` with their summed gradients to their
+        owners; a key that became usable here meanwhile takes its step here."""
+        groups, arrived = self._split(keys, missed, "apply")
+        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT
+        while arrived.shape[0]:  # distinct keys: no step is taken twice
+            sub = keys[arrived]
+            n = sub.shape[0]
+            misses = np.empty(n, dtype=np.uint64)
+            again = np.empty((n, summed.shape[1]), dtype=self.dtype)
+            _, nmiss = self._view.apply_optimizer(sub, np.arange(n, dtype=np.int64),
+                                                  np.ascontiguousarray(summed[arrived]),
+                                                  params, np.empty(n, dtype=np.uint64), again,
+                                                  misses)
+            self._count("pushes_local", n - nmiss)
+            still = arrived[misses[:nmiss].astype(np.intp)]
+            more, arrived = self._split(keys, still, "apply")
+            groups += more
+            if arrived.shape[0]:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"node {self.node}, worker {self.rank}: "
+                                       f"apply_gradients of keys {int(keys[arrived].min())}.."
+                                       f"{int(keys[arrived].max())}: no node holds them")
+                os.sched_yield()
+        op = CountOp()
+        remote = []
+        for dest, part in self._messages(groups):
+            remote.append(keys[part])
+            self._requests.start(dest, protocol.Apply(
+                keys=keys[part], values=np.ascontiguousarray(summed[part]), params=params),
+                op, part.shape[0])
+        if remote:
+            op.keys = np.concatenate(remote)
+            self._count("pushes_remote", op.keys.shape[0])
+            self._consistency.track(op)
 
     def _update(self, keys, values, additive):
         self._check_open()

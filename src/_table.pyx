@@ -15,6 +15,7 @@ the call fail instead of hanging.
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.math cimport sqrt
 from libc.string cimport memcpy, memset
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.stat cimport fstat, struct_stat
@@ -354,6 +355,120 @@ cdef uint64_t _serve_sync(Batch* batch, real* arena, const real* deltas,
             dpos += e.length
     batch.failed = b.failed
     return opos
+
+
+# ---------------------------------------------------------------------------
+# Fused sparse optimizers (adapm.optim): a key's value is [row | state], and one step
+# per distinct key is taken in place under the key's lock.
+
+cdef enum:
+    _OPT_SGD = 0
+    _OPT_ADAGRAD = 1
+    _OPT_ROWWISE_ADAGRAD = 2
+    _OPT_ADAM = 3
+OPTIMIZER_KINDS = (_OPT_SGD, _OPT_ADAGRAD, _OPT_ROWWISE_ADAGRAD, _OPT_ADAM)
+
+
+cdef struct OptStep:
+    int kind
+    uint64_t dim
+    double lr, eps, weight_decay, beta1, beta2, step_size
+
+
+cdef inline uint64_t _state_length(int kind, uint64_t dim) noexcept nogil:
+    if kind == _OPT_SGD:
+        return 0
+    if kind == _OPT_ROWWISE_ADAGRAD:
+        return 1
+    if kind == _OPT_ADAM:
+        return 2 * dim
+    return dim
+
+
+cdef inline void _optimizer_step(real* w, real* g, const OptStep* p) noexcept nogil:
+    """One step on the value w = [row | state] with the summed gradient g (changed: the
+    weight decay is added to it), in the arithmetic of torch.optim."""
+    cdef uint64_t j, dim = p.dim
+    cdef real* s
+    cdef real* m
+    cdef real* v
+    cdef double mean, denom
+    if p.weight_decay != 0.0:
+        for j in range(dim):
+            g[j] = g[j] + <real>(p.weight_decay * w[j])
+    if p.kind == _OPT_SGD:
+        for j in range(dim):
+            w[j] = w[j] - <real>(p.lr * g[j])
+    elif p.kind == _OPT_ADAGRAD:
+        s = w + dim
+        for j in range(dim):
+            s[j] = s[j] + g[j] * g[j]
+            w[j] = w[j] - <real>(p.lr * g[j] / (sqrt(s[j]) + p.eps))
+    elif p.kind == _OPT_ROWWISE_ADAGRAD:
+        mean = 0.0
+        for j in range(dim):
+            mean += <double>g[j] * g[j]
+        w[dim] = w[dim] + <real>(mean / dim)
+        denom = sqrt(w[dim]) + p.eps
+        for j in range(dim):
+            w[j] = w[j] - <real>(p.lr * g[j] / denom)
+    else:
+        m = w + dim
+        v = w + 2 * dim
+        for j in range(dim):
+            m[j] = m[j] + <real>((1.0 - p.beta1) * (g[j] - m[j]))
+            v[j] = v[j] + <real>((1.0 - p.beta2) * (g[j] * g[j] - v[j]))
+            w[j] = w[j] - <real>(p.step_size * m[j] / (sqrt(v[j]) + p.eps))
+
+
+cdef Py_ssize_t _sum_by_key(const uint64_t* keys, const int64_t* order, Py_ssize_t n,
+                            const real* grads, uint64_t dim, uint64_t* distinct,
+                            real* summed) noexcept nogil:
+    """Walk the keys in sorted `order`: each distinct key once into `distinct`, its
+    gradients added up into `summed` (rows of dim). Returns the number of distinct keys."""
+    cdef Py_ssize_t i, u = 0
+    cdef uint64_t j, key
+    cdef const real* g
+    cdef real* row
+    for i in range(n):
+        key = keys[order[i]]
+        g = grads + <uint64_t>order[i] * dim
+        if u == 0 or distinct[u - 1] != key:
+            distinct[u] = key
+            memcpy(summed + <uint64_t>u * dim, g, dim * sizeof(real))
+            u += 1
+        else:
+            row = summed + <uint64_t>(u - 1) * dim
+            for j in range(dim):
+                row[j] = row[j] + g[j]
+    return u
+
+
+cdef int64_t _apply_steps(Batch* batch, real* arena, real* summed, const OptStep* p,
+                          uint64_t* misses, bint owned_only, uint64_t uniform) noexcept nogil:
+    """One step for each key of the batch (distinct) that is usable here; the others are
+    misses (indices into the batch), their summed gradient left as it was."""
+    cdef Batch b = batch[0]
+    b.arena = <const char*>arena  # as in _pull
+    b.itemsize = sizeof(real)
+    cdef uint64_t length, capacity = b.capacity
+    cdef uint64_t needed = p.dim + _state_length(p.kind, p.dim)
+    cdef int64_t nmiss = 0
+    cdef adapm_entry_t* e
+    while _lock_next(&b):
+        e = b.entry
+        length = _length(e, uniform)
+        if _usable(e.state, owned_only) and length == needed and \
+                _fits(e.offset, length, capacity):
+            _optimizer_step(arena + e.offset, summed + <uint64_t>b.i * p.dim, p)
+            e.version += 1
+            _unlock_held(&b, True)
+        else:
+            _unlock_held(&b, False)
+            misses[nmiss] = b.i
+            nmiss += 1
+    batch.failed = b.failed
+    return nmiss
 
 
 cdef class TableView:
@@ -946,6 +1061,58 @@ cdef class TableView:
         return count
 
     # -- replicas (node server only) -----------------------------------------------
+
+    def apply_optimizer(self, cnp.ndarray keys, cnp.ndarray order, cnp.ndarray grads,
+                        cnp.ndarray params, cnp.ndarray distinct, cnp.ndarray summed,
+                        cnp.ndarray misses, bint owned_only=False):
+        """One optimizer step per distinct key (adapm.optim): `keys` (uint64, any order,
+        repeats allowed), `order` (int64, a stable argsort of keys), `grads` (len(keys) x
+        dim, the table's dtype), `params` (float64: kind, dim, lr, eps, weight_decay,
+        beta1, beta2, step_size). The distinct keys go to `distinct` (uint64, len(keys)),
+        their summed gradients to `summed` (len(keys) x dim); each key usable here
+        (owned, or a replica unless `owned_only`) takes its step in place under its lock.
+        Returns (number of distinct keys, number of misses); the misses' indices into
+        `distinct` are written to `misses`, their summed gradients left in `summed`."""
+        self._check_open()
+        if params.shape[0] != 8 or not np.isfinite(params).all():
+            raise ValueError(f"optimizer params must be 8 finite numbers, got {list(params)}")
+        cdef const double* pr = <const double*>cnp.PyArray_DATA(params)
+        cdef OptStep step
+        step.kind = <int>pr[0]
+        step.dim = <uint64_t>pr[1]
+        step.lr, step.eps, step.weight_decay = pr[2], pr[3], pr[4]
+        step.beta1, step.beta2, step.step_size = pr[5], pr[6], pr[7]
+        if pr[0] not in OPTIMIZER_KINDS or pr[1] < 1 or pr[1] != <double>step.dim or \
+                step.dim + _state_length(step.kind, step.dim) != self.uniform_length:
+            raise ValueError(f"optimizer params {list(params)} do not fit a table of "
+                             f"uniform value length {self.uniform_length}")
+        cdef Py_ssize_t n = keys.shape[0], u
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef const int64_t* o = <const int64_t*>cnp.PyArray_DATA(order)
+        cdef uint64_t* d = <uint64_t*>cnp.PyArray_DATA(distinct)
+        cdef uint64_t* m = <uint64_t*>cnp.PyArray_DATA(misses)
+        cdef Batch b
+        cdef int64_t nmiss
+        if self.header.dtype == 0:
+            with nogil:
+                u = _sum_by_key(k, o, n, <const float*>cnp.PyArray_DATA(grads), step.dim, d,
+                                <float*>cnp.PyArray_DATA(summed))
+                b = _batch(self.directory, d, u, self.lock_timeout_ns, self.arena,
+                           self.itemsize, self.arena_capacity)
+                nmiss = _apply_steps(&b, <float*>self.arena,
+                                     <float*>cnp.PyArray_DATA(summed), &step, m, owned_only,
+                                     self.uniform_length)
+        else:
+            with nogil:
+                u = _sum_by_key(k, o, n, <const double*>cnp.PyArray_DATA(grads), step.dim,
+                                d, <double*>cnp.PyArray_DATA(summed))
+                b = _batch(self.directory, d, u, self.lock_timeout_ns, self.arena,
+                           self.itemsize, self.arena_capacity)
+                nmiss = _apply_steps(&b, <double*>self.arena,
+                                     <double*>cnp.PyArray_DATA(summed), &step, m, owned_only,
+                                     self.uniform_length)
+        _check_batch(b)
+        return u, nmiss
 
     def serve_sync(self, cnp.ndarray keys, cnp.ndarray deltas, cnp.ndarray has_delta,
                    cnp.ndarray seen, cnp.ndarray wanted, cnp.ndarray owned,

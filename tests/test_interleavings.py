@@ -20,7 +20,7 @@ def state(server, key):
 
 def replica_on_node_0(net, here, owner, k):
     here.intents.add(0, k, 0, 5)
-    here.refreshed_at = 0
+    here.rounds.refreshed_at = 0
     here.rounds.start()
     net.deliver(0, 1, [here, owner], only=MsgType.SYNC)
     net.deliver(1, 0, [here, owner], only=MsgType.SYNC_REPLY)
