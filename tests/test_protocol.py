@@ -62,6 +62,8 @@ def test_every_type_has_a_builder_whose_named_fields_survive_the_wire():
         assert msg.type is mtype
         if "addresses" in protocol._FRAMES[mtype]:
             msg.addresses = []
+        if "params" in protocol._FRAMES[mtype]:
+            msg.params = np.zeros(protocol.PARAMS_COUNT)
         back = decode([bytes(memoryview(f)) for f in msg.encode()])
         assert type(back) is cls, mtype
         assert {name: getattr(back, name) for name in names} == fields, mtype
