@@ -6,6 +6,7 @@ segment by name even when the server that created it never got to."""
 import contextlib
 import multiprocessing
 import signal
+import socket
 import threading
 import time
 from multiprocessing.connection import wait
@@ -67,6 +68,41 @@ def signals_deferred():
 
 START_GRACE = 5.0  # seconds the launching process waits beyond the servers' start timeout
 
+# What torch.distributed.init_process_group(backend) reads with no other argument (its
+# env:// rendezvous, as torchrun sets it): every worker gets these, so that it can join a
+# group of all the cluster's workers. MASTER_PORT is never the coordinator's nor a node
+# server's port (docs/configuration.md, "torch.distributed").
+DIST_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                  "LOCAL_WORLD_SIZE")
+# Never passed on to a worker: under torchrun it makes init_process_group join torchrun's
+# store as a client, and nobody would host the group's store.
+NOT_INHERITED = ("TORCHELASTIC_USE_AGENT_STORE",)
+
+
+class DistPortError(OSError):
+    """The port of torch.distributed's rendezvous cannot be listened on."""
+
+    def __init__(self, port, reason):
+        super().__init__(f"cannot listen on port {port} for torch.distributed (the "
+                         f"workers' MASTER_PORT): {reason}")
+        self.port = port
+
+
+def reserve_port(port):
+    """A TCP socket listening on `port` (0: any free port) of every interface, as torch's
+    TCPStore binds it. While it is open, nothing else on this machine (the coordinator, a
+    node server) can take the port; closed before the workers start, it leaves no
+    TIME_WAIT behind (it accepted nothing), so worker 0's TCPStore can bind it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore does
+        sock.bind(("", port))
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        raise DistPortError(port, exc.strerror or str(exc)) from None
+    return sock
+
 
 class LocalCluster:
     """The node servers of one cluster that run on this machine, as child processes.
@@ -74,13 +110,25 @@ class LocalCluster:
     `nodes`: which node ids to run here (default: all, a whole cluster on one machine).
     `coordinator`: the coordinator's address; node 0 binds it. Default: a free port on
     the spec's host (only possible when node 0 runs here). `port`: the node servers'
-    listening port: 0 (any free port), a number, or LOW-HIGH."""
+    listening port: 0 (any free port), a number, or LOW-HIGH.
 
-    def __init__(self, spec, nodes=None, coordinator=None, port="0"):
+    `dist_host`, `dist_port`: where the workers' torch.distributed group meets (their
+    MASTER_ADDR and MASTER_PORT; worker 0, on node 0, hosts it). Default: the spec's host
+    and a free port (only possible when node 0 runs here). Where node 0 runs, the port is
+    held from before the servers start until they are up (so neither the coordinator nor
+    a node server can take it); a port that cannot be listened on raises DistPortError
+    before any server starts."""
+
+    def __init__(self, spec, nodes=None, coordinator=None, port="0", dist_host=None,
+                 dist_port=0):
         self.spec = spec
         self.nodes = list(range(spec.num_nodes)) if nodes is None else list(nodes)
         if coordinator is None and 0 not in self.nodes:
             raise ValueError("the coordinator's address is needed when node 0 runs elsewhere")
+        if not dist_port and 0 not in self.nodes:
+            raise ValueError("torch.distributed's port is needed when node 0 runs elsewhere")
+        self.dist_host = dist_host or spec.host
+        self.dist_port = int(dist_port)
         self.coordinator = coordinator or f"tcp://{spec.host}:0"
         self.port = port
         self.mp = multiprocessing.get_context("spawn")
@@ -94,6 +142,18 @@ class LocalCluster:
         # A little longer than the servers wait themselves: their own failure says what
         # they waited for, which beats this process's plain "did not form".
         deadline = time.monotonic() + timeout + START_GRACE
+        # Worker 0 hosts torch.distributed's store: hold its port while the servers bind.
+        held = reserve_port(self.dist_port) if 0 in self.nodes else None
+        try:
+            if held is not None:
+                self.dist_port = held.getsockname()[1]
+            self._start_servers(deadline)
+        finally:
+            if held is not None:
+                held.close()
+        return self
+
+    def _start_servers(self, deadline):
         pipes = {}
         if 0 in self.nodes:  # node 0 first: it binds the coordinator the others join
             pipes[0] = self._start_server(0)
@@ -107,7 +167,6 @@ class LocalCluster:
             # Keep a mapping of each table: its name goes away once the workers attached,
             # and a failure must still be announced to the workers through it.
             self.tables[node] = SharedTable.attach(segment_name(self.spec.cluster_id, node))
-        return self
 
     def _start_server(self, node):
         receive, send = self.mp.Pipe(duplex=False)
@@ -158,12 +217,22 @@ class LocalCluster:
                     f"node {node}: server exited with code {proc.exitcode} during start")
 
     def worker_environ(self, rank):
-        """The environment of worker `rank`: where it finds its node, and, in a secure
-        cluster, the keys a client needs (never the server's secret key)."""
+        """The environment of worker `rank`: where it finds its node, torch.distributed's
+        variables (dist_environ), and, in a secure cluster, the keys a client needs
+        (never the server's secret key). Remove NOT_INHERITED besides."""
         environ = self.worker_env(rank).to_environ()
+        environ.update(self.dist_environ(rank))
         if self.spec.curve is not None:
             environ[ENV_CURVE_CLIENT] = self.spec.curve.client_text()
         return environ
+
+    def dist_environ(self, rank):
+        """DIST_VARIABLES of worker `rank`: RANK is its AdaPM rank, WORLD_SIZE every worker
+        of the cluster, LOCAL_RANK its index on its node, LOCAL_WORLD_SIZE workers per node."""
+        local = rank % self.spec.workers_per_node
+        values = (self.dist_host, self.dist_port, rank, self.spec.num_workers, local,
+                  self.spec.workers_per_node)
+        return {name: str(value) for name, value in zip(DIST_VARIABLES, values)}
 
     def worker_env(self, rank):
         node, local = divmod(rank, self.spec.workers_per_node)

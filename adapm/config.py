@@ -30,6 +30,9 @@ ENV_SERVER = "ADAPM_SERVER"              # ZeroMQ address of the node server
 ENV_TABLE = "ADAPM_TABLE"                # POSIX shared-memory name of the node's table
 ENV_CLUSTER_ID = "ADAPM_CLUSTER_ID"
 ENV_LAUNCHER_PID = "ADAPM_LAUNCHER_PID"  # set by adapm-launch: the workers' parent
+# Set for every worker besides, for torch.distributed: adapm.cluster.DIST_VARIABLES.
+# Read by adapm-launch (as --dist-port): the port of the workers' torch.distributed group.
+ENV_DIST_PORT = "ADAPM_DIST_PORT"
 # Tuning that users may set, each with a default that needs no tuning.
 ENV_HEARTBEAT_TIMEOUT = "ADAPM_HEARTBEAT_TIMEOUT"  # seconds without a server heartbeat
 ENV_LOCK_TIMEOUT = "ADAPM_LOCK_TIMEOUT"            # seconds a key's lock may be held

@@ -10,7 +10,13 @@ Three ways to start (docs/configuration.md has every option and variable):
 - `--hosts FILE`: one host per line; runs the per-machine form on each over ssh.
 
 Every output line is prefixed with its node and worker. Ctrl-C and SIGTERM tear
-everything down; the first failing worker's exit code becomes the launcher's."""
+everything down; the first failing worker's exit code becomes the launcher's.
+
+Every worker can call torch.distributed.init_process_group(backend) with no other argument:
+its MASTER_ADDR is the coordinator's host (node 0's machine, where worker 0 hosts the
+group's store), its MASTER_PORT --dist-port (default: the coordinator's port + 1 across
+machines, a free port locally), never the coordinator's, so every machine derives the same
+address without a message; RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE are set too."""
 
 import hashlib
 import os
@@ -26,8 +32,14 @@ import click
 import numpy as np
 
 from adapm.bootstrap import BOOTSTRAP, EXIT_CLUSTER_FAILED
-from adapm.cluster import LocalCluster, Terminated, signals_unwind
-from adapm.config import ENV_LAUNCHER_PID, MODES, ClusterSpec
+from adapm.cluster import (
+    NOT_INHERITED,
+    DistPortError,
+    LocalCluster,
+    Terminated,
+    signals_unwind,
+)
+from adapm.config import ENV_DIST_PORT, ENV_LAUNCHER_PID, MODES, ClusterSpec
 from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
 from adapm.process import stop_process
@@ -131,6 +143,25 @@ def route_address(host, port):
         raise click.UsageError(f"no route to the coordinator {host}:{port}: {exc}") from None
 
 
+def default_dist_port(coordinator_port):
+    """Across machines, torch.distributed's port is the coordinator's port + 1: every
+    machine knows the coordinator's address, so every machine derives the same port."""
+    if not 0 < coordinator_port < 65535:
+        raise click.UsageError(f"the coordinator's port {coordinator_port} gives no default "
+                               "--dist-port (its port + 1): give --dist-port")
+    return coordinator_port + 1
+
+
+def check_dist_port(dist_port, coordinator_port, server_port):
+    """torch.distributed's port must be neither the coordinator's nor the node servers'."""
+    if dist_port == coordinator_port:
+        raise click.UsageError(f"--dist-port {dist_port} is the coordinator's port: "
+                               "torch.distributed needs a port of its own")
+    if server_port.isdigit() and int(server_port) == dist_port:
+        raise click.UsageError(f"--dist-port {dist_port} is the node servers' --port: "
+                               "torch.distributed needs a port of its own")
+
+
 def resolve(host):
     try:
         return socket.gethostbyname(host)
@@ -170,6 +201,11 @@ def resolve(host):
                    "the address that routes to the coordinator)")
 @click.option("--port", default="0", show_default=True,
               help="node server port: a number, 0 for any free port, or LOW-HIGH")
+@click.option("--dist-port", type=click.IntRange(1, 65535), default=None,
+              envvar=ENV_DIST_PORT,
+              help="MASTER_PORT of the workers' torch.distributed group, on the "
+                   "coordinator's host (default: local: a free port; per machine: the "
+                   f"coordinator's port + 1) [{ENV_DIST_PORT}]")
 @click.option("--cluster-id", default=None,
               help="per machine: a name shared by all machines (default: from the "
                    "coordinator's address)")
@@ -184,7 +220,7 @@ def resolve(host):
 @click.pass_context
 def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, remote_launcher,
          workers_per_node, num_keys, value_length, mode, init_text, dtype, host, port,
-         cluster_id, secure, keys_file, module, script_and_args):
+         dist_port, cluster_id, secure, keys_file, module, script_and_args):
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) in every worker of a cluster."""
     if module is None and not script_and_args:
         raise click.UsageError("give a SCRIPT to run, or -m MODULE")
@@ -201,12 +237,14 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
     node_rank = node_rank if node_rank is not None else env_rank
     if nodes is None and (node_rank is not None and nnodes):
         sys.exit(launch_machine(common, nnodes, node_rank, coordinator, host, port,
-                                cluster_id, target))
+                                dist_port, cluster_id, target))
     try:
         spec = ClusterSpec(num_nodes=nodes or 1, host=host or "127.0.0.1", **common)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    sys.exit(launch(spec, target, port=port))
+    if dist_port is not None:  # else a free port (the coordinator's port is random here)
+        check_dist_port(dist_port, None, port)
+    sys.exit(launch(spec, target, port=port, dist_port=dist_port or 0))
 
 
 def cluster_keys(secure, keys_file, shared):
@@ -227,7 +265,8 @@ def cluster_keys(secure, keys_file, shared):
     return CurveKeys.generate()
 
 
-def launch_machine(common, nnodes, node_rank, coordinator, host, port, cluster_id, target):
+def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port, cluster_id,
+                   target):
     """This machine's node of a cluster that spans machines."""
     coordinator = coordinator or _first_env("ADAPM_COORDINATOR")
     if coordinator is None and os.environ.get("MASTER_ADDR"):
@@ -241,12 +280,17 @@ def launch_machine(common, nnodes, node_rank, coordinator, host, port, cluster_i
         f"{coord_ip}:{coord_port}/{nnodes}".encode()).hexdigest()[:12]
     if not 0 <= node_rank < nnodes:
         raise click.UsageError(f"--node-rank {node_rank} outside 0..{nnodes - 1}")
+    # MASTER_PORT/MASTER_ADDR in this launcher's environment named the coordinator: the
+    # workers' torch.distributed group gets another port on the same host.
+    dist_port = dist_port or default_dist_port(coord_port)
+    check_dist_port(dist_port, coord_port, port)
     try:
         spec = ClusterSpec(num_nodes=nnodes, host=listen, cluster_id=cluster_id, **common)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     return launch(spec, target, nodes=[node_rank], port=port,
-                  coordinator=f"tcp://{coord_ip}:{coord_port}")
+                  coordinator=f"tcp://{coord_ip}:{coord_port}", dist_host=coord_ip,
+                  dist_port=dist_port)
 
 
 def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, target):
@@ -366,16 +410,19 @@ def _wait_first_failure(procs, servers=None, sweep=0.01, grace=2.0):
     return server_failure or consequence
 
 
-def launch(spec, target, nodes=None, port="0", coordinator=None):
+def launch(spec, target, nodes=None, port="0", coordinator=None, dist_host=None,
+           dist_port=0):
     """Run `target` (bootstrap arguments) in every worker of the given nodes (default:
-    all) on this machine; return the exit code."""
+    all) on this machine; return the exit code. `dist_host`, `dist_port`: the workers'
+    MASTER_ADDR and MASTER_PORT (default: the spec's host and a free port)."""
     procs, lock = [], threading.Lock()
     ranks = []
     grace = 0.0
     with signals_unwind():
         cluster = None
         try:
-            cluster = LocalCluster(spec, nodes=nodes, coordinator=coordinator, port=port)
+            cluster = LocalCluster(spec, nodes=nodes, coordinator=coordinator, port=port,
+                                   dist_host=dist_host, dist_port=dist_port)
             cluster.start()
             for node in cluster.nodes:
                 for local in range(spec.workers_per_node):
@@ -383,6 +430,8 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
                     # A worker gets the keys of a client only, never the four keys this
                     # launcher may have been given in ADAPM_CURVE_KEYS.
                     env = dict(without_secrets(os.environ), **cluster.worker_environ(rank))
+                    for name in NOT_INHERITED:
+                        env.pop(name, None)
                     env[ENV_LAUNCHER_PID] = str(os.getpid())
                     # Each worker leads a session of its own, so that teardown reaches what
                     # the script starts too; signals reach workers through the launcher.
@@ -404,6 +453,11 @@ def launch(spec, target, nodes=None, port="0", coordinator=None):
             print(f"adapm-launch: {who} failed with exit code {code}; stopping the cluster",
                   file=sys.stderr, flush=True)
             return code if code > 0 else 128 - code
+        except DistPortError as exc:
+            print(f"adapm-launch: {exc}; choose another with --dist-port (or "
+                  f"{ENV_DIST_PORT}; across machines it defaults to the coordinator's port "
+                  "+ 1)", file=sys.stderr, flush=True)
+            return 1
         except (AdapmError, ValueError, OSError) as exc:
             print(f"adapm-launch: {exc}", file=sys.stderr, flush=True)
             return 1

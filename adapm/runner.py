@@ -6,7 +6,7 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
-from adapm.cluster import LocalCluster, signals_unwind
+from adapm.cluster import NOT_INHERITED, LocalCluster, signals_unwind
 from adapm.config import ClusterSpec
 from adapm.errors import ClusterError, WorkerError
 from adapm.process import die_with_parent, own_process_group, set_process_name
@@ -18,7 +18,12 @@ def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
     """Run fn(worker, *args, **kwargs) in every worker of a fresh local cluster; return
     the workers' return values ordered by rank. A worker's exception raises WorkerError
     (after the whole cluster is torn down); a dead node server raises ClusterError.
-    `secure`: authenticate and encrypt every connection with fresh CURVE keys."""
+    `secure`: authenticate and encrypt every connection with fresh CURVE keys.
+
+    Every worker finds torch.distributed's variables in its environment (MASTER_ADDR,
+    a free MASTER_PORT on this machine, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE),
+    so that fn can call torch.distributed.init_process_group(backend) with no other
+    argument to join a group of all the cluster's workers."""
     if not callable(fn):
         raise TypeError("fn must be callable")
     spec = ClusterSpec(num_keys=num_keys, value_length=value_length, num_nodes=nodes,
@@ -113,6 +118,8 @@ def _worker_main(environ, fn, args, kwargs, send):
     die_with_parent(multiprocessing.parent_process().pid)
     own_process_group()
     set_process_name(f"adapm-w{environ['ADAPM_RANK']}")
+    for name in NOT_INHERITED:
+        os.environ.pop(name, None)
     os.environ.update(environ)
     claim_client_keys()  # before fn runs: nothing it starts inherits the keys
     w = None

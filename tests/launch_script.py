@@ -36,4 +36,11 @@ with adapm.worker() as w:
         w.barrier()
         total = w.pull(np.arange(w.num_keys)).sum()
         print(f"rank {w.rank} of {w.num_workers} on node {w.node}: total {total:.0f}")
+    if how == "ddp":  # tests/test_distributed.py: DDP for the dense part, pushes for rows
+        import json
+
+        from test_distributed import ddp_task
+        result = {key: value if key == "env" else value.tolist()
+                  for key, value in ddp_task(w).items()}
+        print(f"rank {w.rank} ddp {json.dumps(result)}", flush=True)
     w.barrier()
