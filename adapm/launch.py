@@ -66,6 +66,44 @@ def parse_init(text):
     raise click.BadParameter(f"{text!r}: use zeros, uniform:LOW:HIGH:SEED or normal:STD:SEED")
 
 
+def parse_optimizer(text):
+    """NAME or NAME:KEY=VALUE,... (adapm.optim: sgd, adagrad, rowwise_adagrad, adam)."""
+    if text is None:
+        return None
+    from adapm.optim import OPTIMIZERS
+    name, _, rest = text.partition(":")
+    if name not in OPTIMIZERS:
+        raise click.BadParameter(f"{name!r}: use one of {', '.join(OPTIMIZERS)}, optionally "
+                                 "with :KEY=VALUE,... (as adam:lr=0.01,eps=1e-8)")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} in {text!r}: KEY=NUMBER") from None
+    try:
+        return OPTIMIZERS[name](**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(f"{text!r}: {exc}") from None
+
+
+def table_init(init_text, optimizer_text, value_length):
+    """The cluster's init: --init's rows, with --optimizer's state beside them (adapm.optim:
+    Adagrad's accumulators at their start, not noise) when an optimizer is named."""
+    init = parse_init(init_text)
+    optimizer = parse_optimizer(optimizer_text)
+    if optimizer is None:
+        return init
+    if not isinstance(value_length, int):
+        raise click.BadParameter("--optimizer needs one --value-length for every key")
+    try:
+        optimizer.dim_of(value_length)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return optimizer.init(init)
+
+
 def parse_value_length(text):
     """An integer, or a .npy file with one integer length per key."""
     if text.isdigit():
@@ -193,7 +231,12 @@ def resolve(host):
               help="floats per key, or a .npy file of per-key lengths")
 @click.option("--mode", type=click.Choice(MODES), default="adaptive", show_default=True)
 @click.option("--init", "init_text", default="zeros", show_default=True,
-              help="zeros, uniform:LOW:HIGH:SEED or normal:STD:SEED")
+              help="zeros, uniform:LOW:HIGH:SEED or normal:STD:SEED (the rows only, with "
+                   "--optimizer)")
+@click.option("--optimizer", "optimizer_text", default=None,
+              help="the table holds rows with this adapm.optim optimizer's state beside "
+                   "them (sgd, adagrad, rowwise_adagrad, adam[:KEY=VALUE,...]): --init "
+                   "fills the rows, the state starts as the optimizer starts it")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
 @click.option("--host", default=None,
@@ -219,15 +262,17 @@ def resolve(host):
 @click.argument("script_and_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, remote_launcher,
-         workers_per_node, num_keys, value_length, mode, init_text, dtype, host, port,
-         dist_port, cluster_id, secure, keys_file, module, script_and_args):
+         workers_per_node, num_keys, value_length, mode, init_text, optimizer_text, dtype,
+         host, port, dist_port, cluster_id, secure, keys_file, module, script_and_args):
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) in every worker of a cluster."""
     if module is None and not script_and_args:
         raise click.UsageError("give a SCRIPT to run, or -m MODULE")
     target = ["-m", module, *script_and_args] if module else list(script_and_args)
     multi_machine = hosts_file is not None or node_rank is not None or nnodes is not None
-    common = dict(num_keys=num_keys, value_length=parse_value_length(value_length),
-                  workers_per_node=workers_per_node, dtype=dtype, init=parse_init(init_text),
+    lengths = parse_value_length(value_length)
+    common = dict(num_keys=num_keys, value_length=lengths,
+                  workers_per_node=workers_per_node, dtype=dtype,
+                  init=table_init(init_text, optimizer_text, lengths),
                   mode=mode, curve=cluster_keys(secure, keys_file, multi_machine))
     if hosts_file:
         sys.exit(launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator,

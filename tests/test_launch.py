@@ -66,8 +66,34 @@ def test_signal_stops_the_cluster(tmp_path, sig):
     (["--num-keys", "0", "x.py"], "num_keys must be >= 1"),
     (["--num-keys", "5", "--init", "gauss:1", "x.py"], "use zeros, uniform"),
     (["--num-keys", "5"], "give a SCRIPT"),
+    (["--num-keys", "5", "--optimizer", "lbfgs", "x.py"], "use one of sgd, adagrad"),
+    (["--num-keys", "5", "--optimizer", "adagrad", "--value-length", "7", "x.py"],
+     "value_length 7 does not hold rows"),
+    (["--num-keys", "5", "--optimizer", "adam:lr=-1", "--value-length", "6", "x.py"],
+     "lr must be >= 0"),
 ])
 def test_bad_options_are_usage_errors(args, message):
     proc = launch(*args)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 2 and message in out, out
+
+
+def test_optimizer_init_fills_rows_and_starts_the_state(tmp_path):
+    """--init with --optimizer: the rows are --init's (as that init gives rows of dim),
+    Adagrad's accumulators start at 0, never noise (which gave NaN rows before)."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import numpy as np, adapm\n"
+        "from adapm.initializers import initial_values\n"
+        "with adapm.worker() as w:\n"
+        "    values = w.pull(np.arange(w.num_keys))\n"
+        "    rows = initial_values(('normal', 0.5, 3), np.arange(w.num_keys),\n"
+        "                          np.full(w.num_keys, 4), np.float64).reshape(-1, 4)\n"
+        "    assert np.allclose(values[:, :4], rows, atol=1e-6), values\n"
+        "    assert (values[:, 4:] == 0).all(), values\n"
+        "    print('state ok', w.rank)\n")
+    proc = launch("--nodes", "2", "--num-keys", "20", "--value-length", "8",
+                  "--optimizer", "adagrad", "--init", "normal:0.5:3", str(script))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert out.count("state ok") == 2, out
