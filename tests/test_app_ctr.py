@@ -80,3 +80,17 @@ def test_cli_reports_and_writes_json(tmp_path):
     assert "test AUC" in proc.stdout and "samples/s" in proc.stdout
     summary = json.loads(out.read_text())
     assert summary["workers"] == 2 and "auc_after" in summary
+
+
+def test_runs_under_adapm_launch():
+    """Launched workers write the optimizer's initial values themselves and join one
+    torch.distributed group across the launched nodes."""
+    from pathlib import Path
+    launcher = str(Path(sys.executable).with_name("adapm-launch"))
+    proc = subprocess.run(
+        [launcher, "--nodes", "2", "--num-keys", "5000", "--value-length", "16",
+         "-m", "adapm.apps.ctr", "--train", "4000", "--test", "1000", "--fields", "4",
+         "--vocab", "500", "--buckets", "5000", "--dim", "8", "--batch", "512"],
+        capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "trained" in proc.stdout and "test AUC" in proc.stdout

@@ -19,6 +19,7 @@ import numpy as np
 
 import adapm
 from adapm.config import ENV_RANK
+from adapm.initializers import initial_values
 
 INIT_CHUNK = 65_536  # keys written per set() when workers initialise a launched table
 
@@ -57,7 +58,9 @@ def initialise(w, init):
     keys = np.arange(w.rank, w.num_keys, w.num_workers, dtype=np.uint64)
     for start in range(0, keys.shape[0], INIT_CHUNK):
         chunk = keys[start:start + INIT_CHUNK]
-        w.set(chunk, init(chunk))
+        lengths = np.full(chunk.shape[0], w.value_length, dtype=np.uint64)
+        # as a node server would fill them (an optimizer's init needs the value length)
+        w.set(chunk, initial_values(init, chunk, lengths, w.dtype))
     w.wait_sync()
     w.barrier()
 
