@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from adapm.apps import word2vec
+from adapm.optim import Adagrad
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -93,6 +94,12 @@ class FakeWorker:
     def push(self, keys, values):
         self.pushed = (np.asarray(keys, dtype=np.int64), values)
 
+    def pull_rows(self, keys, opt):
+        return self.pull(keys)[:, :opt.dim_of(self.table.shape[1])]
+
+    def apply_gradients(self, keys, grads, opt):
+        self.applied = (np.asarray(keys, dtype=np.int64), np.asarray(grads), opt)
+
     def pull_sample(self, handle):
         return handle, self.pull(handle)
 
@@ -108,8 +115,8 @@ def reference_loss(table, dim, centres, contexts, negatives):
     return total
 
 
-def test_sgns_step_pushes_the_adagrad_step_of_the_exact_gradient():
-    vocab, dim, k, lr = 6, 3, 2, 0.1
+def test_sgns_step_applies_the_exact_gradient_with_the_fused_optimizer():
+    vocab, dim, k = 6, 3, 2
     rng = np.random.default_rng(0)
     table = np.zeros((2 * vocab + 1, 2 * dim), dtype=np.float64)
     table[:, :dim] = rng.normal(0, 0.5, size=(2 * vocab + 1, dim))
@@ -118,25 +125,26 @@ def test_sgns_step_pushes_the_adagrad_step_of_the_exact_gradient():
     contexts = np.array([1, 0, 1, 2])
     negatives = np.array([[7, 8], [7, 6], [11, 7], [7, 7]])  # one also a context (7 = V+1)
     w = FakeWorker(table)
+    opt = Adagrad(lr=0.1)
     loss = word2vec.sgns_step(w, centres, contexts, negatives.reshape(-1).astype(np.uint64),
-                              vocab, dim, k, lr)
+                              vocab, dim, k, opt)
     out_contexts = contexts + vocab
     assert loss == pytest.approx(reference_loss(table, dim, centres, out_contexts, negatives))
-    keys, update = w.pushed
-    assert sorted(keys.tolist()) == sorted(set(centres) | set(out_contexts)
-                                           | set(negatives.reshape(-1).tolist()))
-    g2 = update[:, dim:]
-    grad = -update[:, :dim] * np.sqrt(table[keys, dim:] + g2 + word2vec.ADAGRAD_EPS) / lr
-    np.testing.assert_allclose(g2, grad * grad, rtol=1e-4)
+    keys, grads, used = w.applied
+    assert used is opt and grads.shape == (keys.shape[0], dim)
+    distinct = np.unique(keys)   # the table sums the duplicates' gradients
+    assert distinct.tolist() == sorted(set(centres) | set(out_contexts)
+                                       | set(negatives.reshape(-1).tolist()))
     eps = 1e-6
-    for row, key in enumerate(keys):
+    for key in distinct:
+        summed = grads[keys == key].sum(axis=0)
         for j in range(dim):
             plus, minus = table.copy(), table.copy()
             plus[key, j] += eps
             minus[key, j] -= eps
             numeric = (reference_loss(plus, dim, centres, out_contexts, negatives)
                        - reference_loss(minus, dim, centres, out_contexts, negatives)) / (2 * eps)
-            assert grad[row, j] == pytest.approx(numeric, rel=1e-4, abs=1e-5), (key, j)
+            assert summed[j] == pytest.approx(numeric, rel=1e-4, abs=1e-5), (key, j)
 
 
 def test_init_is_small_for_input_vectors_and_zero_elsewhere():

@@ -15,8 +15,9 @@ within `window` words is a positive example, and `negatives` output vectors draw
 w.prepare_sample(..., key_range=(V, 2V)) for the clock of the batch that uses them are
 the negative examples. prepare_sample draws uniformly, not from the unigram^0.75
 distribution of the original word2vec (see docs/app-word2vec.md). A minibatch pulls its
-keys, sums the gradients of duplicate keys and pushes the AdaGrad update (additive, so
-workers never overwrite each other). adapm.data.IntentLoader announces each batch's
+rows and hands the gradients of every occurrence to the fused AdaGrad of adapm.optim
+(w.apply_gradients: the table sums duplicate keys' gradients and takes one step per key,
+in place where the node holds it, else at its owner). adapm.data.IntentLoader announces each batch's
 centre and context keys ahead of their use; the negatives are announced by
 prepare_sample itself, as far ahead as the loader announces batches.
 
@@ -35,10 +36,11 @@ from typing import Optional
 import click
 import numpy as np
 
-from adapm.apps.common import AccessCounter, Progress, launched, reports, start_cluster, sum_by_key
+from adapm.apps.common import AccessCounter, Progress, launched, reports, start_cluster
 from adapm.config import MODES
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
+from adapm.optim import Adagrad
 
 APP = "word2vec"
 ADAGRAD_EPS = 1e-8
@@ -229,16 +231,16 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
 
 
-def sgns_step(w, centres, contexts, handle, vocab, dim, negatives, lr):
-    """One minibatch of skip-gram with negative sampling, AdaGrad. Loss per pair:
-    -log s(u_ctx . v_c) - sum_k log s(-u_neg_k . v_c). Returns the batch's summed loss."""
+def sgns_step(w, centres, contexts, handle, vocab, dim, negatives, opt):
+    """One minibatch of skip-gram with negative sampling; `opt` (adapm.optim.Adagrad)
+    takes one step per distinct key in the table (duplicate keys' gradients summed
+    there). Loss per pair: -log s(u_ctx . v_c) - sum_k log s(-u_neg_k . v_c). Returns the
+    batch's summed loss."""
     b = centres.shape[0]
     neg_keys, neg_values = w.pull_sample(handle)  # b * negatives output keys, local
     keys = np.concatenate([centres, vocab + contexts])
-    unique, inverse = np.unique(keys, return_inverse=True)
-    values = w.pull(unique)
-    v_c = values[inverse[:b], :dim]
-    u_o = values[inverse[b:], :dim]
+    rows = w.pull_rows(keys, opt)
+    v_c, u_o = rows[:b], rows[b:]
     u_n = neg_values[:, :dim].reshape(b, negatives, dim)
     s_pos = np.einsum("ij,ij->i", v_c, u_o)
     s_neg = np.einsum("ikj,ij->ik", u_n, v_c)
@@ -250,17 +252,7 @@ def sgns_step(w, centres, contexts, handle, vocab, dim, negatives, lr):
         g_pos[:, None] * v_c,                                         # contexts' outputs
         (g_neg[:, :, None] * v_c[:, None, :]).reshape(-1, dim),       # negatives' outputs
     ])
-    all_keys = np.concatenate([unique[inverse], neg_keys.astype(np.int64)])
-    accums = np.concatenate([values[inverse, dim:], neg_values[:, dim:]])
-    keys, where = np.unique(all_keys, return_inverse=True)
-    g = sum_by_key(where, grads, keys.shape[0])
-    accum = np.empty_like(g)
-    accum[where] = accums  # each key's accumulator (its copies agree)
-    g2 = g * g
-    update = np.empty((keys.shape[0], 2 * dim), dtype=np.float32)
-    update[:, :dim] = -lr * g / np.sqrt(accum + g2 + ADAGRAD_EPS)
-    update[:, dim:] = g2
-    w.push(keys, update)
+    w.apply_gradients(np.concatenate([keys, neg_keys.astype(np.int64)]), grads, opt)
     return loss
 
 
@@ -355,6 +347,7 @@ def train(w, opts):
     corpus = opts["corpus"]
     v, dim, k = corpus.vocab_size, opts["dim"], opts["negatives"]
     stats_key = np.array([2 * v])
+    opt = Adagrad(lr=opts["lr"], eps=ADAGRAD_EPS)
     train_ids, _ = split_sentences(corpus, opts["heldout"])
     shard = train_ids[w.rank::w.num_workers]
     held = heldout_pairs(corpus, opts) if w.rank == 0 else None
@@ -379,7 +372,7 @@ def train(w, opts):
         for centres, contexts in loader:
             negatives.prepare(w.clock + loader.ahead())
             loss_sum += sgns_step(w, centres, contexts, negatives.take(w.clock), v, dim, k,
-                                  opts["lr"])
+                                  opt)
             progress.update(centres.shape[0], prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         accesses.end(w)
