@@ -4,6 +4,8 @@ prints absolute figures here, and compares with `--baseline CHECKOUT` when run a
 import sys
 
 import bench_cpu
+import bench_ctr
+import bench_input
 import bench_mf
 import bench_miss
 import bench_remote
@@ -20,3 +22,5 @@ if __name__ == "__main__":
     bench_mf.main(full)
     bench_miss.main(full)
     bench_cpu.main([])
+    bench_input.main(full)
+    bench_ctr.main([])

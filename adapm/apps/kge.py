@@ -31,6 +31,7 @@ import time
 import click
 import numpy as np
 
+from adapm import readers
 from adapm.apps.common import (
     AccessCounter,
     Progress,
@@ -126,19 +127,9 @@ def split(triples, valid_fraction, test_fraction, seed):
 
 def read_tsv(path):
     """The (head, relation, tail) names of a tab-separated file, a string array (n, 3).
-    Blank lines are skipped; any other line must have exactly three fields."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 3 or not all(fields):
-                raise ValueError(f"{path}:{number}: expected head<TAB>relation<TAB>tail, "
-                                 f"got {line!r}")
-            rows.append(fields)
-    return np.array(rows, dtype=str).reshape(-1, 3)
+    Blank lines are skipped; any other line must have exactly three fields
+    (adapm.readers.read_triples)."""
+    return readers.read_triples(path).names()
 
 
 def write_tsv(path, triples, entity_names, relation_names):
@@ -171,10 +162,10 @@ def load_graph(opts):
     given is held out of the training file at random by seed), or generated."""
     vf, tf = opts["valid_fraction"], opts["test_fraction"]
     if opts.get("train_file"):
-        named = [read_tsv(opts["train_file"])]
-        if opts.get("test_file"):
-            named.append(read_tsv(opts["test_file"]))
-        ids, entity_names, relation_names = index_names(named)
+        # parsed once per machine: later reads (launched workers) memory-map the cache
+        files = [opts["train_file"], *([opts["test_file"]] if opts.get("test_file") else [])]
+        ids, entity_names, relation_names = readers.merge_triples(
+            [readers.read_triples(path, cache=True) for path in files])
         if len(ids) == 2:
             train, valid, _ = split(ids[0], vf, 0.0, opts["seed"])
             test = ids[1]

@@ -28,6 +28,7 @@ import time
 import click
 import numpy as np
 
+from adapm import readers
 from adapm.apps.common import (
     AccessCounter,
     Progress,
@@ -68,33 +69,23 @@ def write_matrix_market(path, rows, cols, r, c, y):
         np.savetxt(f, data, fmt=["%d", "%d", "%.9g"])
 
 
-def read_matrix_market(path):
-    """(rows, cols, row ids, column ids, values) of a MatrixMarket coordinate file of real
-    or integer values (0-based ids)."""
-    with open(path) as f:
-        banner = f.readline().lower().split()
-        if banner[:3] != ["%%matrixmarket", "matrix", "coordinate"] or \
-                banner[3:4] not in (["real"], ["integer"], ["double"]):
-            raise ValueError(f"{path}: not a MatrixMarket coordinate file of real values")
-        line = f.readline()
-        while line.startswith("%"):
-            line = f.readline()
-        rows, cols, nnz = (int(x) for x in line.split())
-        data = np.loadtxt(f, ndmin=2) if nnz else np.empty((0, 3))
-    if data.shape != (nnz, 3):
-        raise ValueError(f"{path}: expected {nnz} entries of 3 fields, got {data.shape}")
-    r, c = data[:, 0].astype(np.int64) - 1, data[:, 1].astype(np.int64) - 1
-    if nnz and (r.min() < 0 or r.max() >= rows or c.min() < 0 or c.max() >= cols):
-        raise ValueError(f"{path}: an index lies outside the {rows} x {cols} matrix")
-    return rows, cols, r, c, data[:, 2].astype(np.float32)
+def read_matrix_market(path, cache=False):
+    """(rows, cols, row ids, column ids, values) of a MatrixMarket coordinate file of real,
+    integer or pattern values (0-based ids, float32 values; adapm.readers, which names
+    the line of a malformed entry). cache=True: parsed once per machine, memory-mapped
+    by every later read (adapm.readers' cache)."""
+    r, c, y, (rows, cols) = readers.read_matrix_market(path, dtype=np.float32, cache=cache)
+    return rows, cols, r, c, y
 
 
 def load_data(opts):
-    """(rows, cols, train (r, c, y), test (r, c, y)), the same in every worker."""
+    """(rows, cols, train (r, c, y), test (r, c, y)), the same in every worker. Files are
+    parsed once per machine (the first process to read one, usually the launching
+    process, caches it; the workers memory-map it and train() copies their shard)."""
     if opts.get("data"):
-        rows, cols, r, c, y = read_matrix_market(opts["data"])
+        rows, cols, r, c, y = read_matrix_market(opts["data"], cache=True)
         if opts.get("test_data"):
-            trows, tcols, tr, tc, ty = read_matrix_market(opts["test_data"])
+            trows, tcols, tr, tc, ty = read_matrix_market(opts["test_data"], cache=True)
             rows, cols = max(rows, trows), max(cols, tcols)
             return rows, cols, (r, c, y), (tr, tc, ty)
         held = np.random.default_rng(opts["seed"]).random(len(y)) < 0.1
