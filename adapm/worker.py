@@ -136,9 +136,18 @@ class Worker:
 
     def pull(self, keys, out=None):
         """Current values of `keys`: shape (len(keys), D), or flat for per-key lengths."""
-        return self.pull_async(keys, out).wait()
+        keys, out, nmiss = self._pull_here(keys, out)
+        if nmiss == 0:  # every key held here: no operation to track
+            return out
+        return Pending(self._requests, self._pull_away(keys, out, nmiss)).wait()
 
     def pull_async(self, keys, out=None):
+        keys, out, nmiss = self._pull_here(keys, out)
+        return Pending(self._requests, self._pull_away(keys, out, nmiss))
+
+    def _pull_here(self, keys, out):
+        """Read the keys this node holds into `out`; (keys, out, misses), the misses'
+        indices in the miss buffer."""
         self._check_open()
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
@@ -150,6 +159,11 @@ class Worker:
         except LockTimeout as exc:
             raise self._lock_error(exc, "pull") from None
         self._count("pulls_local", keys.shape[0] - nmiss)
+        return keys, out, nmiss
+
+    def _pull_away(self, keys, out, nmiss):
+        """The operation that fetches the missed keys from other nodes."""
+        misses = self._misses
         op = PullOp(out)
         if nmiss:
             missed = misses[:nmiss].astype(np.intp)
@@ -169,7 +183,7 @@ class Worker:
                 op.parts[request] = part
             self._count("pulls_remote", nmiss - arrived.shape[0])
             self._count("pulls_local", arrived.shape[0])
-        return Pending(self._requests, op)
+        return op
 
     def push(self, keys, values):
         """Add `values` to the keys' values (duplicate keys add up). Returns when the
@@ -191,10 +205,10 @@ class Worker:
     # -- fused optimizers (adapm.optim) -----------------------------------------------
 
     def pull_rows(self, keys, optimizer):
-        """The keys' rows (len(keys), dim), without the optimizer's state beside them."""
+        """The keys' rows (len(keys), dim), without the optimizer's state beside them (a
+        view of the pulled values: no copy)."""
         dim = self._row_dim(optimizer)
-        values = self.pull(keys)
-        return np.ascontiguousarray(values[:, :dim])
+        return self.pull(keys)[:, :dim]
 
     def apply_gradients(self, keys, grads, optimizer):
         """One step of `optimizer` (adapm.optim) per distinct key with its gradients

@@ -13,9 +13,11 @@ same data).
 Parameters: row factors are keys [0, rows), column factors keys [rows, rows + cols). A
 key's value is [factor | AdaGrad accumulator] (2 x rank floats), so optimizer state moves
 and replicates with its row. Each worker trains on its shard of the training cells:
-every minibatch pulls the keys it touches, sums the gradients of duplicate keys and
-pushes the update (additive, so workers never overwrite each other). Cells are
-partitioned among workers by row (partition_rows), as parameter-server MF does, so a row's
+every minibatch pulls the rows it touches and hands every cell's gradient to the fused
+AdaGrad of adapm.optim (w.apply_gradients: the table sums duplicate keys' gradients and
+takes one step per key in place, where the node holds it, else at its owner; concurrent
+workers' steps never overwrite each other). `--plain` runs the same AdaGrad in numpy.
+Cells are partitioned among workers by row (partition_rows), as parameter-server MF does, so a row's
 factor is used by one worker only; column factors are shared. adapm.data's
 IntentLoader announces each minibatch's keys ahead of its clock. The metric is the test
 RMSE, printed against the untrained model's."""
@@ -42,6 +44,7 @@ from adapm.apps.common import (
 )
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
+from adapm.optim import Adagrad
 
 APP = "mf"
 
@@ -126,9 +129,26 @@ def rmse(table, rows, rank, test, batch=10_000):
     return (squared / max(len(y), 1)) ** 0.5
 
 
+ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's
+
+
+def fused_step(w, keys, y, rank, opt, reg):
+    """One minibatch on the parameter server: keys = [row keys | column keys] of the
+    batch's cells. The rows are pulled (duplicates too: no np.unique), and the gradient of
+    every cell goes to the table's fused AdaGrad (`opt`), which sums the duplicates' and
+    takes one step per key in place. Returns the squared error."""
+    b = len(y)
+    rows = w.pull_rows(keys, opt)
+    u, v = rows[:b], rows[b:]
+    err = np.einsum("ij,ij->i", u, v) - y
+    w.apply_gradients(keys, np.concatenate([err[:, None] * v + reg * u,
+                                            err[:, None] * u + reg * v]), opt)
+    return float((err * err).sum())
+
+
 def adagrad_step(table, keys, y, rank, lr, reg):
-    """One minibatch: keys = [row keys | column keys] of the batch's cells. `table` has
-    pull and push (a Worker, or ArrayTable for the plain loop). Returns the squared error."""
+    """The plain loop's minibatch (the reference of B5), the same AdaGrad in numpy:
+    `table` has pull and push (ArrayTable). Returns the squared error."""
     b = len(y)
     unique, inverse = np.unique(keys, return_inverse=True)
     values = table.pull(unique)
@@ -139,7 +159,7 @@ def adagrad_step(table, keys, y, rank, lr, reg):
     g = sum_by_key(inverse, grads, len(unique))
     g2 = g * g
     update = np.empty_like(values)
-    update[:, :rank] = -lr * g / np.sqrt(accum + g2 + 1e-8)
+    update[:, :rank] = -lr * g / (np.sqrt(accum + g2) + ADAGRAD_EPS)
     update[:, rank:] = g2
     table.push(unique, update)
     return float((err * err).sum())
@@ -176,6 +196,7 @@ def train(w, opts):
     shard = np.flatnonzero(partition_rows(r, rows, w.num_workers) == w.rank)
     r, c, y = r[shard], c[shard], y[shard]
     rank = opts["rank"]
+    opt = Adagrad(lr=opts["lr"], eps=ADAGRAD_EPS)  # [factor | accumulators], fused
     before = rmse(w, rows, rank, test) if w.rank == 0 else None
     w.barrier()  # nobody trains before the untrained model is measured
     rng = np.random.default_rng(opts["seed"] + 1 + w.rank)
@@ -190,8 +211,8 @@ def train(w, opts):
         accesses.begin(w)
         t0 = time.perf_counter()
         for idx in loader:
-            adagrad_step(w, np.concatenate([r[idx], rows + c[idx]]), y[idx], rank,
-                         opts["lr"], opts["reg"])
+            fused_step(w, np.concatenate([r[idx], rows + c[idx]]), y[idx], rank, opt,
+                       opts["reg"])
             progress.update(len(idx), prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         seconds += elapsed
