@@ -16,8 +16,9 @@ state moves and replicates with its row. The score of a triple is ComplEx's
 Re(<h, r, conj(t)>); the loss is the logistic loss of each training triple and of K
 corrupted copies of it (its head or its tail replaced by a random entity), plus a small
 L2 penalty. Each worker trains on its shard of the training triples by minibatch AdaGrad:
-every batch pulls the keys it touches, sums the gradients of duplicate keys and pushes
-the update (additive, so workers never overwrite each other). adapm.data's IntentLoader
+every batch pulls the rows it touches and hands every occurrence's gradient to the fused
+AdaGrad of adapm.optim (the table sums duplicate keys' gradients and takes one step per
+key in place, or at its owner; workers never overwrite each other). adapm.data's IntentLoader
 announces each batch's keys ahead of its clock; the negatives come from
 w.prepare_sample(..., key_range=(0, E)), drawn `--sample-ahead` clocks before the batch
 that uses them, so that they are local when w.pull_sample reads them. The metric is the
@@ -38,13 +39,13 @@ from adapm.apps.common import (
     reports,
     save_worker_result,
     start_cluster,
-    sum_by_key,
     throughput_summary,
     zipf_ids,
 )
 from adapm.config import MODES
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
+from adapm.optim import Adagrad
 
 APP = "kge"
 EVAL_CHUNK = 1024          # test triples scored against all entities at once
@@ -239,9 +240,13 @@ def batch_loss_and_grads(h, r, t, neg, corrupt_tail):
     return loss, grad_h, grad_r, grad_t, grad_neg
 
 
-def adagrad_step(w, triples, entities, handle, opts, rng):
-    """One minibatch of triples (ids): pull its keys and its negatives (pull_sample),
-    push the AdaGrad update of every key touched. The L2 penalty reg/2 |x|^2 counts once
+ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's
+
+
+def adagrad_step(w, triples, entities, handle, opts, rng, opt):
+    """One minibatch of triples (ids): pull its rows and its negatives (pull_sample), hand
+    every occurrence's gradient to the table's fused AdaGrad (`opt`, adapm.optim: one step
+    per distinct key, duplicates summed there). The L2 penalty reg/2 |x|^2 counts once
     per key of the batch's triples, however often the key occurs in the batch (per
     occurrence, it would pull a relation, which occurs in a large share of every batch,
     to zero faster than the scattered early gradients of its triples move it). Returns the
@@ -250,26 +255,18 @@ def adagrad_step(w, triples, entities, handle, opts, rng):
     width = 2 * dim
     pos_keys = batch_keys(triples, entities)
     neg_keys, neg_values = w.pull_sample(handle, b * k)
-    unique_pos, inverse_pos = np.unique(pos_keys, return_inverse=True)
-    pos_values = w.pull(unique_pos)
-    rows = np.concatenate([pos_values[inverse_pos], neg_values])
-    emb = rows[:, :width]
+    pos_rows = w.pull_rows(pos_keys, opt)
+    emb = np.concatenate([pos_rows, neg_values[:, :width]])
     corrupt_tail = rng.random((b, k)) < 0.5
     loss, gh, gr, gt, gn = batch_loss_and_grads(
         emb[:b], emb[b:2 * b], emb[2 * b:3 * b], emb[3 * b:].reshape(b, k, width),
         corrupt_tail)
-    grads = np.concatenate([gh, gr, gt, gn.reshape(b * k, width)])
-    keys, first, inverse = np.unique(np.concatenate([pos_keys, neg_keys]),
-                                     return_index=True, return_inverse=True)
-    g = sum_by_key(inverse, grads, keys.shape[0])
-    penalised = pos_values[:, :width]
-    g[np.searchsorted(keys, unique_pos)] += opts["reg"] * penalised
+    distinct, first = np.unique(pos_keys, return_index=True)
+    penalised = pos_rows[first]
     loss += 0.5 * opts["reg"] * float((penalised * penalised).sum())
-    g2 = g * g
-    update = np.empty((keys.shape[0], 2 * width), dtype=np.float32)
-    update[:, :width] = -opts["lr"] * g / np.sqrt(rows[first, width:] + g2 + 1e-8)
-    update[:, width:] = g2
-    w.push(keys, update)
+    w.apply_gradients(np.concatenate([pos_keys, neg_keys.astype(np.uint64), distinct]),
+                      np.concatenate([gh, gr, gt, gn.reshape(b * k, width),
+                                      opts["reg"] * penalised]), opt)
     return loss
 
 
@@ -367,6 +364,7 @@ def train(w, opts):
     before = evaluate(w, graph, graph.test, known, dim) if w.rank == 0 else None
     w.barrier()  # nobody trains before the untrained model is measured
     rng = np.random.default_rng([opts["seed"], 2, w.rank])
+    opt = Adagrad(lr=opts["lr"], eps=ADAGRAD_EPS)  # [embedding | accumulators], fused
     steps_per_epoch = -(-mine.shape[0] // batch)
     first_clock = w.clock
     last_clock = first_clock + opts["epochs"] * steps_per_epoch  # exclusive
@@ -393,7 +391,7 @@ def train(w, opts):
         prepare_until(w.clock + ahead)
         for triples in loader:
             prepare_until(w.clock + ahead + 1)
-            loss += adagrad_step(w, triples, e, handles.pop(w.clock), opts, rng)
+            loss += adagrad_step(w, triples, e, handles.pop(w.clock), opts, rng, opt)
             progress.update(triples.shape[0], prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         seconds += elapsed
