@@ -454,6 +454,8 @@ def main(nodes, workers_per_node, train_samples, test_samples, fields, vocab, ma
         summary.pop("towers", None)
         with open(json_path, "w") as f:
             json.dump(summary, f, indent=2)
+    if not summary["auc_after"] > summary["auc_before"]:
+        raise SystemExit(f"[{APP}] training did not improve the test AUC")
 
 
 if __name__ == "__main__":
