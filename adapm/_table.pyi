@@ -10,6 +10,7 @@ REPLICA: int
 PENDING: int
 KEEP_OWNER: int
 SERVE_NO_VALUE: int
+OPTIMIZER_KINDS: tuple[int, ...]
 SERVE_VALUE: int
 SERVE_VALUE_IF_CHANGED: int
 HEADER_BYTES: int
@@ -114,6 +115,9 @@ class TableView:
     def admit(self, keys: np.ndarray, values: np.ndarray, offsets: np.ndarray, state: int,
               owner: int, admitted: np.ndarray,
               versions: np.ndarray | None = None) -> int: ...
+    def apply_optimizer(self, keys: np.ndarray, order: np.ndarray, grads: np.ndarray,
+                        params: np.ndarray, distinct: np.ndarray, summed: np.ndarray,
+                        misses: np.ndarray, owned_only: bool = False) -> tuple[int, int]: ...
     def serve_sync(self, keys: np.ndarray, deltas: np.ndarray, has_delta: np.ndarray,
                    seen: np.ndarray, wanted: np.ndarray, owned: np.ndarray,
                    versions: np.ndarray, with_value: np.ndarray, out: np.ndarray) -> int: ...
