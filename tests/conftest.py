@@ -106,3 +106,31 @@ def make_table():
     for table in made:
         table.unlink()
         table.close()
+
+
+def coordinator_port(host="127.0.0.1"):
+    """A port for a test's fixed coordinator address: free now, and so is the next one
+    (the workers' default torch.distributed port across machines is the coordinator's
+    + 1). Taken below the kernel's ephemeral range, so that no connection or `port 0`
+    bind of the test's own processes is handed either of them meanwhile (ephemeral ports
+    are given out in sequence: one picked with bind(('', 0)) has its successor taken
+    soon)."""
+    import random
+    import socket
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(low - 2, 10_002))
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind((host, port))
+                b.bind((host, port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of ports below the ephemeral range")

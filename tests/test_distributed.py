@@ -17,6 +17,8 @@ import adapm
 import adapm.runner
 from adapm.cluster import LocalCluster
 
+from conftest import coordinator_port
+
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(150)
@@ -105,22 +107,6 @@ def port_of(address):
     return int(address.rpartition(":")[2])
 
 
-def free_port(pairs=False):
-    """A free port of 127.0.0.1 (pairs: whose successor is free too)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not pairs:
-            return port
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-
-
 def assert_clean():
     from conftest import wait_until_clean
     segments, processes = wait_until_clean(timeout=15)
@@ -154,12 +140,12 @@ def test_run_workers_join_one_group_and_train_with_ddp(monkeypatch):
 def test_launch_across_two_launchers_with_master_port_in_their_environment(tmp_path):
     """torchrun-like: each launcher reads the coordinator from MASTER_ADDR/MASTER_PORT and
     the node count from WORLD_SIZE; the workers get MASTER_PORT + 1 and WORLD_SIZE 4."""
-    coordinator_port = free_port(pairs=True)
+    coordinator = coordinator_port()
     cluster_id = f"dd{uuid.uuid4().hex[:6]}"
     procs = []
     for rank in (0, 1):
         environ = {**os.environ, "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(coordinator_port), "WORLD_SIZE": "2",
+                   "MASTER_PORT": str(coordinator), "WORLD_SIZE": "2",
                    "NODE_RANK": str(rank)}
         environ.pop("ADAPM_DIST_PORT", None)
         procs.append(subprocess.Popen(
@@ -176,7 +162,7 @@ def test_launch_across_two_launchers_with_master_port_in_their_environment(tmp_p
                 for key, value in json.loads(found[str(rank)]).items()} for rank in range(4)]
     for result in results:
         assert result["env"]["MASTER_ADDR"] == "127.0.0.1"
-        assert result["env"]["MASTER_PORT"] == str(coordinator_port + 1)
+        assert result["env"]["MASTER_PORT"] == str(coordinator + 1)
         assert result["env"]["WORLD_SIZE"] == "4"
     check_training(results)
     assert_clean()
@@ -209,7 +195,7 @@ def test_a_taken_dist_port_is_a_clear_error_before_workers_start(tmp_path, how):
 
 
 def test_dist_port_must_not_be_the_coordinators(tmp_path):
-    port = free_port()
+    port = coordinator_port()
     proc = subprocess.run([LAUNCHER, "--num-keys", "4", "--nnodes", "1", "--node-rank", "0",
                            "--coordinator", f"127.0.0.1:{port}", "--dist-port", str(port),
                            SCRIPT, "ok", str(tmp_path)],

@@ -14,7 +14,7 @@ import pytest
 
 from adapm.process import parent_of
 
-from conftest import session_processes, wait_until_clean
+from conftest import coordinator_port, session_processes, wait_until_clean
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,11 +44,6 @@ def child_named(parent, name):
     raise AssertionError(f"no {name} under {parent}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def assert_clean():
     segments, processes = wait_until_clean(timeout=15)
@@ -71,7 +66,7 @@ def test_killed_node_server_fails_every_worker_within_ten_seconds(tmp_path):
 
 
 def test_per_machine_launches_form_one_cluster(tmp_path):
-    coordinator = f"127.0.0.1:{free_port()}"
+    coordinator = f"127.0.0.1:{coordinator_port()}"
     common = ["--nnodes", "2", "--coordinator", coordinator, "--host", "127.0.0.1",
               "--workers-per-node", "2", "--num-keys", "30", "--value-length", "2",
               "--cluster-id", f"pm{uuid.uuid4().hex[:6]}"]
@@ -135,7 +130,7 @@ def two_hosts():
 
 def test_two_hosts_in_network_namespaces(tmp_path, two_hosts):
     names, addresses = two_hosts
-    coordinator = f"{addresses[0]}:{free_port()}"
+    coordinator = f"{addresses[0]}:{coordinator_port()}"
     procs = []
     for rank, name in enumerate(names):
         procs.append(launcher(
@@ -162,7 +157,7 @@ def test_hosts_file_over_ssh(tmp_path, two_hosts):
     hosts = tmp_path / "hosts"
     hosts.write_text("\n".join(names) + "\n")
     proc = launcher("--hosts", str(hosts), "--ssh-command", str(fake_ssh),
-                    "--coordinator", f"{addresses[0]}:{free_port()}",
+                    "--coordinator", f"{addresses[0]}:{coordinator_port()}",
                     "--workers-per-node", "1", "--num-keys", "30", "--value-length", "2",
                     SCRIPT, "sums", str(tmp_path))
     out, _ = proc.communicate(timeout=90)

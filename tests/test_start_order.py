@@ -2,7 +2,6 @@
 order form one cluster and say what they wait for; two local nodes given one port fail at
 once; a torchrun-style WORLD_SIZE that counts processes is not read as the node count."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from adapm.launch import machine_placement
 
-from conftest import wait_until_clean
+from conftest import coordinator_port, wait_until_clean
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,11 +22,6 @@ SCRIPT = str(HERE / "launch_script.py")
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
 STAGGER = 6.0  # seconds: longer than the node timeout (3 s) that used to end the wait
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def per_machine(rank, coordinator, cluster_id, tmp_path):
@@ -40,7 +34,7 @@ def per_machine(rank, coordinator, cluster_id, tmp_path):
 
 @pytest.mark.parametrize("first", [1, 0])
 def test_nodes_started_seconds_apart_in_either_order_form_one_cluster(tmp_path, first):
-    port = free_port()
+    port = coordinator_port()
     coordinator = f"127.0.0.1:{port}"
     cluster_id = f"so{uuid.uuid4().hex[:6]}"
     early = per_machine(first, coordinator, cluster_id, tmp_path)
@@ -61,7 +55,7 @@ def test_nodes_started_seconds_apart_in_either_order_form_one_cluster(tmp_path, 
 
 
 def test_a_node_whose_coordinator_never_comes_gives_up_at_the_start_timeout(tmp_path):
-    coordinator = f"127.0.0.1:{free_port()}"
+    coordinator = f"127.0.0.1:{coordinator_port()}"
     proc = subprocess.Popen(
         [LAUNCHER, "--nnodes", "2", "--node-rank", "1", "--coordinator", coordinator,
          "--host", "127.0.0.1", "--num-keys", "4", SCRIPT, "ok", str(tmp_path)],
@@ -74,7 +68,7 @@ def test_a_node_whose_coordinator_never_comes_gives_up_at_the_start_timeout(tmp_
 
 
 def test_two_local_nodes_given_one_port_fail_at_once(tmp_path):
-    port = free_port()
+    port = coordinator_port()
     started = time.monotonic()
     proc = subprocess.run([LAUNCHER, "--nodes", "2", "--port", str(port), "--num-keys", "4",
                            SCRIPT, "ok", str(tmp_path)], capture_output=True, text=True,
@@ -109,7 +103,7 @@ def test_a_process_count_is_not_read_as_the_node_count(environ, said):
 
 def test_launcher_refuses_a_world_size_that_counts_processes(tmp_path):
     environ = {**os.environ, "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
-               "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+               "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(coordinator_port())}
     proc = subprocess.run([LAUNCHER, "--num-keys", "4", SCRIPT, "ok", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, env=environ)
     assert proc.returncode == 2 and "LOCAL_WORLD_SIZE=4" in proc.stderr, proc.stderr
@@ -118,7 +112,7 @@ def test_launcher_refuses_a_world_size_that_counts_processes(tmp_path):
 def test_a_node_waiting_for_a_missing_peer_says_how_many_joined_and_gives_up(tmp_path):
     """Nodes 0 and 1 of 3 start, node 2 never does: node 1 hears the coordinator all the
     time, and still reports how many of 3 joined, and gives up at the start timeout."""
-    coordinator = f"127.0.0.1:{free_port()}"
+    coordinator = f"127.0.0.1:{coordinator_port()}"
     environ = {**os.environ, "ADAPM_START_TIMEOUT": "7"}
     cluster_id = f"mj{uuid.uuid4().hex[:6]}"
     procs = [subprocess.Popen(
