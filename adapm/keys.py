@@ -53,9 +53,14 @@ def as_values(values, keys, total, table):
 
 def as_gradients(grads, n, dim, table):
     """Gradients as a contiguous (n, dim) array of the table's dtype, finite."""
-    arr = grads if isinstance(grads, np.ndarray) else np.asarray(grads)
-    if hasattr(grads, "detach") and not isinstance(grads, np.ndarray):  # a torch tensor
+    if isinstance(grads, np.ndarray):
+        arr = grads
+    elif hasattr(grads, "detach"):  # a torch tensor, maybe requiring grad, maybe on a GPU
         arr = grads.detach().cpu().numpy()
+    else:
+        arr = np.asarray(grads)
+    if n == 0 and arr.size == 0:
+        return np.empty((0, dim), dtype=table.dtype)
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"gradients must be numeric, got dtype {arr.dtype}")
     if arr.shape != (n, dim):

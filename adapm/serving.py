@@ -122,6 +122,8 @@ class DataServing:
             raise ProtocolError(f"{msg.type.name}: {exc}") from None
         n = keys.shape[0]
         grads = protocol.values_of(msg, self.view.dtype, n * dim).reshape(n, dim)
+        if not np.isfinite(grads).all():  # the step would spoil rows and their state
+            raise ProtocolError(f"{msg.type.name} with NaN or infinite gradients")
         order = np.argsort(keys, kind="stable")
         if n > 1 and (keys[order[1:]] == keys[order[:-1]]).any():
             raise ProtocolError(f"{msg.type.name} names a key twice (gradients are summed "

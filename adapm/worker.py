@@ -24,7 +24,7 @@ from adapm import config, protocol
 from adapm.consistency import ReadYourWrites
 from adapm.errors import ClosedError, ClusterError
 from adapm.keys import as_gradients, as_keys, as_values, pull_buffer
-from adapm.optim import SparseOptimizer
+from adapm.optim import SparseOptimizer, read_params
 from adapm.ownership import route, split_by
 from adapm.protocol import MsgType, worker_identity
 from adapm.requests import (
@@ -221,7 +221,10 @@ class Worker:
         grads = as_gradients(grads, keys.shape[0], dim, self._view)
         if keys.shape[0] == 0:
             return
-        params = optimizer.params(dim)
+        try:  # what an owner would refuse (a schedule may have set lr < 0) is refused here
+            params, _ = read_params(optimizer.params(dim), self._view.uniform_length)
+        except ValueError as exc:
+            raise ValueError(f"{optimizer!r}: {exc}") from None
         self._consistency.before_access(keys)
         n = keys.shape[0]
         distinct, summed = np.empty(n, dtype=np.uint64), np.empty((n, dim), dtype=self.dtype)
@@ -253,10 +256,12 @@ class Worker:
             n = sub.shape[0]
             misses = np.empty(n, dtype=np.uint64)
             again = np.empty((n, summed.shape[1]), dtype=self.dtype)
-            _, nmiss = self._view.apply_optimizer(sub, np.arange(n, dtype=np.int64),
-                                                  np.ascontiguousarray(summed[arrived]),
-                                                  params, np.empty(n, dtype=np.uint64), again,
-                                                  misses)
+            try:
+                _, nmiss = self._view.apply_optimizer(
+                    sub, np.arange(n, dtype=np.int64), np.ascontiguousarray(summed[arrived]),
+                    params, np.empty(n, dtype=np.uint64), again, misses)
+            except LockTimeout as exc:
+                raise self._lock_error(exc, "apply_gradients") from None
             self._count("pushes_local", n - nmiss)
             still = arrived[misses[:nmiss].astype(np.intp)]
             more, arrived = self._split(keys, still, "apply")

@@ -403,12 +403,16 @@ cdef inline void _optimizer_step(real* w, real* g, const OptStep* p) noexcept no
         s = w + dim
         for j in range(dim):
             s[j] = s[j] + g[j] * g[j]
+            if s[j] < 0:  # merged replicas' deltas may undershoot: never take a root of < 0
+                s[j] = 0
             w[j] = w[j] - <real>(p.lr * g[j] / (sqrt(s[j]) + p.eps))
     elif p.kind == _OPT_ROWWISE_ADAGRAD:
         mean = 0.0
         for j in range(dim):
             mean += <double>g[j] * g[j]
         w[dim] = w[dim] + <real>(mean / dim)
+        if w[dim] < 0:
+            w[dim] = 0
         denom = sqrt(w[dim]) + p.eps
         for j in range(dim):
             w[j] = w[j] - <real>(p.lr * g[j] / denom)
@@ -418,6 +422,8 @@ cdef inline void _optimizer_step(real* w, real* g, const OptStep* p) noexcept no
         for j in range(dim):
             m[j] = m[j] + <real>((1.0 - p.beta1) * (g[j] - m[j]))
             v[j] = v[j] + <real>((1.0 - p.beta2) * (g[j] * g[j] - v[j]))
+            if v[j] < 0:  # replicas' decays merged as deltas can take v below zero
+                v[j] = 0
             w[j] = w[j] - <real>(p.step_size * m[j] / (sqrt(v[j]) + p.eps))
 
 
@@ -1076,6 +1082,10 @@ cdef class TableView:
         self._check_open()
         if params.shape[0] != 8 or not np.isfinite(params).all():
             raise ValueError(f"optimizer params must be 8 finite numbers, got {list(params)}")
+        params = np.ascontiguousarray(params, dtype=np.float64)
+        if not (params[0] in OPTIMIZER_KINDS and 1 <= params[1] <= self.uniform_length):
+            raise ValueError(f"optimizer params {list(params)} do not fit a table of "
+                             f"uniform value length {self.uniform_length}")
         cdef const double* pr = <const double*>cnp.PyArray_DATA(params)
         cdef OptStep step
         step.kind = <int>pr[0]
