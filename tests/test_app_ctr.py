@@ -75,14 +75,14 @@ def test_cli_reports_and_writes_json(tmp_path):
         [sys.executable, "-m", "adapm.apps.ctr", "--nodes", "2", "--train", "8000",
          "--test", "2000", "--fields", "4", "--vocab", "1000", "--buckets", "5000",
          "--dim", "8", "--batch", "512", "--json", str(out)],
-        capture_output=True, text=True, timeout=200)
+        capture_output=True, text=True, timeout=200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test AUC" in proc.stdout and "samples/s" in proc.stdout
     summary = json.loads(out.read_text())
     assert summary["workers"] == 2 and "auc_after" in summary
 
 
-def test_runs_under_adapm_launch():
+def test_runs_under_adapm_launch(tmp_path):
     """Launched workers write the optimizer's initial values themselves and join one
     torch.distributed group across the launched nodes."""
     from pathlib import Path
@@ -91,6 +91,6 @@ def test_runs_under_adapm_launch():
         [launcher, "--nodes", "2", "--num-keys", "5000", "--value-length", "16",
          "-m", "adapm.apps.ctr", "--train", "4000", "--test", "1000", "--fields", "4",
          "--vocab", "500", "--buckets", "5000", "--dim", "8", "--batch", "512"],
-        capture_output=True, text=True, timeout=200)
+        capture_output=True, text=True, timeout=200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "trained" in proc.stdout and "test AUC" in proc.stdout

@@ -479,8 +479,11 @@ print(json.dumps({"parses": sum(readers.PARSES.values()), "total": total}))
 def run_worker(opts):
     """A process as a worker of a run on this machine loads the data (it inherits the
     cache folder): how many text parses it made and a checksum of what it loaded."""
+    # not from the checkout's root: `-c` puts the working folder first on sys.path, and
+    # there `adapm` is the source tree, without the compiled table of an installed copy
     return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(opts)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 def result(proc):

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -510,7 +511,8 @@ def test_hash_is_the_same_in_another_process():
             "ids = np.frombuffer(sys.stdin.buffer.read(), dtype=np.int64); "
             "sys.stdout.buffer.write(at.hash_bucket(ids, 4099).tobytes())")
     other = subprocess.run([sys.executable, "-c", code], input=ids.tobytes(), check=True,
-                           capture_output=True, timeout=120).stdout
+                           capture_output=True, timeout=120,
+                           cwd=Path(__file__).parent).stdout  # not the checkout's root
     np.testing.assert_array_equal(np.frombuffer(other, dtype=np.int64),
                                   at.hash_bucket(ids, 4099))
 
