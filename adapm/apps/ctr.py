@@ -413,7 +413,7 @@ def save(opts, directory):
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="training samples from a Criteo-format TSV")
 @click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
-              help="test samples, Criteo format (default: the last 10%% of --data)")
+              help="test samples, Criteo format (default: the last 10% of --data)")
 @click.option("--save-data", type=click.Path(file_okay=False),
               help="write the generated clicks to DIR/train.tsv and DIR/test.tsv")
 @click.option("--plain", is_flag=True,

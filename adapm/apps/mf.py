@@ -318,7 +318,7 @@ def finish(results):
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="training cells from a MatrixMarket coordinate file")
 @click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
-              help="test cells from a MatrixMarket file (default: 10%% of --data held out)")
+              help="test cells from a MatrixMarket file (default: 10% of --data held out)")
 @click.option("--save-data", type=click.Path(file_okay=False),
               help="write the generated matrix to DIR/train.mtx and DIR/test.mtx")
 @click.option("--plain", is_flag=True, help="the same SGD in this process, no parameter server")
