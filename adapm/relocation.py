@@ -160,9 +160,10 @@ class Relocation:
         keys, counters = self._install(keys, values, msg)
         self.ctx.ownership.counter[keys.astype(np.intp)] = counters
         self.arrived_round[keys.astype(np.intp)] = self.rounds.round + 1  # never 0
-        if self.replicas.moving_in and self.replicas.moving_in.discard(keys).shape[0] \
-                and not self.replicas.moving_in:
-            self.rounds.answer_waiters()
+        if self.replicas.moving_in:
+            self.replicas.moving_in.discard(keys)
+            if not self.replicas.moving_in:  # the last keys a localize waited for came
+                self.rounds.answer_waiters()
         self.ctx.count("relocations", keys.shape[0])
         self.ctx.count("owner_changes", 1)
         self._tell_homes(keys, counters)
