@@ -10,6 +10,8 @@ or, in a script started by adapm-launch:
 
 See docs/ for the design, the API and the configuration."""
 
+from adapm import checkpoint
+from adapm.checkpoint import CheckpointError
 from adapm.errors import AdapmError, ClosedError, ClusterError, ProtocolError, WorkerError
 from adapm.runner import run
 from adapm.worker import Pending, Worker, worker
@@ -17,6 +19,6 @@ from adapm.worker import Pending, Worker, worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapmError", "ClosedError", "ClusterError", "ProtocolError", "WorkerError",
-    "Pending", "Worker", "run", "worker", "__version__",
+    "AdapmError", "CheckpointError", "ClosedError", "ClusterError", "ProtocolError",
+    "WorkerError", "Pending", "checkpoint", "Worker", "run", "worker", "__version__",
 ]

@@ -9,6 +9,8 @@ separated list of NODE:POINT, for example "1:arena_full,0:raise_in=PUSH":
 - arena_full: the node's value arena holds exactly what it holds at start, so the next
   slot it needs (a key relocated or replicated to it) raises the allocator's MemoryError;
 - raise_in=TYPE: handling a message of type TYPE (a MsgType name) raises RuntimeError.
+- stall_save=SAVE@SECONDS: the node's checkpoint writer (its worker 0) sleeps SECONDS
+  after the first chunk of values of its SAVE-th Worker.save (a node to kill mid-write).
 """
 
 import os

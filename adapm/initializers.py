@@ -6,6 +6,8 @@ called init(keys, value_length)). The random schemes are counter based: the valu
 j of key k is a pure function of (seed, k, j) (a SplitMix64 hash), so the same seed gives
 the same values whatever the number of nodes and whichever node computes them."""
 
+import os
+
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -45,6 +47,8 @@ def parse_init(init):
         return init
     if isinstance(init, (tuple, list)) and init:
         name = init[0]
+        if name == "checkpoint" and len(init) == 2 and isinstance(init[1], (str, os.PathLike)):
+            return ("checkpoint", os.path.abspath(init[1]))
         if name == "uniform" and len(init) == 4:
             low, high, seed = float(init[1]), float(init[2]), int(init[3])
             if not high >= low:
@@ -64,6 +68,9 @@ def initial_values(init, keys, lengths, dtype):
     """Flat initial values (dtype) for `keys` with value lengths `lengths` (integer arrays;
     apps call it with their own int64 ids too)."""
     init = parse_init(init)
+    if not callable(init) and init[0] == "checkpoint":
+        raise ValueError("a checkpoint is restored by the node servers as a whole "
+                         "(adapm.checkpoint), not computed per key")
     keys = np.asarray(keys, dtype=np.uint64)
     lengths = np.asarray(lengths, dtype=np.uint64)
     total = int(lengths.sum())

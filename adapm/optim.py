@@ -106,6 +106,26 @@ class SparseOptimizer:
         if state.size and not np.isfinite(state).all():
             raise ValueError(f"{self.name} state holds NaN or infinite values")
 
+    # -- saving ----------------------------------------------------------------------
+
+    def state_dict(self):
+        """This object's own state (the keys' state lives in the table): its kind and
+        hyperparameters, for checking, and its step count (Adam's bias correction), as
+        JSON-serialisable values, like torch.optim's state_dict."""
+        return {"name": self.name, "lr": self.lr, "weight_decay": self.weight_decay,
+                "steps": self.steps}
+
+    def load_state_dict(self, state):
+        """Take the step count of `state` (a state_dict of the same kind of optimizer);
+        hyperparameters stay as this object was made (they may change on a restart)."""
+        if not isinstance(state, dict) or state.get("name") != self.name:
+            got = state.get("name") if isinstance(state, dict) else state
+            raise ValueError(f"{self.name} cannot load the state of a {got!r} optimizer")
+        steps = state.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{self.name}: step count {steps!r} is not a count")
+        self.steps = steps
+
     # -- steps ---------------------------------------------------------------------
 
     def params(self, dim):

@@ -278,6 +278,64 @@ class _Table(torch.nn.Module):
             index = index.pin_memory().to(device, non_blocking=True)
         return rows, index, (keys.shape[0] if extra is not None else None)
 
+    # -- state_dict: the rows themselves, gathered ------------------------------------
+
+    def _all_keys(self):
+        start, end = self.key_range
+        return np.arange(start, end, dtype=np.int64)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """`weight` (num_embeddings, dim), as torch.nn.Embedding's, so that a plain torch
+        module loads it for inference; `optimizer_state` (num_embeddings, state_length)
+        beside it. Every row is pulled into this process: for tables larger than memory
+        allows, save a checkpoint (w.save) instead (docs/torch.md)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        values = np.asarray(self.worker.pull(self._all_keys()))
+        dim = self.embedding_dim
+        destination[prefix + "weight"] = torch.from_numpy(
+            np.ascontiguousarray(values[:, :dim], dtype=np.float32))
+        destination[prefix + "optimizer_state"] = torch.from_numpy(
+            np.ascontiguousarray(values[:, dim:]))
+
+    def get_extra_state(self):
+        return {"optimizer": self.optimizer.state_dict(), "key_offset": self.key_offset,
+                "num_embeddings": self.num_embeddings}
+
+    def set_extra_state(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        """Write `weight` (and `optimizer_state`, else the optimizer's initial state) into
+        this table's keys with w.set. Every worker may load the same state_dict (the
+        same values are set); then barrier() before training."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        ours = (prefix + "weight", prefix + "optimizer_state")
+        unexpected_keys[:] = [key for key in unexpected_keys if key not in ours]
+        weight, state = state_dict.get(ours[0]), state_dict.get(ours[1])
+        if weight is None:
+            missing_keys.append(ours[0])
+            return
+        expected = (self.num_embeddings, self.embedding_dim)
+        if tuple(weight.shape) != expected:
+            error_msgs.append(f"size mismatch for {ours[0]}: {tuple(weight.shape)} in the "
+                              f"state_dict, {expected} in {type(self).__name__}")
+            return
+        length = self.optimizer.state_length(self.embedding_dim)
+        values = np.empty((expected[0], self.embedding_dim + length),
+                          dtype=self.worker.dtype)
+        values[:, :self.embedding_dim] = weight.detach().to("cpu").numpy()
+        if state is None:
+            self.optimizer.initial_state(values[:, self.embedding_dim:], self.embedding_dim)
+        elif tuple(state.shape) != (expected[0], length):
+            error_msgs.append(f"size mismatch for {ours[1]}: {tuple(state.shape)} in the "
+                              f"state_dict, {(expected[0], length)} for {self.optimizer!r}")
+            return
+        else:
+            values[:, self.embedding_dim:] = state.detach().to("cpu").numpy()
+        self.worker.set(self._all_keys(), values)
+
     def extra_repr(self):
         text = (f"{self.num_embeddings}, {self.embedding_dim}, optimizer={self.optimizer!r}, "
                 f"key_offset={self.key_offset}")

@@ -84,20 +84,22 @@ def no_leftovers():
 
 @pytest.fixture
 def make_table():
-    """make(...) -> a published table of this test (its keys OWNED), unlinked afterwards;
-    shared by the table's own tests."""
+    """make(...) -> a published table of this test (its keys, or those `owned`, OWNED),
+    unlinked afterwards; shared by the table's own tests."""
     import numpy as np
 
     from adapm.table import OWNED, SharedTable, segment_name
     made = []
 
     def make(num_keys=100, value_length=4, dtype="float32", workers=2, values=None,
-             publish=True, node=0, num_nodes=1):
+             publish=True, node=0, num_nodes=1, owned=None):
         name = segment_name(f"t{os.getpid()}x{len(made)}", node)
         table = SharedTable.create(name, num_keys, value_length, dtype, workers, node=node,
                                    num_nodes=num_nodes)
         made.append(table)
-        table.install(np.arange(num_keys, dtype=np.uint64), OWNED, values)
+        keys = np.arange(num_keys, dtype=np.uint64) if owned is None else \
+            np.asarray(owned, dtype=np.uint64)
+        table.install(keys, OWNED, values)
         if publish:
             table.publish()
         return table

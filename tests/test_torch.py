@@ -489,7 +489,10 @@ def test_reprs_and_properties():
                           padding_idx=-1, hash_ids=False)
     assert bag.padding_idx == 9 and bag.key_range == (3, 13) and bag.dim == 4
     assert "mode='max'" in repr(bag) and "padding_idx=9" in repr(bag)
-    assert bag.state_dict() == {}   # the rows live in the table (checkpoints: w.save)
+    state = bag.state_dict()        # the rows, gathered from the table (SGD: no state)
+    assert sorted(state) == ["_extra_state", "optimizer_state", "weight"]
+    assert torch.equal(state["weight"], torch.from_numpy(w.values[3:13]))
+    assert state["optimizer_state"].shape == (10, 0)
 
 
 # -- hashing ---------------------------------------------------------------------------------

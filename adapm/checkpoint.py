@@ -1,0 +1,580 @@
+"""Checkpoints on disk: the format, writing one node's part, committing, and reading them
+back with no cluster (docs/operations.md, "Checkpoints").
+
+This module knows files and tables, not the network: the worker API (`Worker.save`) holds
+the cluster still around it, node servers call `restore_home_keys` when they start from a
+checkpoint, and `load` exports one to numpy.
+
+A checkpoint is a folder PATH:
+
+    PATH/manifest.json                 the checkpoint; written last and replaced atomically
+    PATH/<data>/node-00000.keys.npy    the keys node 0 owned, uint64, ascending
+    PATH/<data>/node-00000.values.npy  their values (optimizer state included): (n, L), or
+                                       flat in key order when lengths differ per key
+    PATH/<data>/node-00000.json        the part: its key count and each file's CRC-32
+    PATH/<data>/worker-00000.json      worker 0's clock and optimizer state
+    PATH/<data>/lengths.npy            per-key value lengths (only when they differ)
+
+Files are standard `.npy` (numpy.load and any npy reader open them) and JSON. A save
+writes a new <data> folder, then replaces manifest.json, then removes older folders, so
+an interrupted save leaves the previous checkpoint whole: nothing reads a folder that
+manifest.json does not name."""
+
+import datetime
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from adapm.errors import AdapmError
+from adapm.table import OWNED
+
+log = logging.getLogger("adapm.checkpoint")
+
+MANIFEST = "manifest.json"
+PROGRESS_EVERY = 5.0    # seconds between progress lines of a long write
+FORMAT = "adapm-checkpoint"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 32 << 20  # values gathered and written per step (two such buffers in use)
+_DATA_DIR = re.compile(r"^v-[0-9a-f]{16}-\d{6,}$")
+
+
+class CheckpointError(AdapmError, ValueError):
+    """A checkpoint that cannot be written, read, or restored into this cluster."""
+
+
+# -- names ---------------------------------------------------------------------------
+
+def data_dir_name(cluster_token, save):
+    """The folder of one save: unique per cluster (its token) and save (its number), so
+    that every node names it alike without a message."""
+    return f"v-{cluster_token:016x}-{save:06d}"
+
+
+def part_stem(node):
+    return f"node-{node:05d}"
+
+
+def worker_file(rank):
+    return f"worker-{rank:05d}.json"
+
+
+# -- writing -------------------------------------------------------------------------
+
+def write_node_part(path, data, view, node, lengths=None, progress=None):
+    """Write the keys `view`'s node owns, with their values, into PATH/data; returns the
+    part's description (also written, last, as node-NNNNN.json: its presence says the
+    part is complete). The node must hold still (no key may change owner meanwhile);
+    a key that is not owned any more when it is read is an error, not a silent gap.
+
+    `lengths`: per-key lengths (node 0 writes them once), or None for uniform ones.
+    `progress(keys_done, keys_total, bytes_done)`: called after each chunk of values."""
+    folder = os.path.join(path, data)
+    os.makedirs(folder, exist_ok=True)
+    stem = part_stem(node)
+    keys = np.flatnonzero(view.directory_array()["state"] == OWNED).astype(np.uint64)
+    keys_crc, keys_bytes = _write_npy(os.path.join(folder, f"{stem}.keys.npy"),
+                                      keys.dtype, keys.shape, _chunks_of(keys))
+    uniform = view.uniform_length
+    shape = (keys.shape[0], uniform) if uniform else (view.total_length(keys),)
+    values_crc, values_bytes = _write_npy(
+        os.path.join(folder, f"{stem}.values.npy"), view.dtype, shape,
+        _owned_values(view, keys, node, progress))
+    if lengths is not None:
+        _write_npy(os.path.join(folder, "lengths.npy"), lengths.dtype, lengths.shape,
+                   _chunks_of(lengths))
+    part = {"node": node, "num_keys": int(keys.shape[0]),
+            "keys": f"{data}/{stem}.keys.npy", "values": f"{data}/{stem}.values.npy",
+            "crc32": {"keys": keys_crc, "values": values_crc},
+            "bytes": {"keys": keys_bytes, "values": values_bytes}}
+    write_json(os.path.join(folder, f"{stem}.json"), part)
+    return part
+
+
+def write_worker_state(path, data, rank, clock, optimizer=None, value_length=None):
+    """A worker's own state beside the table: its clock, and its optimizer's (Adam's step
+    count is the worker's) with the layout of the values, [row | state], when the table's
+    value_length (uniform) fits it."""
+    state = {"rank": rank, "clock": int(clock),
+             "optimizer": None if optimizer is None else optimizer.state_dict()}
+    if optimizer is not None and value_length:
+        dim = optimizer.dim_of(value_length)
+        state["optimizer"]["layout"] = {"dim": dim,
+                                        "state_length": optimizer.state_length(dim)}
+    write_json(os.path.join(path, data, worker_file(rank)), state)
+
+
+def commit(path, data, info):
+    """Make PATH/data the checkpoint: check that every node's part and every worker's
+    state is there and adds up, replace manifest.json atomically, then remove the folders
+    of earlier (or interrupted) saves. `info`: num_keys, dtype, value_length, mode,
+    nodes, workers_per_node. Returns the manifest."""
+    folder = os.path.join(path, data)
+    parts = [_read_part(folder, node) for node in range(info["nodes"])]
+    workers = info["nodes"] * info["workers_per_node"]
+    states = [_read_json(os.path.join(folder, worker_file(rank)), "worker state")
+              for rank in range(workers)]
+    saved = sum(part["num_keys"] for part in parts)
+    if saved != info["num_keys"]:
+        raise CheckpointError(f"checkpoint {path}: the nodes' parts hold {saved} keys, "
+                              f"the table has {info['num_keys']}")
+    value_length = info["value_length"]
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "data": data, "num_keys": info["num_keys"], "dtype": info["dtype"],
+        "value_length": value_length if isinstance(value_length, int) else None,
+        "lengths": None if isinstance(value_length, int) else f"{data}/lengths.npy",
+        "mode": info["mode"], "nodes": info["nodes"],
+        "workers_per_node": info["workers_per_node"],
+        "clocks": [state["clock"] for state in states],
+        "optimizers": [state["optimizer"] for state in states],
+        "optimizer_layout": next((state["optimizer"].get("layout") for state in states
+                                  if state["optimizer"]), None),
+        "parts": parts,
+    }
+    write_json(os.path.join(path, MANIFEST), manifest)
+    remove_stale(path, keep=data)
+    return manifest
+
+
+def remove_stale(path, keep):
+    """Remove the data folders of PATH that manifest.json does not name (earlier saves,
+    and saves that were interrupted)."""
+    for name in os.listdir(path):
+        if name != keep and _DATA_DIR.match(name):
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+def write_json(filename, obj):
+    """Write JSON atomically and durably: a temporary file, fsync, rename, fsync of the
+    folder. A reader sees the old file or the new one, never a part of either."""
+    tmp = f"{filename}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, filename)
+    _fsync_dir(os.path.dirname(filename))
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _chunks_of(array):
+    flat = array.reshape(-1)
+    step = max(1, CHUNK_BYTES // max(flat.itemsize, 1))
+    for start in range(0, flat.shape[0], step):
+        yield flat[start:start + step]
+
+
+def _owned_values(view, keys, node, progress=None):
+    """The values of `keys` in key order, a chunk at a time, read under each key's lock
+    from this node's table. Two buffers alternate, so that one is filled while the other
+    is written."""
+    if keys.shape[0] == 0:
+        return
+    lengths = view.directory_array()["length"]
+    per_key = max(1, int(lengths[keys[0]]) if view.uniform_length else
+                  int(np.max(lengths[keys])))
+    step = max(1, CHUNK_BYTES // (per_key * view.dtype.itemsize))
+    buffers = [np.empty(step * per_key, dtype=view.dtype) for _ in range(2)]
+    misses = np.empty(step, dtype=np.uint32)
+    written = 0
+    for i, start in enumerate(range(0, keys.shape[0], step)):
+        chunk = keys[start:start + step]
+        total = view.total_length(chunk)
+        out = buffers[i % 2][:total]
+        missed = view.pull(chunk, out, misses, True)
+        if missed:
+            key = int(chunk[misses[0]])
+            raise CheckpointError(f"node {node}: key {key} stopped being owned here while "
+                                  "the checkpoint was written (a relocation during a save)")
+        yield out
+        written += out.nbytes
+        if progress is not None:
+            progress(min(start + step, keys.shape[0]), keys.shape[0], written)
+
+
+def _write_npy(filename, dtype, shape, chunks):
+    """Write an .npy file from chunks (a temporary name, renamed once complete and
+    synced); returns (CRC-32 of the whole file, its size). The write runs in a second
+    thread, overlapping the CRC and the next chunk's gathering in this one (zlib and
+    file writes release the GIL)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+        "shape": tuple(int(n) for n in shape)})
+    tmp = f"{filename}.tmp{os.getpid()}"
+    writer = _ChunkWriter(tmp)
+    try:
+        writer.put(header.getvalue())
+        for chunk in chunks:
+            writer.put(chunk)
+        crc, size = writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
+    os.replace(tmp, filename)
+    return crc, size
+
+
+class _ChunkWriter:
+    """Appends buffers to a file from a thread of its own, at most one buffer ahead: the
+    caller may refill a buffer once the next put() returns (two buffers alternate). The
+    CRC is taken in the caller's thread, in parallel with the previous buffer's write."""
+
+    def __init__(self, filename):
+        self.file = open(filename, "wb", buffering=0)
+        self.filename = filename
+        self.crc = 0
+        self.size = 0
+        self.error = None
+        self.thread = None
+
+    def put(self, buffer):
+        data = memoryview(buffer).cast("B")
+        self.crc = zlib.crc32(data, self.crc)
+        self._join()
+        self.thread = threading.Thread(target=self._write, args=(data,), daemon=True)
+        self.thread.start()
+
+    def _write(self, data):
+        try:
+            view = data
+            while view.nbytes:  # a raw write may write less than asked
+                written = self.file.write(view)
+                view = view[written:]
+            self.size += data.nbytes
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = exc
+
+    def _join(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+    def finish(self):
+        self._join()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return self.crc, self.size
+
+    def abandon(self):
+        if self.thread is not None:
+            self.thread.join()
+        self.file.close()
+        try:
+            os.unlink(self.filename)
+        except OSError:
+            pass
+
+
+class WriteProgress:
+    """The progress of one node's write, as a log line every few seconds and one at the
+    end (with the rate), for write_node_part's `progress`."""
+
+    def __init__(self, who, path, every=PROGRESS_EVERY):
+        self.who = who
+        self.path = path
+        self.every = every
+        self.started = self.reported = time.monotonic()
+
+    def __call__(self, done, total, written):
+        now = time.monotonic()
+        if done < total and now - self.reported < self.every:
+            return
+        self.reported = now
+        seconds = max(now - self.started, 1e-9)
+        log.info("%s: checkpoint %s: %d of %d keys written (%.0f%%, %.0f MB, %.0f MB/s)",
+                 self.who, self.path, done, total, 100.0 * done / max(total, 1),
+                 written / 1e6, written / 1e6 / seconds)
+
+
+# -- reading -------------------------------------------------------------------------
+
+def _read_json(filename, what):
+    try:
+        with open(filename) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{filename}: missing ({what})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{filename}: unreadable {what}: {exc}") from None
+
+
+def _read_part(folder, node):
+    part = _read_json(os.path.join(folder, f"{part_stem(node)}.json"),
+                      f"node {node}'s part: the node did not finish writing it")
+    if part.get("node") != node:
+        raise CheckpointError(f"{folder}: node {node}'s part names node {part.get('node')}")
+    return part
+
+
+def read_manifest(path):
+    """The manifest of the checkpoint at PATH, checked for what readers rely on."""
+    filename = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path}: not a folder")
+    if not os.path.exists(filename):
+        raise CheckpointError(f"no checkpoint at {path}: no {MANIFEST} (never completed)")
+    manifest = _read_json(filename, "checkpoint manifest")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{filename} is not an AdaPM checkpoint manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{filename}: format version {manifest.get('format_version')}, "
+                              f"this AdaPM reads version {FORMAT_VERSION}")
+    for name in ("num_keys", "dtype", "parts", "data"):
+        if name not in manifest:
+            raise CheckpointError(f"{filename}: no {name!r}")
+    return manifest
+
+
+class Checkpoint:
+    """A checkpoint on disk, read with no cluster: its manifest, its parts memory-mapped,
+    checksums verified on request."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.manifest = read_manifest(self.path)
+        self.num_keys = int(self.manifest["num_keys"])
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self._lengths = None
+
+    @property
+    def value_length(self):
+        """An int when every key has the same length, else the per-key lengths."""
+        if self.manifest["value_length"] is not None:
+            return int(self.manifest["value_length"])
+        if self._lengths is None:
+            self._lengths = np.load(self._file(self.manifest["lengths"]), mmap_mode="r")
+        return self._lengths
+
+    def _file(self, relative):
+        return os.path.join(self.path, relative)
+
+    def verify(self):
+        """Check every file's CRC-32 and size against the manifest (reads everything)."""
+        for part in self.manifest["parts"]:
+            for kind in ("keys", "values"):
+                filename = self._file(part[kind])
+                crc, size = _file_crc(filename)
+                if size != part["bytes"][kind] or crc != part["crc32"][kind]:
+                    raise CheckpointError(
+                        f"{filename}: corrupt (CRC-32 {crc:08x}, {size} bytes; the manifest "
+                        f"says {part['crc32'][kind]:08x}, {part['bytes'][kind]} bytes)")
+
+    def parts(self):
+        """(node, keys, values) of every part, memory-mapped: values (n, L), or flat."""
+        for part in self.manifest["parts"]:
+            keys = self._load(part["keys"])
+            values = self._load(part["values"])
+            if keys.dtype != np.uint64 or keys.shape != (part["num_keys"],):
+                raise CheckpointError(f"{part['keys']}: {keys.shape} {keys.dtype}, expected "
+                                      f"({part['num_keys']},) uint64")
+            if values.dtype != self.dtype:
+                raise CheckpointError(f"{part['values']}: {values.dtype}, the manifest says "
+                                      f"{self.dtype}")
+            yield part["node"], keys, values
+
+    def _load(self, relative):
+        filename = self._file(relative)
+        try:
+            return np.load(filename, mmap_mode="r")
+        except FileNotFoundError:
+            raise CheckpointError(f"{filename}: missing") from None
+        except ValueError as exc:
+            raise CheckpointError(f"{filename}: not a readable .npy file: {exc}") from None
+
+    def check_compatible(self, num_keys, value_length, dtype):
+        """A clear error unless a table of these keys, lengths and dtype can be restored
+        from this checkpoint."""
+        where = f"checkpoint {self.path}"
+        if num_keys != self.num_keys:
+            raise CheckpointError(f"{where} holds {self.num_keys} keys, the cluster has "
+                                  f"{num_keys} (num_keys)")
+        if np.dtype(dtype) != self.dtype:
+            raise CheckpointError(f"{where} holds {self.dtype} values, the cluster "
+                                  f"{np.dtype(dtype)} (dtype)")
+        mine, theirs = value_length, self.value_length
+        if isinstance(mine, (int, np.integer)) and isinstance(theirs, int):
+            if int(mine) != theirs:
+                raise CheckpointError(f"{where} holds values of length {theirs}, the cluster "
+                                      f"{int(mine)} (value_length)")
+            return
+        mine = np.broadcast_to(np.asarray(mine, dtype=np.int64), (num_keys,))
+        theirs = np.broadcast_to(np.asarray(theirs, dtype=np.int64), (num_keys,))
+        differ = np.flatnonzero(mine != theirs)
+        if differ.shape[0]:
+            key = int(differ[0])
+            raise CheckpointError(f"{where}: key {key} has value length {int(theirs[key])} "
+                                  f"there, {int(mine[key])} in the cluster (value_length; "
+                                  f"{differ.shape[0]} keys differ)")
+
+    def worker_clock(self, rank):
+        clocks = self.manifest.get("clocks") or []
+        return clocks[rank] if rank < len(clocks) else None
+
+    def optimizer_state(self, rank=0):
+        """The optimizer state worker `rank` saved (`SparseOptimizer.load_state_dict`), or,
+        restored onto more workers than saved, that of worker rank % saved; None if the
+        save named no optimizer."""
+        states = self.manifest.get("optimizers") or []
+        return states[rank % len(states)] if states else None
+
+    # -- values --------------------------------------------------------------------
+
+    def load(self, keys=None):
+        """(keys, values): every key in key order when keys is None, else the given keys
+        in the given order. Values are (n, L), or flat when lengths differ per key. A
+        checkpoint with one part that holds every key is returned memory-mapped."""
+        if keys is None:
+            return self._load_all()
+        keys = _as_keys(keys, self.num_keys)
+        lengths = self.value_length
+        if isinstance(lengths, int):
+            out = np.empty((keys.shape[0], lengths), dtype=self.dtype)
+            for _, part_keys, part_values in self.parts():
+                pos, found = _positions(part_keys, keys)
+                out[found] = part_values[pos[found]]
+            return keys, out
+        lengths = np.asarray(lengths, dtype=np.int64)
+        starts = np.cumsum(lengths[keys]) - lengths[keys]
+        out = np.empty(int(lengths[keys].sum()), dtype=self.dtype)
+        for _, part_keys, part_values in self.parts():
+            pos, found = _positions(part_keys, keys)
+            offsets = np.cumsum(lengths[part_keys]) - lengths[part_keys]
+            src = _segments(offsets[pos[found]], lengths[keys[found]])
+            dst = _segments(starts[found], lengths[keys[found]])
+            out[dst] = part_values[src]
+        return keys, out
+
+    def _load_all(self):
+        keys = np.arange(self.num_keys, dtype=np.uint64)
+        parts = list(self.parts())
+        if len(parts) == 1 and parts[0][1].shape[0] == self.num_keys:
+            return keys, parts[0][2]  # one node held everything, in key order
+        return self.load(keys)
+
+    def home_values(self, node, num_nodes):
+        """For a node of a cluster of `num_nodes` starting from this checkpoint: its home
+        keys (key % num_nodes == node), part by part, as (keys ascending, flat values)."""
+        lengths = self.value_length
+        for _, part_keys, part_values in self.parts():
+            mine = np.flatnonzero(part_keys % np.uint64(num_nodes) == np.uint64(node))
+            if mine.shape[0] == 0:
+                continue
+            if mine.shape[0] == part_keys.shape[0]:  # the whole part: no gather
+                yield np.asarray(part_keys), part_values.reshape(-1)
+                continue
+            keys = np.ascontiguousarray(part_keys[mine])
+            if isinstance(lengths, int):
+                yield keys, np.ascontiguousarray(part_values[mine]).reshape(-1)
+            else:
+                lens = np.asarray(lengths, dtype=np.int64)[part_keys]
+                offsets = np.cumsum(lens) - lens
+                yield keys, np.ascontiguousarray(part_values[_segments(offsets[mine],
+                                                                       lens[mine])])
+
+
+def _file_crc(filename):
+    crc, size = 0, 0
+    try:
+        with open(filename, "rb", buffering=0) as f:
+            buffer = bytearray(CHUNK_BYTES)
+            while True:
+                n = f.readinto(buffer)
+                if not n:
+                    return crc, size
+                crc = zlib.crc32(memoryview(buffer)[:n], crc)
+                size += n
+    except FileNotFoundError:
+        raise CheckpointError(f"{filename}: missing") from None
+
+
+def _as_keys(keys, num_keys):
+    keys = np.asarray(keys)
+    if keys.ndim != 1 or (keys.size and keys.dtype.kind not in "iu"):
+        raise CheckpointError(f"keys must be a 1-D integer array, got {keys.shape} {keys.dtype}")
+    if keys.size and (int(keys.min()) < 0 or int(keys.max()) >= num_keys):
+        raise CheckpointError(f"keys must lie in [0, {num_keys}), got {int(keys.min())}.."
+                              f"{int(keys.max())}")
+    return keys.astype(np.uint64)
+
+
+def _positions(sorted_keys, keys):
+    """Where each of `keys` lies in `sorted_keys`, and whether it is there at all."""
+    pos = np.searchsorted(sorted_keys, keys)
+    pos[pos >= sorted_keys.shape[0]] = 0
+    found = sorted_keys[pos] == keys if sorted_keys.shape[0] else np.zeros(keys.shape, bool)
+    return pos, found
+
+
+def _segments(starts, lengths):
+    """Flat indices of the segments [start, start + length)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - first, lengths) + np.arange(total)
+
+
+def load(path, keys=None, verify=True):
+    """The keys and values of the checkpoint at PATH, with no cluster: every key in key
+    order (keys=None) or the given keys in their order. Values are (n, L) numpy arrays
+    (flat for per-key lengths), memory-mapped when one node's part holds every key.
+    `verify`: check every file's CRC-32 first (reads the whole checkpoint once)."""
+    checkpoint = Checkpoint(path)
+    if verify:
+        checkpoint.verify()
+    return checkpoint.load(keys)
+
+
+def restore_home_keys(table, path, node, num_nodes, num_keys, value_length, dtype):
+    """Install a starting node's home keys from the checkpoint (as owned), after checking
+    that it fits and is not corrupt. Returns how many keys were installed."""
+    checkpoint = Checkpoint(path)
+    checkpoint.check_compatible(num_keys, value_length, dtype)
+    checkpoint.verify()
+    installed = 0
+    for keys, values in checkpoint.home_values(node, num_nodes):
+        table.install(keys, OWNED, values)
+        installed += keys.shape[0]
+    expected = len(range(node, num_keys, num_nodes))
+    if installed != expected:
+        raise CheckpointError(f"checkpoint {path}: node {node} found {installed} of its "
+                              f"{expected} keys")
+    return installed
+
+
+def table_shape(restore, num_keys, value_length, dtype, init):
+    """(num_keys, value_length, dtype, init) of a cluster started by adapm.run or
+    adapm-launch: from `restore` (a checkpoint path) where not given, and checked against
+    it where given; the defaults (1 float32 per key, zeros) without a checkpoint."""
+    if restore is None:
+        if num_keys is None:
+            raise ValueError("num_keys is required (unless restoring a checkpoint)")
+        return (num_keys, 1 if value_length is None else value_length,
+                "float32" if dtype is None else dtype, init)
+    if init is not None:
+        raise ValueError("init and restore exclude each other: a restored table starts "
+                         "from the checkpoint's values")
+    saved = Checkpoint(restore)
+    num_keys = saved.num_keys if num_keys is None else num_keys
+    value_length = saved.value_length if value_length is None else value_length
+    dtype = str(saved.dtype) if dtype is None else dtype
+    saved.check_compatible(num_keys, value_length, dtype)
+    return num_keys, value_length, dtype, ("checkpoint", saved.path)

@@ -1,0 +1,203 @@
+"""The checkpoint format on its own (adapm.checkpoint), with tables made in this process
+and no cluster: writing nodes' parts, committing, reading back, and every way a
+checkpoint on disk can be incomplete, corrupt or not fit a cluster."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from adapm import checkpoint
+from adapm.checkpoint import Checkpoint, CheckpointError
+
+pytestmark = pytest.mark.timeout(60)
+
+INFO = {"num_keys": 10, "dtype": "float32", "value_length": 3, "mode": "adaptive",
+        "nodes": 2, "workers_per_node": 1}
+
+
+def values_of(keys, length=3):
+    keys = np.asarray(keys, dtype=np.float32)
+    return (keys[:, None] * 10 + np.arange(length, dtype=np.float32)).reshape(-1)
+
+
+def two_node_tables(make_table, length=3):
+    """Node 0 owns the even keys, node 1 the odd ones (as relocations might leave them)."""
+    even, odd = np.arange(0, 10, 2), np.arange(1, 10, 2)
+    return (make_table(10, length, owned=even, values=values_of(even, length), node=0,
+                       num_nodes=2),
+            make_table(10, length, owned=odd, values=values_of(odd, length), node=1,
+                       num_nodes=2))
+
+
+def save(path, tables, data="v-00000000000000ab-000001", info=INFO):
+    for node, table in enumerate(tables):
+        checkpoint.write_node_part(str(path), data, table.view, node)
+    for rank in range(info["nodes"] * info["workers_per_node"]):
+        checkpoint.write_worker_state(str(path), data, rank, clock=7 + rank)
+    return checkpoint.commit(str(path), data, info)
+
+
+def test_parts_commit_and_load_back_in_key_order(make_table, tmp_path):
+    manifest = save(tmp_path, two_node_tables(make_table))
+    assert [p["num_keys"] for p in manifest["parts"]] == [5, 5]
+    assert manifest["clocks"] == [7, 8]
+    keys, values = checkpoint.load(tmp_path)
+    assert keys.tolist() == list(range(10))
+    assert np.array_equal(values, values_of(range(10)).reshape(10, 3))
+    # given keys come back in the given order, duplicates included
+    some, picked = checkpoint.load(tmp_path, keys=[9, 0, 4, 9])
+    assert np.array_equal(picked, values_of([9, 0, 4, 9]).reshape(4, 3))
+    # the files are plain .npy: numpy alone reads them
+    part = manifest["parts"][1]
+    assert np.load(tmp_path / part["keys"]).tolist() == [1, 3, 5, 7, 9]
+
+
+def test_one_part_with_every_key_loads_memory_mapped(make_table, tmp_path):
+    table = make_table(6, 2, values=values_of(range(6), 2))
+    checkpoint.write_node_part(str(tmp_path), "v-0000000000000001-000001", table.view, 0)
+    checkpoint.write_worker_state(str(tmp_path), "v-0000000000000001-000001", 0, 0)
+    checkpoint.commit(str(tmp_path), "v-0000000000000001-000001",
+                      dict(INFO, num_keys=6, value_length=2, nodes=1))
+    _, values = checkpoint.load(tmp_path)
+    assert isinstance(values, np.memmap)
+    assert np.array_equal(values, values_of(range(6), 2).reshape(6, 2))
+
+
+def test_per_key_lengths_round_trip(make_table, tmp_path):
+    lengths = np.array([1, 2, 3, 1, 2, 3], dtype=np.uint32)
+    flat = np.arange(int(lengths.sum()), dtype=np.float64)
+    table = make_table(6, lengths, dtype="float64", values=flat)
+    data = "v-0000000000000002-000001"
+    checkpoint.write_node_part(str(tmp_path), data, table.view, 0, lengths=lengths)
+    checkpoint.write_worker_state(str(tmp_path), data, 0, 0)
+    checkpoint.commit(str(tmp_path), data, dict(INFO, num_keys=6, value_length=None, nodes=1,
+                                                dtype="float64"))
+    saved = Checkpoint(tmp_path)
+    assert saved.value_length.tolist() == lengths.tolist()
+    _, values = saved.load()
+    assert np.array_equal(values, flat)
+    _, some = saved.load([5, 1])
+    assert some.tolist() == [9.0, 10.0, 11.0, 1.0, 2.0]
+    homes = list(saved.home_values(1, 2))  # keys 1, 3, 5 of a 2-node cluster
+    assert [k.tolist() for k, _ in homes] == [[1, 3, 5]]
+    assert homes[0][1].tolist() == [1.0, 2.0, 6.0, 9.0, 10.0, 11.0]
+
+
+def test_a_new_save_replaces_the_old_one_and_removes_its_files(make_table, tmp_path):
+    tables = two_node_tables(make_table)
+    save(tmp_path, tables, data="v-00000000000000ab-000001")
+    tables[0].view.arena_array()[:] += 1  # node 0's keys change
+    save(tmp_path, tables, data="v-00000000000000ab-000002")
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "v-00000000000000ab-000002"]
+    _, values = checkpoint.load(tmp_path)
+    assert np.array_equal(values[0], values_of([0])[:3] + 1)
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(make_table, tmp_path):
+    tables = two_node_tables(make_table)
+    save(tmp_path, tables, data="v-00000000000000ab-000001")
+    before = checkpoint.load(tmp_path)[1].copy()
+    # the next save: node 0 wrote its part, node 1 died before finishing (no part file)
+    checkpoint.write_node_part(str(tmp_path), "v-00000000000000ab-000002", tables[0].view, 0)
+    with pytest.raises(CheckpointError, match="node 1's part"):
+        checkpoint.commit(str(tmp_path), "v-00000000000000ab-000002", INFO)
+    assert np.array_equal(checkpoint.load(tmp_path)[1], before)
+    # the leftover folder goes with the next complete save
+    save(tmp_path, tables, data="v-00000000000000ab-000003")
+    assert "v-00000000000000ab-000002" not in os.listdir(tmp_path)
+
+
+def test_parts_that_do_not_add_up_are_not_committed(make_table, tmp_path):
+    tables = two_node_tables(make_table)
+    with pytest.raises(CheckpointError, match="hold 10 keys, the table has 11"):
+        save(tmp_path, tables, info=dict(INFO, num_keys=11))
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        checkpoint.load(tmp_path)
+
+
+def test_corruption_and_truncation_are_detected(make_table, tmp_path):
+    manifest = save(tmp_path, two_node_tables(make_table))
+    values_file = tmp_path / manifest["parts"][0]["values"]
+    raw = bytearray(values_file.read_bytes())
+    raw[-1] ^= 0x40
+    values_file.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(tmp_path)
+    checkpoint.load(tmp_path, verify=False)  # what the caller asked for
+    values_file.write_bytes(bytes(raw[:-4]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(tmp_path)
+    os.unlink(values_file)
+    with pytest.raises(CheckpointError, match="missing"):
+        checkpoint.load(tmp_path)
+
+
+def test_a_manifest_that_is_not_ours_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not a folder"):
+        checkpoint.load(tmp_path / "nothing")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        checkpoint.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CheckpointError, match="not an AdaPM checkpoint"):
+        checkpoint.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "adapm-checkpoint",
+                                                        "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        checkpoint.load(tmp_path)
+
+
+def test_compatibility_is_checked_with_a_clear_error(make_table, tmp_path):
+    save(tmp_path, two_node_tables(make_table))
+    saved = Checkpoint(tmp_path)
+    saved.check_compatible(10, 3, "float32")
+    with pytest.raises(CheckpointError, match="holds 10 keys, the cluster has 11"):
+        saved.check_compatible(11, 3, "float32")
+    with pytest.raises(CheckpointError, match="float32 values, the cluster float64"):
+        saved.check_compatible(10, 3, "float64")
+    with pytest.raises(CheckpointError, match="length 3, the cluster 4"):
+        saved.check_compatible(10, 4, "float32")
+    with pytest.raises(CheckpointError, match="key 0 has value length 3 there, 2"):
+        saved.check_compatible(10, np.array([2] + [3] * 9), "float32")
+    with pytest.raises(CheckpointError, match=r"keys must lie in \[0, 10\)"):
+        checkpoint.load(tmp_path, keys=[10])
+
+
+def test_table_shape_takes_the_checkpoints_and_checks_given_ones(make_table, tmp_path):
+    save(tmp_path, two_node_tables(make_table))
+    num_keys, length, dtype, init = checkpoint.table_shape(str(tmp_path), None, None, None,
+                                                           None)
+    assert (num_keys, length, dtype) == (10, 3, "float32")
+    assert init == ("checkpoint", str(tmp_path))
+    with pytest.raises(CheckpointError, match="value_length"):
+        checkpoint.table_shape(str(tmp_path), 10, 5, None, None)
+    with pytest.raises(ValueError, match="init and restore exclude"):
+        checkpoint.table_shape(str(tmp_path), None, None, None, ("normal", 1.0, 0))
+    with pytest.raises(ValueError, match="num_keys is required"):
+        checkpoint.table_shape(None, None, None, None, None)
+
+
+def test_a_write_that_fails_leaves_no_file_behind(make_table, tmp_path, monkeypatch):
+    table = make_table(50, 4)
+
+    def chunks_then_fail(*_):
+        yield np.zeros(4, dtype=np.float32)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_owned_values", chunks_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.write_node_part(str(tmp_path), "v-0000000000000003-000001", table.view, 0)
+    left = os.listdir(tmp_path / "v-0000000000000003-000001")
+    assert left == ["node-00000.keys.npy"]  # no values file, temporary or not; no part
+
+
+def test_progress_is_reported_per_chunk(make_table, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 64)  # 4 keys of 4 floats per chunk
+    table = make_table(10, 4, values=np.arange(40, dtype=np.float32))
+    calls = []
+    checkpoint.write_node_part(str(tmp_path), "v-0000000000000004-000001", table.view, 0,
+                               progress=lambda *a: calls.append(a))
+    assert calls == [(4, 10, 64), (8, 10, 128), (10, 10, 160)]
+    part = np.load(tmp_path / "v-0000000000000004-000001" / "node-00000.values.npy")
+    assert np.array_equal(part.reshape(-1), np.arange(40, dtype=np.float32))
