@@ -1,13 +1,21 @@
-"""Sampling access: uniform draws of keys (negative sampling) that cost no remote access.
+"""Sampling access: draws of keys (negative sampling) that cost no remote access.
 
     handle = w.prepare_sample(n, start, end)      # draws n keys now, announces them
     keys, values = w.pull_sample(handle, count)   # the next `count` of them, with values
+    handle = w.prepare_sample(n, start, key_range=(lo, hi), distribution=weights)
 
-The distribution: `prepare_sample` draws `n` keys independently and uniformly, with
-replacement, from the key range (or `key_range=(lo, hi)`), from a random stream of its
-own per worker, seeded by the worker's rank (so a run is reproducible). The draws are
-fixed when the handle is made; `pull_sample` only hands them out in order. Nothing about
-placement changes which keys are drawn.
+The distribution: `prepare_sample` draws `n` keys independently, with replacement, from
+the key range (or `key_range=(lo, hi)`), from a random stream of its own per worker,
+seeded by the worker's rank (so a run is reproducible). By default every key of the range
+is equally likely (`rng.integers`). With `distribution=`, key lo + i is drawn with
+probability weights[i] / sum(weights): one non-negative, finite weight per key of the
+range (probabilities are weights too), at least one positive. A `Distribution` built once
+from the weights can be passed instead of the array, so that a training loop that draws
+every step does not validate and sum the weights every step. Such draws are a search of
+uniform numbers in the cumulative sum of the probabilities (O(log range) per draw, numpy);
+a key of weight 0 is never drawn. The draws are fixed when the handle is made;
+`pull_sample` only hands them out in order. Nothing about placement changes which keys
+are drawn.
 
 Where the locality comes from: the draws are announced as an intent for the clocks
 [start, end) the moment they are made, so by the time the worker's clock reaches
@@ -54,14 +62,20 @@ class Sampler:
         self.worker = worker
         self.rng = np.random.default_rng([SAMPLE_SEED, worker.rank])
 
-    def prepare(self, n, start, end=None, key_range=None):
+    def prepare(self, n, start, end=None, key_range=None, distribution=None):
         n = _count("n", n)
         lo, hi = self._range(key_range)
         end = start + 1 if end is None else end
         if n and hi - lo < 1:
             raise ValueError(f"key_range {key_range} is empty")
-        keys = self.rng.integers(lo, hi, size=n, dtype=np.uint64) if n else \
-            np.empty(0, dtype=np.uint64)
+        if distribution is not None:  # checked before anything is drawn
+            distribution = _distribution_for(distribution, lo, hi)
+        if not n:
+            keys = np.empty(0, dtype=np.uint64)
+        elif distribution is None:
+            keys = self.rng.integers(lo, hi, size=n, dtype=np.uint64)
+        else:
+            keys = distribution.draw(self.rng, n).astype(np.uint64) + np.uint64(lo)
         self.worker.intent(keys, start, end)  # validates start and end
         return SampleHandle(keys, start, end)
 
@@ -88,6 +102,81 @@ class Sampler:
         if not 0 <= lo < hi <= num_keys:
             raise ValueError(f"key_range ({lo}, {hi}) must satisfy 0 <= lo < hi <= {num_keys}")
         return lo, hi
+
+
+class Distribution:
+    """A distribution over the keys of a range, for prepare_sample(..., distribution=):
+    key lo + i of the range is drawn with probability weights[i] / sum(weights).
+
+    `weights`: a 1-D array-like of non-negative, finite int or float weights, one per key
+    of the range in key order, at least one positive (probabilities that sum to 1 are
+    weights too; they are normalised anyway). Refused with ValueError otherwise. Build it
+    once and pass it to every prepare_sample call that draws from it: the weights are
+    validated and summed here, not at every draw. Its length must match the range the
+    call draws from (`key_range`, or every key of the table)."""
+
+    __slots__ = ("probabilities", "_cdf", "_last")
+
+    def __init__(self, weights):
+        p = _weights(weights)
+        self._cdf = np.cumsum(p)
+        p.flags.writeable = self._cdf.flags.writeable = False
+        self.probabilities = p            # float64, sums to 1 (read-only)
+        self._last = int(np.flatnonzero(p)[-1])  # the last key that can be drawn
+
+    def __len__(self):
+        return self.probabilities.shape[0]
+
+    def __repr__(self):
+        return f"Distribution over {len(self)} keys"
+
+    def draw(self, rng, n):
+        """`n` positions in [0, len(self)), independent draws from `rng` (a numpy
+        Generator): uniform numbers searched in the cumulative sum. Side "right" skips
+        positions of weight 0 (their cumulative sum equals their predecessor's); a number
+        that rounding put at the very end goes to the last position of positive weight."""
+        u = rng.random(n) * self._cdf[-1]
+        positions = np.searchsorted(self._cdf, u, side="right")
+        return np.minimum(positions, self._last, out=positions)
+
+
+def _weights(weights):
+    """The weights as float64 probabilities (a new array), or ValueError saying why not."""
+    try:
+        arr = np.asarray(weights)
+    except Exception as exc:  # ragged lists and the like
+        raise ValueError(f"distribution must be a 1-D array of weights: {exc}") from None
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"distribution must be int or float weights, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"distribution must be a 1-D array of weights, got shape "
+                         f"{arr.shape}")
+    arr = arr.astype(np.float64)  # a copy: the caller's array is never changed
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.shape[0]:
+        raise ValueError(f"distribution: weights must be finite, got {arr[bad[0]]} at "
+                         f"position {bad[0]} ({bad.shape[0]} non-finite)")
+    bad = np.flatnonzero(arr < 0)
+    if bad.shape[0]:
+        raise ValueError(f"distribution: weights must be >= 0, got {arr[bad[0]]} at "
+                         f"position {bad[0]} ({bad.shape[0]} negative)")
+    top = arr.max() if arr.shape[0] else 0.0
+    if not top > 0:
+        raise ValueError(f"distribution: the {arr.shape[0]} weights sum to 0; at least "
+                         "one key needs a positive weight")
+    arr /= top  # first to the largest: a sum of huge finite weights cannot overflow
+    arr /= arr.sum()
+    return arr
+
+
+def _distribution_for(distribution, lo, hi):
+    """`distribution` (a Distribution or weights) as a Distribution over [lo, hi)."""
+    if not isinstance(distribution, Distribution):
+        distribution = Distribution(distribution)
+    if len(distribution) != hi - lo:
+        raise ValueError(f"distribution has {len(distribution)} weights, but the key range "
+                         f"[{lo}, {hi}) has {hi - lo} keys: give one weight per key")
+    return distribution
 
 
 def _count(name, value):

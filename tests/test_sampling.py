@@ -1,10 +1,12 @@
-"""Sampling access: uniform draws (tested statistically) that are local when pulled."""
+"""Sampling access: uniform draws and draws from a given distribution (tested
+statistically) that are local when pulled."""
 import time
 
 import numpy as np
 import pytest
 
 import adapm
+from adapm.sampling import SAMPLE_SEED, Distribution, Sampler
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,3 +113,150 @@ def test_samples_announced_ahead_are_served_locally_in_adaptive_mode():
     s_local = sum(r[0] for r in static)
     s_remote = sum(r[1] for r in static)
     assert s_local / (s_local + s_remote) < 0.6  # about 1/N without intents
+
+
+# -- draws from a given distribution ------------------------------------------------------
+
+
+def chi_square_quantile(df, z=3.719):
+    """The chi-square quantile at the standard normal's z (3.719: the 99.99th percentile),
+    by the Wilson-Hilferty approximation (within 1% for df >= 10)."""
+    h = 2.0 / (9.0 * df)
+    return df * (1.0 - h + z * np.sqrt(h)) ** 3
+
+
+class RecordingWorker:
+    """What Sampler needs of a worker (num_keys, rank, intent), recording the intents."""
+
+    def __init__(self, num_keys=1000, rank=0):
+        self.num_keys, self.rank, self.intents = num_keys, rank, []
+
+    def intent(self, keys, start, end):
+        if not end > start:
+            raise ValueError("end must be > start")
+        self.intents.append((keys.copy(), start, end))
+
+
+# 60 keys of the range [200, 260): Zipf weights, with zero weights at the first position, one
+# in the middle and the last (the edges of the cumulative sum's search)
+WEIGHTS = 1.0 / np.arange(1, 61) ** 0.9
+WEIGHTS[[0, 17, 59]] = 0.0
+
+
+def test_weighted_draws_match_the_distribution():
+    sampler = Sampler(RecordingWorker())
+    n = 300_000
+    handle = sampler.prepare(n, 3, key_range=(200, 260), distribution=WEIGHTS)
+    keys = sampler.take(handle)
+    assert keys.dtype == np.uint64 and keys.shape == (n,)
+    assert keys.min() >= 200 and keys.max() < 260
+    counts = np.bincount(keys.astype(np.int64) - 200, minlength=60)
+    assert counts[[0, 17, 59]].tolist() == [0, 0, 0]  # weight 0: never drawn
+    expected = n * WEIGHTS / WEIGHTS.sum()
+    positive = WEIGHTS > 0
+    chi2 = float(((counts[positive] - expected[positive]) ** 2 / expected[positive]).sum())
+    # 57 keys of positive weight, 56 degrees of freedom: the 99.99th percentile is about 103
+    assert chi2 < chi_square_quantile(positive.sum() - 1), chi2
+    # and every key's frequency within 5 standard deviations of its probability
+    sd = np.sqrt(expected * (1 - WEIGHTS / WEIGHTS.sum()))
+    assert (np.abs(counts - expected) <= 5 * sd + 1e-9).all()
+    # the draws were announced for their clocks, all of them
+    (announced, start, end), = sampler.worker.intents
+    np.testing.assert_array_equal(announced, keys)
+    assert (start, end) == (3, 4)
+
+
+def test_weights_probabilities_and_a_prepared_distribution_are_the_same_distribution():
+    probabilities = WEIGHTS / WEIGHTS.sum()
+    prepared = Distribution(WEIGHTS * 7)  # any scale: normalised
+    np.testing.assert_allclose(prepared.probabilities, probabilities, rtol=1e-12)
+    assert len(prepared) == 60 and prepared.probabilities.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        prepared.probabilities[0] = 1.0  # read-only: the drawn distribution cannot change
+    weights_int = np.arange(5)  # integer weights (counts) are weights too
+    np.testing.assert_allclose(Distribution(weights_int).probabilities, weights_int / 10)
+    # the same generator state gives the same draws from weights, probabilities, prepared
+    drawn = []
+    for dist in (WEIGHTS, list(probabilities), prepared):
+        sampler = Sampler(RecordingWorker(rank=5))
+        drawn.append(sampler.take(sampler.prepare(1000, 0, key_range=(200, 260),
+                                                  distribution=dist)))
+    np.testing.assert_array_equal(drawn[0], drawn[2])
+    assert (drawn[0] == drawn[1]).mean() > 0.999  # the last bits of the sums may differ
+    # over the whole key range when no key_range is given
+    sampler = Sampler(RecordingWorker(num_keys=4))
+    keys = sampler.take(sampler.prepare(4000, 0, distribution=[0, 1, 0, 3]))
+    assert set(np.unique(keys).tolist()) == {1, 3}
+    assert 0.70 < (keys == 3).mean() < 0.80
+
+
+def test_uniform_default_is_unchanged():
+    """Without a distribution the draws are exactly what they always were: rng.integers of
+    the worker's own stream."""
+    sampler = Sampler(RecordingWorker(rank=3))
+    keys = sampler.take(sampler.prepare(500, 0, key_range=(10, 90)))
+    rng = np.random.default_rng([SAMPLE_SEED, 3])
+    np.testing.assert_array_equal(keys, rng.integers(10, 90, size=500, dtype=np.uint64))
+    np.testing.assert_array_equal(sampler.take(sampler.prepare(7, 0)),
+                                  rng.integers(0, 1000, size=7, dtype=np.uint64))
+
+
+@pytest.mark.parametrize("weights, message", [
+    (np.ones(59), "has 59 weights, but the key range \\[200, 260\\) has 60 keys"),
+    (np.ones(61), "has 61 weights"),
+    (np.r_[np.ones(59), -1.0], "must be >= 0, got -1.0 at position 59"),
+    (np.r_[np.nan, np.ones(59)], "must be finite, got nan at position 0"),
+    (np.r_[np.ones(30), np.inf, np.ones(29)], "must be finite, got inf at position 30"),
+    (np.zeros(60), "sum to 0"),
+    (np.ones((60, 1)), "1-D"),
+    (np.ones(60, dtype=bool), "int or float"),
+    (np.ones(60, dtype=complex), "int or float"),
+    (["a"] * 60, "int or float"),
+    ([1.0, [2.0, 3.0]], "1-D array of weights"),
+    (Distribution(np.ones(10)), "has 10 weights"),
+])
+def test_bad_distributions_are_refused_before_anything_is_drawn(weights, message):
+    worker = RecordingWorker(rank=2)
+    sampler = Sampler(worker)
+    with pytest.raises(ValueError, match=message):
+        sampler.prepare(100, 0, key_range=(200, 260), distribution=weights)
+    assert worker.intents == []  # nothing announced
+    # nothing drawn: the stream goes on where it was
+    fresh = Sampler(RecordingWorker(rank=2))
+    np.testing.assert_array_equal(sampler.take(sampler.prepare(20, 0)),
+                                  fresh.take(fresh.prepare(20, 0)))
+
+
+def test_huge_finite_weights_do_not_overflow():
+    dist = Distribution(np.array([1e308, 1e308, 0.0, 1e308]))
+    np.testing.assert_allclose(dist.probabilities, [1 / 3, 1 / 3, 0, 1 / 3])
+
+
+def weighted_task(w):
+    """prepare_sample / pull_sample with a distribution through a real worker."""
+    weights = np.zeros(100)
+    weights[[3, 50, 99]] = [1.0, 2.0, 1.0]
+    handle = w.prepare_sample(20_000, w.clock, key_range=(100, 200),
+                              distribution=Distribution(weights))
+    keys, values = w.pull_sample(handle)
+    np.testing.assert_array_equal(values, w.pull(keys))
+    errors = []
+    for bad in (weights[:-1], -weights, weights * np.nan):
+        try:
+            w.prepare_sample(5, w.clock, key_range=(100, 200), distribution=bad)
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return np.bincount(keys.astype(np.int64), minlength=w.num_keys), errors, w.stats()
+
+
+def test_worker_draws_from_a_distribution_and_refuses_bad_ones():
+    counts, errors, stats = adapm.run(weighted_task, nodes=1, workers_per_node=1,
+                                      num_keys=300, value_length=2,
+                                      init=("uniform", 0, 1, 0))[0]
+    assert set(np.flatnonzero(counts).tolist()) == {103, 150, 199}
+    assert counts.sum() == 20_000
+    assert counts[150] / 20_000 == pytest.approx(0.5, abs=0.02)
+    assert counts[103] / 20_000 == pytest.approx(0.25, abs=0.02)
+    assert "99 weights" in errors[0] and ">= 0" in errors[1] and "finite" in errors[2]
+    assert stats["intents"] == 20_000  # the refused calls announced nothing

@@ -2,7 +2,8 @@
 lines with throughput, Zipf draws, and summing gradients of duplicate keys.
 
 An app is one module with a `train(w, opts)` task that every worker runs and a click
-`main`. `start_cluster` runs the task:
+`main`, whose options every app has (--nodes, --workers-per-node, --mode, --lookahead,
+--seed, --json, --worker-json) come from `app_options`. `start_cluster` runs the task:
 - `python -m adapm.apps.NAME --nodes N --workers-per-node W ...`: an embedded local
   cluster (adapm.run), with the app's own initial values;
 - `adapm-launch ... -m adapm.apps.NAME ...`: the launcher already started the cluster;
@@ -15,13 +16,52 @@ import os
 import sys
 import time
 
+import click
 import numpy as np
 
 import adapm
-from adapm.config import ENV_RANK
+from adapm.config import ENV_RANK, MODES
 from adapm.initializers import initial_values
+from adapm.summary import access_counts, local_share
 
 INIT_CHUNK = 65_536  # keys written per set() when workers initialise a launched table
+NODES, WORKERS_PER_NODE = 2, 1  # every app's embedded cluster by default (B5's shape)
+LOOKAHEAD_HELP = "batches announced ahead (default: adapted to the step time)"
+
+
+def app_options(app, seed_help="data, initial values, shuffling",
+                lookahead_help=LOOKAHEAD_HELP):
+    """The command-line options every app shares, with the same names, defaults and
+    choices, for its click `main` (put it right below @click.command): --nodes,
+    --workers-per-node, --mode (adapm.config.MODES), --lookahead, --seed, --json and
+    --worker-json. main receives them as nodes, workers_per_node, mode, lookahead, seed,
+    json_path and worker_json. Options of one app only (--plain, ...) stay in the app."""
+    options = [
+        click.option("--nodes", default=NODES, show_default=True, type=click.IntRange(min=1),
+                     help="nodes of the embedded local cluster (ignored under adapm-launch)"),
+        click.option("--workers-per-node", default=WORKERS_PER_NODE, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="workers per node of the embedded cluster (ignored under "
+                          "adapm-launch)"),
+        click.option("--mode", type=click.Choice(MODES), default="adaptive", show_default=True,
+                     help="management mode of the embedded cluster (under adapm-launch: "
+                          "the launcher's --mode)"),
+        click.option("--lookahead", type=click.IntRange(min=0), default=None,
+                     help=lookahead_help),
+        click.option("--seed", default=0, show_default=True, help=seed_help),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False),
+                     help="write the results as JSON to this file"),
+        click.option("--worker-json", type=click.Path(dir_okay=False), metavar="PREFIX",
+                     help="every worker writes its own results to PREFIX.rankR.json "
+                          f"(launched runs: combine them with adapm.apps.{app}.finish)"),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):  # listed in --help in this order
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 def launched():
@@ -110,7 +150,9 @@ def sum_by_key(inverse, grads, n_unique):
 
 class AccessCounter:
     """Key accesses of this worker and bytes its node sent, over chosen spans only (the
-    training loops, not the evaluations)."""
+    training loops, not the evaluations). Local and remote as adapm.summary.access_counts
+    defines them (pull, push and set; local: served from the worker's own node's table
+    without a message), the same as the launcher's summary table."""
 
     def __init__(self):
         self.local = self.remote = self.node_bytes_sent = 0
@@ -121,8 +163,9 @@ class AccessCounter:
 
     def end(self, w):
         now, then = w.stats(), self._at
-        self.local += sum(now[k] - then[k] for k in ("pulls_local", "pushes_local"))
-        self.remote += sum(now[k] - then[k] for k in ("pulls_remote", "pushes_remote"))
+        local, remote = access_counts({k: now[k] - then[k] for k in now if k != "node"})
+        self.local += local
+        self.remote += remote
         self.node_bytes_sent += now["node"]["bytes_sent"] - then["node"]["bytes_sent"]
 
     def as_dict(self):
@@ -142,7 +185,7 @@ def throughput_summary(results):
     remote = sum(res["accesses"]["remote"] for res in results)
     node_bytes = {res["node"]: res["accesses"]["node_bytes_sent"] for res in results}
     return {"data_points_per_s": points / max(seconds, 1e-9), "points": points,
-            "seconds": seconds, "local_share": local / max(local + remote, 1),
+            "seconds": seconds, "local_share": local_share(local, remote),
             "bytes_sent": sum(node_bytes.values()), "workers": len(results)}
 
 

@@ -35,6 +35,7 @@ import torch
 from adapm.apps.common import (
     AccessCounter,
     Progress,
+    app_options,
     launched,
     reports,
     save_worker_result,
@@ -389,8 +390,7 @@ def save(opts, directory):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nodes", default=2, show_default=True, help="nodes of the local cluster")
-@click.option("--workers-per-node", default=1, show_default=True)
+@app_options(APP)
 @click.option("--train", "train_samples", default=300_000, show_default=True,
               help="generated training samples")
 @click.option("--test", "test_samples", default=30_000, show_default=True,
@@ -406,10 +406,6 @@ def save(opts, directory):
               help="one pass: more overfits the rare ids' rows on generated data")
 @click.option("--batch", default=2048, show_default=True)
 @click.option("--lr", default=0.05, show_default=True, help="Adagrad's, sparse and dense")
-@click.option("--lookahead", default=None, type=int,
-              help="batches announced ahead (default: adapted to the step time)")
-@click.option("--mode", default="adaptive", show_default=True)
-@click.option("--seed", default=0, show_default=True)
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="training samples from a Criteo-format TSV")
 @click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
@@ -418,10 +414,6 @@ def save(opts, directory):
               help="write the generated clicks to DIR/train.tsv and DIR/test.tsv")
 @click.option("--plain", is_flag=True,
               help="the same model in this process with torch.nn.EmbeddingBag, no PS")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="write the results as JSON to this file")
-@click.option("--worker-json", type=click.Path(dir_okay=False),
-              help="every worker writes its own results to PREFIX.rankR.json")
 def main(nodes, workers_per_node, train_samples, test_samples, fields, vocab, max_bag,
          buckets, dim, epochs, batch, lr, lookahead, mode, seed, data, test_data, save_data,
          plain, json_path, worker_json):

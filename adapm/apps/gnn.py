@@ -39,13 +39,13 @@ import torch
 from adapm.apps.common import (
     AccessCounter,
     Progress,
+    app_options,
     launched,
     reports,
     save_worker_result,
     start_cluster,
     throughput_summary,
 )
-from adapm.config import MODES
 from adapm.data import IntentLoader
 from adapm.optim import Adagrad
 
@@ -534,8 +534,7 @@ DEFAULTS = dict(graph_nodes=50_000, graph_edges=250_000, communities=16, p_in=0.
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nodes", default=2, show_default=True, help="nodes of the local cluster")
-@click.option("--workers-per-node", default=1, show_default=True)
+@app_options(APP, seed_help="graph, split, initial values, samples")
 @click.option("--graph-nodes", default=DEFAULTS["graph_nodes"], show_default=True,
               type=click.IntRange(min=2), help="nodes of the generated graph")
 @click.option("--graph-edges", default=DEFAULTS["graph_edges"], show_default=True,
@@ -562,11 +561,6 @@ DEFAULTS = dict(graph_nodes=50_000, graph_edges=250_000, communities=16, p_in=0.
               help="Adagrad's, embeddings and dense layers")
 @click.option("--init-std", default=DEFAULTS["init_std"], show_default=True,
               help="standard deviation of the initial embeddings")
-@click.option("--lookahead", default=None, type=click.IntRange(min=0),
-              help="batches announced ahead (default: adapted to the step time)")
-@click.option("--mode", default="adaptive", show_default=True, type=click.Choice(MODES))
-@click.option("--seed", default=DEFAULTS["seed"], show_default=True,
-              help="graph, split, initial values, samples")
 @click.option("--edges", type=click.Path(exists=True, dir_okay=False),
               help="edge list CSV: src,dst node ids per line (undirected)")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False),
@@ -575,11 +569,6 @@ DEFAULTS = dict(graph_nodes=50_000, graph_edges=250_000, communities=16, p_in=0.
               help="write the generated graph to DIR/edges.csv and DIR/labels.csv")
 @click.option("--plain", is_flag=True,
               help="the same model in this process with torch.nn.Embedding, no PS")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="write the results as JSON to this file")
-@click.option("--worker-json", type=click.Path(dir_okay=False),
-              help="every worker writes its own results to PREFIX.rankR.json (launched "
-                   "runs: combine them with adapm.apps.gnn.finish)")
 def main(nodes, workers_per_node, mode, fanouts, save_data, plain, json_path, **options):
     """Train GraphSAGE node classification; report test accuracy."""
     if bool(options["edges"]) != bool(options["labels"]):

@@ -36,13 +36,13 @@ from adapm import readers
 from adapm.apps.common import (
     AccessCounter,
     Progress,
+    app_options,
     reports,
     save_worker_result,
     start_cluster,
     throughput_summary,
     zipf_ids,
 )
-from adapm.config import MODES
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
 from adapm.optim import Adagrad
@@ -449,8 +449,7 @@ DEFAULTS = dict(entities=2000, relations=16, triples=40_000, clusters=16, noise=
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nodes", default=1, show_default=True, help="nodes of the local cluster")
-@click.option("--workers-per-node", default=2, show_default=True)
+@app_options(APP, seed_help="graph, split, initial values, shuffling")
 @click.option("--entities", default=DEFAULTS["entities"], show_default=True,
               type=click.IntRange(min=1), help="entities of the generated graph")
 @click.option("--relations", default=DEFAULTS["relations"], show_default=True,
@@ -479,8 +478,6 @@ DEFAULTS = dict(entities=2000, relations=16, triples=40_000, clusters=16, noise=
 @click.option("--sample-ahead", default=DEFAULTS["sample_ahead"], show_default=True,
               type=click.IntRange(min=0),
               help="clocks before its batch at which a batch's negatives are drawn")
-@click.option("--lookahead", default=None, type=click.IntRange(min=0),
-              help="batches announced ahead (default: adapted to the step time)")
 @click.option("--valid-fraction", default=DEFAULTS["valid_fraction"], show_default=True,
               type=click.FloatRange(0, 1), help="share held out for validation")
 @click.option("--test-fraction", default=DEFAULTS["test_fraction"], show_default=True,
@@ -489,19 +486,12 @@ DEFAULTS = dict(entities=2000, relations=16, triples=40_000, clusters=16, noise=
 @click.option("--valid-sample", default=DEFAULTS["valid_sample"], show_default=True,
               type=click.IntRange(min=0),
               help="validation triples ranked after each epoch (0: none)")
-@click.option("--mode", default="adaptive", show_default=True, type=click.Choice(MODES))
-@click.option("--seed", default=DEFAULTS["seed"], show_default=True)
 @click.option("--train-file", type=click.Path(exists=True, dir_okay=False),
               help="training triples: head<TAB>relation<TAB>tail names per line")
 @click.option("--test-file", type=click.Path(exists=True, dir_okay=False),
               help="test triples, same format (default: --test-fraction of --train-file)")
 @click.option("--save-data", type=click.Path(file_okay=False),
               help="write the graph to DIR/train.tsv, DIR/valid.tsv and DIR/test.tsv")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="write the results as JSON to this file")
-@click.option("--worker-json", type=click.Path(dir_okay=False),
-              help="every worker writes its own results to PREFIX.rankR.json (launched "
-                   "runs: combine them with adapm.apps.kge.finish)")
 def main(nodes, workers_per_node, mode, save_data, json_path, **options):
     """Train ComplEx knowledge-graph embeddings; report filtered MRR and Hits@10."""
     if options["test_file"] and not options["train_file"]:

@@ -34,6 +34,7 @@ from adapm import readers
 from adapm.apps.common import (
     AccessCounter,
     Progress,
+    app_options,
     launched,
     reports,
     save_worker_result,
@@ -298,8 +299,7 @@ def finish(results):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nodes", default=2, show_default=True, help="nodes of the local cluster")
-@click.option("--workers-per-node", default=1, show_default=True)
+@app_options(APP)
 @click.option("--rows", default=20_000, show_default=True)
 @click.option("--cols", default=2_000, show_default=True)
 @click.option("--train", "train_cells", default=400_000, show_default=True,
@@ -311,10 +311,6 @@ def finish(results):
 @click.option("--batch", default=256, show_default=True)
 @click.option("--lr", default=0.1, show_default=True)
 @click.option("--reg", default=0.01, show_default=True)
-@click.option("--lookahead", default=None, type=int,
-              help="batches announced ahead (default: adapted to the step time)")
-@click.option("--mode", default="adaptive", show_default=True)
-@click.option("--seed", default=0, show_default=True)
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="training cells from a MatrixMarket coordinate file")
 @click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
@@ -322,11 +318,6 @@ def finish(results):
 @click.option("--save-data", type=click.Path(file_okay=False),
               help="write the generated matrix to DIR/train.mtx and DIR/test.mtx")
 @click.option("--plain", is_flag=True, help="the same SGD in this process, no parameter server")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="write the results as JSON to this file")
-@click.option("--worker-json", type=click.Path(dir_okay=False),
-              help="every worker writes its own results to PREFIX.rankR.json (launched "
-                   "runs: combine them with adapm.apps.mf.finish)")
 def main(nodes, workers_per_node, rows, cols, train_cells, test_cells, rank, noise, epochs,
          batch, lr, reg, lookahead, mode, seed, data, test_data, save_data, plain, json_path,
          worker_json):

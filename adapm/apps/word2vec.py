@@ -1,7 +1,9 @@
 """Word embeddings by skip-gram with negative sampling (word2vec) on a parameter server.
 
-    python -m adapm.apps.word2vec --workers-per-node 2 --epochs 3
+    python -m adapm.apps.word2vec --nodes 1 --workers-per-node 2 --epochs 3
     python -m adapm.apps.word2vec --text book.txt --min-count 5 --dim 64
+    python -m adapm.apps.word2vec --text lines.txt --one-sentence-per-line \
+        --save-vectors vectors.txt
     adapm-launch --nodes 2 --num-keys K --value-length L -m adapm.apps.word2vec ...
       (the app says which K and L when they do not match its options)
 
@@ -11,22 +13,29 @@ throughput to it, so that rank 0 reports the whole cluster's). A word key's valu
 [vector (dim) | AdaGrad accumulator (dim)], so the optimizer state travels with the key.
 
 Each worker trains on its shard of the corpus' sentences: every (centre, context) pair
-within `window` words is a positive example, and `negatives` output vectors drawn with
-w.prepare_sample(..., key_range=(V, 2V)) for the clock of the batch that uses them are
-the negative examples. prepare_sample draws uniformly, not from the unigram^0.75
-distribution of the original word2vec (see docs/app-word2vec.md). A minibatch pulls its
-rows and hands the gradients of every occurrence to the fused AdaGrad of adapm.optim
-(w.apply_gradients: the table sums duplicate keys' gradients and takes one step per key,
-in place where the node holds it, else at its owner). adapm.data.IntentLoader announces each batch's
-centre and context keys ahead of their use; the negatives are announced by
-prepare_sample itself, as far ahead as the loader announces batches.
+within `window` words of one sentence is a positive example, and `negatives` output
+vectors drawn with w.prepare_sample(..., key_range=(V, 2V), distribution=noise) for the
+clock of the batch that uses them are the negative examples: word i with probability
+proportional to count_i^0.75 (`--ns-exponent`), as the original word2vec draws them (0:
+uniform; see docs/app-word2vec.md). A minibatch pulls its rows and hands the gradients
+of every occurrence to the fused AdaGrad of adapm.optim (w.apply_gradients: the table
+sums duplicate keys' gradients and takes one step per key, in place where the node holds
+it, else at its owner). adapm.data.IntentLoader announces each batch's centre and context
+keys ahead of their use; the negatives are announced by prepare_sample itself, as far
+ahead as the loader announces batches.
 
 Data: a generated corpus (Zipf word frequencies, words in planted topics, each sentence
-drawn from one topic) or any plain-text file. Metrics: the training loss per epoch, the
+drawn from one topic) or any plain-text file (sentences split at . ! ? and blank lines, or
+one sentence per line with --one-sentence-per-line). `--save-vectors FILE` writes the
+word vectors in word2vec's text format (gensim: KeyedVectors.load_word2vec_format(FILE,
+binary=False)). Metrics: the training loss per epoch, the
 loss of held-out sentences' pairs with fixed negatives (trained against untrained), the
 nearest neighbours (cosine of input vectors) of the most frequent words and, for the
 generated corpus, the share of those neighbours in the word's own topic."""
 
+import io
+import json
+import os
 import re
 import time
 from collections import Counter
@@ -36,11 +45,20 @@ from typing import Optional
 import click
 import numpy as np
 
-from adapm.apps.common import AccessCounter, Progress, launched, reports, start_cluster
-from adapm.config import MODES
+from adapm.apps.common import (
+    AccessCounter,
+    Progress,
+    app_options,
+    launched,
+    reports,
+    save_worker_result,
+    start_cluster,
+    throughput_summary,
+)
 from adapm.data import IntentLoader
 from adapm.initializers import initial_values
 from adapm.optim import Adagrad
+from adapm.sampling import Distribution
 
 APP = "word2vec"
 ADAGRAD_EPS = 1e-8
@@ -122,16 +140,19 @@ SENTENCE_END = re.compile(r"[.!?]+|\n[ \t\r\f\v]*\n")
 WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script); the rest separates words
 
 
-def read_text(path, min_count=5, max_vocab=0):
+def read_text(path, min_count=5, max_vocab=0, lines=False):
     """A corpus from any plain-text file (UTF-8; undecodable bytes replaced). The text is
-    lowercased and split into sentences at . ! ? and blank lines, and into words at
-    anything that is not a letter. The vocabulary: words seen at least `min_count` times,
+    lowercased and split into sentences at . ! ? and blank lines (with `lines`: at every
+    line end, and nowhere else: one sentence per line, as word2vec's and gensim's
+    LineSentence input), and into words at anything that is not a letter. No window
+    crosses a sentence's end. The vocabulary: words seen at least `min_count` times,
     most frequent first (ties alphabetical), at most `max_vocab` of them (0: no limit).
     Other words are dropped from the sentences (so a window spans over them), as are
     sentences left with fewer than two words."""
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read().lower()
-    sentences = [WORD.findall(piece) for piece in SENTENCE_END.split(text)]
+    pieces = text.splitlines() if lines else SENTENCE_END.split(text)
+    sentences = [WORD.findall(piece) for piece in pieces]
     counts = Counter(word for sentence in sentences for word in sentence)
     vocab = sorted((w for w, c in counts.items() if c >= min_count),
                    key=lambda w: (-counts[w], w))
@@ -184,18 +205,32 @@ def split_sentences(corpus, heldout):
     return np.arange(cut), np.arange(cut, n)
 
 
+def noise_distribution(corpus, exponent):
+    """The distribution negatives are drawn from, over the V output keys: word i with
+    probability proportional to count_i^exponent (word2vec: 0.75; a word never seen is
+    never drawn), as an adapm.sampling.Distribution; None for exponent 0 (uniform: every
+    word equally likely, prepare_sample's default)."""
+    if exponent == 0:
+        return None
+    return Distribution(corpus.counts.astype(np.float64) ** exponent)
+
+
 def heldout_pairs(corpus, opts):
     """The held-out pairs (at most opts['heldout_pairs'], a seeded choice) and their fixed
-    negatives, output keys drawn uniformly like prepare_sample's: the same for every run
-    with this seed, whatever the number of nodes and workers."""
+    negatives, output keys drawn from the noise distribution the training draws from: the
+    same for every run with this seed, whatever the number of nodes and workers."""
     _, held = split_sentences(corpus, opts["heldout"])
     centres, contexts = skipgram_pairs(*corpus.sentences(held), opts["window"])
     rng = np.random.default_rng([opts["seed"], 7])
     if centres.shape[0] > opts["heldout_pairs"]:
         pick = np.sort(rng.choice(centres.shape[0], opts["heldout_pairs"], replace=False))
         centres, contexts = centres[pick], contexts[pick]
-    v = corpus.vocab_size
-    negatives = rng.integers(v, 2 * v, size=(centres.shape[0], opts["negatives"]))
+    v, shape = corpus.vocab_size, (centres.shape[0], opts["negatives"])
+    noise = noise_distribution(corpus, opts["ns_exponent"])
+    if noise is None:
+        negatives = rng.integers(v, 2 * v, size=shape)
+    else:
+        negatives = v + noise.draw(rng, shape[0] * shape[1]).reshape(shape)
     return centres, contexts, negatives
 
 
@@ -283,12 +318,38 @@ def nearest(vectors, probes, k):
     return top, np.take_along_axis(sims, top, axis=1)
 
 
-def neighbour_report(w, corpus, opts):
-    """Neighbours of the most frequent words; for a generated corpus also the neighbour
-    precision (share of the TOP_K neighbours of each of the `probes` most frequent words
-    that are in its planted topic) and its chance level."""
-    v, dim = corpus.vocab_size, opts["dim"]
-    vectors = w.pull(np.arange(v))[:, :dim].astype(np.float64)
+def word_vectors(w, corpus, dim):
+    """The word vectors (the input vectors, keys [0, V)), float32 (V, dim)."""
+    return w.pull(np.arange(corpus.vocab_size))[:, :dim].astype(np.float32)
+
+
+def write_vectors(path, words, vectors):
+    """Word vectors in word2vec's text format: a line "V D", then one line per word,
+    "word v1 ... vD" (values as %.9g: float32 exactly). gensim reads it with
+    KeyedVectors.load_word2vec_format(path, binary=False). Words must be non-empty and
+    free of whitespace (the reader's words are runs of letters)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(words):
+        raise ValueError(f"{len(words)} words need a (words, dim) array, got shape "
+                         f"{vectors.shape}")
+    for word in words:
+        if not word or any(c.isspace() for c in word):
+            raise ValueError(f"word {word!r} cannot be written in the text format")
+    body = io.StringIO()
+    np.savetxt(body, vectors, fmt="%.9g", delimiter=" ")
+    rows = body.getvalue().splitlines()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{vectors.shape[0]} {vectors.shape[1]}\n")
+        for word, row in zip(words, rows):
+            f.write(f"{word} {row}\n")
+
+
+def neighbour_report(vectors, corpus, opts):
+    """Neighbours of the most frequent words by the word vectors; for a generated corpus
+    also the neighbour precision (share of the TOP_K neighbours of each of the `probes`
+    most frequent words that are in its planted topic) and its chance level."""
+    v = corpus.vocab_size
+    vectors = vectors.astype(np.float64)
     shown, probed = min(opts["show"], v), min(opts["probes"], v)
     top, sims = nearest(vectors, np.arange(max(shown, probed)), TOP_K)
     lines = []
@@ -321,11 +382,12 @@ def epoch_batches(rng, corpus, sentences, opts):
 
 class Negatives:
     """The negatives of an epoch's batches (batch i used at clock first + i, as
-    IntentLoader numbers them): `sizes[i]` output keys drawn with w.prepare_sample for that
-    clock, so they are announced as an intent the moment they are drawn."""
+    IntentLoader numbers them): `sizes[i]` output keys drawn with w.prepare_sample from
+    `noise` (a Distribution over key_range, or None: uniform) for that clock, so they are
+    announced as an intent the moment they are drawn."""
 
-    def __init__(self, w, sizes, key_range):
-        self.w, self.sizes, self.key_range = w, sizes, key_range
+    def __init__(self, w, sizes, key_range, noise=None):
+        self.w, self.sizes, self.key_range, self.noise = w, sizes, key_range, noise
         self.first = self.next = w.clock
         self.handles = {}  # clock -> handle
 
@@ -334,7 +396,8 @@ class Negatives:
         until = min(until, self.first + len(self.sizes) - 1)
         while self.next <= until:
             self.handles[self.next] = self.w.prepare_sample(
-                self.sizes[self.next - self.first], self.next, key_range=self.key_range)
+                self.sizes[self.next - self.first], self.next, key_range=self.key_range,
+                distribution=self.noise)
             self.next += 1
 
     def take(self, clock):
@@ -343,11 +406,14 @@ class Negatives:
 
 
 def train(w, opts):
-    """The task every worker runs. Rank 0 returns the metrics (a dict), the others None."""
+    """The task every worker runs. Returns this worker's figures (points: pairs, seconds
+    of training, node, accesses: see common.throughput_summary); rank 0's also hold the
+    metrics of the run (under "metrics"; see finish())."""
     corpus = opts["corpus"]
     v, dim, k = corpus.vocab_size, opts["dim"], opts["negatives"]
     stats_key = np.array([2 * v])
     opt = Adagrad(lr=opts["lr"], eps=ADAGRAD_EPS)
+    noise = noise_distribution(corpus, opts["ns_exponent"])  # built once, drawn every batch
     train_ids, _ = split_sentences(corpus, opts["heldout"])
     shard = train_ids[w.rank::w.num_workers]
     held = heldout_pairs(corpus, opts) if w.rank == 0 else None
@@ -357,6 +423,7 @@ def train(w, opts):
     progress = None
     totals = np.zeros(STATS_SLOTS)
     log, train_losses, heldout_losses, rates, shares = [], [], [], [], []
+    accesses, points, seconds = AccessCounter(), 0, 0.0
     for epoch in range(opts["epochs"]):
         batches = epoch_batches(rng, corpus, shard, opts)
         pairs = sum(c.shape[0] for c, _ in batches)
@@ -365,8 +432,8 @@ def train(w, opts):
                                 enabled=w.rank == 0)
         loader = IntentLoader(w, batches, keys_of=lambda b: np.concatenate([b[0], v + b[1]]),
                               lookahead=opts["lookahead"])
-        negatives = Negatives(w, [c.shape[0] * k for c, _ in batches], (v, 2 * v))
-        accesses = AccessCounter()
+        negatives = Negatives(w, [c.shape[0] * k for c, _ in batches], (v, 2 * v), noise)
+        local_before, remote_before = accesses.local, accesses.remote
         accesses.begin(w)
         loss_sum, t0 = 0.0, time.perf_counter()
         for centres, contexts in loader:
@@ -376,9 +443,11 @@ def train(w, opts):
             progress.update(centres.shape[0], prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         accesses.end(w)
+        points, seconds = points + pairs, seconds + elapsed
         mine = np.zeros((1, 2 * dim), dtype=np.float32)
         mine[0, :STATS_SLOTS] = [loss_sum, pairs, pairs / max(elapsed, 1e-9), 1.0,
-                                 accesses.local, accesses.remote]
+                                 accesses.local - local_before,
+                                 accesses.remote - remote_before]
         w.push(stats_key, mine)
         w.wait_sync()
         w.barrier()
@@ -397,28 +466,44 @@ def train(w, opts):
             print(f"[{APP}] {text}", flush=True)
             log.append(text)
         w.barrier()
-    if w.rank != 0:
-        return None
-    neighbours, precision, chance, probed = neighbour_report(w, corpus, opts)
-    return dict(log=log, heldout_before=before,
-                heldout_after=heldout_losses[-1] if heldout_losses else before,
-                train_losses=train_losses, heldout_losses=heldout_losses,
-                pairs_per_s=rates, local_share=shares, neighbours=neighbours, precision=precision,
-                chance=chance, probes=probed, stats=w.stats())
+    result = {"rank": w.rank, "node": w.node, "points": points, "seconds": seconds,
+              "accesses": accesses.as_dict()}
+    if w.rank == 0:
+        vectors = word_vectors(w, corpus, dim)
+        if opts.get("save_vectors"):
+            write_vectors(opts["save_vectors"], corpus.words, vectors)
+        neighbours, precision, chance, probed = neighbour_report(vectors, corpus, opts)
+        result["metrics"] = dict(
+            log=log, heldout_before=before,
+            heldout_after=heldout_losses[-1] if heldout_losses else before,
+            train_losses=train_losses, heldout_losses=heldout_losses, pairs_per_s=rates,
+            local_share=shares, neighbours=neighbours, precision=precision, chance=chance,
+            probes=probed, stats=w.stats())
+    return save_worker_result(opts, w, result)
+
+
+def finish(results):
+    """The run's metrics from the workers' results by rank (rank 0's first; all of them
+    embedded, or every worker's --worker-json files): rank 0's metrics, plus "throughput",
+    the cluster's pairs/s, local share and bytes over the results given
+    (common.throughput_summary; one worker's own under adapm-launch)."""
+    return dict(results[0]["metrics"], throughput=throughput_summary(results))
 
 
 # -- running ------------------------------------------------------------------------
 
 
-DEFAULTS = dict(text=None, min_count=5, max_vocab=0, vocab=2000, topics=20, sentences=20_000,
-                sentence_length=10, noise=0.1, zipf=1.0, heldout=0.05, heldout_pairs=20_000,
-                dim=32, window=2, negatives=5, subsample=0.0, epochs=3, batch=1024, lr=0.1,
-                lookahead=None, probes=100, show=5, seed=0)
+DEFAULTS = dict(text=None, one_sentence_per_line=False, min_count=5, max_vocab=0, vocab=2000,
+                topics=20, sentences=20_000, sentence_length=10, noise=0.1, zipf=1.0,
+                heldout=0.05, heldout_pairs=20_000, dim=32, window=2, negatives=5,
+                ns_exponent=0.75, subsample=0.0, epochs=3, batch=1024, lr=0.1, lookahead=None,
+                probes=100, show=5, seed=0, save_vectors=None, worker_json=None)
 
 
 def build_corpus(opts):
     if opts["text"]:
-        return read_text(opts["text"], opts["min_count"], opts["max_vocab"])
+        return read_text(opts["text"], opts["min_count"], opts["max_vocab"],
+                         lines=opts["one_sentence_per_line"])
     return synthetic(opts["vocab"], opts["topics"], opts["sentences"],
                      opts["sentence_length"], opts["noise"], opts["zipf"], opts["seed"])
 
@@ -434,6 +519,8 @@ def check(opts):
             raise ValueError(f"{name} must be >= {low}, got {opts[name]}")
     if not 0 < opts["heldout"] < 1:
         raise ValueError(f"heldout must be in (0, 1), got {opts['heldout']}")
+    if not 0 <= opts["ns_exponent"] < float("inf"):
+        raise ValueError(f"ns_exponent must be a number >= 0, got {opts['ns_exponent']}")
 
 
 def check_heldout(corpus, opts):
@@ -449,7 +536,8 @@ def table_shape(vocab, dim):
 
 def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **changes):
     """Train with `opts` (DEFAULTS updated by `changes`) on `corpus` (default: built from
-    opts). Returns rank 0's metrics (under adapm-launch: None in the other workers)."""
+    opts). Returns the run's metrics, finish() of the workers' results (under adapm-launch:
+    rank 0's; None in the other workers)."""
     opts = dict(DEFAULTS, **(opts or {}), **changes)
     check(opts)
     corpus = corpus if corpus is not None else build_corpus(opts)
@@ -458,14 +546,18 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
     results = start_cluster(APP, train, dict(opts, corpus=corpus), num_keys, value_length,
                             EmbeddingInit(corpus.vocab_size, opts["dim"], opts["seed"]),
                             nodes, workers_per_node, mode)
-    return results[0] if results else None
+    return finish(results) if results else None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nodes", default=1, show_default=True, help="nodes of the local cluster")
-@click.option("--workers-per-node", default=2, show_default=True)
+@app_options(APP, seed_help="corpus, initial values, held-out negatives, shuffling",
+             lookahead_help="batches announced ahead (intents and negatives); default: "
+                            "adapted")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="train on this plain-text file instead of a generated corpus")
+@click.option("--one-sentence-per-line", is_flag=True,
+              help="--text: every line is one sentence (split at line ends only, not at "
+                   ". ! ? and blank lines)")
 @click.option("--min-count", default=DEFAULTS["min_count"], show_default=True,
               help="--text: words seen fewer times are dropped")
 @click.option("--max-vocab", default=DEFAULTS["max_vocab"], show_default=True,
@@ -496,6 +588,9 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
 @click.option("--negatives", default=DEFAULTS["negatives"],
               type=click.IntRange(min=1), show_default=True,
               help="negative samples per pair")
+@click.option("--ns-exponent", default=DEFAULTS["ns_exponent"], show_default=True,
+              type=click.FloatRange(min=0),
+              help="negatives drawn with probability ~ count^x (word2vec's 0.75; 0: uniform)")
 @click.option("--subsample", default=DEFAULTS["subsample"], show_default=True,
               help="subsampling threshold of frequent words (word2vec's -sample; 0: off)")
 @click.option("--epochs", default=DEFAULTS["epochs"],
@@ -503,22 +598,25 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
 @click.option("--batch", default=DEFAULTS["batch"],
               type=click.IntRange(min=1), show_default=True, help="pairs per batch")
 @click.option("--lr", default=DEFAULTS["lr"], show_default=True, help="AdaGrad learning rate")
-@click.option("--lookahead", type=int, default=None,
-              help="batches announced ahead (intents and negatives); default: adapted")
 @click.option("--probes", default=DEFAULTS["probes"], type=click.IntRange(min=1),
               show_default=True,
               help="most frequent words whose neighbours the precision is measured on")
 @click.option("--show", default=DEFAULTS["show"], type=click.IntRange(min=0),
               show_default=True,
               help="most frequent words whose neighbours are printed")
-@click.option("--mode", type=click.Choice(MODES), default="adaptive", show_default=True)
-@click.option("--seed", default=DEFAULTS["seed"], show_default=True)
-def main(nodes, workers_per_node, mode, **opts):
+@click.option("--save-vectors", type=click.Path(dir_okay=False, resolve_path=True),
+              help="write the word vectors to FILE in word2vec's text format (rank 0)")
+def main(nodes, workers_per_node, mode, json_path, **opts):
     """Train word vectors (skip-gram, negative sampling) and report the held-out loss and
     nearest neighbours."""
     opts = dict(DEFAULTS, **opts)
     try:
         check(opts)
+        if opts["one_sentence_per_line"] and not opts["text"]:
+            raise ValueError("--one-sentence-per-line needs --text")
+        for path in (opts["save_vectors"], json_path):
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise ValueError(f"{path}: no such directory")
         corpus = build_corpus(opts)
         check_heldout(corpus, opts)
     except ValueError as exc:
@@ -546,6 +644,12 @@ def main(nodes, workers_per_node, mode, **opts):
         print(f"[{APP}] neighbour precision: {result['precision']:.1%} of the {TOP_K} nearest "
               f"neighbours of the {result['probes']} most frequent words are in their topic "
               f"(chance {result['chance']:.1%})", flush=True)
+    if opts["save_vectors"]:
+        print(f"[{APP}] wrote {corpus.vocab_size:,} vectors of {opts['dim']} to "
+              f"{opts['save_vectors']} (word2vec text format)", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
     if not result["heldout_after"] < result["heldout_before"]:
         raise SystemExit(f"[{APP}] training did not improve the held-out loss")
 
