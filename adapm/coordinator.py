@@ -5,7 +5,9 @@ every node server's DEALER connects to. Node servers JOIN with their address and
 fingerprint of the cluster spec; once all have joined, each gets the list of addresses
 (PEERS). A barrier is released when every node reports that all its workers arrived. A
 node silent for longer than the node timeout, or a node reporting a failure, makes the
-coordinator tell every node that the cluster failed; nodes then fail every call."""
+coordinator tell every node that the cluster failed; nodes then fail every call. Once
+every node is done, the others are told to shut down and send their statistics
+(NODE_STATS), and node 0 last, so that its launcher can print every node's."""
 
 import logging
 import secrets
@@ -18,6 +20,7 @@ from adapm.errors import ProtocolError
 from adapm.malformed import MalformedLog
 from adapm.protocol import MsgType, node_identity
 from adapm.security import listener
+from adapm.summary import from_numbers
 
 log = logging.getLogger("adapm.coordinator")
 
@@ -25,6 +28,7 @@ HEARTBEAT_EVERY = 0.25  # seconds between heartbeats to every node (count: nodes
 REPORT_EVERY = 5.0      # seconds between progress lines while the cluster forms
 MAX_FRAME_BYTES = 64 * 1024  # the coordinator's messages are small (addresses at most)
 RECEIVE_HWM = 1000
+STATS_WAIT = 2.0        # seconds node 0 waits at the end for the others' statistics
 # Accepted from a node before the cluster formed (no token exists for it yet).
 BEFORE_FORMED = {MsgType.JOIN, MsgType.HEARTBEAT, MsgType.NODE_FAILED}
 
@@ -85,6 +89,9 @@ class Coordinator:
         self.token = secrets.randbits(63) | 1
         self.formed = False
         self.malformed = MalformedLog(log, "coordinator")
+        self.stats = {}            # node -> its final statistics (NODE_STATS), at the end
+        self.ending_since = None   # when every node was done and the others told to stop
+        self._node0_told = False
 
     # -- events ------------------------------------------------------------------
 
@@ -150,7 +157,10 @@ class Coordinator:
                         "node%s %s", self.address, joined, self.num_nodes,
                         now - self._started_at, "s" if len(missing) > 1 else "",
                         ", ".join(map(str, missing)))
-        if self.failed is None and len(self.last_seen) == self.num_nodes:
+        self._end_node0()
+        # once the others were told to shut down, their silence is expected
+        if self.failed is None and len(self.last_seen) == self.num_nodes and \
+                self.ending_since is None:
             for node, seen in self.last_seen.items():
                 if now - seen > self.node_timeout:
                     self.fail(FAIL_NODE_SILENT, node)
@@ -177,6 +187,8 @@ class Coordinator:
             self.fail(FAIL_MISMATCH, node)
             return
         self.addresses[node] = msg.addresses[0]
+        log.debug("coordinator: node %d joined from %s (%d of %d)", node, msg.addresses[0],
+                  self.joined(), self.num_nodes)
         if all(self.addresses) and not self.formed:
             self.formed = True
             for peer in range(self.num_nodes):
@@ -200,9 +212,33 @@ class Coordinator:
         self.done.add(node)
         if self.barriers:
             self.fail(FAIL_BARRIER_NODE, node)
-        elif len(self.done) == self.num_nodes:
-            for peer in range(self.num_nodes):
-                self._send(peer, protocol.Shutdown())
+        elif len(self.done) == self.num_nodes and self.ending_since is None:
+            self._end()
+
+    def _end(self):
+        """Every node is done: the others shut down first, each sending its final
+        statistics (NODE_STATS) as it does; node 0, whose process hosts the coordinator
+        and hands every node's statistics to its launcher, is told last: once they all
+        arrived, or STATS_WAIT passed."""
+        self.ending_since = time.monotonic()
+        for peer in range(1, self.num_nodes):
+            self._send(peer, protocol.Shutdown())
+        self._end_node0()
+
+    def _end_node0(self):
+        if self.ending_since is None or self._node0_told:
+            return
+        others = len(self.stats.keys() - {0})
+        if others >= self.num_nodes - 1 or time.monotonic() - self.ending_since > STATS_WAIT:
+            self._node0_told = True
+            self._send(0, protocol.Shutdown())
+
+    def _on_stats(self, node, msg):
+        try:
+            self.stats[node] = from_numbers(msg.stats)
+        except ValueError as exc:
+            raise ProtocolError(f"NODE_STATS: {exc}") from None
+        self._end_node0()
 
     def _on_failed(self, node, msg):
         if not 0 < msg.code < 2**31 or not 0 <= msg.detail < 2**32:
@@ -215,6 +251,7 @@ class Coordinator:
         MsgType.HEARTBEAT: _on_heartbeat,
         MsgType.NODE_DONE: _on_done,
         MsgType.NODE_FAILED: _on_failed,
+        MsgType.NODE_STATS: _on_stats,
     }
 
     def _send(self, node, msg):
