@@ -272,3 +272,90 @@ def test_results_in_rank_order_with_args_and_kwargs():
 def test_bad_cluster_arguments(kwargs):
     with pytest.raises(ValueError):
         adapm.run(identity_task, args=(1,), **kwargs)
+
+
+# -- fn must be importable by a spawned worker (issue 12.5) -------------------------------
+
+def _make_nested():
+    def nested(w):
+        return w.rank
+    return nested
+
+
+@pytest.mark.parametrize("fn, says", [
+    (lambda w: w.rank, "lambda"),
+    (_make_nested(), "local object"),
+    (__import__("functools").partial(_make_nested(), 1), "functools.partial"),
+])
+def test_a_function_spawned_workers_cannot_import_fails_before_any_process(fn, says):
+    import multiprocessing
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(TypeError) as caught:
+        adapm.run(fn, num_keys=4)
+    text = str(caught.value)
+    assert says in text and "module level of a .py file" in text, text
+    assert "spawn" in text, text
+    assert time.monotonic() - started < 2 and not multiprocessing.active_children()
+
+
+def test_a_callable_init_is_checked_too():
+    with pytest.raises(TypeError, match="init .*cannot be sent"):
+        adapm.run(identity_task, args=(1,), num_keys=4, init=lambda keys: keys)
+
+
+SCRIPT_TOP_LEVEL = """
+import adapm
+
+def task(w, base):
+    return base + w.rank
+
+if __name__ == "__main__":
+    print("results", adapm.run(task, args=(10,), workers_per_node=2, num_keys=4))
+"""
+
+SCRIPT_GUARDED = """
+import adapm
+
+if __name__ == "__main__":
+    def task(w):
+        return w.rank
+    try:
+        adapm.run(task, num_keys=4)
+    except TypeError as exc:
+        print("TypeError:", exc)
+"""
+
+INTERACTIVE = """
+import adapm
+def task(w):
+    return w.rank
+try:
+    adapm.run(task, num_keys=4)
+except TypeError as exc:
+    print("TypeError:", exc)
+"""
+
+
+def _python(tmp_path, *args):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_a_module_level_function_of_a_script_still_works(tmp_path):
+    (tmp_path / "top.py").write_text(SCRIPT_TOP_LEVEL)
+    assert "results [10, 11]" in _python(tmp_path, "top.py")
+
+
+def test_a_function_under_the_main_guard_or_typed_in_a_session_is_refused(tmp_path):
+    (tmp_path / "guarded.py").write_text(SCRIPT_GUARDED)
+    out = _python(tmp_path, "guarded.py")
+    assert "TypeError:" in out and 'if __name__ == "__main__":' in out, out
+    out = _python(tmp_path, "-c", INTERACTIVE)
+    assert "TypeError:" in out and "interactive session" in out, out
