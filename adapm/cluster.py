@@ -4,16 +4,21 @@ errors, on SIGINT/SIGTERM, and after a server was SIGKILLed, and it unlinks ever
 segment by name even when the server that created it never got to."""
 
 import contextlib
+import logging
 import multiprocessing
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from multiprocessing.connection import wait
 
-from adapm import config
+from adapm import config, logs
 from adapm.config import WorkerEnv
 from adapm.errors import ClusterError
+from adapm.metrics import node_port
+from adapm.metrics import require as require_metrics
 from adapm.process import join_process, stop_process
 from adapm.security import ENV_CURVE_CLIENT
 from adapm.server import serve
@@ -77,6 +82,18 @@ DIST_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RAN
 # Never passed on to a worker: under torchrun it makes init_process_group join torchrun's
 # store as a client, and nobody would host the group's store.
 NOT_INHERITED = ("TORCHELASTIC_USE_AGENT_STORE",)
+# Set for every worker unless the launching process's environment sets them, as torchrun
+# does: W workers that each start a thread per core (torch, a BLAS) overload the machine.
+WORKER_DEFAULTS = {"OMP_NUM_THREADS": "1"}
+OMP_NOTICE = ("adapm: OMP_NUM_THREADS=1 for every worker, since it is not set: {workers} "
+              "worker(s) on this machine would otherwise each start one thread per core "
+              "(torch, BLAS). Set OMP_NUM_THREADS to tune it for your application.")
+
+
+def worker_defaults(environ=None):
+    """WORKER_DEFAULTS that `environ` (default: this process's) does not set."""
+    environ = os.environ if environ is None else environ
+    return {name: value for name, value in WORKER_DEFAULTS.items() if name not in environ}
 
 
 class DistPortError(OSError):
@@ -117,12 +134,27 @@ class LocalCluster:
     and a free port (only possible when node 0 runs here). Where node 0 runs, the port is
     held from before the servers start until they are up (so neither the coordinator nor
     a node server can take it); a port that cannot be listened on raises DistPortError
-    before any server starts."""
+    before any server starts.
+
+    `log_level`: of every process started (adapm.logs.resolve_level: default
+    ADAPM_LOG_LEVEL, else INFO); the workers find it in their environment.
+
+    `metrics_port`: each node server serves Prometheus metrics on the spec's host, the
+    i-th node of `nodes` on metrics_port + i (0: any free port each; adapm.metrics);
+    None: no metrics. ImportError when prometheus_client is missing."""
 
     def __init__(self, spec, nodes=None, coordinator=None, port="0", dist_host=None,
-                 dist_port=0):
+                 dist_port=0, log_level=None, metrics_port=None):
         self.spec = spec
+        self.metrics_port = metrics_port
+        if metrics_port is not None:
+            require_metrics()
+        self._stats_reader = None   # receives node 0's ("stats", ...) at the end
+        self._cluster_stats = None  # {node: statistics} of every node, from node 0
+        self.log_level = logs.resolve_level(log_level)
+        self._noticed = False  # OMP_NOTICE printed
         self.nodes = list(range(spec.num_nodes)) if nodes is None else list(nodes)
+        node_port(metrics_port, len(self.nodes) - 1)  # ValueError past port 65535
         if coordinator is None and 0 not in self.nodes:
             raise ValueError("the coordinator's address is needed when node 0 runs elsewhere")
         if not dist_port and 0 not in self.nodes:
@@ -163,7 +195,12 @@ class LocalCluster:
                 pipes[node] = self._start_server(node)
         for node, address in self._await_all(pipes, "ready", deadline):
             self.addresses[node] = address
-            pipes[node].close()
+            if node == 0:  # at the end, node 0 sends every node's statistics on it
+                self._stats_reader = threading.Thread(
+                    target=self._receive_stats, args=(pipes[0],), daemon=True)
+                self._stats_reader.start()
+            else:
+                pipes[node].close()
             # Keep a mapping of each table: its name goes away once the workers attached,
             # and a failure must still be announced to the workers through it.
             self.tables[node] = SharedTable.attach(segment_name(self.spec.cluster_id, node))
@@ -171,8 +208,11 @@ class LocalCluster:
     def _start_server(self, node):
         receive, send = self.mp.Pipe(duplex=False)
         listen = f"tcp://{self.spec.host}:{self.port}"
-        proc = self.mp.Process(target=serve, name=f"adapm-node{node}",
-                               args=(self.spec, node, self.coordinator, send, listen))
+        proc = self.mp.Process(target=_serve, name=f"adapm-node{node}",
+                               args=(self.spec, node, self.coordinator, send, listen,
+                                     self.log_level),
+                               kwargs={"metrics_port": node_port(self.metrics_port,
+                                                                 self.nodes.index(node))})
         proc.start()
         send.close()
         self.servers[node] = proc
@@ -219,9 +259,19 @@ class LocalCluster:
     def worker_environ(self, rank):
         """The environment of worker `rank`: where it finds its node, torch.distributed's
         variables (dist_environ), and, in a secure cluster, the keys a client needs
-        (never the server's secret key). Remove NOT_INHERITED besides."""
+        (never the server's secret key); the log level (ADAPM_LOG_LEVEL); WORKER_DEFAULTS
+        this process's environment does not set (OMP_NUM_THREADS=1, said once per
+        cluster on stderr). Remove NOT_INHERITED besides."""
         environ = self.worker_env(rank).to_environ()
         environ.update(self.dist_environ(rank))
+        environ[config.ENV_LOG_LEVEL] = self.log_level
+        defaults = worker_defaults()
+        environ.update(defaults)
+        if "OMP_NUM_THREADS" in defaults and not self._noticed:
+            self._noticed = True
+            if logs.shows(self.log_level, logging.WARNING):
+                workers = len(self.nodes) * self.spec.workers_per_node
+                print(OMP_NOTICE.format(workers=workers), file=sys.stderr, flush=True)
         if self.spec.curve is not None:
             environ[ENV_CURVE_CLIENT] = self.spec.curve.client_text()
         return environ
@@ -258,6 +308,31 @@ class LocalCluster:
         """{node: statistics} of the nodes running here (adapm.summary.node_stats)."""
         return {node: node_stats(table.view) for node, table in self.tables.items()}
 
+    def _receive_stats(self, receive):
+        """Node 0's last word, in a thread: every node's statistics, or nothing (EOF)."""
+        try:
+            while True:
+                status, detail = receive.recv()
+                if status == "stats":
+                    self._cluster_stats = detail
+                    return
+        except (EOFError, OSError, ValueError, TypeError):
+            pass
+        finally:
+            receive.close()
+
+    def final_stats(self, timeout=0.5):
+        """({node: statistics}, nodes missing) for the summary at the end of a run: where
+        node 0 runs here and the run ended normally, every node's (the coordinator
+        collected them as the nodes shut down; waits up to `timeout` seconds for them),
+        else those of the nodes running here."""
+        if self._stats_reader is not None:
+            self._stats_reader.join(timeout)
+        if self._cluster_stats is not None:
+            stats = dict(self._cluster_stats)
+            return stats, set(range(self.spec.num_nodes)) - set(stats)
+        return self.stats(), set()
+
     def fail(self, code, detail):
         """Announce a failure to every worker of the local nodes (through their tables):
         each raises ClusterError in its next call or wait."""
@@ -292,3 +367,10 @@ class LocalCluster:
     def __exit__(self, *exc):
         self.teardown()
         return False
+
+
+def _serve(spec, node, coordinator, ready, listen, log_level, metrics_port=None):
+    """A node server process: its log lines (`[node N]`, at `log_level`), then serve."""
+    logs.configure(log_level, logs.node_prefix(node))
+    logs.started(logging.getLogger("adapm.server"), "node server")
+    serve(spec, node, coordinator, ready, listen, metrics_port)

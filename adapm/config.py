@@ -33,6 +33,10 @@ ENV_LAUNCHER_PID = "ADAPM_LAUNCHER_PID"  # set by adapm-launch: the workers' par
 # Set for every worker besides, for torch.distributed: adapm.cluster.DIST_VARIABLES.
 # Read by adapm-launch (as --dist-port): the port of the workers' torch.distributed group.
 ENV_DIST_PORT = "ADAPM_DIST_PORT"
+# Read by adapm-launch (as --metrics-port) and adapm.run (metrics_port=None): node servers
+# serve Prometheus metrics from this port on (adapm.metrics; the i-th node of a machine
+# on PORT + i, 0: any free port).
+ENV_METRICS_PORT = "ADAPM_METRICS_PORT"
 # Tuning that users may set, each with a default that needs no tuning.
 ENV_HEARTBEAT_TIMEOUT = "ADAPM_HEARTBEAT_TIMEOUT"  # seconds without a server heartbeat
 ENV_LOCK_TIMEOUT = "ADAPM_LOCK_TIMEOUT"            # seconds a key's lock may be held
@@ -40,6 +44,7 @@ ENV_START_TIMEOUT = "ADAPM_START_TIMEOUT"          # seconds for a cluster to fo
 ENV_NODE_TIMEOUT = "ADAPM_NODE_TIMEOUT"            # seconds of silence before a node is dead
 ENV_PROFILE_SERVER = "ADAPM_PROFILE_SERVER"        # development: cProfile node servers to FILE
 ENV_INTENT_LOG = "ADAPM_INTENT_LOG"                # diagnostics: node servers log intents to FILE
+ENV_LOG_LEVEL = "ADAPM_LOG_LEVEL"    # level of every AdaPM process's log lines (adapm.logs)
 # ENV_CLUSTER_TAG ("ADAPM_CLUSTER_TAG", from adapm.table, which needs it and which this
 # module imports): inherited by every process; segment names carry it (the tests' scope).
 
@@ -47,6 +52,17 @@ DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 DEFAULT_LOCK_TIMEOUT = 5.0
 DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_NODE_TIMEOUT = 3.0
+
+
+def env_port(name):
+    """A port (0 .. 65535) from environment variable `name`; None when it is unset or
+    empty, ValueError when it is not a port."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ValueError(f"environment variable {name}={raw!r} is not a port (0 .. 65535)")
+    return int(raw)
 
 
 def env_float(name, default):

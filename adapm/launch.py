@@ -31,6 +31,7 @@ import time
 import click
 import numpy as np
 
+from adapm import checkpoint, logs
 from adapm.bootstrap import BOOTSTRAP, EXIT_CLUSTER_FAILED
 from adapm.cluster import (
     NOT_INHERITED,
@@ -39,12 +40,22 @@ from adapm.cluster import (
     Terminated,
     signals_unwind,
 )
-from adapm.config import ENV_DIST_PORT, ENV_LAUNCHER_PID, MODES, ClusterSpec
+from adapm.config import (
+    ENV_DIST_PORT,
+    ENV_LAUNCHER_PID,
+    ENV_LOG_LEVEL,
+    ENV_METRICS_PORT,
+    MODES,
+    ClusterSpec,
+)
 from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
+from adapm.hostlist import first_host
+from adapm.metrics import require as require_metrics
 from adapm.process import stop_process
 from adapm.security import CurveKeys, without_secrets
 from adapm.summary import format_summary
+from adapm.summary import title as summary_title
 
 DEFAULT_COORDINATOR_PORT = 29650
 SHUTDOWN_GRACE = 10.0  # seconds workers get to notice a node's failure before they are stopped
@@ -104,6 +115,26 @@ def table_init(init_text, optimizer_text, value_length):
     return optimizer.init(init)
 
 
+def restored_table(restore, num_keys, value_length, dtype, init_text, optimizer_text):
+    """(num_keys, value_length, dtype, init) from the options, or from --restore's
+    checkpoint where they are absent (adapm.checkpoint.table_shape)."""
+    lengths = None if value_length is None else parse_value_length(value_length)
+    if restore is None:
+        if num_keys is None:
+            raise click.UsageError("--num-keys is required (unless --restore)")
+        init = table_init(init_text or "zeros", optimizer_text,
+                          1 if lengths is None else lengths)
+    elif init_text is not None or optimizer_text is not None:
+        raise click.UsageError("--restore starts from the checkpoint's values (optimizer "
+                               "state included): drop --init and --optimizer")
+    else:
+        init = None
+    try:
+        return checkpoint.table_shape(restore, num_keys, lengths, dtype, init)
+    except checkpoint.CheckpointError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def parse_value_length(text):
     """An integer, or a .npy file with one integer length per key."""
     if text.isdigit():
@@ -127,7 +158,28 @@ def _first_env(*names):
 # Where a per-machine launcher finds the number of nodes and its own node rank when the
 # options do not say: the first variable set wins (docs/configuration.md).
 NODE_COUNT_VARIABLES = ("ADAPM_NNODES", "SLURM_NNODES", "GROUP_WORLD_SIZE", "WORLD_SIZE")
-NODE_RANK_VARIABLES = ("ADAPM_NODE_RANK", "SLURM_NODEID", "NODE_RANK", "GROUP_RANK")
+NODE_RANK_VARIABLES = ("ADAPM_NODE_RANK", "SLURM_NODEID", "NODE_RANK", "GROUP_RANK",
+                       "JOB_COMPLETION_INDEX")  # the last: a Kubernetes Indexed Job's pod
+# SLURM's node lists, whose first host is node 0 (SLURM_NODEID 0): the srun step's, else
+# the job's. A coordinator found there listens on DEFAULT_COORDINATOR_PORT.
+NODE_LIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST")
+
+
+def environ_coordinator(environ):
+    """HOST:PORT of the coordinator from the environment, None where it says nothing:
+    ADAPM_COORDINATOR, else MASTER_ADDR:MASTER_PORT, else the first host of SLURM's node
+    list (port DEFAULT_COORDINATOR_PORT)."""
+    if environ.get("ADAPM_COORDINATOR"):
+        return environ["ADAPM_COORDINATOR"]
+    if environ.get("MASTER_ADDR"):
+        return f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', '')}"
+    for name in NODE_LIST_VARIABLES:
+        if environ.get(name):
+            try:
+                return f"{first_host(environ[name])}:{DEFAULT_COORDINATOR_PORT}"
+            except ValueError as exc:
+                raise click.UsageError(f"{name}: {exc}") from None
+    return None
 
 
 def machine_placement(environ):
@@ -215,10 +267,12 @@ def resolve(host):
 @click.option("--nnodes", type=int, default=None,
               help="per machine: nodes in the cluster [SLURM_NNODES, WORLD_SIZE]")
 @click.option("--node-rank", type=int, default=None,
-              help="per machine: this machine's node id [SLURM_NODEID, NODE_RANK]")
+              help="per machine: this machine's node id [SLURM_NODEID, NODE_RANK, "
+                   "JOB_COMPLETION_INDEX]")
 @click.option("--coordinator", default=None,
               help="per machine: HOST:PORT of the coordinator, hosted by node 0 "
-                   "[ADAPM_COORDINATOR, MASTER_ADDR:MASTER_PORT]")
+                   "[ADAPM_COORDINATOR, MASTER_ADDR:MASTER_PORT, first host of "
+                   "SLURM_JOB_NODELIST]")
 @click.option("--hosts", "hosts_file", type=click.Path(exists=True, dir_okay=False),
               default=None, help="file with one host per line: one node each, over ssh")
 @click.option("--ssh-command", default="ssh", show_default=True,
@@ -226,19 +280,25 @@ def resolve(host):
 @click.option("--remote-launcher", default="adapm-launch", show_default=True,
               help="adapm-launch as the hosts of --hosts find it")
 @click.option("--workers-per-node", default=1, show_default=True)
-@click.option("--num-keys", type=int, required=True, help="keys are 0 .. num_keys-1")
-@click.option("--value-length", default="1", show_default=True,
-              help="floats per key, or a .npy file of per-key lengths")
+@click.option("--num-keys", type=int, default=None,
+              help="keys are 0 .. num_keys-1 (required unless --restore)")
+@click.option("--value-length", default=None,
+              help="floats per key, or a .npy file of per-key lengths (default: 1, or the "
+                   "checkpoint's)")
 @click.option("--mode", type=click.Choice(MODES), default="adaptive", show_default=True)
-@click.option("--init", "init_text", default="zeros", show_default=True,
-              help="zeros, uniform:LOW:HIGH:SEED or normal:STD:SEED (the rows only, with "
-                   "--optimizer)")
+@click.option("--init", "init_text", default=None,
+              help="zeros (default), uniform:LOW:HIGH:SEED or normal:STD:SEED (the rows "
+                   "only, with --optimizer)")
 @click.option("--optimizer", "optimizer_text", default=None,
               help="the table holds rows with this adapm.optim optimizer's state beside "
                    "them (sgd, adagrad, rowwise_adagrad, adam[:KEY=VALUE,...]): --init "
                    "fills the rows, the state starts as the optimizer starts it")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="float32 (default) or float64 (default with --restore: the checkpoint's)")
+@click.option("--restore", type=click.Path(file_okay=False), default=None,
+              help="start from the checkpoint in this folder (Worker.save), on any number of "
+                   "nodes and workers; --num-keys, --value-length and --dtype default to "
+                   "its own")
 @click.option("--host", default=None,
               help="address the node servers listen on (local: 127.0.0.1; per machine: "
                    "the address that routes to the coordinator)")
@@ -258,38 +318,57 @@ def resolve(host):
 @click.option("--keys-file", type=click.Path(dir_okay=False), default=None,
               help="CURVE keys shared by every machine (python -m adapm.security FILE); "
                    "implies --secure")
+@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+              default=None, envvar=ENV_LOG_LEVEL,
+              help=f"of the node servers' and workers' log lines (default {logs.DEFAULT_LEVEL}: "
+                   f"start-up and shutdown; DEBUG: each part's detail) [{ENV_LOG_LEVEL}]")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              envvar=ENV_METRICS_PORT,
+              help="node servers serve Prometheus metrics on --host at this port, the i-th "
+                   "node of this machine at PORT + i (0: any free port, logged); needs "
+                   f"pip install 'adapm[metrics]' [{ENV_METRICS_PORT}]")
 @click.option("-m", "module", default=None, help="run a module (as python -m) instead of a script")
 @click.argument("script_and_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, remote_launcher,
          workers_per_node, num_keys, value_length, mode, init_text, optimizer_text, dtype,
-         host, port, dist_port, cluster_id, secure, keys_file, module, script_and_args):
+         host, port, dist_port, cluster_id, secure, keys_file, module, script_and_args,
+         restore, log_level=None, metrics_port=None):
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) in every worker of a cluster."""
+    if log_level:  # every process started finds it in its environment
+        os.environ[ENV_LOG_LEVEL] = logs.parse_level(log_level)
+    logs.configure(None, "[adapm-launch]")
     if module is None and not script_and_args:
         raise click.UsageError("give a SCRIPT to run, or -m MODULE")
     target = ["-m", module, *script_and_args] if module else list(script_and_args)
     multi_machine = hosts_file is not None or node_rank is not None or nnodes is not None
-    lengths = parse_value_length(value_length)
+    num_keys, lengths, dtype, init = restored_table(
+        restore, num_keys, value_length, dtype, init_text, optimizer_text)
     common = dict(num_keys=num_keys, value_length=lengths,
-                  workers_per_node=workers_per_node, dtype=dtype,
-                  init=table_init(init_text, optimizer_text, lengths),
+                  workers_per_node=workers_per_node, dtype=dtype, init=init,
                   mode=mode, curve=cluster_keys(secure, keys_file, multi_machine))
     if hosts_file:
         sys.exit(launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator,
                               target))
+    if metrics_port is not None:
+        try:
+            require_metrics()
+        except ImportError as exc:
+            raise click.UsageError(str(exc)) from None
     env_nnodes, env_rank = machine_placement(os.environ)
     nnodes = nnodes or env_nnodes
     node_rank = node_rank if node_rank is not None else env_rank
     if nodes is None and (node_rank is not None and nnodes):
         sys.exit(launch_machine(common, nnodes, node_rank, coordinator, host, port,
-                                dist_port, cluster_id, target))
+                                dist_port, cluster_id, target, metrics_port=metrics_port))
     try:
         spec = ClusterSpec(num_nodes=nodes or 1, host=host or "127.0.0.1", **common)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if dist_port is not None:  # else a free port (the coordinator's port is random here)
         check_dist_port(dist_port, None, port)
-    sys.exit(launch(spec, target, port=port, dist_port=dist_port or 0))
+    sys.exit(launch(spec, target, port=port, dist_port=dist_port or 0,
+                    metrics_port=metrics_port))
 
 
 def cluster_keys(secure, keys_file, shared):
@@ -311,11 +390,9 @@ def cluster_keys(secure, keys_file, shared):
 
 
 def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port, cluster_id,
-                   target):
+                   target, metrics_port=None):
     """This machine's node of a cluster that spans machines."""
-    coordinator = coordinator or _first_env("ADAPM_COORDINATOR")
-    if coordinator is None and os.environ.get("MASTER_ADDR"):
-        coordinator = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '')}"
+    coordinator = coordinator or environ_coordinator(os.environ)
     if not coordinator:
         raise click.UsageError("--coordinator HOST:PORT is needed with --node-rank")
     coord_host, coord_port = split_host_port(coordinator.rstrip(":"), DEFAULT_COORDINATOR_PORT)
@@ -335,7 +412,7 @@ def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port
         raise click.UsageError(str(exc)) from None
     return launch(spec, target, nodes=[node_rank], port=port,
                   coordinator=f"tcp://{coord_ip}:{coord_port}", dist_host=coord_ip,
-                  dist_port=dist_port)
+                  dist_port=dist_port, metrics_port=metrics_port)
 
 
 def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, target):
@@ -404,20 +481,34 @@ def _as_arguments(param, value):
     return [param.opts[0], str(value)]
 
 
-def _pump(stream, prefix, out, lock):
-    """Copy a process's output line by line, each line prefixed."""
+def _pump(stream, prefix, out, lock, own=None):
+    """Copy a process's output line by line, each line prefixed; a line that begins
+    with `own` (a worker's log lines: [node N worker R]) already says who wrote it and is
+    copied as it is, as adapm.run prints it."""
     for raw in iter(stream.readline, b""):
         text = raw.decode(errors="replace").rstrip("\n")
+        line = text if own and text.startswith(own) else f"{prefix} {text}"
         with lock:
-            out.write(f"{prefix} {text}\n")
+            out.write(f"{line}\n")
             out.flush()
     stream.close()
 
 
-def _start_pump(stream, prefix, lock):
-    pump = threading.Thread(target=_pump, args=(stream, prefix, sys.stdout, lock), daemon=True)
+def _start_pump(stream, prefix, lock, own=None):
+    pump = threading.Thread(target=_pump, args=(stream, prefix, sys.stdout, lock, own),
+                            daemon=True)
     pump.start()
     return pump
+
+
+def worker_bootstrap():
+    """BOOTSTRAP, with the worker's log lines configured (adapm.logs.configure_worker:
+    level and prefix from its environment) before the script runs, once BOOTSTRAP has
+    dropped the current folder from sys.path."""
+    head, anchor, tail = BOOTSTRAP.partition("from adapm.bootstrap import")
+    if not anchor:
+        return BOOTSTRAP
+    return f"{head}from adapm.logs import configure_worker; configure_worker(); {anchor}{tail}"
 
 
 def _wait_first_failure(procs, servers=None, sweep=0.01, grace=2.0):
@@ -456,10 +547,13 @@ def _wait_first_failure(procs, servers=None, sweep=0.01, grace=2.0):
 
 
 def launch(spec, target, nodes=None, port="0", coordinator=None, dist_host=None,
-           dist_port=0):
+           dist_port=0, metrics_port=None):
     """Run `target` (bootstrap arguments) in every worker of the given nodes (default:
     all) on this machine; return the exit code. `dist_host`, `dist_port`: the workers'
-    MASTER_ADDR and MASTER_PORT (default: the spec's host and a free port)."""
+    MASTER_ADDR and MASTER_PORT (default: the spec's host and a free port).
+    `metrics_port`: the node servers' Prometheus port (adapm.metrics), None: none.
+    At the end it prints the statistics of every node where node 0 runs here (the
+    coordinator collects them), else of this machine's nodes."""
     procs, lock = [], threading.Lock()
     ranks = []
     grace = 0.0
@@ -467,7 +561,8 @@ def launch(spec, target, nodes=None, port="0", coordinator=None, dist_host=None,
         cluster = None
         try:
             cluster = LocalCluster(spec, nodes=nodes, coordinator=coordinator, port=port,
-                                   dist_host=dist_host, dist_port=dist_port)
+                                   dist_host=dist_host, dist_port=dist_port,
+                                   metrics_port=metrics_port)
             cluster.start()
             for node in cluster.nodes:
                 for local in range(spec.workers_per_node):
@@ -481,11 +576,12 @@ def launch(spec, target, nodes=None, port="0", coordinator=None, dist_host=None,
                     # Each worker leads a session of its own, so that teardown reaches what
                     # the script starts too; signals reach workers through the launcher.
                     procs.append(subprocess.Popen(
-                        [sys.executable, "-c", BOOTSTRAP, *target], env=env,
+                        [sys.executable, "-c", worker_bootstrap(), *target], env=env,
                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, start_new_session=True))
                     ranks.append(rank)
-                    _start_pump(procs[-1].stdout, f"[n{node} w{rank}]", lock)
+                    _start_pump(procs[-1].stdout, f"[n{node} w{rank}]", lock,
+                                own=logs.worker_prefix(node, rank))
             failure = _wait_first_failure(procs, cluster.servers)
             if failure is None:
                 _await_shutdown(cluster)
@@ -515,9 +611,9 @@ def launch(spec, target, nodes=None, port="0", coordinator=None, dist_host=None,
         finally:
             if cluster is not None:
                 if cluster.tables and procs:
-                    print(f"adapm-launch: statistics (keys) of node(s) "
-                          f"{', '.join(map(str, cluster.nodes))}, mode {spec.mode}:\n"
-                          f"{format_summary(cluster.stats())}", file=sys.stderr, flush=True)
+                    per_node, missing = cluster.final_stats()
+                    print(f"adapm-launch: {summary_title(per_node, spec.mode, missing)}:\n"
+                          f"{format_summary(per_node)}", file=sys.stderr, flush=True)
                 cluster.teardown(procs, groups=True, grace=grace)
 
 

@@ -75,6 +75,7 @@ class MsgType(enum.IntEnum):
     WAKE = 11          # an intent waits in the worker's ring and the server was asleep
     APPLY = 12         # keys (distinct), values (their summed gradients, n x dim), params
                        # (the optimizer, adapm.optim.PARAMS): one step per key at its owner
+    CHECKPOINT = 13    # arg0: the save's number, arg1: its phase (adapm.checkpoint_phases)
     # node server -> worker
     WELCOME = 16       # addresses (every node's server, by node id)
     RELEASE = 17       # request_id: barrier generation
@@ -83,6 +84,7 @@ class MsgType(enum.IntEnum):
     PULL_REPLY = 20    # positions, values (flags ALL_POSITIONS: positions empty)
     UPDATE_ACK = 21    # count: keys applied
     LOCALIZED = 22     # count: keys now owned by the node
+    CHECKPOINTED = 23  # the checkpoint phase is complete cluster-wide
     # node server -> node server
     FWD_PULL = 32      # keys, positions; arg0: requester rank
     FWD_PUSH = 33      # keys, values; arg0: requester rank
@@ -106,6 +108,8 @@ class MsgType(enum.IntEnum):
     SHUTDOWN = 54      # every node is done: stop serving
     NODE_FAILED = 55   # text (the reason); arg0: failure code, count: detail; to and
                        # from the coordinator
+    NODE_STATS = 56    # stats (adapm.summary.REPORTED, uint64): a node's statistics, sent
+                       # as it shuts down, for the summary that node 0's launcher prints
 
 
 # Frames that follow the header, per type.
@@ -113,7 +117,8 @@ _FRAMES = {
     MsgType.HELLO: (), MsgType.BARRIER: (), MsgType.WAIT_SYNC: (), MsgType.GOODBYE: (),
     MsgType.INTENT: ("keys",), MsgType.PULL: ("keys",), MsgType.PUSH: ("keys", "values"),
     MsgType.SET: ("keys", "values"), MsgType.LOCALIZE: ("keys",), MsgType.REFRESH: ("keys",),
-    MsgType.WAKE: (), MsgType.APPLY: ("keys", "values", "params"),
+    MsgType.WAKE: (), MsgType.APPLY: ("keys", "values", "params"), MsgType.CHECKPOINT: (),
+    MsgType.CHECKPOINTED: (),
     MsgType.WELCOME: ("addresses",), MsgType.RELEASE: (), MsgType.SYNCED: (),
     MsgType.FAILED: ("text",), MsgType.PULL_REPLY: ("positions", "values"),
     MsgType.UPDATE_ACK: (), MsgType.LOCALIZED: (),
@@ -126,10 +131,10 @@ _FRAMES = {
     MsgType.SYNC_REPLY: ("keys", "values", "counters", "versions"),
     MsgType.JOIN: ("addresses",), MsgType.PEERS: ("addresses",), MsgType.NODE_BARRIER: (),
     MsgType.NODE_RELEASE: (), MsgType.HEARTBEAT: (), MsgType.NODE_DONE: (),
-    MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: ("text",),
+    MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: ("text",), MsgType.NODE_STATS: ("stats",),
 }
 _DTYPES = {"keys": np.uint64, "positions": np.uint32, "counters": np.uint32,
-           "versions": np.uint32, "params": np.float64}
+           "versions": np.uint32, "params": np.float64, "stats": np.uint64}
 PARAMS_COUNT = 8             # an APPLY's params frame: float64 values (adapm.optim.PARAMS)
 # Frames whose element count must equal the keys frame's.
 _PER_KEY = ("positions", "counters", "versions")
@@ -154,6 +159,7 @@ class Message:
     addresses: list = None
     text: str = ""
     token: int = 0
+    stats: np.ndarray = None    # NODE_STATS
 
     @property
     def hops(self):
@@ -184,6 +190,7 @@ _NAMED = {
     MsgType.HELLO: {"pid": "count"},
     MsgType.BARRIER: {"generation": "arg0"},
     MsgType.INTENT: {"start": "arg0", "end": "arg1"},
+    MsgType.CHECKPOINT: {"generation": "arg0", "phase": "arg1"},
     MsgType.WELCOME: {"mode": "arg0"},
     MsgType.FAILED: {"code": "arg0", "detail": "count"},
     MsgType.UPDATE_ACK: {"applied": "count"},
@@ -248,6 +255,7 @@ Localize = _message_type(MsgType.LOCALIZE)
 Refresh = _message_type(MsgType.REFRESH)
 Wake = _message_type(MsgType.WAKE)
 Apply = _message_type(MsgType.APPLY)
+Checkpoint = _message_type(MsgType.CHECKPOINT)
 # node server -> worker
 Welcome = _message_type(MsgType.WELCOME)
 Release = _message_type(MsgType.RELEASE)
@@ -256,6 +264,7 @@ Failed = _message_type(MsgType.FAILED)
 PullReply = _message_type(MsgType.PULL_REPLY)
 UpdateAck = _message_type(MsgType.UPDATE_ACK)
 Localized = _message_type(MsgType.LOCALIZED)
+Checkpointed = _message_type(MsgType.CHECKPOINTED)
 # node server -> node server
 FwdPull = _message_type(MsgType.FWD_PULL)
 FwdPush = _message_type(MsgType.FWD_PUSH)
@@ -275,12 +284,14 @@ Heartbeat = _message_type(MsgType.HEARTBEAT)
 NodeDone = _message_type(MsgType.NODE_DONE)
 Shutdown = _message_type(MsgType.SHUTDOWN)
 NodeFailed = _message_type(MsgType.NODE_FAILED)
+NodeStats = _message_type(MsgType.NODE_STATS)
 
 BY_TYPE = {cls.TYPE: cls for cls in (
     Hello, Barrier, WaitSync, Intent, Goodbye, Pull, Push, Set, Localize, Refresh, Wake,
-    Apply, Welcome, Release, Synced, Failed, PullReply, UpdateAck, Localized, FwdPull,
+    Apply, Checkpoint, Welcome, Release, Synced, Failed, PullReply, UpdateAck, Localized,
+    Checkpointed, FwdPull,
     FwdPush, FwdSet, FwdApply, MoveRequest, Move, OwnerUpdate, Sync, SyncReply, Join, Peers,
-    NodeBarrier, NodeRelease, Heartbeat, NodeDone, Shutdown, NodeFailed)}
+    NodeBarrier, NodeRelease, Heartbeat, NodeDone, Shutdown, NodeFailed, NodeStats)}
 assert set(BY_TYPE) == set(MsgType), "a message type without its builder"
 
 

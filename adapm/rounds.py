@@ -94,6 +94,8 @@ class Rounds:
         self.round_deltas = _NO_KEYS  # keys whose delta the round in flight carries
         self.deferred_sets = []      # (identity, SET) of local workers, waiting for that
         self.refreshed_at = 0.0      # when a round last synced every replica
+        self.observe_round = None    # metrics: observe_round(seconds, asked owners for keys)
+        self.frozen = False          # a checkpoint is being written: start no round
 
     def replicate_everything(self):
         """replicate_all: every key this node does not own becomes a replica."""
@@ -113,7 +115,7 @@ class Rounds:
                     (self.manager.acts_on_intents and len(self.intents)))
 
     def maybe_start(self):
-        if self.in_flight or not self.busy():
+        if self.frozen or self.in_flight or not self.busy():
             return
         now = time.monotonic()
         since = now - self.round_started_at
@@ -227,6 +229,8 @@ class Rounds:
         self.ctx.count("rounds_done", 1)
         if self.round_is_full:  # workers read it: replicas held then are fresh as of it
             self.view.node_counter_set(NODE_SLOT["full_round_done"], self.round)
+        if self.observe_round is not None:  # metrics (adapm.metrics) only
+            self.observe_round(time.monotonic() - self.round_started_at, self.round_asks)
         if self.round_asks:
             self.reaction.observe(time.monotonic() - self.round_started_at)
             self.view.node_counter_set(NODE_SLOT["reaction_us"],

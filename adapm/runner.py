@@ -1,53 +1,104 @@
 """adapm.run: a whole cluster on this machine, from Python, torn down when it returns."""
 
+import ast
+import contextlib
+import functools
+import logging
 import multiprocessing
 import os
+import pickle
+import sys
 import time
 import traceback
+import types
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
-from adapm.cluster import NOT_INHERITED, LocalCluster, signals_unwind
-from adapm.config import ClusterSpec
+from adapm import checkpoint, logs
+from adapm.cluster import NOT_INHERITED, WORKER_DEFAULTS, LocalCluster, signals_unwind
+from adapm.config import ENV_METRICS_PORT, ClusterSpec, env_port
 from adapm.errors import ClusterError, WorkerError
 from adapm.process import die_with_parent, own_process_group, set_process_name
 from adapm.security import CurveKeys, claim_client_keys
+from adapm.summary import format_summary, title
+
+# Seconds run() waits, after the workers returned, for node 0's statistics of every node
+# (the nodes shut down and send theirs: well under a second; node 0 waits up to 2 s).
+SUMMARY_WAIT = 5.0
+
+log = logging.getLogger("adapm.worker")
 
 
-def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys,
-        value_length=1, mode="adaptive", init=None, dtype="float32", secure=False):
+def run(fn, args=(), kwargs=None, *, nodes=1, workers_per_node=1, num_keys=None,
+        value_length=None, mode="adaptive", init=None, dtype=None, secure=False,
+        restore=None, log_level=None, metrics_port=None, summary=True):
     """Run fn(worker, *args, **kwargs) in every worker of a fresh local cluster; return
     the workers' return values ordered by rank. A worker's exception raises WorkerError
     (after the whole cluster is torn down); a dead node server raises ClusterError.
     `secure`: authenticate and encrypt every connection with fresh CURVE keys.
+    `restore`: start from the checkpoint at this path (Worker.save), on any number of
+    nodes and workers; num_keys, value_length and dtype then default to the
+    checkpoint's, and must match it when given.
 
     Every worker finds torch.distributed's variables in its environment (MASTER_ADDR,
     a free MASTER_PORT on this machine, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE),
     so that fn can call torch.distributed.init_process_group(backend) with no other
-    argument to join a group of all the cluster's workers."""
+    argument to join a group of all the cluster's workers; and OMP_NUM_THREADS=1 unless
+    this process's environment sets it.
+
+    `log_level`: of the node servers' and workers' log lines (DEBUG, INFO, WARNING,
+    ERROR, CRITICAL; default ADAPM_LOG_LEVEL, else INFO). Workers are spawned processes
+    that import fn by its module and name: fn (and a callable init) must be defined at
+    module level of an importable .py file, else TypeError before any process starts.
+
+    `metrics_port`: every node server serves Prometheus metrics on 127.0.0.1, node i on
+    metrics_port + i (0: any free port, logged); default ADAPM_METRICS_PORT, else none
+    (needs prometheus_client: pip install 'adapm[metrics]'). `summary`: print the
+    statistics table of every node (adapm.summary) to stderr once the workers returned."""
     if not callable(fn):
         raise TypeError("fn must be callable")
+    check_importable(fn, "fn")
+    if callable(init):
+        check_importable(init, "init")
+    num_keys, value_length, dtype, init = checkpoint.table_shape(
+        restore, num_keys, value_length, dtype, init)
     spec = ClusterSpec(num_keys=num_keys, value_length=value_length, num_nodes=nodes,
                        workers_per_node=workers_per_node, dtype=dtype, init=init, mode=mode,
                        curve=CurveKeys.generate() if secure else None)
     kwargs = dict(kwargs or {})
     with signals_unwind():
-        cluster = LocalCluster(spec)
+        if metrics_port is None:
+            metrics_port = env_port(ENV_METRICS_PORT)
+        cluster = LocalCluster(spec, log_level=log_level, metrics_port=metrics_port)
         workers = []
         try:
             cluster.start()
             for rank in range(spec.num_workers):
                 receive, send = cluster.mp.Pipe(duplex=False)
+                environ = cluster.worker_environ(rank)
                 proc = cluster.mp.Process(
                     target=_worker_main, name=f"adapm-worker{rank}",
-                    args=(cluster.worker_environ(rank), fn, tuple(args), kwargs, send))
-                proc.start()
+                    args=(environ, fn, tuple(args), kwargs, send))
+                with _inherited(environ, WORKER_DEFAULTS):
+                    proc.start()
                 send.close()
                 workers.append((proc, receive))
-            return _collect(cluster, workers)
+            results = _collect(cluster, workers)
+            if summary:
+                _print_summary(cluster, spec.mode)
+            return results
         finally:
             cluster.teardown([proc for proc, _ in workers], groups=True)
             for _, receive in workers:
                 receive.close()
+
+
+def _print_summary(cluster, mode):
+    """The statistics table of every node, to stderr, as adapm-launch prints it."""
+    per_node, missing = cluster.final_stats(SUMMARY_WAIT)
+    if per_node:
+        print(f"adapm.run: {title(per_node, mode, missing)}:\n{format_summary(per_node)}",
+              file=sys.stderr, flush=True)
 
 
 def _collect(cluster, workers, grace=2.0):
@@ -98,7 +149,7 @@ class _Consequence(Exception):
 
 def _receive_result(rank, receive, proc):
     try:
-        message = receive.recv()
+        message = pickle.loads(receive.recv_bytes())
     except EOFError:
         proc.join(1.0)
         raise WorkerError(rank, f"exited with code {proc.exitcode} before returning "
@@ -111,6 +162,17 @@ def _receive_result(rank, receive, proc):
     raise WorkerError(rank, text, remote_tb)
 
 
+def _by_value(message, rank):
+    """The message pickled by value with the standard pickler: multiprocessing's would
+    hand torch tensors over as shared-memory handles, which die with this process before
+    the parent reads them (FileNotFoundError)."""
+    try:
+        return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - reported as the worker's own error
+        raise TypeError(f"worker {rank}: its return value cannot be pickled to reach "
+                        f"adapm.run's caller: {type(exc).__name__}: {exc}") from None
+
+
 def _worker_main(environ, fn, args, kwargs, send):
     """Body of a worker process started by run()."""
     from adapm.worker import worker
@@ -121,18 +183,23 @@ def _worker_main(environ, fn, args, kwargs, send):
     for name in NOT_INHERITED:
         os.environ.pop(name, None)
     os.environ.update(environ)
+    logs.configure_worker()
+    logs.started(log, "worker", slow_level=logging.DEBUG)  # its node says it waits for it
     claim_client_keys()  # before fn runs: nothing it starts inherits the keys
     w = None
     try:
+        log.debug("started; attaching to node %s, then running %s", environ["ADAPM_NODE"],
+                  _describe(fn))
         w = worker()
         result = fn(w, *args, **kwargs)
         w.finalize()
-        send.send(("ok", result))
+        send.send_bytes(_by_value(("ok", result), rank=environ["ADAPM_RANK"]))
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
         # Report before leaving the cluster, so the cause arrives before its consequences.
         kind = "cluster_error" if isinstance(exc, ClusterError) else "error"
         try:
-            send.send((kind, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            send.send_bytes(pickle.dumps((kind, f"{type(exc).__name__}: {exc}",
+                                          traceback.format_exc())))
         except Exception:
             pass
         raise SystemExit(1) from None
@@ -140,3 +207,170 @@ def _worker_main(environ, fn, args, kwargs, send):
         if w is not None:
             w.finalize()
         send.close()
+
+
+@contextlib.contextmanager
+def _inherited(environ, names):
+    """The variables of `names` that `environ` (a worker's) sets, in this process's
+    environment while a worker is started: a spawned worker inherits them from its first
+    instruction. _worker_main would set them too late: spawn imports fn's module first
+    (torch, numpy: OpenMP reads OMP_NUM_THREADS as it loads)."""
+    values = {name: environ[name] for name in names if name in environ}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# -- fn must be importable by a spawned worker ------------------------------------------
+
+SPAWN_ADVICE = ("Worker processes are started with multiprocessing's spawn method: each "
+                "imports {what} by its module and name. Define {what} with def at module "
+                "level of a .py file and import it from there (extra arguments go through "
+                "args= and kwargs=, or a functools.partial of such a function).")
+
+
+def check_importable(fn, what="fn"):
+    """Raise TypeError, saying why and what to do, when a spawned process could not
+    import `fn` (pickled by reference, as multiprocessing's spawn sends it): a lambda, a
+    function defined in another function, a functools.partial of those (pickling fails);
+    a function of __main__ that a spawned process does not define: __main__ of an
+    interactive session (a notebook, the prompt, python -c), of a package (python -m
+    pkg), or a script's definition inside `if __name__ == "__main__":` (a spawned
+    process runs the script as __mp_main__, skipping that block)."""
+    pickler = _MainReferences()
+    try:
+        pickler.dump(fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise TypeError(f"adapm.run: {what} {_describe(fn)} cannot be sent to the worker "
+                        f"processes: {exc}. A lambda, a function defined inside another "
+                        f"function, and a functools.partial of either cannot be. "
+                        f"{SPAWN_ADVICE.format(what=what)}") from None
+    if not pickler.main_names:
+        return
+    missing, where = _undefined_in_spawned_main(pickler.main_names)
+    if missing:
+        raise TypeError(f"adapm.run: {what} {_describe(fn)} cannot be imported by the worker "
+                        f"processes: a spawned process's __main__ has no "
+                        f"{', '.join(sorted(missing))}, since {where}. "
+                        f"{SPAWN_ADVICE.format(what=what)}")
+
+
+class _Discard:
+    def write(self, data):
+        return len(data)
+
+
+class _MainReferences(ForkingPickler):
+    """Pickles as spawn sends a process's arguments (into nothing), noting the top-level
+    names of every function and class it takes by reference from __main__."""
+
+    def __init__(self):
+        super().__init__(_Discard())
+        self.main_names = set()
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (types.FunctionType, type)) and \
+                getattr(obj, "__module__", None) == "__main__":
+            self.main_names.add(obj.__qualname__.split(".")[0])
+        return NotImplemented
+
+
+def _undefined_in_spawned_main(names):
+    """(the names of `names` that __main__ of a spawned process does not define, why):
+    multiprocessing.spawn re-imports __main__ by its module name (python -m) or its path,
+    as __mp_main__, except a package's __main__ or an interactive session's; nothing is
+    missing where that cannot be told (the file cannot be read, a star import)."""
+    main = sys.modules["__main__"]
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None:
+        if spec_name == "__main__" or spec_name.endswith(".__main__"):
+            return set(names), (f"__main__ is {spec_name}, a package's __main__, never "
+                                "imported again")
+        path = getattr(main.__spec__, "origin", None)
+    else:
+        path = getattr(main, "__file__", None)
+        if path is None or not os.path.isfile(path):  # '<stdin>' for `python -`
+            return set(names), ("__main__ is an interactive session (a notebook, the "
+                                "Python prompt, python -c, a script on stdin), which has "
+                                "no file to import")
+        if os.path.splitext(os.path.basename(path))[0] == "ipython":
+            return set(names), "__main__ is an IPython session, which has no file to import"
+    defined = _defined_on_import(path) if path else None
+    if defined is None:
+        return set(), ""
+    missing = {name for name in names if name not in defined}
+    return missing, (f"{path} defines it only inside `if __name__ == \"__main__\":` (or "
+                     "not at module level), a block that a spawned process skips (it runs "
+                     "the file as __mp_main__)")
+
+
+class _Unknown(Exception):
+    pass
+
+
+def _defined_on_import(path):
+    """The names a module-level run of the file at `path` binds when __name__ is not
+    "__main__", or None when that cannot be told."""
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    names = set()
+    try:
+        _bound(tree.body, names)
+    except _Unknown:
+        return None
+    return names
+
+
+def _bound(nodes, names):
+    """Add the names `nodes` bind at module level; raise _Unknown where code can bind
+    names unseen (a star import, globals(), exec)."""
+    for node in nodes:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name == "*":
+                    raise _Unknown
+                names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.If) and _is_main_guard(node.test):
+            _bound(node.orelse, names)
+        elif isinstance(node, ast.Lambda):
+            continue
+        else:
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id in ("globals", "vars", "exec", "eval", "setattr",
+                                     "__import__"):
+                raise _Unknown
+            _bound(ast.iter_child_nodes(node), names)
+
+
+def _is_main_guard(test):
+    """`__name__ == "__main__"`, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and
+            isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides) and \
+        any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides)
+
+
+def _describe(fn):
+    if isinstance(fn, functools.partial):
+        return f"functools.partial({_describe(fn.func)}, ...)"
+    name = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None)
+    if name is None:
+        return repr(fn)
+    return f"{module}.{name}" if module else name

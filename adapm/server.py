@@ -24,7 +24,8 @@ import time
 import numpy as np
 import zmq
 
-from adapm import config, failpoints, protocol
+from adapm import checkpoint, config, failpoints, metrics, protocol
+from adapm.checkpoint_phases import CheckpointPhases, is_checkpoint_generation
 from adapm.coordinator import (
     FAIL_COORDINATOR,
     FAIL_INTERNAL,
@@ -52,6 +53,7 @@ from adapm.rounds import Rounds
 from adapm.routing import Routes
 from adapm.security import connector, listener
 from adapm.serving import DataServing
+from adapm.summary import node_numbers, node_stats
 from adapm.table import (
     NODE_SLOT,
     OWNED,
@@ -79,9 +81,9 @@ START_REPORT_EVERY = 5.0  # seconds between "waiting for ..." lines while the cl
 # Who may send which message: workers (identity W<rank>) or peer servers (N<node>).
 WORKER_REQUESTS = {MsgType.HELLO, MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT,
                    MsgType.GOODBYE, MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.LOCALIZE,
-                   MsgType.REFRESH, MsgType.WAKE, MsgType.APPLY}
+                   MsgType.REFRESH, MsgType.WAKE, MsgType.APPLY, MsgType.CHECKPOINT}
 LOCAL_ONLY = {MsgType.BARRIER, MsgType.WAIT_SYNC, MsgType.INTENT, MsgType.GOODBYE,
-              MsgType.LOCALIZE, MsgType.REFRESH, MsgType.WAKE}
+              MsgType.LOCALIZE, MsgType.REFRESH, MsgType.WAKE, MsgType.CHECKPOINT}
 FORWARDED_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET,
                       MsgType.FWD_APPLY}
 PEER_REQUESTS = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.FWD_APPLY,
@@ -105,10 +107,14 @@ class NodeServer:
       manager's decisions (adapm.manager) and this node's copies (adapm.replicas);
     - `local_workers` (adapm.local_workers): hello, barriers, goodbye, liveness."""
 
-    def __init__(self, spec, node, coordinator, listen=None):
+    def __init__(self, spec, node, coordinator, listen=None, metrics_port=None):
         """`coordinator`: address of the coordinator; node 0 binds it. `listen`: the
-        address this server binds (tcp://HOST:PORT, PORT may be 0 or LOW-HIGH)."""
+        address this server binds (tcp://HOST:PORT, PORT may be 0 or LOW-HIGH).
+        `metrics_port`: serve Prometheus metrics on the spec's host and this port (0: any
+        free port; adapm.metrics), None: not."""
         self.spec = spec
+        self.metrics_port = metrics_port
+        self.metrics = None         # adapm.metrics.MetricsExporter, while it serves
         self.node = node
         self.workers = spec.workers_per_node
         self.first_rank = node * spec.workers_per_node
@@ -143,6 +149,7 @@ class NodeServer:
         self._raise_in = MsgType[raise_in] if raise_in else None
         self._coordinator_seen = self._started_at = self._reported_at = time.monotonic()
         self._joined = 0            # nodes that joined, as the coordinator's heartbeats say
+        self._formed_at = self._attached_at = None  # for the start-up log lines only
         self.outbox = None
         self._handlers = {}
 
@@ -174,6 +181,8 @@ class NodeServer:
         self.outbox.coordinator = self._dealer(self.coordinator_address)
         self.outbox.to_coordinator(protocol.Join(fingerprint=self.spec.fingerprint(),
                                            addresses=[self.address]))
+        if self.metrics_port is not None:  # Prometheus, on this node's address only
+            self.metrics = metrics.start(self, self.spec.host, self.metrics_port)
 
     def assemble(self, outbox):
         """Build the parts around the table, sending through `outbox` (a test may pass
@@ -193,6 +202,8 @@ class NodeServer:
         self.relocation = Relocation(ctx, outbox, routes, self.replicas, holders,
                                      self.rounds, self.start_timeout)
         self.serving = DataServing(ctx, outbox, routes, self.replicas, self.rounds)
+        self.checkpoints = CheckpointPhases(ctx, outbox, self.rounds, self.local_workers,
+                                            self._report_failure)
         self.rounds.relocation = self.relocation
         self.rounds.resume_set = self.serving.on_set
         self._handlers = self._dispatch_table()
@@ -201,8 +212,9 @@ class NodeServer:
         serving, relocation, rounds = self.serving, self.relocation, self.rounds
         workers = self.local_workers
         return {
-            MsgType.HELLO: workers.on_hello,
+            MsgType.HELLO: self._on_hello,
             MsgType.BARRIER: workers.on_barrier,
+            MsgType.CHECKPOINT: self.checkpoints.on_checkpoint,
             MsgType.GOODBYE: workers.on_goodbye,
             MsgType.WAIT_SYNC: lambda identity, msg: rounds.wait_for_round(
                 identity, msg.request_id),
@@ -252,7 +264,10 @@ class NodeServer:
             everyone = np.arange(spec.num_keys, dtype=np.uint64)
             table.set_owners(everyone, home_of(everyone, spec.num_nodes))
         lengths = table.view.directory_array()["length"][home].astype(np.uint64)
-        if spec.init == ("zeros",):
+        if not callable(spec.init) and spec.init[0] == "checkpoint":
+            checkpoint.restore_home_keys(table, spec.init[1], self.node, spec.num_nodes,
+                                         spec.num_keys, spec.value_length, spec.dtype)
+        elif spec.init == ("zeros",):
             # fresh shared memory reads as zeros; a strided slice avoids fancy indexing
             table.install(slice(self.node, spec.num_keys, spec.num_nodes), OWNED)
         else:
@@ -297,6 +312,7 @@ class NodeServer:
             if self.view.intents_queued():
                 self._take_queued_intents()
             self.maybe_start_round()
+            self.checkpoints.poll()
             now = time.monotonic()
             if now - last_housekeeping >= HOUSEKEEPING_EVERY:
                 last_housekeeping = now
@@ -351,6 +367,8 @@ class NodeServer:
             self._wait_for_cluster(now)
         elif now - self._coordinator_seen > self.node_timeout:
             self._fail(FAIL_COORDINATOR, 0)
+        if self._attached_at is None and self._formed_at is not None:
+            self._report_attaching(now)
 
     def _wait_for_cluster(self, now):
         """Until the cluster has formed, keep trying for the whole start timeout (ZeroMQ
@@ -366,6 +384,22 @@ class NodeServer:
             self._reported_at = now
             log.warning("node %d: %s (%.0f s of %.0f s)", self.node, self._start_state(),
                         waited, self.start_timeout)
+
+    def _report_attaching(self, now):
+        """Log lines only: every START_REPORT_EVERY seconds, which of this node's workers
+        have not attached (said hello) yet; once all have, how long that took."""
+        attached = self.local_workers.identities
+        if len(attached) >= self.workers:
+            self._attached_at = now
+            log.info("%d worker%s attached %.1f s after the cluster formed", self.workers,
+                     "s" if self.workers > 1 else "", now - self._formed_at)
+        elif now - self._reported_at >= START_REPORT_EVERY:
+            self._reported_at = now
+            waiting = [self.first_rank + i for i in range(self.workers) if i not in attached]
+            log.info("waiting for worker%s %s to attach, %.0f s after the cluster formed (a "
+                     "worker attaches once its code calls adapm.worker(), after its imports: "
+                     "torch alone can take 10 s or more)", "s" if len(waiting) > 1 else "",
+                     ", ".join(map(str, waiting)), now - self._formed_at)
 
     def _start_state(self):
         if self._joined == 0:
@@ -467,6 +501,11 @@ class NodeServer:
             self._release_barrier(msg.generation)
         elif msg.type == MsgType.SHUTDOWN:
             self._stop = True
+            if self.node != 0 and self._failed is None:  # node 0's are read where it runs
+                self.outbox.to_coordinator(protocol.NodeStats(stats=node_numbers(self.view)))
+            (log.info if self.node == 0 else log.debug)(
+                "every worker finished: shutting down (up %.1f s)",
+                time.monotonic() - self._started_at)
         elif msg.type == MsgType.HEARTBEAT:
             self._joined = min(int(msg.joined), self.spec.num_nodes)
         elif msg.type == MsgType.NODE_FAILED:
@@ -487,8 +526,16 @@ class NodeServer:
 
     def _release_barrier(self, generation):
         """Every node reached the barrier: release it here once replicas fetched what
-        was flushed before it."""
-        self.rounds.release_after_round(generation)
+        was flushed before it. A checkpoint's phases need no round: nothing changed."""
+        if is_checkpoint_generation(generation):
+            self.checkpoints.on_release(generation)
+        else:
+            self.rounds.release_after_round(generation)
+
+    def _on_hello(self, identity, msg):
+        self.local_workers.on_hello(identity, msg)
+        if self._attached_at is None and self._formed_at is not None:
+            self._report_attaching(time.monotonic())  # the last one: say so now
 
     def _on_refresh(self, identity, msg):
         self.ctx.check_keys(msg.keys)
@@ -538,6 +585,14 @@ class NodeServer:
             if node != self.node:
                 self.outbox.peers[node] = self._dealer(address)
         self.formed(msg.cluster_token, msg.addresses)
+        self._formed_at = self._reported_at = now = time.monotonic()
+        if self.node == 0:
+            log.info("cluster up: %d node%s x %d worker%s formed in %.1f s",
+                     self.spec.num_nodes, "s" if self.spec.num_nodes > 1 else "",
+                     self.workers, "s" if self.workers > 1 else "", now - self._started_at)
+        else:
+            log.debug("joined the cluster of %d nodes in %.1f s", self.spec.num_nodes,
+                      now - self._started_at)
         if self.on_ready is not None:
             self.on_ready(self.address)
 
@@ -572,6 +627,7 @@ class NodeServer:
         log.error("node %d: %s", self.node, failure_text(code, detail, reason))
         self.view.mark_failed(code, detail, reason)
         self.local_workers.fail_all(self._reply_failed)
+        self.checkpoints.fail_all(self._reply_failed)
         self.relocation.fail_all(self._reply_failed)
 
     # -- shutdown ------------------------------------------------------------------
@@ -580,6 +636,9 @@ class NodeServer:
         """Close sockets and context, unmap and unlink the table. Idempotent. After a
         normal end, messages already queued get a moment to leave: a multipart message
         cut off by a closing socket can make libzmq abort in the peer (libzmq 3442)."""
+        if self.metrics is not None:  # first: no scrape may read the table once unmapped
+            self.metrics.stop()
+            self.metrics = None
         linger = 0 if self._failed is not None else CLOSE_LINGER_MS
         outbox = self.outbox if isinstance(self.outbox, Outbox) else None
         sockets = [self.router]
@@ -627,14 +686,23 @@ def _alive(pid):
         return False
 
 
-def serve(spec, node, coordinator, ready, listen=None):
+def _send_quietly(connection, message):
+    """Send on the launching process's pipe, which it may have closed (not an error)."""
+    try:
+        connection.send(message)
+    except OSError:
+        pass
+
+
+def serve(spec, node, coordinator, ready, listen=None, metrics_port=None):
     """Entry point of a node server process. `ready` is a multiprocessing connection on
     which it reports ("coordinator", address) (node 0), then ("ready", address) once the
-    cluster is complete, or ("error", text)."""
+    cluster is complete, or ("error", text); node 0, at a normal end, ("stats", {node:
+    statistics}) of every node that sent them (adapm.summary)."""
     die_with_parent(multiprocessing.parent_process().pid)
     set_process_name(f"adapm-node{node}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launching process decides
-    server = NodeServer(spec, node, coordinator, listen)
+    server = NodeServer(spec, node, coordinator, listen, metrics_port)
     signal.signal(signal.SIGTERM, server.request_stop)
     try:
         try:
@@ -657,6 +725,10 @@ def serve(spec, node, coordinator, ready, listen=None):
             server.serve_forever()
         if server.addresses is None and server.failure:  # gave up before the cluster formed
             ready.send(("error", server.failure))
+        if server.coordinator is not None and server.coordinator.ending_since is not None \
+                and not server.failure:  # every node done: the summary of all of them
+            _send_quietly(ready, ("stats", {**server.coordinator.stats,
+                                            node: node_stats(server.view)}))
     finally:
         server.close()
         ready.close()

@@ -15,12 +15,14 @@ The client is three parts, each with one concern:
   into ClusterError within seconds instead of a hang;
 - `adapm.consistency.ReadYourWrites`: which earlier updates a call must wait for."""
 
+import logging
 import os
 import time
 
 import numpy as np
 
-from adapm import config, protocol
+from adapm import checkpoint, config, failpoints, protocol
+from adapm.checkpoint_phases import FREEZE, THAW, WRITTEN
 from adapm.consistency import ReadYourWrites
 from adapm.errors import ClosedError, ClusterError
 from adapm.keys import as_gradients, as_keys, as_values, pull_buffer
@@ -79,6 +81,7 @@ class Worker:
         self._misses = np.empty(1024, dtype=np.uint64)
         self._clock = 0
         self._barriers = 0
+        self._saves = 0
         self._sampler = Sampler(self)
         self._closed = False
         try:
@@ -99,6 +102,9 @@ class Worker:
             # there they are checked and counted, but not handed to the server.
             self._intents_matter = self.num_nodes > 1 and self.mode in config.INTENT_MODES
             self._connect_peers(welcome.addresses)
+            logging.getLogger("adapm.worker").debug(
+                "attached to node %d at %s (%d node(s), mode %s)", self.node, env.server,
+                self.num_nodes, self.mode)
         except BaseException:
             self._teardown()
             raise
@@ -455,13 +461,15 @@ class Worker:
                 self._requests.send(self.node, protocol.Wake())
         self._count("intents", keys.shape[0])
 
-    def prepare_sample(self, n, start, end=None, key_range=None):
-        """Draw `n` keys uniformly (with replacement) from the key range, or from
+    def prepare_sample(self, n, start, end=None, key_range=None, distribution=None):
+        """Draw `n` keys (with replacement) from the key range, or from
         `key_range=(lo, hi)`, to be used in clocks [start, end) (default start + 1); they
         are announced as an intent, so they are local by then. Returns a handle for
-        pull_sample. See adapm.sampling for the distribution."""
+        pull_sample. Uniform by default; `distribution`: one non-negative weight per key of
+        the range (normalised), or an adapm.sampling.Distribution built from them once.
+        See adapm.sampling for the distribution."""
         self._check_open()
-        return self._sampler.prepare(n, start, end, key_range)
+        return self._sampler.prepare(n, start, end, key_range, distribution)
 
     def pull_sample(self, handle, count=None):
         """The next `count` (default: all remaining) keys of a prepare_sample handle and
@@ -517,6 +525,85 @@ class Worker:
         self._consistency.drain()
         self._control(MsgType.WAIT_SYNC, MsgType.SYNCED)
         self._consistency.synced()
+
+    def save(self, path, optimizer=None):
+        """Write a checkpoint of every key's value (optimizer state included) into the
+        folder `path`; every worker of the cluster calls it, like barrier(), with the same
+        path, which must be a folder every machine sees. The snapshot is consistent: every
+        update acknowledged before any worker's save() is in it, none made after.
+        `optimizer`: an adapm.optim optimizer whose own state (Adam's step count) is saved
+        beside this worker's clock. An interrupted save leaves the previous checkpoint at
+        `path` whole. Returns the manifest (a dict) once the checkpoint is complete.
+        Restore with adapm.run(..., restore=path) or adapm-launch --restore PATH, on any
+        number of nodes and workers; read it with adapm.checkpoint.load(path)."""
+        self._check_open()
+        if optimizer is not None and not isinstance(optimizer, SparseOptimizer):
+            raise TypeError(f"optimizer must be an adapm.optim optimizer, got {optimizer!r}")
+        path = os.path.abspath(os.fspath(path))
+        self.barrier()     # every worker stopped updating ...
+        self.wait_sync()   # ... and every replica's updates reached the owners
+        self._saves += 1
+        data = checkpoint.data_dir_name(self._view.cluster_token, self._saves)
+        self._checkpoint_phase(FREEZE)
+        error = None
+        try:
+            self._write_checkpoint_part(path, data, optimizer)
+        except (OSError, checkpoint.CheckpointError) as exc:
+            error = exc  # the others are told through the missing part, not a hang
+        self._checkpoint_phase(WRITTEN)
+        if self.rank == 0 and error is None:
+            try:
+                self._commit_checkpoint(path, data)
+            except (OSError, checkpoint.CheckpointError) as exc:
+                error = exc
+        self._checkpoint_phase(THAW)
+        if error is not None:
+            raise checkpoint.CheckpointError(
+                f"node {self.node}, worker {self.rank}: saving to {path} failed: "
+                f"{error}") from error
+        return self._saved_manifest(path, data)
+
+    def _checkpoint_phase(self, phase):
+        self._consistency.drain()
+        self._control(MsgType.CHECKPOINT, MsgType.CHECKPOINTED, generation=self._saves,
+                      phase=phase)
+
+    def _write_checkpoint_part(self, path, data, optimizer):
+        os.makedirs(os.path.join(path, data), exist_ok=True)
+        if self.local_rank == 0:
+            lengths = None
+            if self.node == 0 and not self._view.uniform_length:
+                lengths = self._view.directory_array()["length"].astype(np.uint32)
+            progress = checkpoint.WriteProgress(f"node {self.node}", path)
+            stall = failpoints.active(self.node).get("stall_save")
+            if stall:  # tests: a node that stops in the middle of writing its part
+                progress = _stalled(progress, int(stall.split("@")[0]),
+                                    float(stall.split("@")[1]), self._saves)
+            checkpoint.write_node_part(path, data, self._view, self.node, lengths, progress)
+        checkpoint.write_worker_state(path, data, self.rank, self._clock, optimizer,
+                                      self._view.uniform_length)
+
+    def _commit_checkpoint(self, path, data):
+        uniform = self._view.uniform_length
+        checkpoint.commit(path, data, {
+            "num_keys": self.num_keys, "dtype": str(self.dtype),
+            "value_length": int(uniform) if uniform else None, "mode": self.mode,
+            "nodes": self.num_nodes, "workers_per_node": self.workers_per_node})
+
+    def _saved_manifest(self, path, data):
+        """The committed manifest, read by every worker: a save that worker 0 could not
+        commit (a node's part is missing) fails everywhere, with the reason."""
+        try:
+            manifest = checkpoint.read_manifest(path)
+        except checkpoint.CheckpointError as exc:
+            manifest, reason = None, str(exc)
+        if manifest is not None and manifest.get("data") == data:
+            return manifest
+        if manifest is not None:
+            reason = "worker 0 did not commit it"
+        raise checkpoint.CheckpointError(
+            f"node {self.node}, worker {self.rank}: the checkpoint at {path} was not "
+            f"written ({reason}; see worker 0's error); the previous one, if any, is kept")
 
     def stats(self):
         """Counts of keys for this worker, and in 'node' the same summed over its node plus
@@ -595,6 +682,15 @@ class Worker:
     @staticmethod
     def _connect_timeout():
         return config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
+
+
+def _stalled(progress, save, seconds, this_save):
+    """failpoint stall_save=SAVE@SECONDS: save number SAVE sleeps after its first chunk."""
+    def report(done, total, written):
+        if this_save == save:
+            time.sleep(seconds)
+        progress(done, total, written)
+    return report
 
 
 def _clock_value(name, value):
