@@ -300,7 +300,7 @@ class WriteProgress:
             return
         self.reported = now
         seconds = max(now - self.started, 1e-9)
-        log.info("%s: checkpoint %s: %d of %d keys written (%.0f%%, %.0f MB, %.0f MB/s)",
+        log.info("%s: checkpoint %s: %d of %d keys written (%.0f%%, %.1f MB, %.0f MB/s)",
                  self.who, self.path, done, total, 100.0 * done / max(total, 1),
                  written / 1e6, written / 1e6 / seconds)
 

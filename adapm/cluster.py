@@ -7,12 +7,14 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import sys
 import threading
 import time
-from multiprocessing.connection import wait
+import types
+from multiprocessing.connection import Connection, wait
 
 from adapm import config, logs
 from adapm.config import WorkerEnv
@@ -94,6 +96,31 @@ def worker_defaults(environ=None):
     """WORKER_DEFAULTS that `environ` (default: this process's) does not set."""
     environ = os.environ if environ is None else environ
     return {name: value for name, value in WORKER_DEFAULTS.items() if name not in environ}
+
+
+@contextlib.contextmanager
+def _main_module_skipped(proc):
+    """Start `proc` (spawned) without re-running the launching script in it. A spawned
+    child first runs its parent's __main__ module again, imports included (a training
+    script's `import torch`: seconds per process, before a node server can even start);
+    a node server needs none of it, unless its arguments refer to something defined there
+    (a callable init in the script), which their pickle names. Meanwhile, multiprocessing
+    sees an empty __main__ (it reads sys.modules['__main__'] to prepare the child)."""
+    # (a pipe's end is left out: pickling one outside of a start shares its descriptor)
+    args = [arg for arg in proc._args if not isinstance(arg, Connection)]
+    try:
+        refers_to_main = b"__main__" in pickle.dumps((proc._target, args, proc._kwargs))
+    except Exception:  # noqa: BLE001 - unpicklable: let start() report it as it would
+        refers_to_main = True
+    if refers_to_main:
+        yield
+        return
+    script = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = script
 
 
 class DistPortError(OSError):
@@ -213,7 +240,8 @@ class LocalCluster:
                                      self.log_level),
                                kwargs={"metrics_port": node_port(self.metrics_port,
                                                                  self.nodes.index(node))})
-        proc.start()
+        with _main_module_skipped(proc):
+            proc.start()
         send.close()
         self.servers[node] = proc
         return receive

@@ -136,8 +136,9 @@ def process_age():
 def started(logger, what, slow_level=logging.INFO):
     """Say how long this process took to start: at DEBUG, or at `slow_level` when it took
     SLOW_START seconds or more. A process started by multiprocessing's spawn method
-    (adapm.run's node servers and workers) first runs the module level of the launching
-    script (__main__), and with it what that imports (torch: seconds)."""
+    (adapm.run's workers; its node servers only when their init is defined there) first
+    runs the module level of the launching script (__main__), and with it what that
+    imports (torch: seconds)."""
     age = process_age()
     if age is None:
         return
@@ -145,7 +146,7 @@ def started(logger, what, slow_level=logging.INFO):
     script = getattr(sys.modules.get("__mp_main__"), "__file__", None)
     if script and age >= SLOW_START:
         logger.log(level, "%s started in %.1f s, most of it running the module level of %s "
-                   "(spawn does, in every process adapm.run starts: heavy imports there, "
+                   "(spawn does, in every worker adapm.run starts: heavy imports there, "
                    "torch for one, slow each down)", what, age, script)
     else:
         logger.log(level, "%s started in %.1f s", what, age)

@@ -359,3 +359,38 @@ def test_a_function_under_the_main_guard_or_typed_in_a_session_is_refused(tmp_pa
     assert "TypeError:" in out and 'if __name__ == "__main__":' in out, out
     out = _python(tmp_path, "-c", INTERACTIVE)
     assert "TypeError:" in out and "interactive session" in out, out
+
+
+SCRIPT_COUNTS_ITS_RUNS = """
+import os
+import sys
+
+import numpy as np
+
+import adapm
+
+open(os.path.join(sys.argv[1], str(os.getpid())), "w").close()  # a process ran this file
+
+def task(w):
+    return float(w.pull(np.arange(4)).sum())
+
+def fours(keys):
+    return np.full(keys.shape[0], 4.0)
+
+if __name__ == "__main__":
+    init = fours if sys.argv[2] == "script-init" else None
+    print("results", adapm.run(task, nodes=2, num_keys=4, init=init, summary=False))
+"""
+
+
+@pytest.mark.parametrize("init", ["none", "script-init"])
+def test_node_servers_do_not_run_the_script_unless_its_init_is_there(tmp_path, init):
+    """A spawned child runs its parent's script again (its imports: seconds with torch);
+    node servers skip it, unless they need a callable the script defines."""
+    (tmp_path / "counted.py").write_text(SCRIPT_COUNTS_ITS_RUNS)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    out = _python(tmp_path, "counted.py", str(runs), init)
+    assert ("results [0.0, 0.0]" if init == "none" else "results [16.0, 16.0]") in out
+    # the launching process, its 2 workers, and the 2 node servers only for the init
+    assert len(list(runs.iterdir())) == 1 + 2 + (2 if init == "script-init" else 0)
