@@ -44,6 +44,7 @@ FORMAT = "adapm-checkpoint"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 32 << 20  # values gathered and written per step (two such buffers in use)
 _DATA_DIR = re.compile(r"^v-[0-9a-f]{16}-\d{6,}$")
+_TEMPORARY = re.compile(r"^manifest\.json\.tmp\d+$")
 
 
 class CheckpointError(AdapmError, ValueError):
@@ -87,13 +88,14 @@ def write_node_part(path, data, view, node, lengths=None, progress=None):
     values_crc, values_bytes = _write_npy(
         os.path.join(folder, f"{stem}.values.npy"), view.dtype, shape,
         _owned_values(view, keys, node, progress))
-    if lengths is not None:
-        _write_npy(os.path.join(folder, "lengths.npy"), lengths.dtype, lengths.shape,
-                   _chunks_of(lengths))
     part = {"node": node, "num_keys": int(keys.shape[0]),
             "keys": f"{data}/{stem}.keys.npy", "values": f"{data}/{stem}.values.npy",
             "crc32": {"keys": keys_crc, "values": values_crc},
             "bytes": {"keys": keys_bytes, "values": values_bytes}}
+    if lengths is not None:  # described by this part, checked like its own files
+        crc, size = _write_npy(os.path.join(folder, "lengths.npy"), lengths.dtype,
+                               lengths.shape, _chunks_of(lengths))
+        part["lengths"] = {"file": f"{data}/lengths.npy", "crc32": crc, "bytes": size}
     write_json(os.path.join(folder, f"{stem}.json"), part)
     return part
 
@@ -131,7 +133,7 @@ def commit(path, data, info):
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "data": data, "num_keys": info["num_keys"], "dtype": info["dtype"],
         "value_length": value_length if isinstance(value_length, int) else None,
-        "lengths": None if isinstance(value_length, int) else f"{data}/lengths.npy",
+        "lengths": None if isinstance(value_length, int) else _lengths_entry(parts, path),
         "mode": info["mode"], "nodes": info["nodes"],
         "workers_per_node": info["workers_per_node"],
         "clocks": [state["clock"] for state in states],
@@ -145,23 +147,42 @@ def commit(path, data, info):
     return manifest
 
 
+def _lengths_entry(parts, path):
+    entry = next((part["lengths"] for part in parts if "lengths" in part), None)
+    if entry is None:
+        raise CheckpointError(f"checkpoint {path}: no node wrote the per-key lengths")
+    return entry
+
+
 def remove_stale(path, keep):
     """Remove the data folders of PATH that manifest.json does not name (earlier saves,
-    and saves that were interrupted)."""
+    and saves that were interrupted), and temporary files a cut-short write left."""
     for name in os.listdir(path):
         if name != keep and _DATA_DIR.match(name):
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        elif _TEMPORARY.match(name):
+            try:
+                os.unlink(os.path.join(path, name))
+            except OSError:
+                pass
 
 
 def write_json(filename, obj):
     """Write JSON atomically and durably: a temporary file, fsync, rename, fsync of the
     folder. A reader sees the old file or the new one, never a part of either."""
     tmp = f"{filename}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, filename)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     _fsync_dir(os.path.dirname(filename))
 
 
@@ -360,8 +381,13 @@ class Checkpoint:
         """An int when every key has the same length, else the per-key lengths."""
         if self.manifest["value_length"] is not None:
             return int(self.manifest["value_length"])
-        if self._lengths is None:
-            self._lengths = np.load(self._file(self.manifest["lengths"]), mmap_mode="r")
+        if self._lengths is None:  # small (4 bytes a key): checked whenever it is read
+            entry = self.manifest["lengths"]
+            if not isinstance(entry, dict) or "file" not in entry:
+                raise CheckpointError(f"{self.path}/{MANIFEST}: per-key lengths without "
+                                      "their file")
+            self._verify_file(entry["file"], entry["crc32"], entry["bytes"])
+            self._lengths = self._load(entry["file"])
         return self._lengths
 
     def _file(self, relative):
@@ -371,12 +397,17 @@ class Checkpoint:
         """Check every file's CRC-32 and size against the manifest (reads everything)."""
         for part in self.manifest["parts"]:
             for kind in ("keys", "values"):
-                filename = self._file(part[kind])
-                crc, size = _file_crc(filename)
-                if size != part["bytes"][kind] or crc != part["crc32"][kind]:
-                    raise CheckpointError(
-                        f"{filename}: corrupt (CRC-32 {crc:08x}, {size} bytes; the manifest "
-                        f"says {part['crc32'][kind]:08x}, {part['bytes'][kind]} bytes)")
+                self._verify_file(part[kind], part["crc32"][kind], part["bytes"][kind])
+        if self.manifest["lengths"] is not None:
+            self.value_length  # noqa: B018 - reading the lengths verifies them
+
+    def _verify_file(self, relative, expected_crc, expected_size):
+        filename = self._file(relative)
+        crc, size = _file_crc(filename)
+        if size != expected_size or crc != expected_crc:
+            raise CheckpointError(
+                f"{filename}: corrupt (CRC-32 {crc:08x}, {size} bytes; the manifest says "
+                f"{expected_crc:08x}, {expected_size} bytes)")
 
     def parts(self):
         """(node, keys, values) of every part, memory-mapped: values (n, L), or flat."""

@@ -1,9 +1,11 @@
 """Checkpoint phases, a part of the node server: the cluster holds still while its workers
 write a checkpoint (adapm.checkpoint; Worker.save drives the phases).
 
-A save goes through three cluster-wide barriers, each entered by every worker with a
+A save goes through four cluster-wide barriers, each entered by every worker with a
 CHECKPOINT message and left with CHECKPOINTED:
 
+- BEGIN: every worker is in save(), so no update is made any more; each then waits for a
+  sync round (wait_sync), after which every replica's updates are at the keys' owners.
 - FREEZE: the node starts no sync round any more (so no key changes owner and no replica
   is made or dropped) and enters the cluster barrier once the round in flight, if any,
   has completed. It keeps answering peers: a round another node started before it froze
@@ -12,15 +14,17 @@ CHECKPOINT message and left with CHECKPOINTED:
 - WRITTEN: every part is on disk; worker 0 commits the checkpoint.
 - THAW: the commit is done (or failed, which every worker then sees); rounds resume.
 
-The workers enter FREEZE after a barrier and a wait_sync, so every update acknowledged
-before the save is at its owner by then, and none is made until THAW."""
+So every update acknowledged before the save is at its owner by FREEZE, and none is made
+until THAW. The phases are barriers of their own, apart from the workers' barrier(): a
+worker in save() while another waits in barrier() is a mistake that the node (or the
+coordinator, across nodes) reports as a failure, never a hang."""
 
 from adapm import protocol
-from adapm.coordinator import FAIL_BARRIER
 from adapm.errors import ProtocolError
 
-FREEZE, WRITTEN, THAW = 1, 2, 3
-PHASES = (FREEZE, WRITTEN, THAW)
+BEGIN, FREEZE, WRITTEN, THAW = 1, 2, 3, 4
+PHASES = (BEGIN, FREEZE, WRITTEN, THAW)
+PHASE_NAMES = {BEGIN: "begin", FREEZE: "freeze", WRITTEN: "written", THAW: "thaw"}
 # Cluster barriers (NODE_BARRIER generations) of checkpoint phases lie above every
 # generation of the workers' own barriers, which count from 1.
 GENERATION_BASE = 1 << 48
@@ -28,28 +32,40 @@ MAX_SAVES = 1 << 40
 
 
 def barrier_generation(save, phase):
-    return GENERATION_BASE + save * 4 + phase
+    return GENERATION_BASE + save * 8 + phase
 
 
 def is_checkpoint_generation(generation):
     return generation >= GENERATION_BASE
 
 
+def describe_generation(generation):
+    """What a cluster barrier is: the workers' barrier() or a phase of their save()."""
+    if not is_checkpoint_generation(generation):
+        return f"barrier() number {generation}"
+    save, phase = divmod(generation - GENERATION_BASE, 8)
+    return f"save() number {save} (phase {PHASE_NAMES.get(phase, phase)})"
+
+
 class CheckpointPhases:
-    def __init__(self, ctx, outbox, rounds, local_workers, report_failure):
-        """rounds: its `frozen` flag and `in_flight`; local_workers: their identities and
-        who left; report_failure(code, detail): fail the cluster."""
+    def __init__(self, ctx, outbox, rounds, local_workers):
+        """rounds: its `frozen` flag and `in_flight`; local_workers: their identities,
+        who left, and `cannot_complete()` (fail the cluster: a worker left)."""
         self.ctx = ctx
         self.outbox = outbox
         self.rounds = rounds
         self.local_workers = local_workers
-        self.report_failure = report_failure
         self._arrived = {}       # (save, phase) -> {local worker: request id}
         self._to_quiesce = []    # saves whose FREEZE waits for the round in flight
 
     @property
     def waiting(self):
         return bool(self._arrived)
+
+    def waiting_workers(self):
+        """{local worker: what it waits in} for every worker in a phase here."""
+        return {local: describe_generation(barrier_generation(save, phase))
+                for (save, phase), arrived in self._arrived.items() for local in arrived}
 
     def on_checkpoint(self, identity, msg):
         if msg.phase not in PHASES:
@@ -60,7 +76,7 @@ class CheckpointPhases:
         arrived = self._arrived.setdefault(key, {})
         arrived[msg.src_worker - self.ctx.first_rank] = msg.request_id
         if self.local_workers.left:
-            self.report_failure(FAIL_BARRIER, self.ctx.first_rank + min(self.local_workers.left))
+            self.local_workers.cannot_complete()
         elif len(arrived) == self.ctx.workers:
             if msg.phase == FREEZE:
                 self.rounds.frozen = True
@@ -83,7 +99,7 @@ class CheckpointPhases:
 
     def on_release(self, generation):
         """Every node is through a phase: its local workers go on."""
-        save, phase = divmod(generation - GENERATION_BASE, 4)
+        save, phase = divmod(generation - GENERATION_BASE, 8)
         if phase == THAW:
             self.rounds.frozen = False
         identities = self.local_workers.identities

@@ -44,6 +44,7 @@ FAIL_BARRIER_NODE = 8   # a barrier can never complete: every worker of node `co
 FAIL_STOPPED = 9        # the launching process stops the cluster: worker `count` failed
 FAIL_INTERNAL = 10      # node `count` hit an internal error (its log has the traceback)
 FAIL_START = 11         # node `count` gave up: the cluster did not form in time
+FAIL_COLLECTIVES = 12   # workers wait in different barriers / saves: none can complete
 
 FAILURE_TEXT = {
     FAIL_BARRIER: "a barrier can never complete: worker {} has already finalized",
@@ -57,6 +58,8 @@ FAILURE_TEXT = {
     FAIL_STOPPED: "the cluster is being stopped because worker {} failed",
     FAIL_INTERNAL: "node {} hit an internal error (its log has the traceback)",
     FAIL_START: "node {} gave up waiting for the cluster to form",
+    FAIL_COLLECTIVES: "workers wait in different collective calls (barrier() and save() "
+                      "must be called by every worker in the same order), seen by node {}",
 }
 
 
@@ -68,8 +71,12 @@ def failure_text(code, detail, reason=""):
 
 
 class Coordinator:
-    def __init__(self, ctx, address, num_nodes, node_timeout, curve=None):
+    def __init__(self, ctx, address, num_nodes, node_timeout, curve=None,
+                 describe_barrier=str):
+        """describe_barrier(generation): what a cluster barrier is, for the failure
+        when nodes wait in different ones."""
         self.num_nodes = num_nodes
+        self.describe_barrier = describe_barrier
         self.node_timeout = node_timeout
         self.socket = listener(ctx, curve)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -204,6 +211,19 @@ class Coordinator:
             del self.barriers[msg.generation]
             for peer in range(self.num_nodes):
                 self._send(peer, protocol.NodeRelease(generation=msg.generation))
+        else:
+            self._check_split()
+
+    def _check_split(self):
+        """Every node waits in a barrier, but not all in the same one: a node waits in
+        one barrier at a time, so none of them can ever complete."""
+        waiting = {node: generation for generation, arrived in self.barriers.items()
+                   for node in arrived}
+        if len(self.barriers) > 1 and len(waiting) == self.num_nodes:
+            where = "; ".join(f"node {node} in {self.describe_barrier(generation)}"
+                              for node, generation in sorted(waiting.items()))
+            self.fail(FAIL_COLLECTIVES, 0, f"the nodes' workers wait in different "
+                                           f"collective calls: {where}")
 
     def _on_heartbeat(self, node, msg):
         pass  # last_seen is updated for every message

@@ -2,8 +2,10 @@
 barriers they wait in, their goodbyes, and whether they are still alive."""
 
 from adapm import protocol
+from adapm.checkpoint_phases import GENERATION_BASE, describe_generation
 from adapm.config import MODES
 from adapm.coordinator import FAIL_BARRIER, FAIL_WORKER_DIED
+from adapm.errors import ProtocolError
 from adapm.table import WORKER_SLOT
 
 
@@ -41,16 +43,23 @@ class LocalWorkers:
 
     def on_barrier(self, identity, msg):
         generation = msg.generation
+        if not 1 <= generation < GENERATION_BASE:  # above: the checkpoint phases' own
+            raise ProtocolError(f"barrier generation {generation}")
         arrived = self._barrier.setdefault(generation, {})
         arrived[msg.src_worker - self.ctx.first_rank] = msg.request_id
         if self.left:
-            self._cannot_complete()
+            self.cannot_complete()
         elif len(arrived) == self.ctx.workers:
             self.outbox.to_coordinator(protocol.NodeBarrier(generation=generation))
 
-    def _cannot_complete(self):
+    def cannot_complete(self):
         """A worker that finalized can never arrive: fail instead of hanging."""
         self.report_failure(FAIL_BARRIER, self.ctx.first_rank + min(self.left))
+
+    def waiting_workers(self):
+        """{local worker: what it waits in} for every worker in a barrier here."""
+        return {local: describe_generation(generation)
+                for generation, arrived in self._barrier.items() for local in arrived}
 
     def release_now(self, generation):
         for local, request_id in self._barrier.pop(generation, {}).items():
@@ -61,7 +70,7 @@ class LocalWorkers:
         """Returns True once every worker of the node said goodbye (the first time)."""
         self.left.add(msg.src_worker - self.ctx.first_rank)
         if self._barrier:  # others of this node wait for a barrier it will never join
-            self._cannot_complete()
+            self.cannot_complete()
         if len(self.left) == self.ctx.workers and not self._done_sent:
             self._done_sent = True
             self.outbox.to_coordinator(protocol.NodeDone())

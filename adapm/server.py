@@ -25,8 +25,13 @@ import numpy as np
 import zmq
 
 from adapm import checkpoint, config, failpoints, metrics, protocol
-from adapm.checkpoint_phases import CheckpointPhases, is_checkpoint_generation
+from adapm.checkpoint_phases import (
+    CheckpointPhases,
+    describe_generation,
+    is_checkpoint_generation,
+)
 from adapm.coordinator import (
+    FAIL_COLLECTIVES,
     FAIL_COORDINATOR,
     FAIL_INTERNAL,
     FAIL_REJECTED,
@@ -176,7 +181,7 @@ class NodeServer:
         if self.node == 0:
             self.coordinator = Coordinator(self.zmq_ctx, self.coordinator_address,
                                            self.spec.num_nodes, self.node_timeout,
-                                           self.spec.curve)
+                                           self.spec.curve, describe_generation)
             self.coordinator_address = self.coordinator.address
         self.outbox.coordinator = self._dealer(self.coordinator_address)
         self.outbox.to_coordinator(protocol.Join(fingerprint=self.spec.fingerprint(),
@@ -202,8 +207,7 @@ class NodeServer:
         self.relocation = Relocation(ctx, outbox, routes, self.replicas, holders,
                                      self.rounds, self.start_timeout)
         self.serving = DataServing(ctx, outbox, routes, self.replicas, self.rounds)
-        self.checkpoints = CheckpointPhases(ctx, outbox, self.rounds, self.local_workers,
-                                            self._report_failure)
+        self.checkpoints = CheckpointPhases(ctx, outbox, self.rounds, self.local_workers)
         self.rounds.relocation = self.relocation
         self.rounds.resume_set = self.serving.on_set
         self._handlers = self._dispatch_table()
@@ -213,9 +217,9 @@ class NodeServer:
         workers = self.local_workers
         return {
             MsgType.HELLO: self._on_hello,
-            MsgType.BARRIER: workers.on_barrier,
-            MsgType.CHECKPOINT: self.checkpoints.on_checkpoint,
-            MsgType.GOODBYE: workers.on_goodbye,
+            MsgType.BARRIER: self._collective(workers.on_barrier),
+            MsgType.CHECKPOINT: self._collective(self.checkpoints.on_checkpoint),
+            MsgType.GOODBYE: self._on_goodbye,
             MsgType.WAIT_SYNC: lambda identity, msg: rounds.wait_for_round(
                 identity, msg.request_id),
             MsgType.REFRESH: self._on_refresh,
@@ -531,6 +535,26 @@ class NodeServer:
             self.checkpoints.on_release(generation)
         else:
             self.rounds.release_after_round(generation)
+
+    def _collective(self, handler):
+        """barrier() and save()'s phases: once every local worker waits in one, they
+        must all wait in the same; else none can complete (a script's mistake), and
+        the cluster fails saying who waits where, instead of hanging."""
+        def handle(identity, msg):
+            handler(identity, msg)
+            waiting = {**self.local_workers.waiting_workers(),
+                       **self.checkpoints.waiting_workers()}
+            if len(waiting) == self.workers and len(set(waiting.values())) > 1:
+                where = "; ".join(f"worker {self.first_rank + local} in {what}"
+                                  for local, what in sorted(waiting.items()))
+                self._report_failure(FAIL_COLLECTIVES, self.node,
+                                     f"node {self.node}: {where}")
+        return handle
+
+    def _on_goodbye(self, identity, msg):
+        self.local_workers.on_goodbye(identity, msg)
+        if self.checkpoints.waiting:  # others wait in a save it will never finish
+            self.local_workers.cannot_complete()
 
     def _on_hello(self, identity, msg):
         self.local_workers.on_hello(identity, msg)

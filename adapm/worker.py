@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from adapm import checkpoint, config, failpoints, protocol
-from adapm.checkpoint_phases import FREEZE, THAW, WRITTEN
+from adapm.checkpoint_phases import BEGIN, FREEZE, THAW, WRITTEN
 from adapm.consistency import ReadYourWrites
 from adapm.errors import ClosedError, ClusterError
 from adapm.keys import as_gradients, as_keys, as_values, pull_buffer
@@ -537,31 +537,35 @@ class Worker:
         Restore with adapm.run(..., restore=path) or adapm-launch --restore PATH, on any
         number of nodes and workers; read it with adapm.checkpoint.load(path)."""
         self._check_open()
-        if optimizer is not None and not isinstance(optimizer, SparseOptimizer):
-            raise TypeError(f"optimizer must be an adapm.optim optimizer, got {optimizer!r}")
+        self._check_save_optimizer(optimizer)
         path = os.path.abspath(os.fspath(path))
-        self.barrier()     # every worker stopped updating ...
-        self.wait_sync()   # ... and every replica's updates reached the owners
         self._saves += 1
         data = checkpoint.data_dir_name(self._view.cluster_token, self._saves)
+        self._checkpoint_phase(BEGIN)   # every worker stopped updating ...
+        self.wait_sync()                # ... and every replica's updates reached the owners
         self._checkpoint_phase(FREEZE)
-        error = None
-        try:
-            self._write_checkpoint_part(path, data, optimizer)
-        except (OSError, checkpoint.CheckpointError) as exc:
-            error = exc  # the others are told through the missing part, not a hang
+        # From here on, every worker goes through every phase whatever fails: the others
+        # learn of a failure from the missing part, and the cluster always thaws.
+        error = _failure_of(self._write_checkpoint_part, path, data, optimizer)
         self._checkpoint_phase(WRITTEN)
         if self.rank == 0 and error is None:
-            try:
-                self._commit_checkpoint(path, data)
-            except (OSError, checkpoint.CheckpointError) as exc:
-                error = exc
+            error = _failure_of(self._commit_checkpoint, path, data)
         self._checkpoint_phase(THAW)
         if error is not None:
             raise checkpoint.CheckpointError(
                 f"node {self.node}, worker {self.rank}: saving to {path} failed: "
                 f"{error}") from error
         return self._saved_manifest(path, data)
+
+    def _check_save_optimizer(self, optimizer):
+        if optimizer is None:
+            return
+        if not isinstance(optimizer, SparseOptimizer):
+            raise TypeError(f"optimizer must be an adapm.optim optimizer, got {optimizer!r}")
+        if not self._view.uniform_length:
+            raise ValueError("save(optimizer=...) needs a table with one value_length for "
+                             "every key (the optimizer's layout)")
+        optimizer.dim_of(self._view.uniform_length)  # ValueError when it does not fit
 
     def _checkpoint_phase(self, phase):
         self._consistency.drain()
@@ -682,6 +686,15 @@ class Worker:
     @staticmethod
     def _connect_timeout():
         return config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
+
+
+def _failure_of(step, *args):
+    """The exception `step(*args)` raised (any Exception), or None."""
+    try:
+        step(*args)
+    except Exception as exc:  # noqa: BLE001 - the save reports it once every phase is done
+        return exc
+    return None
 
 
 def _stalled(progress, save, seconds, this_save):
