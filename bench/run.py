@@ -3,6 +3,7 @@ B7 (bench_scale.py) needs a core per process and is run on its own; B9 (bench_cp
 prints absolute figures here, and compares with `--baseline CHECKOUT` when run alone."""
 import sys
 
+import bench_checkpoint
 import bench_cpu
 import bench_ctr
 import bench_input
@@ -24,3 +25,4 @@ if __name__ == "__main__":
     bench_cpu.main([])
     bench_input.main(full)
     bench_ctr.main([])
+    bench_checkpoint.main([])
