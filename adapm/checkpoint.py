@@ -43,6 +43,7 @@ PROGRESS_EVERY = 5.0    # seconds between progress lines of a long write
 FORMAT = "adapm-checkpoint"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 32 << 20  # values gathered and written per step (two such buffers in use)
+WRITEBACK_BYTES = 1 << 20  # chunks at least this large are handed to the disk at once
 _DATA_DIR = re.compile(r"^v-[0-9a-f]{16}-\d{6,}$")
 _TEMPORARY = re.compile(r"^manifest\.json\.tmp\d+$")
 
@@ -113,11 +114,13 @@ def write_worker_state(path, data, rank, clock, optimizer=None, value_length=Non
     write_json(os.path.join(path, data, worker_file(rank)), state)
 
 
-def commit(path, data, info):
+def commit(path, data, info, remove=None):
     """Make PATH/data the checkpoint: check that every node's part and every worker's
     state is there and adds up, replace manifest.json atomically, then remove the folders
-    of earlier (or interrupted) saves. `info`: num_keys, dtype, value_length, mode,
-    nodes, workers_per_node. Returns the manifest."""
+    of earlier (or interrupted) saves: now, or by `remove(path, data)` (Worker.save does
+    it in a thread: deleting the files of the last checkpoint takes a while, and the new
+    one is complete without it). `info`: num_keys, dtype, value_length, mode, nodes,
+    workers_per_node. Returns the manifest."""
     folder = os.path.join(path, data)
     parts = [_read_part(folder, node) for node in range(info["nodes"])]
     workers = info["nodes"] * info["workers_per_node"]
@@ -143,7 +146,7 @@ def commit(path, data, info):
         "parts": parts,
     }
     write_json(os.path.join(path, MANIFEST), manifest)
-    remove_stale(path, keep=data)
+    (remove or remove_stale)(path, data)
     return manifest
 
 
@@ -278,6 +281,11 @@ class _ChunkWriter:
             while view.nbytes:  # a raw write may write less than asked
                 written = self.file.write(view)
                 view = view[written:]
+            if data.nbytes >= WRITEBACK_BYTES:
+                # Start writing this chunk to the disk now (asynchronously), not all at
+                # the final fsync: the disk works while the next chunk is prepared.
+                os.posix_fadvise(self.file.fileno(), self.size, data.nbytes,
+                                 os.POSIX_FADV_DONTNEED)
             self.size += data.nbytes
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.error = exc

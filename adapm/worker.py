@@ -17,6 +17,7 @@ The client is three parts, each with one concern:
 
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -82,6 +83,7 @@ class Worker:
         self._clock = 0
         self._barriers = 0
         self._saves = 0
+        self._cleanup = None   # the thread removing an earlier checkpoint's files
         self._sampler = Sampler(self)
         self._closed = False
         try:
@@ -539,18 +541,27 @@ class Worker:
         self._check_open()
         self._check_save_optimizer(optimizer)
         path = os.path.abspath(os.fspath(path))
+        self._wait_for_cleanup()
         self._saves += 1
         data = checkpoint.data_dir_name(self._view.cluster_token, self._saves)
+        timer = _StepTimer()
         self._checkpoint_phase(BEGIN)   # every worker stopped updating ...
         self.wait_sync()                # ... and every replica's updates reached the owners
         self._checkpoint_phase(FREEZE)
+        timer.lap("begin, sync and freeze")
         # From here on, every worker goes through every phase whatever fails: the others
         # learn of a failure from the missing part, and the cluster always thaws.
         error = _failure_of(self._write_checkpoint_part, path, data, optimizer)
+        timer.lap("writing")
         self._checkpoint_phase(WRITTEN)
+        timer.lap("waiting for the other nodes")
         if self.rank == 0 and error is None:
             error = _failure_of(self._commit_checkpoint, path, data)
+            timer.lap("commit")
         self._checkpoint_phase(THAW)
+        timer.lap("thaw")
+        logging.getLogger("adapm.checkpoint").debug("save %d to %s: %s", self._saves, path,
+                                                    timer)
         if error is not None:
             raise checkpoint.CheckpointError(
                 f"node {self.node}, worker {self.rank}: saving to {path} failed: "
@@ -592,7 +603,20 @@ class Worker:
         checkpoint.commit(path, data, {
             "num_keys": self.num_keys, "dtype": str(self.dtype),
             "value_length": int(uniform) if uniform else None, "mode": self.mode,
-            "nodes": self.num_nodes, "workers_per_node": self.workers_per_node})
+            "nodes": self.num_nodes, "workers_per_node": self.workers_per_node},
+            remove=self._remove_stale_soon)
+
+    def _remove_stale_soon(self, path, data):
+        """The files of earlier saves go in a thread; the next save or finalize() waits
+        for it (a process that ends first leaves them to the next save to remove)."""
+        self._cleanup = threading.Thread(target=checkpoint.remove_stale, args=(path, data),
+                                         name="adapm-checkpoint-cleanup", daemon=True)
+        self._cleanup.start()
+
+    def _wait_for_cleanup(self):
+        if self._cleanup is not None:
+            self._cleanup.join()
+            self._cleanup = None
 
     def _saved_manifest(self, path, data):
         """The committed manifest, read by every worker: a save that worker 0 could not
@@ -629,6 +653,7 @@ class Worker:
         if self._closed:
             return
         linger = 0  # on failure: the cluster is gone, nothing to wait for or to tell
+        self._wait_for_cleanup()
         try:
             self._requests.wait_all()
             self._requests.send(self.node, protocol.Goodbye())
@@ -686,6 +711,22 @@ class Worker:
     @staticmethod
     def _connect_timeout():
         return config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
+
+
+class _StepTimer:
+    """Seconds per named step, for a log line."""
+
+    def __init__(self):
+        self.steps = []
+        self.since = time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.steps.append((name, now - self.since))
+        self.since = now
+
+    def __str__(self):
+        return ", ".join(f"{name} {seconds:.3f} s" for name, seconds in self.steps)
 
 
 def _failure_of(step, *args):
