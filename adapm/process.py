@@ -50,6 +50,17 @@ def parent_of(pid):
         return None
 
 
+def sibling_named(name):
+    """The pid of the live process `name` (set_process_name) that shares this process's
+    parent: under adapm.run, a worker finds its cluster's node servers and other workers
+    so, and never another cluster's (tests that stall or kill one)."""
+    parent = os.getppid()
+    for pid, found in adapm_processes():
+        if found == name and parent_of(pid) == parent:
+            return pid
+    raise LookupError(f"no process {name} beside process {os.getpid()}")
+
+
 def descends_from(pid, ancestor):
     """Whether `ancestor` started `pid`, directly or through other processes (that are
     still alive: a process whose parent died was re-parented and descends from it no more)."""

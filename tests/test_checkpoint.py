@@ -18,6 +18,7 @@ from adapm import checkpoint
 from adapm.checkpoint import CheckpointError
 from adapm.errors import AdapmError
 from adapm.optim import Adagrad, Adam
+from adapm.process import sibling_named
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -152,20 +153,6 @@ def _set_save_set_save(w, path, watch):
     return "saved"
 
 
-def _sibling(name):
-    """This cluster's process `name` (adapm.run starts servers and workers alike)."""
-    parent = os.getppid()
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if stat[stat.index("(") + 1:stat.rindex(")")] == name and ppid == parent:
-            return int(entry)
-    raise LookupError(name)
-
 
 def _kill_node_1_mid_write(path):
     deadline = time.monotonic() + 60
@@ -174,7 +161,7 @@ def _kill_node_1_mid_write(path):
             return
         time.sleep(0.01)
     for name in ("adapm-node1", "adapm-w1"):  # the whole node: server and worker
-        os.kill(_sibling(name), signal.SIGKILL)
+        os.kill(sibling_named(name), signal.SIGKILL)
 
 
 def test_a_node_killed_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -296,7 +283,7 @@ def _stall_repeatedly(stop, victim):
 def _count_pushes_with_a_stalling_node(w, path):
     stop = threading.Event()
     if w.rank == 0:
-        threading.Thread(target=_stall_repeatedly, args=(stop, _sibling("adapm-node1")),
+        threading.Thread(target=_stall_repeatedly, args=(stop, sibling_named("adapm-node1")),
                          daemon=True).start()
     try:
         return _count_pushes(w, path, 2)

@@ -10,6 +10,7 @@ import pytest
 
 import adapm
 from adapm.config import MODES, RELOCATING_MODES
+from adapm.process import sibling_named
 from adapm.table import REPLICA
 
 pytestmark = pytest.mark.timeout(150)
@@ -18,22 +19,8 @@ FOREVER = 10**9  # an intent window that never ends within a test
 
 
 def server_pid(node):
-    """The pid of this cluster's node server `node`: a sibling of the calling worker
-    (adapm.run starts node servers and workers from the same process)."""
-    parent = os.getppid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if comm == f"adapm-node{node}" and ppid == parent:
-            return int(entry)
-    raise LookupError(f"no node server {node} beside worker process {os.getpid()}")
+    """The pid of this cluster's node server `node` (a sibling of the calling worker)."""
+    return sibling_named(f"adapm-node{node}")
 
 
 def wait_for(condition, timeout=20.0, what="condition"):

@@ -25,26 +25,13 @@ from adapm.config import ClusterSpec
 from adapm.coordinator import FAIL_REJECTED
 from adapm.errors import AdapmError, ClosedError
 from adapm.optim import Adagrad
+from adapm.process import sibling_named
 from adapm.protocol import Message, MsgType, worker_identity
 
 pytestmark = pytest.mark.timeout(120)
 
 NUM_KEYS = 300
 
-
-def _sibling(name):
-    """This cluster's process `name` (a sibling of the calling worker under adapm.run)."""
-    parent = os.getppid()
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if stat[stat.index("(") + 1:stat.rindex(")")] == name and ppid == parent:
-            return int(entry)
-    raise LookupError(name)
 
 
 def _data_dirs(path):
@@ -481,12 +468,12 @@ def _when_node_1_writes(path):
 
 def _stop_node_1_server(path):
     if _when_node_1_writes(path):
-        os.kill(_sibling("adapm-node1"), signal.SIGSTOP)  # for good: teardown SIGKILLs it
+        os.kill(sibling_named("adapm-node1"), signal.SIGSTOP)  # for good: teardown SIGKILLs it
 
 
 def _kill_node_1_writer(path):
     if _when_node_1_writes(path):
-        os.kill(_sibling("adapm-w1"), signal.SIGKILL)  # the worker only; its server lives
+        os.kill(sibling_named("adapm-w1"), signal.SIGKILL)  # the worker only; its server lives
 
 
 @pytest.mark.parametrize("strike", [_stop_node_1_server, _kill_node_1_writer],
