@@ -173,6 +173,14 @@ class AccessCounter:
                 "node_bytes_sent": self.node_bytes_sent}
 
 
+def end_epoch(w, accesses):
+    """An epoch's end in the apps: the replicas' updates exchanged, this worker's span of
+    counted accesses closed (before the evaluation's), and every worker through it."""
+    w.wait_sync()
+    accesses.end(w)
+    w.barrier()
+
+
 def throughput_summary(results):
     """What every app reports, over the workers' results (each with points, seconds,
     node and accesses from an AccessCounter): data points/s of the whole cluster (every

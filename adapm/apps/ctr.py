@@ -36,6 +36,7 @@ from adapm.apps.common import (
     AccessCounter,
     Progress,
     app_options,
+    end_epoch,
     launched,
     reports,
     save_worker_result,
@@ -279,9 +280,7 @@ def train(w, opts):
             progress.update(len(labels), prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         seconds += elapsed
-        w.wait_sync()
-        accesses.end(w)
-        w.barrier()
+        end_epoch(w, accesses)
         if w.rank == 0:
             score, loss_value = evaluate(predict, test)
             text = (f"epoch {epoch + 1}/{opts['epochs']}: {len(mine) / elapsed:,.0f} "

@@ -40,6 +40,7 @@ from adapm.apps.common import (
     AccessCounter,
     Progress,
     app_options,
+    end_epoch,
     launched,
     reports,
     save_worker_result,
@@ -406,9 +407,7 @@ def train(w, opts):
             progress.update(len(b), prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         seconds += elapsed
-        w.wait_sync()
-        accesses.end(w)
-        w.barrier()
+        end_epoch(w, accesses)
         if w.rank == 0:
             valid = accuracy(predict, graph, graph.valid, fanouts)
             text = (f"epoch {epoch + 1}/{opts['epochs']}: "

@@ -37,6 +37,7 @@ from adapm.apps.common import (
     AccessCounter,
     Progress,
     app_options,
+    end_epoch,
     reports,
     save_worker_result,
     start_cluster,
@@ -395,9 +396,7 @@ def train(w, opts):
             progress.update(triples.shape[0], prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         seconds += elapsed
-        w.wait_sync()
-        accesses.end(w)
-        w.barrier()
+        end_epoch(w, accesses)
         if w.rank == 0:
             text = (f"epoch {epoch + 1}/{opts['epochs']}: "
                     f"{mine.shape[0] / max(elapsed, 1e-9):,.0f} data points (triples)/s per "

@@ -35,6 +35,7 @@ from adapm.apps.common import (
     AccessCounter,
     Progress,
     app_options,
+    end_epoch,
     launched,
     reports,
     save_worker_result,
@@ -217,9 +218,7 @@ def train(w, opts):
             progress.update(len(idx), prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         seconds += elapsed
-        w.wait_sync()
-        accesses.end(w)
-        w.barrier()
+        end_epoch(w, accesses)
         if w.rank == 0:
             text = (f"epoch {epoch + 1}/{opts['epochs']}: {len(y) / elapsed:,.0f} data "
                     f"points/s per worker, test RMSE {rmse(w, rows, rank, test):.4f}")
