@@ -231,16 +231,16 @@ class NodeCollector:
         server, node = self.server, self.node
         rounds, replicas = server.rounds, server.replicas
         waiters = rounds.waiters
-        barrier = sum(len(arrived) for arrived in
-                      list(getattr(server.local_workers, "_barrier", {}).values()))
         waiting = GaugeMetricFamily(
             "adapm_requests_waiting", "Requests of this node's workers that the node server "
-            "holds unanswered: wait_sync and refresh (for a sync round), barrier (for the "
-            "other workers and nodes), set (for the sync round in flight), localize (for "
+            "holds unanswered: wait_sync and refresh (for a sync round), barrier and save (for "
+            "the other workers and nodes), set (for the sync round in flight), localize (for "
             "its keys to arrive)", labels=["node", "kind"])
         for kind, count in (("wait_sync", len(waiters.sync)), ("refresh", len(waiters.refresh)),
-                            ("barrier", barrier), ("set", len(rounds.deferred_sets)),
-                            ("localize", len(getattr(server.relocation, "_localizing", ())))):
+                            ("barrier", len(server.local_workers.waiting_workers())),
+                            ("save", len(server.checkpoints.waiting_workers())),
+                            ("set", len(rounds.deferred_sets)),
+                            ("localize", server.relocation.localizing())):
             waiting.add_metric([node, kind], count)
         intents = GaugeMetricFamily(
             "adapm_intents_queued", "Intents of this node's workers that the node server "

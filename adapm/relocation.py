@@ -61,6 +61,10 @@ class Relocation:
         request = protocol.MoveRequest(request_id=self._next_op, target=self.ctx.node)
         self.routes.forward_move_request(request, wanted)
 
+    def localizing(self):
+        """How many localize requests of this node's workers wait for their keys."""
+        return len(self._localizing)
+
     def expire(self, now):
         """A relocation that never completes (its request could not be routed) fails the
         worker's localize instead of leaving it waiting while the cluster lives."""

@@ -259,7 +259,7 @@ def test_run_serves_metrics_that_follow_the_workers_and_prints_the_summary(capfd
         value(end0, "adapm_rounds_done_total", node=0)
     assert value(end0, "adapm_round_duration_seconds_bucket", node=0, le="+Inf") == \
         value(end0, "adapm_round_duration_seconds_count", node=0)
-    for kind in ("wait_sync", "refresh", "barrier", "set", "localize"):
+    for kind in ("wait_sync", "refresh", "barrier", "save", "set", "localize"):
         assert value(end0, "adapm_requests_waiting", node=0, kind=kind) == 0
     assert value(end0, "adapm_intents_queued", node=0) == 0
 
