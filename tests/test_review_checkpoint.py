@@ -192,9 +192,9 @@ def _ragged_checkpoint(make_table, path):
 
 
 def test_corrupt_per_key_lengths_are_detected(make_table, tmp_path):
-    """lengths.npy says how the flat values split into keys, yet no CRC covers it (the
-    manifest has none for it; Checkpoint.verify skips it): a changed length that keeps
-    the total loads, and restores, other values silently."""
+    """lengths.npy says how the flat values split into keys: its CRC is in the manifest
+    and checked whenever it is read (before the fix none covered it, and a changed
+    length that keeps the total loaded other values silently)."""
     folder = _ragged_checkpoint(make_table, tmp_path)
     np.save(folder / "lengths.npy", np.array([2, 1, 3, 1, 2, 3], dtype=np.uint32))
     with pytest.raises(CheckpointError, match="lengths"):
@@ -203,10 +203,8 @@ def test_corrupt_per_key_lengths_are_detected(make_table, tmp_path):
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_a_damaged_lengths_file_is_a_checkpoint_error_naming_it(make_table, tmp_path, how):
-    """Checkpoint.value_length opens lengths.npy with np.load directly: a truncated file
-    is a bare ValueError ('mmap length is greater than file size', no file named) and a
-    missing one a FileNotFoundError, where adapm.run/adapm-launch --restore (table_shape)
-    promise a CheckpointError."""
+    """A truncated or missing lengths.npy is a CheckpointError naming it (before the fix:
+    a bare ValueError or FileNotFoundError from np.load)."""
     folder = _ragged_checkpoint(make_table, tmp_path)
     if how == "truncated":
         raw = (folder / "lengths.npy").read_bytes()
@@ -215,6 +213,29 @@ def test_a_damaged_lengths_file_is_a_checkpoint_error_naming_it(make_table, tmp_
         (folder / "lengths.npy").unlink()
     with pytest.raises(CheckpointError, match="lengths.npy"):
         checkpoint.table_shape(str(tmp_path), None, None, None, None)
+
+
+def _ragged_save(w, path):
+    keys = np.arange(w.rank, w.num_keys, w.num_workers)
+    w.set(keys, np.repeat(keys.astype(np.float32), 1 + keys % 3))
+    w.save(path)
+
+
+def _pull_everything(w):
+    return w.pull(np.arange(w.num_keys))
+
+
+def test_a_restore_refuses_changed_per_key_lengths(tmp_path):
+    """Through real clusters: lengths rewritten with the same total (values would shift
+    from key to key) stop the restore with an error naming the file."""
+    path = str(tmp_path / "ragged")
+    adapm.run(_ragged_save, args=(path,), nodes=2, num_keys=30,
+              value_length=1 + np.arange(30) % 3)
+    [lengths_file] = glob.glob(os.path.join(path, "v-*", "lengths.npy"))
+    lengths = np.load(lengths_file)
+    np.save(lengths_file, np.roll(lengths, 1))  # same total, other split
+    with pytest.raises(CheckpointError, match="lengths.npy: corrupt"):
+        adapm.run(_pull_everything, nodes=3, restore=path)
 
 
 # -- claim 6: workers that disagree must get errors, never a hang -------------------------
