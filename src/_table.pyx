@@ -16,7 +16,7 @@ the call fail instead of hanging.
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.math cimport sqrt
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.stat cimport fstat, struct_stat
 
@@ -1157,7 +1157,8 @@ cdef class TableView:
         return r
 
     def replica_deltas(self, cnp.ndarray keys, cnp.ndarray synced, cnp.ndarray out):
-        """For each replica key: out = value - synced, then synced = value, under the
+        """For each replica key: out = value - synced, then synced = value = synced +
+        out (the owner's sum, which may differ from the value by a rounding), under the
         key's lock (so no update slips between the two). `synced`: element offsets of the
         keys' "value at last sync" slots. Keys that are not REPLICA give zeros."""
         self._check_open()
@@ -1279,19 +1280,29 @@ cdef object _deltas(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray s
     cdef adapm_entry_t* e
     cdef real* v
     cdef real* sv
+    cdef real d
+    cdef bint rounded
     with nogil:
         while _lock_next(&b):
             e = b.entry
             length = e.length
+            rounded = False
             if e.state == ADAPM_REPLICA:
                 v = arena + e.offset
                 sv = arena + so[b.i]
                 for j in range(length):
-                    out[pos + j] = v[j] - sv[j]
-                    sv[j] = v[j]
+                    # The owner will hold s + (r - s), which in floating point need not
+                    # be r: the copy takes exactly the owner's sum, so that an answer
+                    # "current" leaves it bit for bit equal to the owner's value.
+                    d = v[j] - sv[j]
+                    out[pos + j] = d
+                    sv[j] = sv[j] + d
+                    if memcmp(v + j, sv + j, sizeof(real)) != 0:  # bitwise (-0.0, NaN)
+                        v[j] = sv[j]
+                        rounded = True
             else:
                 memset(out + pos, 0, length * sizeof(real))
-            _unlock_held(&b, False)  # the value itself did not change
+            _unlock_held(&b, rounded)  # optimistic readers retry if a value was rounded
             pos += length
     _check_batch(b)
 

@@ -383,6 +383,35 @@ def test_a_set_overwrites_a_replica_and_its_value_at_last_sync(make_table):
 
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_replica_takes_the_owners_sum_when_its_delta_is_taken(make_table, dtype):
+    """replica_deltas: delta = r - s goes out, and the copy and its value at last sync
+    both become s + delta, exactly what the owner computes from s: r itself may differ
+    from it by a rounding, and would then differ from the owner's value after a reply
+    "current" (issue 17, point 4)."""
+    from adapm.table import REPLICA
+    table = make_table(num_keys=64, value_length=2, dtype=dtype, values=np.zeros(128))
+    view = table.view
+    keys = np.array([1, 2], dtype=np.uint64)
+    offsets = np.empty(2, np.uint64)
+    view.release(keys, OWNED, offsets, np.zeros(2, np.uint8))
+    replica = np.array([0.3, 0.7, 1e8, -0.1], dtype=dtype)
+    view.admit(keys, replica, offsets, REPLICA, 0, np.zeros(2, np.uint8))
+    synced_values = np.array([1e8, 0.2, 3.3, -0.0], dtype=dtype)  # key 1: r - s rounds
+    view.arena_array()[100:104] = synced_values
+    synced = np.array([100, 102], dtype=np.uint64)
+    deltas = np.empty(4, dtype=dtype)
+    view.replica_deltas(keys, synced, deltas)
+    owners = synced_values + deltas  # the owner adds the delta to the value s it sent
+    assert deltas.tobytes() == (replica - synced_values).tobytes()
+    assert view.arena_array()[100:104].tobytes() == owners.tobytes()
+    out, _ = kernel_pull(view, [1, 2])
+    assert out.tobytes() == owners.tobytes()
+    assert not np.array_equal(owners, replica)  # the case the kernel exists for
+    view.replica_deltas(keys, synced, deltas)
+    assert not deltas.any()  # nothing new: no delta, and a clean copy (release_clean)
+
+
 def _replicas(view, keys, synced, delta):
     """Make `keys` (OWNED, values as installed) REPLICAs at their own slots, each with a
     value at last sync (in the slots `synced`) of value - delta."""
