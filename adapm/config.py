@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from adapm.cluster_secret import ENV_CLUSTER_SECRET, ClusterSecret  # noqa: F401
 from adapm.initializers import parse_init
 from adapm.table import ENV_CLUSTER_TAG, cluster_tag, normalise_lengths  # noqa: F401
 
@@ -45,6 +46,8 @@ ENV_NODE_TIMEOUT = "ADAPM_NODE_TIMEOUT"            # seconds of silence before a
 ENV_PROFILE_SERVER = "ADAPM_PROFILE_SERVER"        # development: cProfile node servers to FILE
 ENV_INTENT_LOG = "ADAPM_INTENT_LOG"                # diagnostics: node servers log intents to FILE
 ENV_LOG_LEVEL = "ADAPM_LOG_LEVEL"    # level of every AdaPM process's log lines (adapm.logs)
+# ENV_CLUSTER_SECRET ("ADAPM_CLUSTER_SECRET", from adapm.cluster_secret): read by a
+# per-machine adapm-launch; what a JOIN proves knowledge of (never passed to workers).
 # ENV_CLUSTER_TAG ("ADAPM_CLUSTER_TAG", from adapm.table, which needs it and which this
 # module imports): inherited by every process; segment names carry it (the tests' scope).
 
@@ -96,6 +99,9 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     cluster_id: str = field(default_factory=new_cluster_id)
     curve: Any = None  # adapm.security.CurveKeys of a secure cluster, else None
+    # What node servers prove to each other as they join (adapm.cluster_secret): fresh
+    # for a cluster on one machine; a per-machine launch passes the machines' common one.
+    secret: Any = field(default_factory=ClusterSecret.generate)
 
     def __post_init__(self):
         self.num_keys = _positive_int("num_keys", self.num_keys)
@@ -111,6 +117,8 @@ class ClusterSpec:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.init = parse_init(self.init)
+        if not isinstance(self.secret, ClusterSecret):
+            raise ValueError("secret must be an adapm.cluster_secret.ClusterSecret")
         cluster_tag()  # a bad ADAPM_CLUSTER_TAG fails here, not later in a node server
 
     @property

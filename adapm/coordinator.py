@@ -1,9 +1,13 @@
 """The coordinator: rendezvous, cluster-wide barriers, liveness and failure broadcast.
 
 It lives in node 0's server process (polled by its loop) and owns one ROUTER socket that
-every node server's DEALER connects to. Node servers JOIN with their address and a
-fingerprint of the cluster spec; once all have joined, each gets the list of addresses
-(PEERS). A barrier is released when every node reports that all its workers arrived. A
+every node server's DEALER connects to. Node servers JOIN with their address, a
+fingerprint of the cluster spec and a proof that they know the cluster secret
+(adapm.cluster_secret); a JOIN without a valid proof is dropped, and the node is known
+from then on by the connection its valid JOIN came on (a random routing identity, so
+that nobody can lock a node out by connecting first under its name). Once all have
+joined, each gets the list of addresses and the token masked for it (PEERS). A
+barrier is released when every node reports that all its workers arrived. A
 node silent for longer than the node timeout, or a node reporting a failure, makes the
 coordinator tell every node that the cluster failed; nodes then fail every call. Once
 every node is done, the others are told to shut down and send their statistics
@@ -18,7 +22,7 @@ import zmq
 from adapm import protocol
 from adapm.errors import ProtocolError
 from adapm.malformed import MalformedLog
-from adapm.protocol import MsgType, node_identity
+from adapm.protocol import MsgType
 from adapm.security import listener
 from adapm.summary import from_numbers
 
@@ -30,7 +34,8 @@ MAX_FRAME_BYTES = 64 * 1024  # the coordinator's messages are small (addresses a
 RECEIVE_HWM = 1000
 STATS_WAIT = 2.0        # seconds node 0 waits at the end for the others' statistics
 # Accepted from a node before the cluster formed (no token exists for it yet).
-BEFORE_FORMED = {MsgType.JOIN, MsgType.HEARTBEAT, MsgType.NODE_FAILED}
+# (JOIN is handled apart: it makes a node known.)
+BEFORE_FORMED = {MsgType.HEARTBEAT, MsgType.NODE_FAILED}
 
 # Failure codes carried by FAILED / NODE_FAILED (code); `detail` says which node or worker.
 FAIL_BARRIER = 1        # a barrier can never complete: worker `count` already finalized
@@ -71,11 +76,15 @@ def failure_text(code, detail, reason=""):
 
 
 class Coordinator:
-    def __init__(self, ctx, address, num_nodes, node_timeout, curve=None,
+    def __init__(self, ctx, address, num_nodes, node_timeout, secret, curve=None,
                  describe_barrier=str):
-        """describe_barrier(generation): what a cluster barrier is, for the failure
-        when nodes wait in different ones."""
+        """`secret`: the cluster's ClusterSecret, which every JOIN must prove.
+        describe_barrier(generation): what a cluster barrier is, for the failure when
+        nodes wait in different ones."""
         self.num_nodes = num_nodes
+        self.secret = secret
+        self.routes = [None] * num_nodes  # each node's routing identity, from its JOIN
+        self.nonces = [None] * num_nodes  # the nonce of each node's valid JOIN
         self.describe_barrier = describe_barrier
         self.node_timeout = node_timeout
         self.socket = listener(ctx, curve)
@@ -109,12 +118,16 @@ class Coordinator:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            identity = frames[0].bytes
             try:
                 msg = protocol.decode(frames[1:])
                 node = msg.src_node
-                if self._early_heartbeat(frames[0].bytes, msg):
+                if msg.type == MsgType.JOIN:
+                    self._join(identity, msg)
                     continue
-                self._check_sender(frames[0].bytes, msg)
+                if self._early_heartbeat(identity, msg):
+                    continue
+                self._check_sender(identity, msg)
             except ProtocolError as exc:
                 self.malformed.dropped(exc)
                 continue
@@ -133,11 +146,14 @@ class Coordinator:
         """A node's heartbeat sent before it heard PEERS carries no token yet: ignored
         (it does not prove the node alive), but neither counted nor logged."""
         return self.formed and msg.type == MsgType.HEARTBEAT and msg.token == 0 and \
-            identity == node_identity(msg.src_node)
+            self._route_of(msg.src_node) == identity
+
+    def _route_of(self, node):
+        return self.routes[node] if node < self.num_nodes else None
 
     def _check_sender(self, identity, msg):
         node = msg.src_node
-        if identity != node_identity(node) or node >= self.num_nodes:
+        if self._route_of(node) != identity:  # never joined with a proof on this connection
             raise ProtocolError(f"{msg.type.name} from an unknown peer")
         if msg.type not in self._handlers:
             raise ProtocolError(f"{msg.type.name} is not a message for the coordinator")
@@ -187,10 +203,27 @@ class Coordinator:
 
     # -- handlers ------------------------------------------------------------------
 
+    def _join(self, identity, msg):
+        """A JOIN before the cluster formed: admitted only with a proof of the cluster
+        secret, and the connection it came on becomes the node's."""
+        node = msg.src_node
+        if self.formed:
+            raise ProtocolError(f"JOIN as node {node} after the cluster formed")
+        if node >= self.num_nodes or len(msg.addresses) != 1:
+            raise ProtocolError(f"JOIN as node {node} of {self.num_nodes} with "
+                                f"{len(msg.addresses)} addresses")
+        nonce = self.secret.check_join(msg.proof, node, msg.fingerprint, msg.addresses[0])
+        if nonce is None:  # neither recorded nor answered: it learns nothing
+            raise ProtocolError(f"JOIN as node {node} without a valid proof of the cluster "
+                                f"secret (not a member, or another ADAPM_CLUSTER_SECRET)")
+        self.routes[node], self.nonces[node] = identity, nonce
+        self.last_seen[node] = time.monotonic()
+        self._on_join(node, msg)
+
     def _on_join(self, node, msg):
         if self.fingerprint is None:
             self.fingerprint = msg.fingerprint
-        if msg.fingerprint != self.fingerprint or len(msg.addresses) != 1:
+        if msg.fingerprint != self.fingerprint:
             self.fail(FAIL_MISMATCH, node)
             return
         self.addresses[node] = msg.addresses[0]
@@ -199,8 +232,16 @@ class Coordinator:
         if all(self.addresses) and not self.formed:
             self.formed = True
             for peer in range(self.num_nodes):
-                self._send(peer, protocol.Peers(cluster_token=self.token,
-                                         addresses=self.addresses))
+                self._send(peer, self._peers_for(peer))
+
+    def _peers_for(self, node):
+        """PEERS for `node`: the token masked with its JOIN's nonce, and a MAC that
+        shows it comes from a holder of the secret."""
+        nonce = self.nonces[node]
+        masked = self.secret.mask_token(self.token, node, nonce)
+        return protocol.Peers(cluster_token=masked, addresses=self.addresses,
+                              proof=self.secret.peers_proof(node, nonce, masked,
+                                                            self.addresses))
 
     def _on_barrier(self, node, msg):
         arrived = self.barriers.setdefault(msg.generation, set())
@@ -266,7 +307,6 @@ class Coordinator:
         self.fail(msg.code, msg.detail, msg.text)
 
     _handlers = {
-        MsgType.JOIN: _on_join,
         MsgType.NODE_BARRIER: _on_barrier,
         MsgType.HEARTBEAT: _on_heartbeat,
         MsgType.NODE_DONE: _on_done,
@@ -275,8 +315,10 @@ class Coordinator:
     }
 
     def _send(self, node, msg):
+        if self.routes[node] is None:
+            return  # never joined: nothing to send to
         try:
-            protocol.send(self.socket, [node_identity(node), *msg.encode()])
+            protocol.send(self.socket, [self.routes[node], *msg.encode()])
         except zmq.ZMQError:
             pass  # that node is gone; silence detection reports it
 

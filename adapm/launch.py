@@ -40,6 +40,13 @@ from adapm.cluster import (
     Terminated,
     signals_unwind,
 )
+from adapm.cluster_secret import (
+    ENV_CLUSTER_SECRET,
+    ClusterSecret,
+    check_secret_text,
+    new_secret_text,
+    read_secret_text,
+)
 from adapm.config import (
     ENV_DIST_PORT,
     ENV_LAUNCHER_PID,
@@ -318,6 +325,11 @@ def resolve(host):
 @click.option("--keys-file", type=click.Path(dir_okay=False), default=None,
               help="CURVE keys shared by every machine (python -m adapm.security FILE); "
                    "implies --secure")
+@click.option("--secret-file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="per machine: a file whose one line is the cluster secret every machine "
+                   "shares ('-': standard input); what a node proves as it joins, so that "
+                   "nobody else can join while the cluster forms (default: "
+                   f"{ENV_CLUSTER_SECRET}; make one with python -m adapm.cluster_secret)")
 @click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
               default=None, envvar=ENV_LOG_LEVEL,
               help=f"of the node servers' and workers' log lines (default {logs.DEFAULT_LEVEL}: "
@@ -333,7 +345,7 @@ def resolve(host):
 def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, remote_launcher,
          workers_per_node, num_keys, value_length, mode, init_text, optimizer_text, dtype,
          host, port, dist_port, cluster_id, secure, keys_file, module, script_and_args,
-         restore, log_level=None, metrics_port=None):
+         restore, log_level=None, metrics_port=None, secret_file=None):
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) in every worker of a cluster."""
     if log_level:  # every process started finds it in its environment
         os.environ[ENV_LOG_LEVEL] = logs.parse_level(log_level)
@@ -349,7 +361,7 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
                   mode=mode, curve=cluster_keys(secure, keys_file, multi_machine))
     if hosts_file:
         sys.exit(launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator,
-                              target))
+                              target, shared_secret(secret_file) or ClusterSecretText.new()))
     if metrics_port is not None:
         try:
             require_metrics()
@@ -360,7 +372,8 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
     node_rank = node_rank if node_rank is not None else env_rank
     if nodes is None and (node_rank is not None and nnodes):
         sys.exit(launch_machine(common, nnodes, node_rank, coordinator, host, port,
-                                dist_port, cluster_id, target, metrics_port=metrics_port))
+                                dist_port, cluster_id, target, metrics_port=metrics_port,
+                                secret_file=secret_file))
     try:
         spec = ClusterSpec(num_nodes=nodes or 1, host=host or "127.0.0.1", **common)
     except ValueError as exc:
@@ -389,8 +402,46 @@ def cluster_keys(secure, keys_file, shared):
     return CurveKeys.generate()
 
 
+class ClusterSecretText(str):
+    """A cluster secret as the text every machine is given (--hosts hands it on)."""
+
+    @classmethod
+    def new(cls):
+        return cls(new_secret_text())
+
+
+def shared_secret(secret_file):
+    """The secret text of --secret-file or ADAPM_CLUSTER_SECRET, checked; None if neither."""
+    try:
+        if secret_file is not None:
+            return ClusterSecretText(read_secret_text(secret_file))
+        text = os.environ.get(ENV_CLUSTER_SECRET, "")
+        return ClusterSecretText(check_secret_text(text, ENV_CLUSTER_SECRET)) \
+            if text.strip() else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--secret-file / "
+                                 f"{ENV_CLUSTER_SECRET}") from None
+
+
+def machine_secret(secret_file, curve, cluster_id, coordinator):
+    """The secret this machine's node proves as it joins: --secret-file, else
+    ADAPM_CLUSTER_SECRET, else one derived from the CURVE keys of a secure cluster, else
+    (with a warning) one anybody can derive from the launch options."""
+    text = shared_secret(secret_file)
+    if text is not None:
+        return ClusterSecret.from_text(text, "the cluster secret")
+    if curve is not None:
+        return ClusterSecret.from_curve(curve)
+    click.echo(f"adapm-launch: WARNING: no cluster secret ({ENV_CLUSTER_SECRET} or "
+               f"--secret-file): until the cluster has formed, anyone who can reach the "
+               f"coordinator at {coordinator} could join it as a missing node and change "
+               f"any key. Give every machine the same secret (python -m "
+               f"adapm.cluster_secret makes one), or use --secure.", err=True)
+    return ClusterSecret.public_for(cluster_id)
+
+
 def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port, cluster_id,
-                   target, metrics_port=None):
+                   target, metrics_port=None, secret_file=None):
     """This machine's node of a cluster that spans machines."""
     coordinator = coordinator or environ_coordinator(os.environ)
     if not coordinator:
@@ -406,8 +457,10 @@ def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port
     # workers' torch.distributed group gets another port on the same host.
     dist_port = dist_port or default_dist_port(coord_port)
     check_dist_port(dist_port, coord_port, port)
+    secret = machine_secret(secret_file, common["curve"], cluster_id, coordinator)
     try:
-        spec = ClusterSpec(num_nodes=nnodes, host=listen, cluster_id=cluster_id, **common)
+        spec = ClusterSpec(num_nodes=nnodes, host=listen, cluster_id=cluster_id,
+                           secret=secret, **common)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     return launch(spec, target, nodes=[node_rank], port=port,
@@ -415,8 +468,10 @@ def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port
                   dist_port=dist_port, metrics_port=metrics_port)
 
 
-def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, target):
-    """Start the per-machine form on every host of the file over ssh."""
+def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, target, secret):
+    """Start the per-machine form on every host of the file over ssh. Each is handed the
+    cluster secret on its standard input (--secret-file -): not on a command line, which
+    other users of the host could read."""
     with open(hosts_file) as f:
         hosts = [line.split("#")[0].strip() for line in f]
     hosts = [h for h in hosts if h]
@@ -432,8 +487,9 @@ def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, tar
                                         target)
                 procs.append(subprocess.Popen(
                     [*shlex.split(ssh_command), host, shlex.join(remote)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT, start_new_session=True))
+                _hand_secret(procs[-1], secret)
                 _start_pump(procs[-1].stdout, f"[{host}]", lock)
             failure = _wait_first_failure(procs)
             return 0 if failure is None else failure[1]
@@ -446,15 +502,25 @@ def launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator, tar
                 stop_process(proc, grace=SHUTDOWN_GRACE, group=True)
 
 
+def _hand_secret(proc, secret):
+    try:
+        proc.stdin.write(f"{secret}\n".encode())
+        proc.stdin.close()
+    except OSError:
+        pass  # it exited already: its exit code says why
+
+
 # Options of this launcher that the per-machine launchers of --hosts get otherwise or not.
 NOT_PASSED_TO_HOSTS = {"hosts_file", "ssh_command", "remote_launcher", "coordinator", "nodes",
-                       "nnodes", "node_rank", "module", "script_and_args", "host"}
+                       "nnodes", "node_rank", "module", "script_and_args", "host",
+                       "secret_file"}
 
 
 def remote_command(ctx, remote_launcher, nnodes, rank, coordinator, target):
     """The per-machine launcher command (argv) that --hosts runs on host number `rank`."""
     return [remote_launcher, "--nnodes", str(nnodes), "--node-rank", str(rank),
-            "--coordinator", coordinator, *_passed_options(ctx, NOT_PASSED_TO_HOSTS),
+            "--coordinator", coordinator, "--secret-file", "-",
+            *_passed_options(ctx, NOT_PASSED_TO_HOSTS),
             *target]
 
 

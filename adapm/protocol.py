@@ -26,13 +26,14 @@ import numpy as np
 from adapm.errors import ProtocolError
 
 MAGIC = 0xADA0
-VERSION = 3
+VERSION = 4  # 4: JOIN and PEERS carry proofs of the cluster secret
 HEADER = struct.Struct("<HBBHHIQQqqQ")
 HEADER_BYTES = HEADER.size
 SERVER = 0xFFFFFFFF          # src_worker of a node server
 MAX_KEYS_PER_MESSAGE = (1 << 32) - 1  # positions are uint32; workers split larger calls
 MAX_HOPS = 64                # forwarding bound: more means a routing bug, not a busy key
 MAX_TEXT_BYTES = 1024        # a failure's reason
+MAX_PROOF_BYTES = 64         # JOIN's and PEERS' proofs (adapm.cluster_secret)
 
 # Per-key flags of SYNC (what the replica node wants) and SYNC_REPLY (what it gets).
 SYNC_REQUEST = 0     # the node has no copy yet: relocate or replicate it there
@@ -99,8 +100,10 @@ class MsgType(enum.IntEnum):
     SYNC_REPLY = 39    # keys, values (of REPLY_VALUE keys), counters (REPLY_* flags),
                        # versions (the owner's); request_id: the round answered
     # node server <-> coordinator
-    JOIN = 48          # addresses (the joining server's own); arg0: spec fingerprint
-    PEERS = 49         # addresses (every node's server, by node id); arg0: the token
+    JOIN = 48          # addresses (the joining server's own), proof (nonce | MAC of the
+                       # cluster secret: adapm.cluster_secret); arg0: spec fingerprint
+    PEERS = 49         # addresses (every node's server, by node id), proof (MAC); arg0:
+                       # the token, masked for the node that joined
     NODE_BARRIER = 50  # request_id: generation
     NODE_RELEASE = 51  # request_id: generation
     HEARTBEAT = 52
@@ -129,7 +132,8 @@ _FRAMES = {
     MsgType.OWNER_UPDATE: ("keys", "counters"),
     MsgType.SYNC: ("keys", "values", "counters", "versions"),
     MsgType.SYNC_REPLY: ("keys", "values", "counters", "versions"),
-    MsgType.JOIN: ("addresses",), MsgType.PEERS: ("addresses",), MsgType.NODE_BARRIER: (),
+    MsgType.JOIN: ("addresses", "proof"), MsgType.PEERS: ("addresses", "proof"),
+    MsgType.NODE_BARRIER: (),
     MsgType.NODE_RELEASE: (), MsgType.HEARTBEAT: (), MsgType.NODE_DONE: (),
     MsgType.SHUTDOWN: (), MsgType.NODE_FAILED: ("text",), MsgType.NODE_STATS: ("stats",),
 }
@@ -158,6 +162,7 @@ class Message:
     params: np.ndarray = None
     addresses: list = None
     text: str = ""
+    proof: bytes = b""          # JOIN, PEERS
     token: int = 0
     stats: np.ndarray = None    # NODE_STATS
 
@@ -178,6 +183,8 @@ class Message:
                 frames.append("\n".join(self.addresses).encode())
             elif kind == "text":
                 frames.append(self.text.encode("utf-8", "replace")[:MAX_TEXT_BYTES])
+            elif kind == "proof":
+                frames.append(bytes(self.proof))
             else:
                 arr = getattr(self, kind)
                 frames.append(_array_frame(np.empty(0) if arr is None else arr, _DTYPES[kind]))
@@ -365,6 +372,10 @@ def decode(frames):
             if buf.nbytes > MAX_TEXT_BYTES:
                 raise ProtocolError(f"text frame of {buf.nbytes} bytes")
             msg.text = bytes(buf).decode("utf-8", "replace")
+        elif kind == "proof":
+            if buf.nbytes > MAX_PROOF_BYTES:
+                raise ProtocolError(f"proof frame of {buf.nbytes} bytes")
+            msg.proof = bytes(buf)
         else:
             setattr(msg, kind, _typed(buf, kind))
     for kind in _PER_KEY:

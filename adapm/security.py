@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.auth.thread
 
-from adapm.config import ENV_CLUSTER_ID
+from adapm.config import ENV_CLUSTER_ID, ENV_CLUSTER_SECRET
 
 ENV_CURVE_KEYS = "ADAPM_CURVE_KEYS"      # a launcher's keys, all four (see to_text)
 ENV_CURVE_CLIENT = "ADAPM_CURVE_CLIENT"  # a worker's keys, the three of a client
@@ -144,10 +144,10 @@ def client_keys(cluster_id):
 
 
 def without_secrets(environ):
-    """A copy of `environ` without any CURVE keys (for a process that needs none, or
-    gets its own)."""
+    """A copy of `environ` without any CURVE keys or cluster secret (for a process that
+    needs none, or gets its own: workers never join)."""
     return {name: value for name, value in environ.items()
-            if name not in (ENV_CURVE_KEYS, ENV_CURVE_CLIENT)}
+            if name not in (ENV_CURVE_KEYS, ENV_CURVE_CLIENT, ENV_CLUSTER_SECRET)}
 
 
 class _OnlyKey:

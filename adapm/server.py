@@ -18,6 +18,7 @@ workers read and write held keys in shared memory, with no message."""
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import time
 
@@ -30,6 +31,7 @@ from adapm.checkpoint_phases import (
     describe_generation,
     is_checkpoint_generation,
 )
+from adapm.cluster_secret import NONCE_BYTES
 from adapm.coordinator import (
     FAIL_COLLECTIVES,
     FAIL_COORDINATOR,
@@ -148,6 +150,7 @@ class NodeServer:
         self.exit_code = 0
         self._stop = False
         self.token = None           # the cluster's message token, from PEERS
+        self._join_nonce = None     # of this node's JOIN: PEERS's token is masked with it
         self.malformed = MalformedLog(log, f"node {node}")
         self.failpoints = failpoints.active(node)  # tests of the failure paths only
         raise_in = self.failpoints.get("raise_in")
@@ -181,11 +184,18 @@ class NodeServer:
         if self.node == 0:
             self.coordinator = Coordinator(self.zmq_ctx, self.coordinator_address,
                                            self.spec.num_nodes, self.node_timeout,
-                                           self.spec.curve, describe_generation)
+                                           self.spec.secret, self.spec.curve,
+                                           describe_generation)
             self.coordinator_address = self.coordinator.address
-        self.outbox.coordinator = self._dealer(self.coordinator_address)
-        self.outbox.to_coordinator(protocol.Join(fingerprint=self.spec.fingerprint(),
-                                           addresses=[self.address]))
+        # A routing identity nobody can guess: a process that connects first under this
+        # node's name cannot take its place at the coordinator.
+        self.outbox.coordinator = self._dealer(
+            self.coordinator_address, node_identity(self.node) + secrets.token_bytes(16))
+        fingerprint = self.spec.fingerprint()
+        proof = self.spec.secret.join_proof(self.node, fingerprint, self.address)
+        self._join_nonce = proof[:NONCE_BYTES]
+        self.outbox.to_coordinator(protocol.Join(fingerprint=fingerprint,
+                                                 addresses=[self.address], proof=proof))
         if self.metrics_port is not None:  # Prometheus, on this node's address only
             self.metrics = metrics.start(self, self.spec.host, self.metrics_port)
 
@@ -241,11 +251,11 @@ class NodeServer:
             MsgType.SYNC_REPLY: rounds.on_sync_reply,
         }
 
-    def _dealer(self, address):
+    def _dealer(self, address, identity=None):
         sock = connector(self.zmq_ctx, self.spec.curve)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.IDENTITY, node_identity(self.node))
+        sock.setsockopt(zmq.IDENTITY, identity or node_identity(self.node))
         sock.connect(address)
         return sock
 
@@ -407,7 +417,9 @@ class NodeServer:
 
     def _start_state(self):
         if self._joined == 0:
-            return f"waiting for the coordinator at {self.coordinator_address}"
+            return (f"waiting for the coordinator at {self.coordinator_address} (is node 0 "
+                    f"up, and does every machine have the same cluster secret, "
+                    f"{config.ENV_CLUSTER_SECRET} or --secret-file?)")
         return (f"{self._joined} of {self.spec.num_nodes} nodes have joined the coordinator "
                 f"at {self.coordinator_address}; waiting for the others")
 
@@ -602,13 +614,19 @@ class NodeServer:
             return
         if self.addresses is not None:
             return
-        if not 0 < msg.cluster_token < 2**63:
+        secret = self.spec.secret
+        if not secret.check_peers(msg.proof, self.node, self._join_nonce, msg.cluster_token,
+                                  msg.addresses):
+            self._malformed("PEERS without a valid proof of the cluster secret: ignored")
+            return
+        token = secret.mask_token(msg.cluster_token, self.node, self._join_nonce)
+        if not 0 < token < 2**63:
             log.error("node %d: coordinator sent no cluster token", self.node)
             return
         for node, address in enumerate(msg.addresses):
             if node != self.node:
                 self.outbox.peers[node] = self._dealer(address)
-        self.formed(msg.cluster_token, msg.addresses)
+        self.formed(token, msg.addresses)
         self._formed_at = self._reported_at = now = time.monotonic()
         if self.node == 0:
             log.info("cluster up: %d node%s x %d worker%s formed in %.1f s",

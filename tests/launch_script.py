@@ -36,6 +36,8 @@ with adapm.worker() as w:
         w.barrier()
         total = w.pull(np.arange(w.num_keys)).sum()
         print(f"rank {w.rank} of {w.num_workers} on node {w.node}: total {total:.0f}")
+        # tests/test_join_secret.py: workers never join, so they never get the secret
+        print(f"rank {w.rank} has the cluster secret: {'ADAPM_CLUSTER_SECRET' in os.environ}")
     if how == "ddp":  # tests/test_distributed.py: DDP for the dense part, pushes for rows
         import json
 

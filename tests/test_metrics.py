@@ -465,7 +465,10 @@ def test_coordinator_stops_node_zero_last_with_every_nodes_stats(monkeypatch, re
 
     monkeypatch.setattr(coordination, "STATS_WAIT", 10.0 if reports else 0.3)
     ctx = zmq.Context()
-    coord = coordination.Coordinator(ctx, "tcp://127.0.0.1:0", 2, node_timeout=0.2)
+    from adapm.cluster_secret import ClusterSecret
+    secret = ClusterSecret.generate()
+    coord = coordination.Coordinator(ctx, "tcp://127.0.0.1:0", 2, node_timeout=0.2,
+                                     secret=secret)
     nodes = []
     try:
         for node in (0, 1):
@@ -488,7 +491,9 @@ def test_coordinator_stops_node_zero_last_with_every_nodes_stats(monkeypatch, re
             return types
 
         for node in (0, 1):
-            send(node, protocol.Join(fingerprint=7, addresses=[f"tcp://127.0.0.1:{node + 1}"]))
+            address = f"tcp://127.0.0.1:{node + 1}"
+            send(node, protocol.Join(fingerprint=7, addresses=[address],
+                                     proof=secret.join_proof(node, 7, address)))
         assert coord.formed
         for node in (0, 1):
             send(node, protocol.NodeDone())

@@ -15,6 +15,7 @@ launcher's environment sources and the example files' checks run everywhere."""
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -360,7 +361,11 @@ class Manifest:
         self.service, self.job = service["metadata"]["name"], job["metadata"]["name"]
         spec, pod = job["spec"], job["spec"]["template"]["spec"]
         [container] = pod["containers"]
-        self.env = {item["name"]: item["value"] for item in container["env"]}
+        self.env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+        # the cluster secret comes from a Secret, the same for every pod
+        [secret] = [item for item in container["env"] if "value" not in item]
+        assert secret["name"] == "ADAPM_CLUSTER_SECRET", secret
+        assert set(secret["valueFrom"]["secretKeyRef"]) == {"name", "key"}, secret
         # every pod gets the DNS name <job>-<index>.<service> from the headless Service
         assert service["spec"]["clusterIP"] == "None"
         assert service["spec"]["selector"] == {"job-name": self.job}
@@ -534,6 +539,7 @@ def assert_mf_trained(out):
     assert re.search(r"\[n0 w0\] \[mf\] done in .*test RMSE [\d.]+ untrained -> "
                      r"[\d.]+ trained", out), out
     assert "Traceback" not in out, out
+    assert "WARNING: no cluster secret" not in out, out  # every recipe sets one
 
 
 def test_slurm_recipe(tmp_path, machines):
@@ -587,11 +593,13 @@ def test_kubernetes_recipe(tmp_path, machines):
     the namespaces' /etc/hosts entries. Pod 1 starts first, as it may."""
     manifest = Manifest()
     assert manifest.nodes == len(machines)
+    secret = secrets.token_hex(32)  # what the Secret adapm-cluster-secret holds
     procs = {}
     for index in reversed(range(manifest.nodes)):
         namespace = machines[index][0]
         environ = clean_environ(**manifest.env, JOB_COMPLETION_INDEX=str(index),
-                                HOSTNAME=f"{manifest.job}-{index}")
+                                HOSTNAME=f"{manifest.job}-{index}",
+                                ADAPM_CLUSTER_SECRET=secret)
         procs[index] = (["ip", "netns", "exec", namespace, "sh", "-c", manifest.script],
                         environ)
     results = dict(zip(procs, run_all(list(procs.values()), tmp_path)))
