@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection, wait
 
 from adapm import config, logs
 from adapm.config import WorkerEnv
+from adapm.coordinator import failure_text
 from adapm.errors import ClusterError
 from adapm.metrics import node_port
 from adapm.metrics import require as require_metrics
@@ -330,7 +331,23 @@ class LocalCluster:
         proc.join(1.0)
         if proc.exitcode == 0:
             return None
+        cause = self._failure_seen_by(node)
+        if cause:  # it ended because the cluster failed: the cause, not its exit, is news
+            return ClusterError(f"node {node}: the cluster failed: {cause}")
         return ClusterError(f"node {node}: server died (exit code {proc.exitcode})")
+
+    def _failure_seen_by(self, node):
+        """Why the cluster failed, as node `node`'s server wrote it into its table before
+        it ended ('' if it wrote nothing: it died by itself)."""
+        table = self.tables.get(node)
+        if table is None:
+            return ""
+        try:
+            code = table.view.failed
+            return failure_text(code, table.view.failed_detail,
+                                table.view.failed_reason) if code else ""
+        except (ValueError, RuntimeError):  # unmapped already
+            return ""
 
     def stats(self):
         """{node: statistics} of the nodes running here (adapm.summary.node_stats)."""
