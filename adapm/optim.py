@@ -318,6 +318,41 @@ class OptimizerInit:
         return f"{self.optimizer!r}.init({self.rows!r})"
 
 
+class FirstTouchCheck:
+    """Checks the optimizer state of each key the first time a worker reads it with that
+    optimizer (check_state: no NaN, no negative accumulator or second moment), so that a
+    table initialised for rows alone (init=("normal", ...) instead of opt.init(...), or
+    adapm-launch --init without --optimizer: noise in the state) fails at once with what
+    to pass instead, rather than training to garbage. A bit per key: a key's state is
+    checked once, so later reads cost a bit test."""
+
+    def __init__(self, num_keys):
+        self.checked = np.zeros((int(num_keys) + 7) // 8, dtype=np.uint8)
+
+    def check(self, keys, values, dim, optimizer):
+        """`values`: the keys' whole values (n, dim + state_length), as pulled."""
+        byte, bit = (keys >> np.uint64(3)).astype(np.intp), (keys & np.uint64(7)).astype(
+            np.uint8)
+        new = ((self.checked[byte] >> bit) & 1) == 0
+        if not new.any() or optimizer.state_length(dim) == 0:
+            return
+        try:
+            optimizer.check_state(np.asarray(values[new, dim:], dtype=np.float64), dim)
+        except ValueError as exc:
+            touched = keys[new]
+            raise ValueError(
+                f"keys {int(touched.min())}..{int(touched.max())}: {exc}. The table holds "
+                f"[row | state] for {optimizer!r}, and its state was not initialised for "
+                f"it: start the cluster with init=opt.init(ROW_INIT) where opt is that "
+                f"optimizer (adapm.run), or --optimizer {_cli_name(optimizer)} --init "
+                f"ROW_INIT (adapm-launch), not an init of the whole value") from None
+        np.bitwise_or.at(self.checked, byte[new], np.left_shift(1, bit[new]).astype(np.uint8))
+
+
+def _cli_name(optimizer):
+    return next(name for name, cls in OPTIMIZERS.items() if type(optimizer) is cls)
+
+
 def read_params(params, value_length):
     """The params of an APPLY from the wire, checked: a known kind, a row length that
     fits the table's value length, finite non-negative hyper-parameters, betas below 1.

@@ -27,7 +27,7 @@ from adapm.checkpoint_phases import BEGIN, FREEZE, THAW, WRITTEN
 from adapm.consistency import ReadYourWrites
 from adapm.errors import ClosedError, ClusterError
 from adapm.keys import as_gradients, as_keys, as_values, pull_buffer
-from adapm.optim import SparseOptimizer, read_params
+from adapm.optim import FirstTouchCheck, SparseOptimizer, read_params
 from adapm.ownership import route, split_by
 from adapm.protocol import MsgType, worker_identity
 from adapm.requests import (
@@ -80,6 +80,7 @@ class Worker:
             config.env_float(config.ENV_HEARTBEAT_TIMEOUT, config.DEFAULT_HEARTBEAT_TIMEOUT),
             f"node {self.node}, worker {self.rank}")
         self._misses = np.empty(1024, dtype=np.uint64)
+        self._first_touch = FirstTouchCheck(self.num_keys)  # pull_rows: state checked once
         self._clock = 0
         self._barriers = 0
         self._saves = 0
@@ -214,9 +215,14 @@ class Worker:
 
     def pull_rows(self, keys, optimizer):
         """The keys' rows (len(keys), dim), without the optimizer's state beside them (a
-        view of the pulled values: no copy)."""
+        view of the pulled values: no copy). The state of a key read for the first time
+        is checked (adapm.optim.FirstTouchCheck): state that cannot be the optimizer's
+        (a table initialised for rows alone) is a ValueError saying what to pass."""
         dim = self._row_dim(optimizer)
-        return self.pull(keys)[:, :dim]
+        keys = as_keys(keys, self._view)
+        values = self.pull(keys)
+        self._first_touch.check(keys, values, dim, optimizer)
+        return values[:, :dim]
 
     def apply_gradients(self, keys, grads, optimizer):
         """One step of `optimizer` (adapm.optim) per distinct key with its gradients
