@@ -71,6 +71,41 @@ def remove_leftovers(segments, processes):
             unlink_segment("/" + name)
 
 
+# Optional packages: without one, the tests of what needs it skip. The run says so at its
+# top and bottom, with the command that includes them (README.md's test command installs
+# only the test extra; CI installs these too).
+OPTIONAL_PACKAGES = (
+    ("torch", "torch", "adapm.torch, DDP, the ctr and gnn apps"),
+    ("pyarrow", "fast", "the readers' multithreaded pyarrow path"),
+    ("prometheus_client", "metrics", "the Prometheus metrics endpoints"),
+    ("yaml", "test-all", "a PyYAML cross-check of the Kubernetes example"),
+)
+
+
+def missing_optional_packages():
+    import importlib.util
+    return [(module, extra, what) for module, extra, what in OPTIONAL_PACKAGES
+            if importlib.util.find_spec(module) is None]
+
+
+def _missing_lines():
+    missing = missing_optional_packages()
+    if not missing:
+        return []
+    return ["adapm: optional packages missing, so their tests will be SKIPPED:",
+            *(f"  - {module} (extra '{extra}'): {what}" for module, extra, what in missing),
+            "  to run every test, as CI does: pip install '.[test-all]' (README.md)"]
+
+
+def pytest_report_header(config):
+    return _missing_lines()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _missing_lines():
+        terminalreporter.write_line(line, yellow=True)
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers():
     """Every test must leave no AdaPM process and no /dev/shm segment behind."""
