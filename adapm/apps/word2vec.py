@@ -29,9 +29,11 @@ drawn from one topic) or any plain-text file (sentences split at . ! ? and blank
 one sentence per line with --one-sentence-per-line). `--save-vectors FILE` writes the
 word vectors in word2vec's text format (gensim: KeyedVectors.load_word2vec_format(FILE,
 binary=False)). Metrics: the training loss per epoch, the
-loss of held-out sentences' pairs with fixed negatives (trained against untrained), the
-nearest neighbours (cosine of input vectors) of the most frequent words and, for the
-generated corpus, the share of those neighbours in the word's own topic."""
+loss of held-out sentences' pairs with fixed negatives (trained against untrained; with
+`--heldout 0` every sentence is trained on and the loss is that of training pairs), the
+nearest neighbours (cosine of input vectors) of the words named by `--probe` (default: the
+most frequent words that are not stop words) and, for the generated corpus, the share of
+the most frequent words' neighbours in the word's own topic."""
 
 import io
 import json
