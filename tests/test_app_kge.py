@@ -174,3 +174,71 @@ def test_command_line_generates_saves_and_trains_from_files_launched(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "--num-keys 406 --value-length 32" in proc.stdout + proc.stderr
+
+
+def named(graph, triples):
+    """Triples (ids of `graph`) as a set of name tuples."""
+    entities, relations = graph.names()
+    return {(entities[h], relations[r], entities[t]) for h, r, t in triples}
+
+
+def test_valid_file_is_the_validation_set_and_is_filtered(tmp_path):
+    graph = kge.load_graph(TINY)
+    kge.save(graph, tmp_path)
+    files = {part: str(tmp_path / f"{part}.tsv") for part in ("train", "valid", "test")}
+    read = kge.load_graph(dict(TINY, train_file=files["train"], valid_file=files["valid"],
+                               test_file=files["test"]))
+    # PyKEEN's layout: each file is its split, nothing held out of the training file
+    for part in ("train", "valid", "test"):
+        assert named(read, getattr(read, part)) == named(graph, getattr(graph, part)), part
+    # the filtered ranking leaves out every known triple, the validation file's too
+    known = kge.KnownTriples(read)
+    rows, tails = known.tails.pairs(read.valid[:, 0] * read.relations + read.valid[:, 1])
+    found = set(zip(rows.tolist(), tails.tolist()))
+    assert all((i, t) in found for i, t in enumerate(read.valid[:, 2].tolist()))
+    # without a test file the test triples are held out of the training file
+    no_test = kge.load_graph(dict(TINY, train_file=files["train"], valid_file=files["valid"]))
+    assert named(no_test, no_test.valid) == named(graph, graph.valid)
+    assert len(no_test.test) == round(TINY["test_fraction"] * len(graph.train))
+    assert named(no_test, np.concatenate([no_test.train, no_test.test])) == \
+        named(graph, graph.train)
+
+
+def test_command_line_valid_file_and_saved_embeddings(tmp_path):
+    graph = kge.load_graph(dict(TINY, entities=300, relations=4, triples=5000, clusters=6))
+    kge.save(graph, tmp_path)
+    files = ["--train-file", str(tmp_path / "train.tsv"), "--valid-file",
+             str(tmp_path / "valid.tsv"), "--test-file", str(tmp_path / "test.tsv")]
+    out, saved = tmp_path / "result.json", tmp_path / "emb"
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapm.apps.kge", *files, "--dim", "8", "--epochs", "3",
+         "--batch", "128", "--valid-sample", "100", "--nodes", "2", "--save-embeddings",
+         str(saved), "--json", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    epochs = [line for line in proc.stdout.splitlines() if "] epoch " in line]
+    assert len(epochs) == 3 and all("valid filtered MRR" in line for line in epochs)
+    assert f"{len(graph.valid):,} valid" in proc.stdout
+    result = json.loads(out.read_text())
+    # the saved embeddings, with their names, are the trained model: they give the
+    # reported test MRR
+    read = kge.load_graph(dict(TINY, train_file=files[1], valid_file=files[3],
+                               test_file=files[5]))
+    entity_names = (saved / "entities.tsv").read_text(encoding="utf-8").split("\n")[:-1]
+    relation_names = (saved / "relations.tsv").read_text(encoding="utf-8").split("\n")[:-1]
+    assert entity_names == list(read.entity_names)
+    assert relation_names == list(read.relation_names)
+    entities, relations = np.load(saved / "entities.npy"), np.load(saved / "relations.npy")
+    assert entities.shape == (read.entities, 16) and relations.shape == (read.relations, 16)
+    model = json.loads((saved / "model.json").read_text())
+    assert model["model"] == "ComplEx" and model["dim"] == 8
+    ranks = np.concatenate(kge.filtered_ranks(entities.astype(np.float64),
+                                              relations.astype(np.float64), read.test,
+                                              kge.KnownTriples(read)))
+    assert (1.0 / ranks).mean() == pytest.approx(result["mrr_after"], rel=1e-6)
+    assert result["mrr_after"] > 3 * result["mrr_before"]
+    # a validation file needs a training file
+    proc = subprocess.run([sys.executable, "-m", "adapm.apps.kge", "--valid-file",
+                           str(tmp_path / "valid.tsv")], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "--valid-file needs --train-file" in proc.stderr

@@ -447,3 +447,63 @@ def test_runs_under_adapm_launch_on_two_nodes(tmp_path):
     rc, out = command([LAUNCHER, "--num-keys", str(num_keys - 1), "--value-length",
                        str(value_length), "-m", "adapm.apps.word2vec", *TINY_ARGS], tmp_path)
     assert rc != 0 and f"--num-keys {num_keys} --value-length {value_length}" in out
+
+
+# -- the whole corpus, named probes ------------------------------------------------------
+
+
+def test_heldout_zero_trains_on_every_sentence(tmp_path):
+    args = [a for a in TINY_ARGS]
+    args[args.index("--heldout") + 1] = "0"
+    out_json = tmp_path / "run.json"
+    rc, out = command([sys.executable, "-m", "adapm.apps.word2vec", "--nodes", "1",
+                       "--workers-per-node", "2", *args, "--json", str(out_json)], tmp_path)
+    assert rc == 0, out
+    result = json.loads(out_json.read_text())
+    corpus = word2vec.synthetic(300, 10, 3000, 10, 0.1, 1.0, seed=0)
+    every = word2vec.skipgram_pairs(*corpus.sentences(np.arange(3000)), window=2)[0]
+    assert result["throughput"]["points"] == 2 * every.shape[0]  # both epochs, all pairs
+    # nothing held out: the loss before and after is measured on training pairs
+    assert result["loss_pairs"] == "training" and "training-sample loss" in out
+    assert result["heldout_after"] < result["heldout_before"]
+
+
+def write_stop_word_lines(path, lines=200, seed=0):
+    """write_lines' groups with 'the' and 'of' in every line: the most frequent words."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(lines):
+            words = list(rng.permutation(GROUPS[i % 5] + ["the", "of"]))
+            f.write(" ".join(words) + "\n")
+
+
+def neighbour_lines(out):
+    """{word: [neighbours]} of the printed nearest neighbours."""
+    found = {}
+    for line in out.splitlines():
+        if line.startswith("[word2vec]   ") and ": " in line:
+            word, rest = line[len("[word2vec]   "):].split(": ", 1)
+            found[word] = [item.split(" ")[0] for item in rest.split(", ")]
+    return found
+
+
+def test_probe_prints_neighbours_of_the_named_words_not_stop_words(tmp_path):
+    path = tmp_path / "lines.txt"
+    write_stop_word_lines(path)
+    base = [sys.executable, "-m", "adapm.apps.word2vec", "--nodes", "1", "--text", str(path),
+            "--one-sentence-per-line", "--min-count", "1", "--dim", "16", "--epochs", "3",
+            "--batch", "64", "--heldout", "0.1"]
+    rc, out = command([*base, "--probe", "alpha,Kilo"], tmp_path)
+    assert rc == 0, out
+    shown = neighbour_lines(out)
+    assert list(shown) == ["alpha", "kilo"]  # lowercased as the text is
+    for word, group in (("alpha", GROUPS[0]), ("kilo", GROUPS[2])):
+        assert len(set(shown[word]) & set(group)) >= 3, shown  # its group's words
+    # by default: the most frequent words that are not stop words
+    rc, out = command(base, tmp_path)
+    assert rc == 0, out
+    shown = neighbour_lines(out)
+    assert len(shown) == 5 and not {"the", "of"} & set(shown), shown
+    # a word outside the vocabulary is refused before training
+    rc, out = command([*base, "--probe", "alpha,zulu"], tmp_path)
+    assert rc == 2 and "zulu" in out and "vocabulary" in out

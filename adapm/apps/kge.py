@@ -2,11 +2,14 @@
 
     python -m adapm.apps.kge --nodes 2 --workers-per-node 1
     adapm-launch --nodes 2 --num-keys 2016 --value-length 64 -m adapm.apps.kge
-    python -m adapm.apps.kge --train-file train.tsv [--test-file test.tsv]
+    python -m adapm.apps.kge --train-file train.tsv [--valid-file valid.tsv]
+        [--test-file test.tsv] [--save-embeddings DIR]
 
 Data: a knowledge graph of (head, relation, tail) triples, generated (entity degrees
 follow a power law; each relation moves an entity's cluster by a fixed cyclic shift, with
-some noise) or read from tab-separated files of `head<TAB>relation<TAB>tail` names.
+some noise) or read from tab-separated files of `head<TAB>relation<TAB>tail` names
+(train, valid and test files, as PyKEEN's datasets come; a split not given is held out of
+the training file).
 `--save-data DIR` writes the generated graph as DIR/train.tsv, DIR/valid.tsv and
 DIR/test.tsv, so other systems can train on the same data.
 
@@ -23,7 +26,10 @@ announces each batch's keys ahead of its clock; the negatives come from
 w.prepare_sample(..., key_range=(0, E)), drawn `--sample-ahead` clocks before the batch
 that uses them, so that they are local when w.pull_sample reads them. The metric is the
 filtered MRR and Hits@10 on the test triples (heads and tails ranked among all
-entities), printed against the untrained model's."""
+entities; every known triple, of train, valid and test, filtered out, as PyKEEN does),
+printed against the untrained model's; after each epoch the same on up to
+--valid-sample validation triples. `--save-embeddings DIR` writes the trained
+embeddings with their names (save_embeddings)."""
 
 import json
 import os
@@ -51,6 +57,7 @@ from adapm.optim import Adagrad
 APP = "kge"
 EVAL_CHUNK = 1024          # test triples scored against all entities at once
 HITS_AT = 10
+PULL_CHUNK = 65_536        # keys per pull when saving the embeddings
 
 
 # -- data ------------------------------------------------------------------------------
@@ -160,21 +167,22 @@ def index_names(named):
 
 
 def load_graph(opts):
-    """The graph of the options: read from --train-file (and --test-file; what is not
-    given is held out of the training file at random by seed), or generated."""
+    """The graph of the options: read from --train-file, --valid-file and --test-file
+    (PyKEEN's and most benchmarks' layout: each file is its split; what is not given is
+    held out of the training file at random by seed), or generated."""
     vf, tf = opts["valid_fraction"], opts["test_fraction"]
     if opts.get("train_file"):
+        given = {part: opts.get(f"{part}_file") for part in ("train", "valid", "test")}
+        files = {part: path for part, path in given.items() if path}
         # parsed once per machine: later reads (launched workers) memory-map the cache
-        files = [opts["train_file"], *([opts["test_file"]] if opts.get("test_file") else [])]
         ids, entity_names, relation_names = readers.merge_triples(
-            [readers.read_triples(path, cache=True) for path in files])
-        if len(ids) == 2:
-            train, valid, _ = split(ids[0], vf, 0.0, opts["seed"])
-            test = ids[1]
-        else:
-            train, valid, test = split(ids[0], vf, tf, opts["seed"])
-        return Graph(len(entity_names), len(relation_names), train, valid, test,
-                     entity_names, relation_names)
+            [readers.read_triples(path, cache=True) for path in files.values()])
+        parts = dict(zip(files, ids))
+        train, valid, test = split(parts["train"], 0.0 if "valid" in parts else vf,
+                                   0.0 if "test" in parts else tf, opts["seed"])
+        return Graph(len(entity_names), len(relation_names), train,
+                     parts.get("valid", valid), parts.get("test", test), entity_names,
+                     relation_names)
     triples = synthetic(opts["entities"], opts["relations"], opts["triples"],
                         opts["clusters"], opts["noise"], opts["seed"])
     return Graph(opts["entities"], opts["relations"], *split(triples, vf, tf, opts["seed"]))
@@ -361,7 +369,7 @@ def train(w, opts):
     if w.rank == 0:
         print(f"[{APP}] {w.num_nodes} node(s) x {w.workers_per_node} worker(s), mode "
               f"{w.mode}", flush=True)
-    valid = graph.valid[:opts["valid_sample"]]
+    valid = valid_sample(graph.valid, opts["valid_sample"], opts["seed"])
     before = evaluate(w, graph, graph.test, known, dim) if w.rank == 0 else None
     w.barrier()  # nobody trains before the untrained model is measured
     rng = np.random.default_rng([opts["seed"], 2, w.rank])
@@ -408,10 +416,42 @@ def train(w, opts):
             log.append(text)
         w.barrier()
     after = evaluate(w, graph, graph.test, known, dim) if w.rank == 0 else None
+    if w.rank == 0 and opts.get("save_embeddings"):
+        save_embeddings(opts["save_embeddings"], w, graph, dim)
     result = {"points": opts["epochs"] * mine.shape[0], "seconds": seconds, "before": before,
               "after": after, "log": log, "node": w.node, "num_workers": w.num_workers,
               "accesses": accesses.as_dict()}
     return save_worker_result(opts, w, result)
+
+
+def valid_sample(valid, size, seed):
+    """The validation triples ranked after every epoch: all of them, or a seeded choice
+    of `size` (a file's first lines may be one relation's, or sorted)."""
+    if valid.shape[0] <= size:
+        return valid
+    pick = np.random.default_rng([seed, 3]).choice(valid.shape[0], size, replace=False)
+    return valid[np.sort(pick)]
+
+
+def save_embeddings(folder, table, graph, dim):
+    """The trained embeddings in `folder`: entities.npy (E, 2 dim) and relations.npy
+    (R, 2 dim), float32, each row [real parts (dim) | imaginary parts (dim)];
+    entities.tsv and relations.tsv, the names one per line in id order (row i of the
+    .npy is the name on line i + 1); model.json: the model, dim, layout and score."""
+    os.makedirs(folder, exist_ok=True)
+    keys = np.arange(graph.entities + graph.relations, dtype=np.uint64)
+    emb = np.concatenate([table.pull(keys[s:s + PULL_CHUNK])
+                          for s in range(0, keys.shape[0], PULL_CHUNK)])[:, :2 * dim]
+    entity_names, relation_names = graph.names()
+    for part, rows, names in (("entities", emb[:graph.entities], entity_names),
+                              ("relations", emb[graph.entities:], relation_names)):
+        np.save(os.path.join(folder, f"{part}.npy"), np.ascontiguousarray(rows))
+        with open(os.path.join(folder, f"{part}.tsv"), "w", encoding="utf-8") as f:
+            f.write("".join(f"{name}\n" for name in names))
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        json.dump({"model": "ComplEx", "dim": dim, "entities": graph.entities,
+                   "relations": graph.relations, "layout": "[real (dim) | imaginary (dim)]",
+                   "score": "Re(sum(h * r * conj(t)))"}, f, indent=1)
 
 
 def table_shape(graph, opts):
@@ -444,7 +484,7 @@ def finish(results):
 DEFAULTS = dict(entities=2000, relations=16, triples=40_000, clusters=16, noise=0.05,
                 dim=16, epochs=4, batch=256, negatives=8, lr=0.05, reg=0.02, init_std=0.1,
                 sample_ahead=16, lookahead=None, valid_fraction=0.05, test_fraction=0.05,
-                valid_sample=500, seed=0)
+                valid_sample=500, seed=0, save_embeddings=None)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -478,23 +518,32 @@ DEFAULTS = dict(entities=2000, relations=16, triples=40_000, clusters=16, noise=
               type=click.IntRange(min=0),
               help="clocks before its batch at which a batch's negatives are drawn")
 @click.option("--valid-fraction", default=DEFAULTS["valid_fraction"], show_default=True,
-              type=click.FloatRange(0, 1), help="share held out for validation")
+              type=click.FloatRange(0, 1),
+              help="share held out for validation (not with --valid-file)")
 @click.option("--test-fraction", default=DEFAULTS["test_fraction"], show_default=True,
               type=click.FloatRange(0, 1),
               help="share held out for testing (not with --test-file)")
 @click.option("--valid-sample", default=DEFAULTS["valid_sample"], show_default=True,
               type=click.IntRange(min=0),
-              help="validation triples ranked after each epoch (0: none)")
+              help="validation triples ranked after each epoch, a seeded choice (0: none)")
 @click.option("--train-file", type=click.Path(exists=True, dir_okay=False),
               help="training triples: head<TAB>relation<TAB>tail names per line")
+@click.option("--valid-file", type=click.Path(exists=True, dir_okay=False),
+              help="validation triples, same format (default: --valid-fraction of "
+                   "--train-file)")
 @click.option("--test-file", type=click.Path(exists=True, dir_okay=False),
               help="test triples, same format (default: --test-fraction of --train-file)")
 @click.option("--save-data", type=click.Path(file_okay=False),
               help="write the graph to DIR/train.tsv, DIR/valid.tsv and DIR/test.tsv")
+@click.option("--save-embeddings", type=click.Path(file_okay=False),
+              help="write the trained embeddings to DIR: entities.npy and relations.npy "
+                   "([real | imaginary] rows), their names in entities.tsv and "
+                   "relations.tsv, model.json")
 def main(nodes, workers_per_node, mode, save_data, json_path, **options):
     """Train ComplEx knowledge-graph embeddings; report filtered MRR and Hits@10."""
-    if options["test_file"] and not options["train_file"]:
-        raise click.UsageError("--test-file needs --train-file")
+    for part in ("valid", "test"):
+        if options[f"{part}_file"] and not options["train_file"]:
+            raise click.UsageError(f"--{part}-file needs --train-file")
     if options["valid_fraction"] + options["test_fraction"] >= 1:
         raise click.UsageError("--valid-fraction plus --test-fraction must be below 1")
     if options["clusters"] > options["entities"]:
@@ -529,6 +578,8 @@ def main(nodes, workers_per_node, mode, save_data, json_path, **options):
     print(f"[{APP}] test filtered MRR {summary['mrr_after']:.4f}, Hits@{HITS_AT} "
           f"{summary['hits10_after']:.4f} (untrained: {summary['mrr_before']:.4f}, "
           f"{summary['hits10_before']:.4f})", flush=True)
+    if opts["save_embeddings"]:
+        print(f"[{APP}] wrote the embeddings to {opts['save_embeddings']}", flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(summary, f, indent=1)

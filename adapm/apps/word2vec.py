@@ -29,9 +29,11 @@ drawn from one topic) or any plain-text file (sentences split at . ! ? and blank
 one sentence per line with --one-sentence-per-line). `--save-vectors FILE` writes the
 word vectors in word2vec's text format (gensim: KeyedVectors.load_word2vec_format(FILE,
 binary=False)). Metrics: the training loss per epoch, the
-loss of held-out sentences' pairs with fixed negatives (trained against untrained), the
-nearest neighbours (cosine of input vectors) of the most frequent words and, for the
-generated corpus, the share of those neighbours in the word's own topic."""
+loss of held-out sentences' pairs with fixed negatives (trained against untrained; with
+`--heldout 0` every sentence is trained on and the loss is that of training pairs), the
+nearest neighbours (cosine of input vectors) of the words named by `--probe` (default: the
+most frequent words that are not stop words) and, for the generated corpus, the share of
+the most frequent words' neighbours in the word's own topic."""
 
 import io
 import json
@@ -215,11 +217,21 @@ def noise_distribution(corpus, exponent):
     return Distribution(corpus.counts.astype(np.float64) ** exponent)
 
 
+def loss_pairs(opts):
+    """Whose pairs the evaluation loss is measured on: the held-out sentences', or with
+    heldout 0 (every sentence trained on) the training sentences'."""
+    return "held-out" if opts["heldout"] > 0 else "training"
+
+
 def heldout_pairs(corpus, opts):
-    """The held-out pairs (at most opts['heldout_pairs'], a seeded choice) and their fixed
-    negatives, output keys drawn from the noise distribution the training draws from: the
-    same for every run with this seed, whatever the number of nodes and workers."""
-    _, held = split_sentences(corpus, opts["heldout"])
+    """The evaluation pairs (at most opts['heldout_pairs'], a seeded choice) of the
+    held-out sentences (with heldout 0: of the training sentences, loss_pairs) and their
+    fixed negatives, output keys drawn from the noise distribution the training draws
+    from: the same for every run with this seed, whatever the number of nodes and
+    workers."""
+    train, held = split_sentences(corpus, opts["heldout"])
+    if loss_pairs(opts) == "training":
+        held = train
     centres, contexts = skipgram_pairs(*corpus.sentences(held), opts["window"])
     rng = np.random.default_rng([opts["seed"], 7])
     if centres.shape[0] > opts["heldout_pairs"]:
@@ -344,22 +356,63 @@ def write_vectors(path, words, vectors):
             f.write(f"{word} {row}\n")
 
 
+# English function words: the most frequent words of any English text, whose neighbours
+# say little, are not printed by default (the user names words with --probe).
+STOP_WORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before
+being below between both but by can could did do does doing down during each few for from
+further had has have having he her here hers herself him himself his how i if in into is
+it its itself just me more most my myself no nor not now of off on once only or other our
+ours ourselves out over own same she should so some such than that the their theirs them
+themselves then there these they this those through to too under until up very was we
+were what when where which while who whom why will with would you your yours yourself
+yourselves also may might must shall upon us
+""".split())
+
+
+def probe_words(opts):
+    """The words named by opts['probe'] (comma-separated, or a list), lowercased as the
+    text reader lowercases the corpus; [] when none are named."""
+    probe = opts.get("probe") or []
+    if isinstance(probe, str):
+        probe = probe.split(",")
+    return [word.strip().lower() for word in probe if word.strip()]
+
+
+def shown_ids(corpus, opts):
+    """The ids of the words whose neighbours are printed: the --probe words, else the
+    --show most frequent words that are not STOP_WORDS. ValueError for a named word
+    outside the vocabulary."""
+    named = probe_words(opts)
+    if not named:
+        kept = [i for i, word in enumerate(corpus.words) if word not in STOP_WORDS]
+        return np.array(kept[:opts["show"]], dtype=np.int64)
+    index = {word: i for i, word in enumerate(corpus.words)}
+    missing = [word for word in named if word not in index]
+    if missing:
+        raise ValueError(f"--probe: not in the vocabulary: {', '.join(missing)} (words seen "
+                         "at least --min-count times, at most --max-vocab of them)")
+    return np.array([index[word] for word in named], dtype=np.int64)
+
+
 def neighbour_report(vectors, corpus, opts):
-    """Neighbours of the most frequent words by the word vectors; for a generated corpus
+    """Neighbours of the words of shown_ids by the word vectors; for a generated corpus
     also the neighbour precision (share of the TOP_K neighbours of each of the `probes`
     most frequent words that are in its planted topic) and its chance level."""
     v = corpus.vocab_size
     vectors = vectors.astype(np.float64)
-    shown, probed = min(opts["show"], v), min(opts["probes"], v)
-    top, sims = nearest(vectors, np.arange(max(shown, probed)), TOP_K)
+    shown, probed = shown_ids(corpus, opts), min(opts["probes"], v)
     lines = []
-    for i in range(shown):
-        near = ", ".join(f"{corpus.words[j]} {s:.2f}" for j, s in zip(top[i], sims[i]))
-        lines.append(f"{corpus.words[i]}: {near}")
+    if shown.shape[0]:
+        top, sims = nearest(vectors, shown, TOP_K)
+        for i, word in enumerate(shown):
+            near = ", ".join(f"{corpus.words[j]} {s:.2f}" for j, s in zip(top[i], sims[i]))
+            lines.append(f"{corpus.words[word]}: {near}")
     precision = chance = None
     if corpus.topics is not None and probed:
         topics, probes = corpus.topics, np.arange(probed)
-        precision = float((topics[top[:probed]] == topics[probes, None]).mean())
+        top, _ = nearest(vectors, probes, TOP_K)
+        precision = float((topics[top] == topics[probes, None]).mean())
         sizes = np.bincount(topics)
         chance = float(((sizes[topics[probes]] - 1) / (v - 1)).mean())
     return lines, precision, chance, probed
@@ -403,6 +456,11 @@ class Negatives:
     def take(self, clock):
         self.prepare(clock)
         return self.handles.pop(clock)
+
+
+def loss_label(opts):
+    """The evaluation loss's name in the printed lines."""
+    return "held-out loss" if loss_pairs(opts) == "held-out" else "training-sample loss"
 
 
 def train(w, opts):
@@ -460,7 +518,7 @@ def train(w, opts):
             shares.append(local / max(local + remote, 1))
             heldout_losses.append(pair_loss(w, v, dim, *held))
             text = (f"epoch {epoch + 1}/{opts['epochs']}: training loss "
-                    f"{train_losses[-1]:.4f}, held-out loss {heldout_losses[-1]:.4f}, "
+                    f"{train_losses[-1]:.4f}, {loss_label(opts)} {heldout_losses[-1]:.4f}, "
                     f"{rates[-1]:,.0f} pairs/s per worker, {shares[-1]:.1%} of key "
                     "accesses local")
             print(f"[{APP}] {text}", flush=True)
@@ -474,7 +532,7 @@ def train(w, opts):
             write_vectors(opts["save_vectors"], corpus.words, vectors)
         neighbours, precision, chance, probed = neighbour_report(vectors, corpus, opts)
         result["metrics"] = dict(
-            log=log, heldout_before=before,
+            log=log, loss_pairs=loss_pairs(opts), heldout_before=before,
             heldout_after=heldout_losses[-1] if heldout_losses else before,
             train_losses=train_losses, heldout_losses=heldout_losses, pairs_per_s=rates,
             local_share=shares, neighbours=neighbours, precision=precision, chance=chance,
@@ -497,7 +555,8 @@ DEFAULTS = dict(text=None, one_sentence_per_line=False, min_count=5, max_vocab=0
                 topics=20, sentences=20_000, sentence_length=10, noise=0.1, zipf=1.0,
                 heldout=0.05, heldout_pairs=20_000, dim=32, window=2, negatives=5,
                 ns_exponent=0.75, subsample=0.0, epochs=3, batch=1024, lr=0.1, lookahead=None,
-                probes=100, show=5, seed=0, save_vectors=None, worker_json=None)
+                probes=100, show=5, probe=None, seed=0, save_vectors=None,
+                worker_json=None)
 
 
 def build_corpus(opts):
@@ -517,14 +576,16 @@ def check(opts):
                       ("batch", 1), ("heldout_pairs", 1)):
         if opts[name] < low:
             raise ValueError(f"{name} must be >= {low}, got {opts[name]}")
-    if not 0 < opts["heldout"] < 1:
-        raise ValueError(f"heldout must be in (0, 1), got {opts['heldout']}")
+    if not 0 <= opts["heldout"] < 1:
+        raise ValueError(f"heldout must be in [0, 1), got {opts['heldout']}")
     if not 0 <= opts["ns_exponent"] < float("inf"):
         raise ValueError(f"ns_exponent must be a number >= 0, got {opts['ns_exponent']}")
 
 
-def check_heldout(corpus, opts):
-    if heldout_pairs(corpus, opts)[0].shape[0] == 0:
+def check_corpus(corpus, opts):
+    """ValueError for a corpus the options cannot train and evaluate on."""
+    shown_ids(corpus, opts)  # the --probe words are in the vocabulary
+    if heldout_pairs(corpus, opts)[0].shape[0] == 0 and opts["heldout"] > 0:
         raise ValueError("the held-out sentences have no pairs: raise --heldout or give a "
                          "larger corpus")
 
@@ -541,7 +602,7 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
     opts = dict(DEFAULTS, **(opts or {}), **changes)
     check(opts)
     corpus = corpus if corpus is not None else build_corpus(opts)
-    check_heldout(corpus, opts)
+    check_corpus(corpus, opts)
     num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"])
     results = start_cluster(APP, train, dict(opts, corpus=corpus), num_keys, value_length,
                             EmbeddingInit(corpus.vocab_size, opts["dim"], opts["seed"]),
@@ -575,8 +636,9 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
 @click.option("--zipf", default=DEFAULTS["zipf"], show_default=True,
               help="generated corpus: Zipf exponent of the word frequencies")
 @click.option("--heldout", default=DEFAULTS["heldout"], show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="share of the sentences held out for the held-out loss")
+              type=click.FloatRange(0, 1, max_open=True),
+              help="share of the sentences held out for the held-out loss (0: train on "
+                   "every sentence; the loss is then measured on training pairs)")
 @click.option("--heldout-pairs", default=DEFAULTS["heldout_pairs"],
               type=click.IntRange(min=1), show_default=True,
               help="at most this many held-out pairs are scored")
@@ -600,10 +662,15 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
 @click.option("--lr", default=DEFAULTS["lr"], show_default=True, help="AdaGrad learning rate")
 @click.option("--probes", default=DEFAULTS["probes"], type=click.IntRange(min=1),
               show_default=True,
-              help="most frequent words whose neighbours the precision is measured on")
+              help="generated corpus: the neighbour precision is measured on this many of "
+                   "the most frequent words")
 @click.option("--show", default=DEFAULTS["show"], type=click.IntRange(min=0),
               show_default=True,
-              help="most frequent words whose neighbours are printed")
+              help="without --probe: the neighbours of this many of the most frequent words "
+                   "are printed, stop words (the, of, ...) left out")
+@click.option("--probe", metavar="WORDS", default=None,
+              help="comma-separated words whose nearest neighbours are printed, e.g. "
+                   "--probe king,paris,music")
 @click.option("--save-vectors", type=click.Path(dir_okay=False, resolve_path=True),
               help="write the word vectors to FILE in word2vec's text format (rank 0)")
 def main(nodes, workers_per_node, mode, json_path, **opts):
@@ -618,7 +685,7 @@ def main(nodes, workers_per_node, mode, json_path, **opts):
             if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise ValueError(f"{path}: no such directory")
         corpus = build_corpus(opts)
-        check_heldout(corpus, opts)
+        check_corpus(corpus, opts)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     source = opts["text"] or (f"generated corpus ({opts['topics']} topics, Zipf "
@@ -633,7 +700,7 @@ def main(nodes, workers_per_node, mode, json_path, **opts):
     result = run(opts, nodes, workers_per_node, mode, corpus=corpus)
     if result is None:
         return  # a worker other than rank 0 under adapm-launch: rank 0 reports
-    print(f"[{APP}] done in {time.perf_counter() - start:.1f} s: held-out loss "
+    print(f"[{APP}] done in {time.perf_counter() - start:.1f} s: {loss_label(opts)} "
           f"{result['heldout_before']:.4f} untrained -> {result['heldout_after']:.4f} "
           f"trained; in training {result['local_share'][-1]:.1%} of key accesses were "
           "local (last epoch, all workers)", flush=True)
@@ -651,7 +718,7 @@ def main(nodes, workers_per_node, mode, json_path, **opts):
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     if not result["heldout_after"] < result["heldout_before"]:
-        raise SystemExit(f"[{APP}] training did not improve the held-out loss")
+        raise SystemExit(f"[{APP}] training did not improve the {loss_label(opts)}")
 
 
 if __name__ == "__main__":
