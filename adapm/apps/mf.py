@@ -63,13 +63,23 @@ APP = "mf"
 
 
 DEFAULTS = dict(rows=20_000, cols=2_000, train=400_000, test=40_000, rank=16, noise=0.1,
-                mean=0.0, bias_std=0.0, epochs=4, batch=256, lr=0.1, reg=0.01, biases=None,
+                mean=0.0, bias_std=0.0, epochs=4, batch=256, lr=0.1, reg=None, biases=None,
                 valid_fraction=0.05, lookahead=None, seed=0, data=None, test_data=None,
                 save_factors=None, worker_json=None)
 TEST_FRACTION = 0.1      # held out of --data as test cells when there is no --test-data
 BASELINE_DAMPING = 10.0  # the bias baseline's shrinkage: a bias from n cells is their
 BASELINE_SWEEPS = 10     # mean residual times n / (n + 10) (Koren's damped means)
 PULL_CHUNK = 65_536      # keys per pull when the whole model is read
+# --reg when not given: the generated default matrix (low noise, many cells per row) wants
+# little; real ratings (MovieLens) overfit with it and want about 0.1 (docs/app-mf.md).
+REG_GENERATED, REG_RATINGS = 0.01, 0.1
+
+
+def reg_of(opts):
+    """The L2 penalty per cell: --reg, else the default for the kind of data."""
+    if opts["reg"] is not None:
+        return float(opts["reg"])
+    return REG_RATINGS if opts["data"] else REG_GENERATED
 
 
 def with_defaults(opts):
@@ -424,7 +434,7 @@ def train(w, opts):
         t0 = time.perf_counter()
         for idx in loader:
             fused_step(w, np.concatenate([r[idx], rows + c[idx]]), y[idx], model, opt,
-                       opts["reg"])
+                       reg_of(opts))
             progress.update(len(idx), prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         seconds += elapsed
@@ -476,7 +486,7 @@ def train_plain(opts):
         t0 = time.perf_counter()
         for idx in minibatches(len(y), opts["batch"], rng):
             adagrad_step(table, np.concatenate([r[idx], rows + c[idx]]), y[idx], model,
-                         opts["lr"], opts["reg"])
+                         opts["lr"], reg_of(opts))
             progress.update(len(idx), prefix=f"epoch {epoch + 1}: ")
         seconds += time.perf_counter() - t0
         print(f"[{APP}] plain epoch {epoch + 1}/{opts['epochs']}: "
@@ -547,9 +557,10 @@ def finish(results):
 @click.option("--batch", default=DEFAULTS["batch"], show_default=True,
               type=click.IntRange(min=1), help="training cells per minibatch")
 @click.option("--lr", default=DEFAULTS["lr"], show_default=True, help="AdaGrad step size")
-@click.option("--reg", default=DEFAULTS["reg"], show_default=True,
-              help="L2 penalty on the factors and biases of each cell (ratings such as "
-                   "MovieLens's want about 0.1: docs/app-mf.md)")
+@click.option("--reg", type=float, default=None,
+              help=f"L2 penalty on the factors and biases of each cell (default: "
+                   f"{REG_RATINGS} with --data, whose ratings such as MovieLens's overfit "
+                   f"with less; {REG_GENERATED} for the generated matrix: docs/app-mf.md)")
 @click.option("--biases/--no-biases", default=None,
               help="model a global mean and row (user) and column (item) biases: mean + "
                    "b_row + b_col + p_row . q_col (default: with --data, or a generated "
