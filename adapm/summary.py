@@ -11,6 +11,8 @@ replica goes through the node server (a message), so it counts as remote. The co
 are the workers' own (w.stats()); a launcher's table covers the whole run (the apps'
 initialisation and evaluations included), an app's own line only its training loops."""
 
+import textwrap
+
 import numpy as np
 
 from adapm.table import NODE_COUNTERS, NODE_SLOT, WORKER_SLOT
@@ -79,9 +81,20 @@ def total(per_node):
     return stats
 
 
-def format_summary(per_node, with_total=None):
+LEGEND = (
+    "local %: keys workers pulled, pushed or set in their own node's table, without a "
+    "message; pulls/pushes remote: keys accessed through a message; relocated: keys that "
+    "moved to the node; replicas: replicas the node granted as owner; dropped: replicas "
+    "the node gave up; late: keys whose intent reached the node after the worker's clock "
+    "had passed its start (not local in time); MB sent: by the node's workers and its "
+    "server; malformed: messages refused. The table counts the whole run (initialisation "
+    "and evaluations included, and the server's own traffic); an app's 'done' line counts "
+    "its training loops only, so its local share and MB differ.")
+
+
+def format_summary(per_node, with_total=None, legend=True):
     """A text table of {node: stats}, one row per node, and a row `all` with the sums
-    (default: when there is more than one node)."""
+    (default: when there is more than one node), then the columns' LEGEND."""
     rows = [[title for _, title in COLUMNS]]
     entries = sorted(per_node.items())
     if with_total if with_total is not None else len(per_node) > 1:
@@ -99,7 +112,8 @@ def format_summary(per_node, with_total=None):
                 row.append(str(stats[name]))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+    table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+    return f"{table}\n{textwrap.fill(LEGEND, 100)}" if legend else table
 
 
 def title(nodes, mode, missing=()):

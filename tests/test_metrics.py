@@ -422,13 +422,24 @@ def test_summary_table_has_a_total_row_over_every_node():
         return summary.from_numbers([numbers[name] for name in summary.REPORTED])
 
     per_node = {0: stats(9, 1, 3), 1: stats(1, 9, 4), 2: stats(10, 0, 0)}
-    table = summary.format_summary(per_node).splitlines()
+    table = summary.format_summary(per_node, legend=False).splitlines()
     assert [line.split()[0] for line in table[1:]] == ["0", "1", "2", summary.TOTAL]
     total = table[-1].split()
     assert total[1] == f"{100 * 20 / 30:.1f}" and total[2] == "10"  # local %, pulls remote
     assert total[4] == "7" and total[8] == "6.0"                    # relocated, MB sent
-    assert len(summary.format_summary({0: per_node[0]}).splitlines()) == 2
+    assert len(summary.format_summary({0: per_node[0]}, legend=False).splitlines()) == 2
     assert "no statistics from node(s) 2" in summary.title({0: 0, 1: 0}, "static", {2})
+
+
+def test_summary_table_explains_its_columns_and_why_an_apps_line_differs():
+    """Issue 17, point 11: `late` and `dropped` had no legend, and the table's local share
+    and bytes differed from an app's final line without a word why."""
+    numbers = dict.fromkeys(summary.REPORTED, 0)
+    stats = summary.from_numbers([numbers[name] for name in summary.REPORTED])
+    text = " ".join(summary.format_summary({0: stats, 1: stats}).split())
+    for column in ("late:", "dropped:", "replicas:", "relocated:", "MB sent:", "local %:"):
+        assert column in text, column
+    assert "whole run" in text and "training loops only" in text
 
 
 def test_metrics_need_prometheus_client(monkeypatch):

@@ -606,8 +606,9 @@ def main(nodes, workers_per_node, mode, fanouts, save_data, plain, json_path, **
     summary["wall_seconds"] = time.perf_counter() - start
     partial = "" if summary["workers"] == summary.get("cluster_workers", 1) else \
         " (worker 0's own figures; --worker-json collects every worker's)"
-    traffic = "" if plain else (f"; {summary['local_share']:.1%} of key accesses local, "
-                                f"{summary['bytes_sent'] / 1e6:.1f} MB sent between nodes")
+    traffic = "" if plain else (f"; {summary['local_share']:.1%} of key accesses local in "
+                                f"training, {summary['bytes_sent'] / 1e6:.1f} MB sent "
+                                "between nodes")
     print(f"[{APP}] done in {summary['wall_seconds']:.1f} s: "
           f"{summary['data_points_per_s']:,.0f} samples (nodes)/s{traffic}{partial}",
           flush=True)

@@ -573,7 +573,7 @@ def main(nodes, workers_per_node, mode, save_data, json_path, **options):
         " (worker 0's own figures; --worker-json collects every worker's)"
     print(f"[{APP}] done in {time.perf_counter() - start:.1f} s: "
           f"{summary['data_points_per_s']:,.0f} data points (triples)/s; "
-          f"{summary['local_share']:.1%} of key accesses local, "
+          f"{summary['local_share']:.1%} of key accesses local in training, "
           f"{summary['bytes_sent'] / 1e6:.1f} MB sent between nodes{partial}", flush=True)
     print(f"[{APP}] test filtered MRR {summary['mrr_after']:.4f}, Hits@{HITS_AT} "
           f"{summary['hits10_after']:.4f} (untrained: {summary['mrr_before']:.4f}, "

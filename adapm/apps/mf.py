@@ -611,7 +611,7 @@ def main(nodes, workers_per_node, mode, save_data, plain, json_path, **options):
           f"{summary['data_points_per_s']:,.0f} data points/s; test RMSE "
           f"{summary['rmse_before']:.4f} untrained -> {summary['rmse_after']:.4f} trained "
           f"(bias-only baseline {summary['rmse_baseline']:.4f})"
-          + ("" if plain else f"; {summary['local_share']:.1%} of key accesses local, "
+          + ("" if plain else f"; {summary['local_share']:.1%} of key accesses local in training, "
                           f"{summary['bytes_sent'] / 1e6:.1f} MB sent between nodes"),
           flush=True)
     if opts["save_factors"]:
