@@ -1,10 +1,11 @@
 """Initial values of the parameters.
 
-Schemes (API.md): None/"zeros"; ("uniform", low, high, seed); ("normal", std, seed); or a
-callable init(keys) -> values (one with `needs_value_length`, as adapm.optim's inits, is
-called init(keys, value_length)). The random schemes are counter based: the value of element
-j of key k is a pure function of (seed, k, j) (a SplitMix64 hash), so the same seed gives
-the same values whatever the number of nodes and whichever node computes them."""
+Schemes (docs/design/API.md): None/"zeros"; ("uniform", low, high, seed); ("normal", std,
+seed); or a callable init(keys) -> values (one with `needs_value_length`, as adapm.optim's
+inits, is called init(keys, value_length)). The random schemes are counter based: the
+value of element j of key k is a pure function of (seed, k, j) (a SplitMix64 hash), so the
+same seed gives the same values whatever the number of nodes and whichever node computes
+them."""
 
 import os
 

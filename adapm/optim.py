@@ -1,4 +1,4 @@
-"""Sparse optimizers fused into the table (API.md "Sparse optimizers").
+"""Sparse optimizers fused into the table (docs/design/API.md, "Sparse optimizers").
 
     opt = adapm.optim.Adagrad(lr=0.1)
     adapm.run(task, num_keys=n, value_length=opt.value_length(dim),
@@ -92,7 +92,7 @@ class SparseOptimizer:
 
     def init(self, init=None):
         """Initial values for this optimizer's layout, for adapm.run/adapm-launch: rows
-        by `init` (any init spec of API.md: None, ("uniform", low, high, seed),
+        by `init` (any init spec of docs/design/API.md: None, ("uniform", low, high, seed),
         ("normal", std, seed) or a callable for the rows), state at its start."""
         return OptimizerInit(self, init)
 

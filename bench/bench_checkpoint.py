@@ -1,6 +1,6 @@
 """B12 checkpoint: w.save of a 10M x 16 float32 table on one node, and of the same table on
 2 nodes, against a dd-style sequential write (with fsync) of the same bytes to the same
-disk in the same run (../shared/docs/BENCHMARKS.md). Target: >= 0.5x its bandwidth.
+disk in the same run (docs/design/BENCHMARKS.md). Target: >= 0.5x its bandwidth.
 
 The save's bandwidth counts only the values' bytes (the keys and manifests it writes
 besides are its overhead) over the whole of w.save: the phases, the sync, every node's

@@ -1,4 +1,4 @@
-"""B9 node-server CPU (../shared/docs/BENCHMARKS.md): CPU seconds of all node servers per
+"""B9 node-server CPU (docs/design/BENCHMARKS.md): CPU seconds of all node servers per
 million key accesses, on the Zipf workload (2 nodes x 2 workers, adaptive) and on B5's
 matrix factorisation (2 nodes x 1 worker, adaptive, 1 epoch), for this checkout and, with
 `--baseline PATH`, for another checkout (the previous commit, built in place: `git worktree

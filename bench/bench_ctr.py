@@ -1,4 +1,4 @@
-"""B11 CTR (../shared/docs/BENCHMARKS.md): the ctr app (hashed EmbeddingBag rows with fused
+"""B11 CTR (docs/design/BENCHMARKS.md): the ctr app (hashed EmbeddingBag rows with fused
 Adagrad in the parameter server, the MLPs under DistributedDataParallel), 2 nodes x 1
 worker on this machine, against the same model as one process with torch.nn.EmbeddingBag
 (sparse gradients) and torch.optim.Adagrad, on the same generated data, batch size and

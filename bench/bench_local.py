@@ -1,4 +1,4 @@
-"""B1 local pull, B2 local push, B3 concurrent local (../shared/docs/BENCHMARKS.md).
+"""B1 local pull, B2 local push, B3 concurrent local (docs/design/BENCHMARKS.md).
 
 B1/B2 run inside one worker process of a one-node cluster, against numpy on a plain array
 of the same shape in the same process. B3 runs W worker processes on hot keys."""

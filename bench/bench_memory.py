@@ -1,4 +1,4 @@
-"""M1 memory: a table of 10M keys x 16 float32 on one node (../shared/docs/BENCHMARKS.md).
+"""M1 memory: a table of 10M keys x 16 float32 on one node (docs/design/BENCHMARKS.md).
 
 Creation is timed as the node server does it (segment, directory, slots, zero init);
 the overhead is the memory the segment really uses once every value is written, minus the

@@ -1,4 +1,4 @@
-"""B5 and B6: matrix factorisation end to end (../shared/docs/BENCHMARKS.md).
+"""B5 and B6: matrix factorisation end to end (docs/design/BENCHMARKS.md).
 
 B5: the MF app on its Zipf(1.1) synthetic matrix (100k x 10k, 1M training and 100k test
 cells, true rank 16, noise 0.1; rank-16 factors, AdaGrad), 2 nodes x 1 worker on this
@@ -30,7 +30,7 @@ from common import RESULTS_DIR, line, save, verdict
 B5 = dict(rows=100_000, cols=10_000, train=1_000_000, test=100_000, rank=16, noise=0.1,
           batch=256, lr=0.1, reg=0.01, lookahead=None, seed=0)
 MODES = ("static", "adaptive", "relocate_only", "replicate_only", "replicate_all")
-# The targets of ../shared/docs/BENCHMARKS.md, for mode adaptive: data points/s against
+# The targets of docs/design/BENCHMARKS.md, for mode adaptive: data points/s against
 # static's and the plain numpy loop's, share of key accesses local, bytes sent against
 # static's, test RMSE against the 1-node run's (relative). B6 has a speed target only.
 B5_TARGETS = dict(vs_static=3.0, vs_plain=1.5, local_share=0.99, bytes_vs_static=0.05,
@@ -117,7 +117,7 @@ def plot(name, rows, targets=None, folder=RESULTS_DIR):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.suptitle(f"{name}: every run; targets for mode adaptive "
-                 "(../shared/docs/BENCHMARKS.md)")
+                 "(docs/design/BENCHMARKS.md)")
     fig.tight_layout()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.png")

@@ -1,4 +1,4 @@
-"""B8 reaction and B10 miss cost (../shared/docs/BENCHMARKS.md).
+"""B8 reaction and B10 miss cost (docs/design/BENCHMARKS.md).
 
 B8: 2 nodes x 1 worker; the worker of node 0 announces a key it does not hold (homed on
 node 1, nobody else intends it) for its current clock, then polls its table until the key

@@ -1,4 +1,4 @@
-"""B4 remote pull, and the synthetic Zipf access benchmark (../shared/docs/BENCHMARKS.md).
+"""B4 remote pull, and the synthetic Zipf access benchmark (docs/design/BENCHMARKS.md).
 
 B4: two nodes on loopback; a worker of node 0 pulls 1,000 keys x 64 float32 that node 1
 owns; the reference is a raw pyzmq DEALER -> ROUTER round trip of the same bytes (request

@@ -1,4 +1,4 @@
-"""B7 scale: 1, 2, 4, 8 nodes x 2 workers (../shared/docs/BENCHMARKS.md).
+"""B7 scale: 1, 2, 4, 8 nodes x 2 workers (docs/design/BENCHMARKS.md).
 
 Every worker runs the Zipf access workload of bench_remote (batches drawn Zipf(1.1) from
 100k keys x 16 float32, pull then push) through adapm.data.IntentLoader with its default

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: timing, the printed figure lines and the JSON results.
 
 Every speed target is a ratio against a reference measured in the same run
-(../shared/docs/BENCHMARKS.md); a miss is printed as honestly as a pass."""
+(docs/design/BENCHMARKS.md); a miss is printed as honestly as a pass."""
 
 import json
 import os

@@ -131,7 +131,7 @@ def test_init_same_seed_same_values_twice():
 
 
 def bad_inputs(w):
-    """Every bad input of API.md's error table raises and changes nothing."""
+    """Every bad input of docs/design/API.md's error table raises and changes nothing."""
     before = w.pull(np.arange(w.num_keys)).copy()
     cases = [
         lambda: w.pull([-1]),
