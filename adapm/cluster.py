@@ -22,7 +22,7 @@ from adapm.coordinator import failure_text
 from adapm.errors import ClusterError
 from adapm.metrics import node_port
 from adapm.metrics import require as require_metrics
-from adapm.process import join_process, stop_process
+from adapm.process import join_process, stop_process, stop_processes
 from adapm.security import ENV_CURVE_CLIENT
 from adapm.server import serve
 from adapm.summary import node_stats
@@ -392,8 +392,7 @@ class LocalCluster:
             deadline = time.monotonic() + grace
             for proc in extra_processes:
                 join_process(proc, deadline - time.monotonic())
-            for proc in extra_processes:
-                stop_process(proc, group=groups)
+            stop_processes(extra_processes, group=groups)
             for proc in self.servers.values():
                 stop_process(proc)
             for name in self.segments:
