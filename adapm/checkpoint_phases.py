@@ -19,8 +19,12 @@ until THAW. The phases are barriers of their own, apart from the workers' barrie
 worker in save() while another waits in barrier() is a mistake that the node (or the
 coordinator, across nodes) reports as a failure, never a hang."""
 
+import logging
+
 from adapm import protocol
 from adapm.errors import ProtocolError
+
+log = logging.getLogger("adapm.checkpoint")
 
 BEGIN, FREEZE, WRITTEN, THAW = 1, 2, 3, 4
 PHASES = (BEGIN, FREEZE, WRITTEN, THAW)
@@ -100,6 +104,8 @@ class CheckpointPhases:
     def on_release(self, generation):
         """Every node is through a phase: its local workers go on."""
         save, phase = divmod(generation - GENERATION_BASE, 8)
+        log.debug("node %d: save %d: every node is through phase %s", self.ctx.node, save,
+                  PHASE_NAMES.get(phase, phase))
         if phase == THAW:
             self.rounds.frozen = False
         identities = self.local_workers.identities

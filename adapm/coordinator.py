@@ -250,6 +250,8 @@ class Coordinator:
             self.fail(FAIL_BARRIER_NODE, min(self.done))
         elif len(arrived) == self.num_nodes:
             del self.barriers[msg.generation]
+            log.debug("coordinator: every node reached %s", self.describe_barrier(
+                msg.generation))
             for peer in range(self.num_nodes):
                 self._send(peer, protocol.NodeRelease(generation=msg.generation))
         else:

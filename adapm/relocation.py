@@ -9,6 +9,7 @@
 - A sync round's request answered by relocation is a MOVE too (MOVE_FOR_ROUND), counted
   for the round by the rounds part (`on_round_move`)."""
 
+import logging
 import time
 
 import numpy as np
@@ -21,6 +22,8 @@ from adapm.ownership import home_of, split_by
 from adapm.protocol import MOVE_FOR_ROUND
 from adapm.segments import Segments
 from adapm.table import OWNED
+
+log = logging.getLogger("adapm.relocation")
 
 
 class Relocation:
@@ -50,6 +53,9 @@ class Relocation:
         self.ctx.check_keys(msg.keys)
         keys = np.unique(msg.keys)
         wanted = keys[self.ctx.not_owned(keys)]
+        log.debug("node %d: worker %d asks to localize %d keys in %d..%d, %d owned elsewhere",
+                  self.ctx.node, msg.src_worker, keys.shape[0], int(keys[0]) if keys.size
+                  else 0, int(keys[-1]) if keys.size else 0, wanted.shape[0])
         if wanted.shape[0] == 0:
             self.outbox.to_identity(identity, protocol.Localized(
                 request_id=msg.request_id, owned=keys.shape[0]))

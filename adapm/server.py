@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from adapm import checkpoint, config, failpoints, metrics, protocol
+from adapm.activity import ActivityLog
 from adapm.checkpoint_phases import (
     CheckpointPhases,
     describe_generation,
@@ -160,6 +161,7 @@ class NodeServer:
         self._formed_at = self._attached_at = None  # for the start-up log lines only
         self.outbox = None
         self._handlers = {}
+        self.activity = None        # DEBUG lines of what the node did (adapm.activity)
 
     # -- start ---------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class NodeServer:
         if "arena_full" in self.failpoints:  # the next slot needed finds the arena full
             self.table.allocator.capacity = self.table.allocator.top
         self.assemble(Outbox(self.node, self._count))
+        self.activity = ActivityLog(self.view)
         self.zmq_ctx = zmq.Context()
         if self.spec.curve is not None:
             self.auth = self.spec.curve.authenticator(self.zmq_ctx)
@@ -369,6 +372,7 @@ class NodeServer:
             handle(frames)
 
     def _housekeeping(self, now):
+        self.activity.maybe_log()
         self.relocation.expire(now)
         self.view.heartbeat()
         self.outbox.to_coordinator(protocol.Heartbeat())
@@ -543,6 +547,7 @@ class NodeServer:
     def _release_barrier(self, generation):
         """Every node reached the barrier: release it here once replicas fetched what
         was flushed before it. A checkpoint's phases need no round: nothing changed."""
+        log.debug("node %d: every node reached %s", self.node, describe_generation(generation))
         if is_checkpoint_generation(generation):
             self.checkpoints.on_release(generation)
         else:

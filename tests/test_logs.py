@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,53 @@ def test_configure_prefixes_every_line_of_a_traceback(capfd):
     assert "not shown" not in err and err.count("once") == 1, err
     assert len(lines) > 3 and all(line.startswith("[node 2 worker 5] ") for line in lines), err
     assert re.match(rf"\[node 2 worker 5\] {TIME} ERROR adapm\.test_logs: failed$", lines[0])
+
+
+def _busy_for(w, seconds):
+    """Pushes and pulls across both nodes, with barriers and a localize, for `seconds`."""
+    import numpy as np
+    rng = np.random.default_rng(w.rank)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        keys = rng.integers(0, w.num_keys, size=200)
+        w.intent(keys, w.clock, w.clock + 2)
+        w.push(keys, np.ones((200, 1), dtype=np.float32))
+        w.pull(keys)
+        w.advance_clock()
+    w.localize(np.arange(w.rank, 20, 2))
+    w.barrier()
+    return True
+
+
+def test_debug_shows_what_each_node_does_while_it_runs(capfd):
+    """Issue 17, point 11: `--log-level debug` added only 8 lines to a whole run. Now each
+    node server says every 2 s what it did (accesses, rounds, relocations, replicas,
+    bytes, with rates), and each barrier, save phase and localize."""
+    adapm.run(_busy_for, args=(5.0,), nodes=2, num_keys=1000, log_level="debug",
+              summary=False)
+    err = capfd.readouterr().err
+    for node in (0, 1):
+        activity = re.findall(rf"^\[node {node}\] {TIME} DEBUG adapm\.activity: last "
+                              r"\d+\.\d s: ([\d,]+) keys accessed \([\d.]+% local, "
+                              r"[\d,]+/s\); [\d,]+ rounds", err, re.M)
+        assert len(activity) >= 1, err
+        assert any(int(n.replace(",", "")) > 0 for n in activity), activity
+        assert re.search(rf"^\[node {node}\] {TIME} DEBUG adapm\.server: node {node}: every "
+                         r"node reached barrier\(\) number 1", err, re.M), err
+        assert re.search(rf"^\[node {node}\] {TIME} DEBUG adapm\.relocation: node {node}: "
+                         r"worker \d asks to localize 10 keys", err, re.M), err
+    assert re.search(r"DEBUG adapm\.coordinator: coordinator: every node reached barrier",
+                     err), err
+
+
+def test_an_interval_without_activity_says_nothing():
+    from adapm.activity import describe
+    quiet = dict.fromkeys(["pulls_local", "pulls_remote", "pushes_local", "pushes_remote",
+                           "sets_local", "sets_remote", "bytes_sent", "bytes_received",
+                           "node_bytes_sent", "node_bytes_received", "node_rounds_done"], 0)
+    assert describe(quiet, 2.0, 5) == ""
+    busy = dict(quiet, pulls_local=90, pulls_remote=10, node_rounds_done=4,
+                node_relocations=3, node_replicas_made=2, node_replicas_dropped=1,
+                node_late_intents=0, node_malformed_messages=0)
+    line = describe(busy, 2.0, 5)
+    assert "100 keys accessed (90.0% local, 50/s); 4 rounds (2/s), 3 keys relocated" in line
