@@ -18,16 +18,20 @@ import numpy as np
 from adapm.table import NODE_COUNTERS, NODE_SLOT, WORKER_SLOT
 
 WORKER_STATS = ("pulls_local", "pulls_remote", "pushes_local", "pushes_remote", "sets_local",
-                "sets_remote", "intents", "bytes_sent", "bytes_received", "bytes_to_node")
+                "sets_remote", "intents", "bytes_sent", "bytes_received", "bytes_to_node",
+                "samples")
 ACCESS_KINDS = ("pulls", "pushes", "sets")
 # What a node reports to the coordinator at the end (NODE_STATS, uint64 in this order):
 # its workers' counters summed, then the node's own (bytes: the sum of both).
-REPORTED = WORKER_STATS + tuple(name for name in NODE_COUNTERS if name not in WORKER_STATS)
+REPORTED = WORKER_STATS + tuple(name for name in NODE_COUNTERS if name not in WORKER_STATS) \
+    + ("sample_rate_milli",)  # the node's samples/s x 1000 (its workers' rates summed)
 COLUMNS = (("node", "node"), ("local", "local %"), ("pulls_remote", "pulls remote"),
            ("pushes_remote", "pushes remote"), ("relocations", "relocated"),
            ("replicas_made", "replicas"), ("replicas_dropped", "dropped"),
            ("late_intents", "late"), ("bytes_sent", "MB sent"),
            ("malformed_messages", "malformed"))
+# Shown when a worker called w.count_samples: the script's own data points, and their rate.
+SAMPLE_COLUMNS = (("samples", "samples"), ("sample_rate", "samples/s"))
 # Not summed in the total row: a round number and an estimate of the node's own.
 NOT_SUMMED = ("full_round_done", "reaction_us")
 TOTAL = "all"
@@ -55,7 +59,22 @@ def node_numbers(view):
     stats = {name: int(counters[:, WORKER_SLOT[name]].sum()) for name in WORKER_STATS}
     for name in NODE_COUNTERS:
         stats[name] = stats.get(name, 0) + int(view.node_counter_get(NODE_SLOT[name]))
+    stats["sample_rate_milli"] = round(1000 * sample_rate(counters))
     return np.array([stats[name] for name in REPORTED], dtype=np.uint64)
+
+
+def sample_rate(counters):
+    """Samples per second of a node: each worker's (samples after its first
+    count_samples call, over the time from that call to its last) summed, as its workers
+    run side by side. Only one machine's clock is read: no clocks are compared."""
+    rate = 0.0
+    for block in counters:
+        span = int(block[WORKER_SLOT["samples_last_ns"]]) - int(
+            block[WORKER_SLOT["samples_start_ns"]])
+        counted = int(block[WORKER_SLOT["samples"]]) - int(block[WORKER_SLOT["samples_first"]])
+        if span > 0 and counted > 0:
+            rate += counted / (span / 1e9)
+    return rate
 
 
 def from_numbers(numbers):
@@ -64,6 +83,7 @@ def from_numbers(numbers):
         raise ValueError(f"{len(numbers)} statistics, expected {len(REPORTED)}")
     stats = {name: int(value) for name, value in zip(REPORTED, numbers)}
     stats["local_share"] = local_share(*access_counts(stats))
+    stats["sample_rate"] = stats["sample_rate_milli"] / 1000.0
     return stats
 
 
@@ -78,6 +98,7 @@ def total(per_node):
     stats = {name: sum(s[name] for s in per_node.values()) for name in REPORTED
              if name not in NOT_SUMMED}
     stats["local_share"] = local_share(*access_counts(stats))
+    stats["sample_rate"] = stats["sample_rate_milli"] / 1000.0  # the nodes run side by side
     return stats
 
 
@@ -89,29 +110,35 @@ LEGEND = (
     "had passed its start (not local in time); MB sent: by the node's workers and its "
     "server; malformed: messages refused. The table counts the whole run (initialisation "
     "and evaluations included, and the server's own traffic); an app's 'done' line counts "
-    "its training loops only, so its local share and MB differ.")
+    "its training loops only, so its local share and MB differ. samples, samples/s (when "
+    "the script calls w.count_samples): data points its workers counted, and their rate "
+    "from each worker's first count to its last, summed over the workers.")
 
 
 def format_summary(per_node, with_total=None, legend=True):
     """A text table of {node: stats}, one row per node, and a row `all` with the sums
     (default: when there is more than one node), then the columns' LEGEND."""
-    rows = [[title for _, title in COLUMNS]]
+    columns = COLUMNS + (SAMPLE_COLUMNS if any(s["samples"] for s in per_node.values())
+                         else ())
+    rows = [[title for _, title in columns]]
     entries = sorted(per_node.items())
     if with_total if with_total is not None else len(per_node) > 1:
         entries.append((TOTAL, total(per_node)))
     for node, stats in entries:
         row = []
-        for name, _ in COLUMNS:
+        for name, _ in columns:
             if name == "node":
                 row.append(str(node))
             elif name == "local":
                 row.append(f"{100 * stats['local_share']:.1f}")
             elif name == "bytes_sent":
                 row.append(f"{stats['bytes_sent'] / 1e6:.1f}")
+            elif name == "sample_rate":
+                row.append(f"{stats['sample_rate']:,.0f}")
             else:
                 row.append(str(stats[name]))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
     return f"{table}\n{textwrap.fill(LEGEND, 100)}" if legend else table
 

@@ -36,6 +36,9 @@ WORKER_COUNTERS = (
     "clock", "pulls_local", "pulls_remote", "pushes_local", "pushes_remote",
     "sets_local", "sets_remote", "intents", "bytes_sent", "bytes_received", "pid",
     "bytes_to_node",
+    # Worker.count_samples: data points trained on, those of the first call, and when the
+    # first and the last call were made (time.monotonic_ns of the worker's machine).
+    "samples", "samples_first", "samples_start_ns", "samples_last_ns",
 )
 WORKER_SLOT = {name: i for i, name in enumerate(WORKER_COUNTERS)}
 # Node-level counters, written by the node server only.

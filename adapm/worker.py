@@ -81,6 +81,7 @@ class Worker:
             f"node {self.node}, worker {self.rank}")
         self._misses = np.empty(1024, dtype=np.uint64)
         self._first_touch = FirstTouchCheck(self.num_keys)  # pull_rows: state checked once
+        self._samples_started = False  # count_samples was called
         self._clock = 0
         self._barriers = 0
         self._saves = 0
@@ -638,6 +639,25 @@ class Worker:
         raise checkpoint.CheckpointError(
             f"node {self.node}, worker {self.rank}: the checkpoint at {path} was not "
             f"written ({reason}; see worker 0's error); the previous one, if any, is kept")
+
+    def count_samples(self, n):
+        """Count `n` data points (examples, ratings, triples, word pairs) this worker
+        trained on, for the cluster-wide figures at the end of the run: the statistics
+        table of adapm-launch and adapm.run gets the columns samples and samples/s per
+        node and for the whole cluster (a launched script's ranks otherwise see only
+        their own throughput). The rate runs from this worker's first call to its last,
+        without the first call's samples: call count_samples(0) as the loop starts, then
+        count_samples(batch) after each batch. A shared-memory counter: no message."""
+        self._check_open()
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"count_samples takes a count >= 0, got {n!r}")
+        now = time.monotonic_ns()
+        if not self._samples_started:
+            self._samples_started = True
+            self._view.counter_set(self.local_rank, WORKER_SLOT["samples_first"], int(n))
+            self._view.counter_set(self.local_rank, WORKER_SLOT["samples_start_ns"], now)
+        self._view.counter_add(self.local_rank, WORKER_SLOT["samples"], int(n))
+        self._view.counter_set(self.local_rank, WORKER_SLOT["samples_last_ns"], now)
 
     def stats(self):
         """Counts of keys for this worker, and in 'node' the same summed over its node plus
