@@ -103,16 +103,12 @@ def total(per_node):
 
 
 LEGEND = (
-    "local %: keys workers pulled, pushed or set in their own node's table, without a "
-    "message; pulls/pushes remote: keys accessed through a message; relocated: keys that "
-    "moved to the node; replicas: replicas the node granted as owner; dropped: replicas "
-    "the node gave up; late: keys whose intent reached the node after the worker's clock "
-    "had passed its start (not local in time); MB sent: by the node's workers and its "
-    "server; malformed: messages refused. The table counts the whole run (initialisation "
-    "and evaluations included, and the server's own traffic); an app's 'done' line counts "
-    "its training loops only, so its local share and MB differ. samples, samples/s (when "
-    "the script calls w.count_samples): data points its workers counted, and their rate "
-    "from each worker's first count to its last, summed over the workers.")
+    "local %: accesses served from the worker's own node without a message; remote: keys "
+    "accessed through one; relocated: keys moved here; replicas: granted as owner; "
+    "dropped: replicas given up; late: keys whose intent came after the clock passed its "
+    "start; MB sent: workers' and server's; samples(/s): w.count_samples, summed. The "
+    "whole run is counted (init and evaluations too): an app's 'done' line counts its "
+    "training loops only.")
 
 
 def format_summary(per_node, with_total=None, legend=True):
