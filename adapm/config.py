@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from adapm.initializers import parse_init
+from adapm.ports import parse_port
 from adapm.table import ENV_CLUSTER_TAG, cluster_tag, normalise_lengths  # noqa: F401
 
 MODES = ("adaptive", "static", "replicate_only", "relocate_only", "replicate_all")
@@ -60,9 +61,10 @@ def env_port(name):
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) > 65535:
-        raise ValueError(f"environment variable {name}={raw!r} is not a port (0 .. 65535)")
-    return int(raw)
+    try:
+        return parse_port(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r}: {exc}") from None
 
 
 def env_float(name, default):

@@ -51,7 +51,10 @@ from adapm.config import (
 from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
 from adapm.hostlist import first_host
+from adapm.launch_input import ListenPort, Port, port_variable
+from adapm.metrics import node_port
 from adapm.metrics import require as require_metrics
+from adapm.ports import parse_port
 from adapm.process import stop_process
 from adapm.security import CurveKeys, without_secrets
 from adapm.summary import format_summary
@@ -170,8 +173,12 @@ def environ_coordinator(environ):
     ADAPM_COORDINATOR, else MASTER_ADDR:MASTER_PORT, else the first host of SLURM's node
     list (port DEFAULT_COORDINATOR_PORT)."""
     if environ.get("ADAPM_COORDINATOR"):
+        split_host_port(environ["ADAPM_COORDINATOR"], DEFAULT_COORDINATOR_PORT,
+                        source="ADAPM_COORDINATOR=")
         return environ["ADAPM_COORDINATOR"]
     if environ.get("MASTER_ADDR"):
+        if environ.get("MASTER_PORT"):
+            port_variable("MASTER_PORT", environ["MASTER_PORT"])
         return f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', '')}"
     for name in NODE_LIST_VARIABLES:
         if environ.get(name):
@@ -213,13 +220,16 @@ def _int_variable(environ, name):
     return int(value)
 
 
-def split_host_port(text, default_port):
-    host, sep, port = text.rpartition(":")
+def split_host_port(text, default_port, source="--coordinator "):
+    """(HOST, PORT) of HOST[:PORT]; a port that is no port (1 .. 65535) is a usage error
+    naming `source`, the option or variable it came from."""
+    host, sep, port = text.rstrip(":").rpartition(":")
     if not sep:
-        return text, default_port
-    if not port.isdigit():
-        raise click.BadParameter(f"{text!r}: expected HOST:PORT")
-    return host, int(port)
+        return text.rstrip(":"), default_port
+    try:
+        return host, parse_port(port, lowest=1)
+    except ValueError as exc:
+        raise click.UsageError(f"{source}{text}: {exc}") from None
 
 
 def route_address(host, port):
@@ -302,9 +312,9 @@ def resolve(host):
 @click.option("--host", default=None,
               help="address the node servers listen on (local: 127.0.0.1; per machine: "
                    "the address that routes to the coordinator)")
-@click.option("--port", default="0", show_default=True,
+@click.option("--port", type=ListenPort(), default="0", show_default=True,
               help="node server port: a number, 0 for any free port, or LOW-HIGH")
-@click.option("--dist-port", type=click.IntRange(1, 65535), default=None,
+@click.option("--dist-port", type=Port(lowest=1), default=None,
               envvar=ENV_DIST_PORT,
               help="MASTER_PORT of the workers' torch.distributed group, on the "
                    "coordinator's host (default: local: a free port; per machine: the "
@@ -322,7 +332,7 @@ def resolve(host):
               default=None, envvar=ENV_LOG_LEVEL,
               help=f"of the node servers' and workers' log lines (default {logs.DEFAULT_LEVEL}: "
                    f"start-up and shutdown; DEBUG: each part's detail) [{ENV_LOG_LEVEL}]")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+@click.option("--metrics-port", type=Port(), default=None,
               envvar=ENV_METRICS_PORT,
               help="node servers serve Prometheus metrics on --host at this port, the i-th "
                    "node of this machine at PORT + i (0: any free port, logged); needs "
@@ -353,8 +363,11 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
     if metrics_port is not None:
         try:
             require_metrics()
+            node_port(metrics_port, (nodes or 1) - 1)  # the last node's port is a port
         except ImportError as exc:
             raise click.UsageError(str(exc)) from None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-port") from None
     env_nnodes, env_rank = machine_placement(os.environ)
     nnodes = nnodes or env_nnodes
     node_rank = node_rank if node_rank is not None else env_rank
@@ -395,7 +408,7 @@ def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port
     coordinator = coordinator or environ_coordinator(os.environ)
     if not coordinator:
         raise click.UsageError("--coordinator HOST:PORT is needed with --node-rank")
-    coord_host, coord_port = split_host_port(coordinator.rstrip(":"), DEFAULT_COORDINATOR_PORT)
+    coord_host, coord_port = split_host_port(coordinator, DEFAULT_COORDINATOR_PORT)
     coord_ip = resolve(coord_host)
     listen = host or route_address(coord_ip, coord_port)
     cluster_id = cluster_id or hashlib.sha256(
