@@ -202,6 +202,9 @@ def machine_placement(environ):
             "itself (torchrun --nproc-per-node 1, or --nnodes/--node-rank)")
     counts = {name: value for name in NODE_COUNT_VARIABLES
               if (value := _int_variable(environ, name)) is not None}
+    for name, value in counts.items():  # 0 would read as "not said": a local cluster
+        if value < 1:
+            raise click.UsageError(f"{name}={value}: a cluster has at least one node")
     if len(set(counts.values())) > 1:
         said = ", ".join(f"{name}={value}" for name, value in counts.items())
         raise click.UsageError(f"the environment disagrees on the number of nodes ({said}; "
@@ -209,6 +212,24 @@ def machine_placement(environ):
     ranks = [value for name in NODE_RANK_VARIABLES
              if (value := _int_variable(environ, name)) is not None]
     return (next(iter(counts.values()), None), ranks[0] if ranks else None)
+
+
+def placement(nodes, nnodes, node_rank):
+    """(number of nodes, this machine's node rank) of a launch per machine, from the
+    options or else the environment (machine_placement); (None, None) or partial for a
+    local cluster. Options that cannot be meant together are a usage error: without it,
+    each of these ran a local cluster of one node, ignoring what was asked."""
+    if nodes is not None and (nnodes is not None or node_rank is not None):
+        raise click.UsageError("--nodes runs every node on this machine: drop --nnodes and "
+                               "--node-rank (they run one node of a cluster across machines)")
+    env_nnodes, env_rank = machine_placement(os.environ)
+    if node_rank is not None and not (nnodes or env_nnodes):
+        raise click.UsageError(f"--node-rank {node_rank} needs the number of nodes: --nnodes "
+                               f"(or {', '.join(NODE_COUNT_VARIABLES)})")
+    if nnodes is not None and node_rank is None and env_rank is None:
+        raise click.UsageError(f"--nnodes {nnodes} needs this machine's --node-rank (or "
+                               f"{', '.join(NODE_RANK_VARIABLES)})")
+    return nnodes or env_nnodes, node_rank if node_rank is not None else env_rank
 
 
 def _int_variable(environ, name):
@@ -272,11 +293,11 @@ def resolve(host):
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
                                  "ignore_unknown_options": True,
                                  "allow_interspersed_args": False})
-@click.option("--nodes", type=int, default=None,
+@click.option("--nodes", type=click.IntRange(min=1), default=None,
               help="local: run this many nodes on this machine (default 1)")
-@click.option("--nnodes", type=int, default=None,
+@click.option("--nnodes", type=click.IntRange(min=1), default=None,
               help="per machine: nodes in the cluster [SLURM_NNODES, WORLD_SIZE]")
-@click.option("--node-rank", type=int, default=None,
+@click.option("--node-rank", type=click.IntRange(min=0), default=None,
               help="per machine: this machine's node id [SLURM_NODEID, NODE_RANK, "
                    "JOB_COMPLETION_INDEX]")
 @click.option("--coordinator", default=None,
@@ -289,7 +310,7 @@ def resolve(host):
               help="command that runs a command on a host: CMD HOST COMMAND")
 @click.option("--remote-launcher", default="adapm-launch", show_default=True,
               help="adapm-launch as the hosts of --hosts find it")
-@click.option("--workers-per-node", default=1, show_default=True)
+@click.option("--workers-per-node", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--num-keys", type=int, default=None,
               help="keys are 0 .. num_keys-1 (required unless --restore)")
 @click.option("--value-length", default=None,
@@ -368,9 +389,7 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
             raise click.UsageError(str(exc)) from None
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--metrics-port") from None
-    env_nnodes, env_rank = machine_placement(os.environ)
-    nnodes = nnodes or env_nnodes
-    node_rank = node_rank if node_rank is not None else env_rank
+    nnodes, node_rank = placement(nodes, nnodes, node_rank)
     if nodes is None and (node_rank is not None and nnodes):
         sys.exit(launch_machine(common, nnodes, node_rank, coordinator, host, port,
                                 dist_port, cluster_id, target, metrics_port=metrics_port))

@@ -163,3 +163,29 @@ def test_coordinator_bind_address_refuses_ports_out_of_range(address):
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+COORDINATOR = ("--coordinator", "127.0.0.1:29999")
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--nodes", "0"], {}, "'--nodes': 0 is not in the range x>=1"),  # ran one node
+    (["--nodes", "-2"], {}, "'--nodes': -2 is not in the range x>=1"),
+    (["--nnodes", "0", "--node-rank", "0", *COORDINATOR], {},
+     "'--nnodes': 0 is not in the range x>=1"),
+    (["--workers-per-node", "0"], {}, "'--workers-per-node': 0 is not in the range x>=1"),
+    (["--workers-per-node", "-1"], {}, "'--workers-per-node': -1 is not in the range x>=1"),
+    (["--nnodes", "2", "--node-rank", "-1", *COORDINATOR], {},
+     "'--node-rank': -1 is not in the range x>=0"),
+    (["--nnodes", "2", "--node-rank", "2", *COORDINATOR], {}, "--node-rank 2 outside 0..1"),
+    # each of these ran a local cluster of one node, ignoring what was asked
+    (["--node-rank", "1", *COORDINATOR], {},
+     "--node-rank 1 needs the number of nodes: --nnodes"),
+    (["--nnodes", "2", *COORDINATOR], {}, "--nnodes 2 needs this machine's --node-rank"),
+    (["--nodes", "2", "--node-rank", "1"], {},
+     "--nodes runs every node on this machine: drop --nnodes and --node-rank"),
+    (["--node-rank", "0", *COORDINATOR], {"SLURM_NNODES": "0"},
+     "SLURM_NNODES=0: a cluster has at least one node"),
+])
+def test_node_counts_and_ranks_out_of_range_are_usage_errors(args, env, message):
+    assert message in refused(*args, "--num-keys", "4", "x.py", env=env)
