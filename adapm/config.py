@@ -6,6 +6,7 @@ through the environment, so both start workers in exactly the same way."""
 
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,8 +81,22 @@ def env_float(name, default):
     return value
 
 
+# A cluster id is part of the names of shared-memory segments (/dev/shm/adapm-ID-nNODE)
+# and travels in messages and environment variables: nothing that could end or escape a
+# name ("/", spaces, ...), and short enough for any of them.
+CLUSTER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CLUSTER_ID_RULE = "1 to 64 letters, digits, _ or - (it is part of shared-memory names)"
+
+
 def new_cluster_id():
     return secrets.token_hex(6)
+
+
+def check_cluster_id(cluster_id):
+    """`cluster_id`, if it is one (CLUSTER_ID_RULE); ValueError saying what is allowed."""
+    if not isinstance(cluster_id, str) or not CLUSTER_ID_PATTERN.fullmatch(cluster_id):
+        raise ValueError(f"{cluster_id!r} is not a cluster id: {CLUSTER_ID_RULE}")
+    return cluster_id
 
 
 @dataclass
@@ -113,6 +128,7 @@ class ClusterSpec:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.init = parse_init(self.init)
+        check_cluster_id(self.cluster_id)
         cluster_tag()  # a bad ADAPM_CLUSTER_TAG fails here, not later in a node server
 
     @property

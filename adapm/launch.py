@@ -51,7 +51,7 @@ from adapm.config import (
 from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
 from adapm.hostlist import first_host
-from adapm.launch_input import ListenPort, Port, port_variable
+from adapm.launch_input import ClusterId, ListenPort, Port, port_variable
 from adapm.metrics import node_port
 from adapm.metrics import require as require_metrics
 from adapm.ports import parse_port
@@ -340,7 +340,7 @@ def resolve(host):
               help="MASTER_PORT of the workers' torch.distributed group, on the "
                    "coordinator's host (default: local: a free port; per machine: the "
                    f"coordinator's port + 1) [{ENV_DIST_PORT}]")
-@click.option("--cluster-id", default=None,
+@click.option("--cluster-id", type=ClusterId(), default=None,
               help="per machine: a name shared by all machines (default: from the "
                    "coordinator's address)")
 @click.option("--secure", is_flag=True,

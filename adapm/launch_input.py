@@ -4,6 +4,7 @@ variable and says what it accepts (docs/configuration.md)."""
 
 import click
 
+from adapm.config import check_cluster_id
 from adapm.ports import parse_listen_port, parse_port
 
 
@@ -50,3 +51,15 @@ def port_variable(name, value, lowest=1):
         return parse_port(value, lowest)
     except ValueError as exc:
         raise click.UsageError(f"{name}={value}: {exc}") from None
+
+
+class ClusterId(click.ParamType):
+    """A name for a cluster (adapm.config.CLUSTER_ID_RULE)."""
+
+    name = "id"
+
+    def convert(self, value, param, ctx):
+        try:
+            return check_cluster_id(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)

@@ -189,3 +189,19 @@ COORDINATOR = ("--coordinator", "127.0.0.1:29999")
 ])
 def test_node_counts_and_ranks_out_of_range_are_usage_errors(args, env, message):
     assert message in refused(*args, "--num-keys", "4", "x.py", env=env)
+
+
+@pytest.mark.parametrize("cluster_id", ["a/b", "", "x" * 65, "job 1", "día", "a\\b"])
+def test_bad_cluster_id_is_a_usage_error_that_says_what_is_allowed(cluster_id):
+    """A "/" in the id made the node server fail with ZeroMQ's "Invalid parameter(s)"."""
+    out = refused("--nnodes", "2", "--node-rank", "1", *COORDINATOR, "--cluster-id",
+                  cluster_id, "--num-keys", "4", "x.py")
+    assert f"'--cluster-id': {cluster_id!r} is not a cluster id: 1 to 64 letters, digits, " \
+           "_ or -" in out, out
+
+
+def test_cluster_spec_refuses_a_bad_cluster_id():
+    from adapm.config import ClusterSpec
+    with pytest.raises(ValueError, match="is not a cluster id: 1 to 64 letters"):
+        ClusterSpec(num_keys=4, cluster_id="../x")
+    assert ClusterSpec(num_keys=4, cluster_id="job-7_a").cluster_id == "job-7_a"
