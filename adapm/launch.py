@@ -56,7 +56,7 @@ from adapm.metrics import node_port
 from adapm.metrics import require as require_metrics
 from adapm.ports import parse_port
 from adapm.process import stop_process
-from adapm.security import CurveKeys, without_secrets
+from adapm.security import ENV_CURVE_KEYS, CurveKeys, without_secrets
 from adapm.summary import format_summary
 from adapm.summary import title as summary_title
 
@@ -410,7 +410,10 @@ def cluster_keys(secure, keys_file, shared):
             return CurveKeys.load(keys_file)
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"--keys-file {keys_file}: {exc}") from None
-    from_env = CurveKeys.from_environ()
+    try:
+        from_env = CurveKeys.from_environ()
+    except ValueError as exc:  # its value stays out of the message: it holds secrets
+        raise click.UsageError(f"{ENV_CURVE_KEYS}: {exc}") from None
     if from_env is not None:
         return from_env
     if not secure:

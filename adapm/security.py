@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.auth.thread
+from zmq.utils.z85 import Z85CHARS
 
 from adapm.config import ENV_CLUSTER_ID
 
@@ -119,9 +120,13 @@ class CurveKeys:
 
 def _z85_keys(text, count):
     parts = text.strip().split(",")
-    if len(parts) != count or any(len(p) != 40 for p in parts):
-        raise ValueError(f"malformed CURVE keys: expected {count} 40-character Z85 keys")
+    if len(parts) != count or any(len(p) != 40 or not _Z85.issuperset(p) for p in parts):
+        raise ValueError(f"malformed CURVE keys: expected {count} 40-character Z85 keys, "
+                         "separated by commas (python -m adapm.security FILE makes them)")
     return [p.encode() for p in parts]
+
+
+_Z85 = frozenset(Z85CHARS.decode())
 
 
 def claim_client_keys():

@@ -275,3 +275,23 @@ def test_hosts_secure_keys_file_reaches_every_host(tmp_path):
         assert params["secure"] is True and params["node_rank"] == rank
         assert params["keys_file"] == str(tmp_path / "keys")
         assert params["script_and_args"] == ("train.py", "--epochs", "3")
+
+
+# -- keys given to the launcher (issue 17, point 7) ----------------------------------
+
+def _launch(*args, env=None, timeout=30):
+    environ = dict(os.environ, **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "adapm.launch", *args], capture_output=True,
+                          text=True, env=environ, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+NOT_Z85 = ",".join(["~" * 40] * 4)  # 40 characters each, but "~" is not a Z85 digit
+
+
+@pytest.mark.parametrize("text", ["garbage", "a,b,c,d", NOT_Z85])
+def test_malformed_curve_keys_variable_is_a_one_line_error_naming_it(text):
+    code, out = _launch("--num-keys", "4", "x.py", env={ENV_CURVE_KEYS: text})
+    assert code == 2 and "Traceback" not in out, out
+    [line] = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert line.startswith(f"Error: {ENV_CURVE_KEYS}: malformed CURVE keys"), out
