@@ -56,7 +56,7 @@ from adapm.metrics import node_port
 from adapm.metrics import require as require_metrics
 from adapm.ports import parse_port
 from adapm.process import stop_process
-from adapm.security import ENV_CURVE_KEYS, CurveKeys, without_secrets
+from adapm.security import ENV_CURVE_KEYS, CurveKeys, readable_by_others, without_secrets
 from adapm.summary import format_summary
 from adapm.summary import title as summary_title
 
@@ -407,9 +407,14 @@ def cluster_keys(secure, keys_file, shared):
     """The cluster's CURVE keys, or None. `shared`: every machine must use the same."""
     if keys_file:
         try:
-            return CurveKeys.load(keys_file)
+            keys = CurveKeys.load(keys_file)
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"--keys-file {keys_file}: {exc}") from None
+        mode = readable_by_others(keys_file)
+        if mode is not None:
+            click.echo(f"adapm-launch: warning: --keys-file {keys_file} can be read by others "
+                       f"than its owner (mode {mode:04o}): chmod 600 it", err=True)
+        return keys
     try:
         from_env = CurveKeys.from_environ()
     except ValueError as exc:  # its value stays out of the message: it holds secrets
