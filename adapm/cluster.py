@@ -26,7 +26,13 @@ from adapm.process import join_process, stop_process, stop_processes
 from adapm.security import ENV_CURVE_CLIENT
 from adapm.server import serve
 from adapm.summary import node_stats
-from adapm.table import SharedTable, segment_name, unlink_segment
+from adapm.table import (
+    SharedTable,
+    claim_node,
+    segment_exists,
+    segment_name,
+    unlink_segment,
+)
 
 
 class Terminated(SystemExit):
@@ -195,13 +201,15 @@ class LocalCluster:
         self.servers = {}
         self.addresses = {}
         self.tables = {}
-        self.segments = [segment_name(spec.cluster_id, n) for n in self.nodes]
+        self.segments = []  # the names teardown unlinks: see _claim_nodes
+        self._claims = []
 
     def start(self):
         timeout = config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
         # A little longer than the servers wait themselves: their own failure says what
         # they waited for, which beats this process's plain "did not form".
         deadline = time.monotonic() + timeout + START_GRACE
+        self._claim_nodes()
         # Worker 0 hosts torch.distributed's store: hold its port while the servers bind.
         held = reserve_port(self.dist_port) if 0 in self.nodes else None
         try:
@@ -212,6 +220,21 @@ class LocalCluster:
             if held is not None:
                 held.close()
         return self
+
+    def _claim_nodes(self):
+        """Hold every node of this machine (adapm.table.claim_node) before anything
+        starts. A node that runs here already is an error, and so is a segment that one
+        left without removing it: teardown unlinks only the names of the nodes held here,
+        which nobody but their servers can have created, never those of another run."""
+        for node in self.nodes:
+            self._claims.append(claim_node(self.spec.cluster_id, node))
+            name = segment_name(self.spec.cluster_id, node)
+            if segment_exists(name):
+                raise FileExistsError(
+                    f"node {node} of cluster {self.spec.cluster_id}: its table {name} was "
+                    "left by a run that did not end cleanly (no launcher of that node runs "
+                    f"here now): remove /dev/shm{name}")
+            self.segments.append(name)
 
     def _start_servers(self, deadline):
         pipes = {}
@@ -400,6 +423,9 @@ class LocalCluster:
             for table in self.tables.values():
                 table.close()
             self.tables = {}
+            for claim in self._claims:  # last: the names are gone, another run may start
+                claim.close()
+            self._claims = []
 
     def __enter__(self):
         try:

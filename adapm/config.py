@@ -6,6 +6,7 @@ through the environment, so both start workers in exactly the same way."""
 
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 
 from adapm.cluster_secret import ENV_CLUSTER_SECRET, ClusterSecret  # noqa: F401
 from adapm.initializers import parse_init
+from adapm.ports import parse_port
 from adapm.table import ENV_CLUSTER_TAG, cluster_tag, normalise_lengths  # noqa: F401
 
 MODES = ("adaptive", "static", "replicate_only", "relocate_only", "replicate_all")
@@ -63,9 +65,10 @@ def env_port(name):
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) > 65535:
-        raise ValueError(f"environment variable {name}={raw!r} is not a port (0 .. 65535)")
-    return int(raw)
+    try:
+        return parse_port(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r}: {exc}") from None
 
 
 def env_float(name, default):
@@ -81,8 +84,22 @@ def env_float(name, default):
     return value
 
 
+# A cluster id is part of the names of shared-memory segments (/dev/shm/adapm-ID-nNODE)
+# and travels in messages and environment variables: nothing that could end or escape a
+# name ("/", spaces, ...), and short enough for any of them.
+CLUSTER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CLUSTER_ID_RULE = "1 to 64 letters, digits, _ or - (it is part of shared-memory names)"
+
+
 def new_cluster_id():
     return secrets.token_hex(6)
+
+
+def check_cluster_id(cluster_id):
+    """`cluster_id`, if it is one (CLUSTER_ID_RULE); ValueError saying what is allowed."""
+    if not isinstance(cluster_id, str) or not CLUSTER_ID_PATTERN.fullmatch(cluster_id):
+        raise ValueError(f"{cluster_id!r} is not a cluster id: {CLUSTER_ID_RULE}")
+    return cluster_id
 
 
 @dataclass
@@ -119,6 +136,7 @@ class ClusterSpec:
         self.init = parse_init(self.init)
         if not isinstance(self.secret, ClusterSecret):
             raise ValueError("secret must be an adapm.cluster_secret.ClusterSecret")
+        check_cluster_id(self.cluster_id)
         cluster_tag()  # a bad ADAPM_CLUSTER_TAG fails here, not later in a node server
 
     @property

@@ -22,6 +22,7 @@ import zmq
 from adapm import protocol
 from adapm.errors import ProtocolError
 from adapm.malformed import MalformedLog
+from adapm.ports import parse_listen_port
 from adapm.protocol import MsgType
 from adapm.security import listener
 from adapm.summary import from_numbers
@@ -333,18 +334,20 @@ def bind_address(socket, address):
     first free port of the range); return the address bound. A port in use is an error
     naming it, never a hang."""
     host, _, port = address.rpartition(":")
+    try:  # checked here too: ZeroMQ would take a port modulo 65536 (adapm.ports)
+        low, high = parse_listen_port("0" if port == "*" else port)
+    except ValueError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
     try:
-        if port in ("0", "*"):
+        if high == 0:
             port = socket.bind_to_random_port(host)
-        elif "-" in port:
-            low, high = (int(p) for p in port.split("-", 1))
+        elif low < high:
             port = socket.bind_to_random_port(host, low, high + 1, max_tries=4 * (high - low + 1))
         else:
-            socket.bind(address)
+            socket.bind(f"{host}:{low}")
+            port = low
     except zmq.ZMQBindError:
         raise OSError(f"cannot listen on {address}: no free port in the range") from None
     except zmq.ZMQError as exc:
         raise OSError(f"cannot listen on {address}: {exc.strerror}") from None
-    except ValueError:
-        raise OSError(f"cannot listen on {address}: malformed port") from None
     return f"{host}:{port}"

@@ -58,9 +58,12 @@ from adapm.config import (
 from adapm.coordinator import FAIL_STOPPED
 from adapm.errors import AdapmError
 from adapm.hostlist import first_host
+from adapm.launch_input import ClusterId, ListenPort, Port, port_variable
+from adapm.metrics import node_port
 from adapm.metrics import require as require_metrics
+from adapm.ports import parse_port
 from adapm.process import stop_process
-from adapm.security import CurveKeys, without_secrets
+from adapm.security import ENV_CURVE_KEYS, CurveKeys, readable_by_others, without_secrets
 from adapm.summary import format_summary
 from adapm.summary import title as summary_title
 
@@ -177,8 +180,12 @@ def environ_coordinator(environ):
     ADAPM_COORDINATOR, else MASTER_ADDR:MASTER_PORT, else the first host of SLURM's node
     list (port DEFAULT_COORDINATOR_PORT)."""
     if environ.get("ADAPM_COORDINATOR"):
+        split_host_port(environ["ADAPM_COORDINATOR"], DEFAULT_COORDINATOR_PORT,
+                        source="ADAPM_COORDINATOR=")
         return environ["ADAPM_COORDINATOR"]
     if environ.get("MASTER_ADDR"):
+        if environ.get("MASTER_PORT"):
+            port_variable("MASTER_PORT", environ["MASTER_PORT"])
         return f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', '')}"
     for name in NODE_LIST_VARIABLES:
         if environ.get(name):
@@ -202,6 +209,9 @@ def machine_placement(environ):
             "itself (torchrun --nproc-per-node 1, or --nnodes/--node-rank)")
     counts = {name: value for name in NODE_COUNT_VARIABLES
               if (value := _int_variable(environ, name)) is not None}
+    for name, value in counts.items():  # 0 would read as "not said": a local cluster
+        if value < 1:
+            raise click.UsageError(f"{name}={value}: a cluster has at least one node")
     if len(set(counts.values())) > 1:
         said = ", ".join(f"{name}={value}" for name, value in counts.items())
         raise click.UsageError(f"the environment disagrees on the number of nodes ({said}; "
@@ -209,6 +219,24 @@ def machine_placement(environ):
     ranks = [value for name in NODE_RANK_VARIABLES
              if (value := _int_variable(environ, name)) is not None]
     return (next(iter(counts.values()), None), ranks[0] if ranks else None)
+
+
+def placement(nodes, nnodes, node_rank):
+    """(number of nodes, this machine's node rank) of a launch per machine, from the
+    options or else the environment (machine_placement); (None, None) or partial for a
+    local cluster. Options that cannot be meant together are a usage error: without it,
+    each of these ran a local cluster of one node, ignoring what was asked."""
+    if nodes is not None and (nnodes is not None or node_rank is not None):
+        raise click.UsageError("--nodes runs every node on this machine: drop --nnodes and "
+                               "--node-rank (they run one node of a cluster across machines)")
+    env_nnodes, env_rank = machine_placement(os.environ)
+    if node_rank is not None and not (nnodes or env_nnodes):
+        raise click.UsageError(f"--node-rank {node_rank} needs the number of nodes: --nnodes "
+                               f"(or {', '.join(NODE_COUNT_VARIABLES)})")
+    if nnodes is not None and node_rank is None and env_rank is None:
+        raise click.UsageError(f"--nnodes {nnodes} needs this machine's --node-rank (or "
+                               f"{', '.join(NODE_RANK_VARIABLES)})")
+    return nnodes or env_nnodes, node_rank if node_rank is not None else env_rank
 
 
 def _int_variable(environ, name):
@@ -220,13 +248,16 @@ def _int_variable(environ, name):
     return int(value)
 
 
-def split_host_port(text, default_port):
-    host, sep, port = text.rpartition(":")
+def split_host_port(text, default_port, source="--coordinator "):
+    """(HOST, PORT) of HOST[:PORT]; a port that is no port (1 .. 65535) is a usage error
+    naming `source`, the option or variable it came from."""
+    host, sep, port = text.rstrip(":").rpartition(":")
     if not sep:
-        return text, default_port
-    if not port.isdigit():
-        raise click.BadParameter(f"{text!r}: expected HOST:PORT")
-    return host, int(port)
+        return text.rstrip(":"), default_port
+    try:
+        return host, parse_port(port, lowest=1)
+    except ValueError as exc:
+        raise click.UsageError(f"{source}{text}: {exc}") from None
 
 
 def route_address(host, port):
@@ -269,11 +300,11 @@ def resolve(host):
 @click.command(context_settings={"help_option_names": ["-h", "--help"],
                                  "ignore_unknown_options": True,
                                  "allow_interspersed_args": False})
-@click.option("--nodes", type=int, default=None,
+@click.option("--nodes", type=click.IntRange(min=1), default=None,
               help="local: run this many nodes on this machine (default 1)")
-@click.option("--nnodes", type=int, default=None,
+@click.option("--nnodes", type=click.IntRange(min=1), default=None,
               help="per machine: nodes in the cluster [SLURM_NNODES, WORLD_SIZE]")
-@click.option("--node-rank", type=int, default=None,
+@click.option("--node-rank", type=click.IntRange(min=0), default=None,
               help="per machine: this machine's node id [SLURM_NODEID, NODE_RANK, "
                    "JOB_COMPLETION_INDEX]")
 @click.option("--coordinator", default=None,
@@ -286,7 +317,7 @@ def resolve(host):
               help="command that runs a command on a host: CMD HOST COMMAND")
 @click.option("--remote-launcher", default="adapm-launch", show_default=True,
               help="adapm-launch as the hosts of --hosts find it")
-@click.option("--workers-per-node", default=1, show_default=True)
+@click.option("--workers-per-node", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--num-keys", type=int, default=None,
               help="keys are 0 .. num_keys-1 (required unless --restore)")
 @click.option("--value-length", default=None,
@@ -309,14 +340,14 @@ def resolve(host):
 @click.option("--host", default=None,
               help="address the node servers listen on (local: 127.0.0.1; per machine: "
                    "the address that routes to the coordinator)")
-@click.option("--port", default="0", show_default=True,
+@click.option("--port", type=ListenPort(), default="0", show_default=True,
               help="node server port: a number, 0 for any free port, or LOW-HIGH")
-@click.option("--dist-port", type=click.IntRange(1, 65535), default=None,
+@click.option("--dist-port", type=Port(lowest=1), default=None,
               envvar=ENV_DIST_PORT,
               help="MASTER_PORT of the workers' torch.distributed group, on the "
                    "coordinator's host (default: local: a free port; per machine: the "
                    f"coordinator's port + 1) [{ENV_DIST_PORT}]")
-@click.option("--cluster-id", default=None,
+@click.option("--cluster-id", type=ClusterId(), default=None,
               help="per machine: a name shared by all machines (default: from the "
                    "coordinator's address)")
 @click.option("--secure", is_flag=True,
@@ -334,7 +365,7 @@ def resolve(host):
               default=None, envvar=ENV_LOG_LEVEL,
               help=f"of the node servers' and workers' log lines (default {logs.DEFAULT_LEVEL}: "
                    f"start-up and shutdown; DEBUG: each part's detail) [{ENV_LOG_LEVEL}]")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+@click.option("--metrics-port", type=Port(), default=None,
               envvar=ENV_METRICS_PORT,
               help="node servers serve Prometheus metrics on --host at this port, the i-th "
                    "node of this machine at PORT + i (0: any free port, logged); needs "
@@ -365,11 +396,12 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
     if metrics_port is not None:
         try:
             require_metrics()
+            node_port(metrics_port, (nodes or 1) - 1)  # the last node's port is a port
         except ImportError as exc:
             raise click.UsageError(str(exc)) from None
-    env_nnodes, env_rank = machine_placement(os.environ)
-    nnodes = nnodes or env_nnodes
-    node_rank = node_rank if node_rank is not None else env_rank
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-port") from None
+    nnodes, node_rank = placement(nodes, nnodes, node_rank)
     if nodes is None and (node_rank is not None and nnodes):
         sys.exit(launch_machine(common, nnodes, node_rank, coordinator, host, port,
                                 dist_port, cluster_id, target, metrics_port=metrics_port,
@@ -388,10 +420,18 @@ def cluster_keys(secure, keys_file, shared):
     """The cluster's CURVE keys, or None. `shared`: every machine must use the same."""
     if keys_file:
         try:
-            return CurveKeys.load(keys_file)
+            keys = CurveKeys.load(keys_file)
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"--keys-file {keys_file}: {exc}") from None
-    from_env = CurveKeys.from_environ()
+        mode = readable_by_others(keys_file)
+        if mode is not None:
+            click.echo(f"adapm-launch: warning: --keys-file {keys_file} can be read by others "
+                       f"than its owner (mode {mode:04o}): chmod 600 it", err=True)
+        return keys
+    try:
+        from_env = CurveKeys.from_environ()
+    except ValueError as exc:  # its value stays out of the message: it holds secrets
+        raise click.UsageError(f"{ENV_CURVE_KEYS}: {exc}") from None
     if from_env is not None:
         return from_env
     if not secure:
@@ -446,7 +486,7 @@ def launch_machine(common, nnodes, node_rank, coordinator, host, port, dist_port
     coordinator = coordinator or environ_coordinator(os.environ)
     if not coordinator:
         raise click.UsageError("--coordinator HOST:PORT is needed with --node-rank")
-    coord_host, coord_port = split_host_port(coordinator.rstrip(":"), DEFAULT_COORDINATOR_PORT)
+    coord_host, coord_port = split_host_port(coordinator, DEFAULT_COORDINATOR_PORT)
     coord_ip = resolve(coord_host)
     listen = host or route_address(coord_ip, coord_port)
     cluster_id = cluster_id or hashlib.sha256(

@@ -16,6 +16,7 @@ increments) for the round-time histograms."""
 import bisect
 import collections
 import logging
+import select
 import socket
 import threading
 import time
@@ -38,6 +39,7 @@ ROUND_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1
 RATE_WINDOW = 30.0      # seconds a worker's clock rate is measured over (at least)
 POLL_INTERVAL = 0.25    # how often the HTTP thread looks whether it should stop
 REQUEST_TIMEOUT = 10.0  # seconds a scraper may take to send its request
+MAX_CONNECTIONS = 8     # connections with a thread of their own at once (a scrape: one)
 KIND_LABEL = {"pulls": "pull", "pushes": "push", "sets": "set"}  # adapm_key_accesses' kind
 
 
@@ -283,7 +285,90 @@ NODE_COUNTER_METRICS = (
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per connection, for at most MAX_CONNECTIONS connections. One more makes
+    room by closing the idle connection that has waited longest (idle: nothing of its
+    request arrived; a scraper sends its request as it connects), or is closed itself
+    when no connection is idle. So idle connections, however many, hold a bounded
+    number of threads (those of the closed ones end at once), and a scrape finds one."""
+
     daemon_threads = True
+    request_queue_size = 64  # listen backlog: a burst of connections is not refused
+
+    def __init__(self, *args, **kwargs):
+        self._lock = threading.Lock()
+        self._waiting = {}  # connections without a request yet, oldest first (dict order)
+        # Threads of connections, those of closed ones until they end (not `_threads`:
+        # ThreadingMixIn's list of them).
+        self._open = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            admitted = self._make_room()
+            if admitted:
+                self._waiting[request] = None
+                self._open += 1
+        if not admitted:
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def _make_room(self):
+        """(Under the lock) whether a new connection may have a thread: there is room, or
+        an idle connection is closed for it. Threads of closed connections end at once
+        but count until they did, so that there are never more than 2 x MAX_CONNECTIONS."""
+        if self._open < MAX_CONNECTIONS:
+            return True
+        if not self._waiting or self._open >= 2 * MAX_CONNECTIONS:
+            return False
+        idle = next((c for c in self._waiting if not _request_arrived(c)), None)
+        if idle is None:
+            return False
+        del self._waiting[idle]
+        _interrupt(idle)
+        return True
+
+    def answering(self, request):
+        """The connection sent its request: it is no longer idle."""
+        with self._lock:
+            self._waiting.pop(request, None)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._waiting.pop(request, None)
+                self._open -= 1
+
+    def handle_error(self, request, client_address):
+        """A scraper that went away (or an idle connection closed) is not worth a line."""
+        log.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
+    def server_close(self):
+        with self._lock:  # else closing waits for each idle connection's read timeout
+            for request in self._waiting:
+                _interrupt(request)
+        super().server_close()
+
+
+def _request_arrived(request):
+    """Whether the connection has something to read (its request, or its end), looked at
+    without waiting. (Not recv(MSG_DONTWAIT): a socket with a timeout waits for it.)"""
+    poller = select.poll()  # not select.select: it fails for descriptors past 1023
+    try:
+        poller.register(request, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False  # it failed (closed): closing it costs nothing
+
+
+def _interrupt(request):
+    """End a connection's blocked read at once (it returns no data): its thread ends."""
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
 
 
 class _Server6(_Server):
@@ -292,6 +377,10 @@ class _Server6(_Server):
 
 class _Handler(WSGIRequestHandler):
     timeout = REQUEST_TIMEOUT  # a connection that sends nothing does not hold a thread
+
+    def parse_request(self):
+        self.server.answering(self.request)  # its request line arrived
+        return super().parse_request()
 
     def log_message(self, *args):
         pass  # a scrape is not worth a line

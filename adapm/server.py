@@ -23,6 +23,7 @@ import signal
 import time
 
 import numpy as np
+import posix_ipc
 import zmq
 
 from adapm import checkpoint, config, failpoints, metrics, protocol
@@ -271,10 +272,14 @@ class NodeServer:
     def create_table(self):
         spec = self.spec
         name = segment_name(spec.cluster_id, self.node)
-        table = SharedTable.create(
-            name, spec.num_keys, spec.value_length, spec.dtype, self.workers,
-            node=self.node, num_nodes=spec.num_nodes,
-            arena_capacity=_arena_capacity(spec), cluster_id=spec.cluster_id.encode())
+        try:  # O_EXCL: never another's segment, whose name close() would unlink
+            table = SharedTable.create(
+                name, spec.num_keys, spec.value_length, spec.dtype, self.workers,
+                node=self.node, num_nodes=spec.num_nodes,
+                arena_capacity=_arena_capacity(spec), cluster_id=spec.cluster_id.encode())
+        except posix_ipc.ExistentialError:
+            raise FileExistsError(f"node {self.node} of cluster {spec.cluster_id} already "
+                                  f"runs on this machine (its table {name} exists)") from None
         self.table, self.view = table, table.view
         home = home_keys(spec.num_keys, self.node, spec.num_nodes)
         if spec.num_nodes > 1:

@@ -5,8 +5,11 @@ and that every worker of the node maps. The byte layout and the hot path live in
 module adapm._table; this module names segments, creates/attaches/unlinks them, allocates
 value slots and names the counter slots. It knows nothing of the network or the manager."""
 
+import errno
+import hashlib
 import os
 import re
+import socket
 
 import numpy as np
 import posix_ipc
@@ -85,6 +88,31 @@ def unlink_segment(name):
         return True
     except posix_ipc.ExistentialError:
         return False
+
+
+def segment_exists(name):
+    return os.path.exists("/dev/shm" + name)
+
+
+def claim_node(cluster_id, node):
+    """Hold node `node` of cluster `cluster_id` on this machine for as long as the socket
+    returned stays open: FileExistsError while another process holds it. The segment's
+    name cannot tell that a node runs: it goes once the node's workers attached. So the
+    claim is a Unix socket bound to an abstract name (Linux) derived from the segment's
+    name: no other process can bind it meanwhile, and the kernel frees it as its holder
+    ends, however it ends (SIGKILL too), leaving nothing behind."""
+    name = segment_name(cluster_id, node)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:40]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0adapm-node-{digest}".encode())
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise FileExistsError(f"node {node} of cluster {cluster_id} already runs on this "
+                              "machine") from None
+    return sock
 
 
 def normalise_lengths(num_keys, value_length):

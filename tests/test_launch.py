@@ -1,4 +1,5 @@
 """adapm-launch on this machine: real launcher, node server and worker processes."""
+import os
 import signal
 import subprocess
 import sys
@@ -97,3 +98,110 @@ def test_optimizer_init_fills_rows_and_starts_the_state(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert out.count("state ok") == 2, out
+
+
+# -- launcher input (issue 17, point 7) ---------------------------------------------
+
+def refused(*args, env=None, timeout=30):
+    """Run the launcher with bad input: it must stop at once with a usage error (exit
+    code 2) and no traceback; returns its output."""
+    environ = dict(os.environ, **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "adapm.launch", *args],
+                          capture_output=True, text=True, env=environ, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    return out
+
+
+PER_MACHINE = ("--nnodes", "2", "--node-rank", "1", "--num-keys", "4")
+
+
+@pytest.mark.parametrize("args, env, message", [
+    # ZeroMQ took these modulo 65536: 70000 listened on 4464, 131073 on 1
+    (["--port", "70000"], {}, "'--port': 70000 is not a port (0 .. 65535)"),
+    (["--port", "131073"], {}, "'--port': 131073 is not a port (0 .. 65535)"),
+    (["--port", "-1"], {}, "'--port': -1 is not a port (0 .. 65535)"),
+    (["--port", "http"], {}, "'--port': 'http' is not a port (a number 0 .. 65535)"),
+    (["--port", "0-10"], {}, "'--port': 0-10: a range LOW-HIGH needs 1 <= LOW <= HIGH <= 65535"),
+    (["--port", "20-10"], {}, "'--port': 20-10: a range LOW-HIGH needs 1 <= LOW"),
+    (["--port", "60000-70000"], {}, "'--port': 60000-70000: a range LOW-HIGH needs"),
+    (["--metrics-port", "70000"], {}, "'--metrics-port': 70000 is not a port (0 .. 65535)"),
+    ([], {"ADAPM_METRICS_PORT": "70000"},
+     "'--metrics-port': 70000 is not a port (0 .. 65535) (from ADAPM_METRICS_PORT)"),
+    (["--nodes", "2", "--metrics-port", "65535"], {},
+     "--metrics-port: metrics port 65535 + 1 (node 1 of this machine) is not a port"),
+    (["--dist-port", "70000"], {}, "'--dist-port': 70000 is not a port (1 .. 65535)"),
+    ([], {"ADAPM_DIST_PORT": "99999"},
+     "'--dist-port': 99999 is not a port (1 .. 65535) (from ADAPM_DIST_PORT)"),
+    ([*PER_MACHINE, "--coordinator", "127.0.0.1:70000"], {},
+     "--coordinator 127.0.0.1:70000: 70000 is not a port (1 .. 65535)"),
+    ([*PER_MACHINE, "--coordinator", "127.0.0.1:0"], {},
+     "--coordinator 127.0.0.1:0: 0 is not a port (1 .. 65535)"),
+    ([*PER_MACHINE, "--coordinator", "127.0.0.1:x"], {},
+     "--coordinator 127.0.0.1:x: 'x' is not a port (a number 1 .. 65535)"),
+    ([*PER_MACHINE], {"ADAPM_COORDINATOR": "127.0.0.1:65536"},
+     "ADAPM_COORDINATOR=127.0.0.1:65536: 65536 is not a port (1 .. 65535)"),
+    ([*PER_MACHINE], {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "131073"},
+     "MASTER_PORT=131073: 131073 is not a port (1 .. 65535)"),
+])
+def test_ports_out_of_range_are_usage_errors(args, env, message):
+    args = args if "--num-keys" in args else [*args, "--num-keys", "4"]
+    assert message in refused(*args, "x.py", env=env)
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:70000", "tcp://127.0.0.1:0-10",
+                                     "tcp://127.0.0.1:10-5", "tcp://127.0.0.1:5-65536"])
+def test_coordinator_bind_address_refuses_ports_out_of_range(address):
+    import zmq
+
+    from adapm.coordinator import bind_address
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on {address}: .*65535"):
+            bind_address(sock, address)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+COORDINATOR = ("--coordinator", "127.0.0.1:29999")
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--nodes", "0"], {}, "'--nodes': 0 is not in the range x>=1"),  # ran one node
+    (["--nodes", "-2"], {}, "'--nodes': -2 is not in the range x>=1"),
+    (["--nnodes", "0", "--node-rank", "0", *COORDINATOR], {},
+     "'--nnodes': 0 is not in the range x>=1"),
+    (["--workers-per-node", "0"], {}, "'--workers-per-node': 0 is not in the range x>=1"),
+    (["--workers-per-node", "-1"], {}, "'--workers-per-node': -1 is not in the range x>=1"),
+    (["--nnodes", "2", "--node-rank", "-1", *COORDINATOR], {},
+     "'--node-rank': -1 is not in the range x>=0"),
+    (["--nnodes", "2", "--node-rank", "2", *COORDINATOR], {}, "--node-rank 2 outside 0..1"),
+    # each of these ran a local cluster of one node, ignoring what was asked
+    (["--node-rank", "1", *COORDINATOR], {},
+     "--node-rank 1 needs the number of nodes: --nnodes"),
+    (["--nnodes", "2", *COORDINATOR], {}, "--nnodes 2 needs this machine's --node-rank"),
+    (["--nodes", "2", "--node-rank", "1"], {},
+     "--nodes runs every node on this machine: drop --nnodes and --node-rank"),
+    (["--node-rank", "0", *COORDINATOR], {"SLURM_NNODES": "0"},
+     "SLURM_NNODES=0: a cluster has at least one node"),
+])
+def test_node_counts_and_ranks_out_of_range_are_usage_errors(args, env, message):
+    assert message in refused(*args, "--num-keys", "4", "x.py", env=env)
+
+
+@pytest.mark.parametrize("cluster_id", ["a/b", "", "x" * 65, "job 1", "día", "a\\b"])
+def test_bad_cluster_id_is_a_usage_error_that_says_what_is_allowed(cluster_id):
+    """A "/" in the id made the node server fail with ZeroMQ's "Invalid parameter(s)"."""
+    out = refused("--nnodes", "2", "--node-rank", "1", *COORDINATOR, "--cluster-id",
+                  cluster_id, "--num-keys", "4", "x.py")
+    assert f"'--cluster-id': {cluster_id!r} is not a cluster id: 1 to 64 letters, digits, " \
+           "_ or -" in out, out
+
+
+def test_cluster_spec_refuses_a_bad_cluster_id():
+    from adapm.config import ClusterSpec
+    with pytest.raises(ValueError, match="is not a cluster id: 1 to 64 letters"):
+        ClusterSpec(num_keys=4, cluster_id="../x")
+    assert ClusterSpec(num_keys=4, cluster_id="job-7_a").cluster_id == "job-7_a"

@@ -180,3 +180,91 @@ def test_killed_worker_fails_the_other_workers(tmp_path):
     assert rank == "0" and float(at) - killed < 10, out
     assert "worker 1" in out.split("rank 0 ClusterError")[1].splitlines()[0]
     assert_clean()
+
+
+# -- one node launched twice on one machine (issue 17, point 7) ----------------------
+
+# Workers that wait for DIR/go before (`before`) or after (`after`) attaching to their
+# node, then add rank + 1 to every key: a node's segment name exists until its workers
+# attached, and not after.
+GATED_SCRIPT = """
+import os, sys, time
+import numpy as np
+import adapm
+
+when, marker = sys.argv[1], sys.argv[2]
+
+
+def ready_then_wait(rank):
+    open(os.path.join(marker, f"ready{rank}"), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(marker, "go")):
+        assert time.monotonic() < deadline, "no go"
+        time.sleep(0.05)
+
+
+if when == "before":
+    ready_then_wait(os.environ["ADAPM_RANK"])
+with adapm.worker() as w:
+    if when == "after":
+        ready_then_wait(w.rank)
+    w.push(np.arange(w.num_keys), np.full((w.num_keys, 2), w.rank + 1.0))
+    w.wait_sync()
+    w.barrier()
+    print(f"rank {w.rank}: total {w.pull(np.arange(w.num_keys)).sum():.0f}", flush=True)
+    w.barrier()
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_node_launched_twice_fails_alone_and_the_cluster_finishes(tmp_path, when):
+    """The second launch of node 1 (the same cluster id on the same machine) unlinked the
+    real node 1's table name (its workers could not attach: the cluster failed), or, once
+    they had, joined the cluster as a second node 1. It must fail by itself, touching
+    nothing of the node that runs."""
+    script = tmp_path / "gated.py"
+    script.write_text(GATED_SCRIPT)
+    cluster_id = f"tw{uuid.uuid4().hex[:6]}"
+    common = ["--nnodes", "2", "--coordinator", f"127.0.0.1:{coordinator_port()}",
+              "--host", "127.0.0.1", "--num-keys", "30", "--value-length", "2",
+              "--cluster-id", cluster_id, str(script), when, str(tmp_path)]
+    procs = [launcher("--node-rank", str(rank), *common) for rank in (0, 1)]
+    try:
+        wait_for(tmp_path, 2, procs)
+        # it gives up soon if it gets as far as waiting for the cluster to form
+        again = subprocess.run([LAUNCHER, "--node-rank", "1", *common], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, ADAPM_START_TIMEOUT="10"), timeout=60)
+        assert again.returncode == 1, again.stdout
+        assert f"node 1 of cluster {cluster_id} already runs on this machine" in \
+            again.stdout, again.stdout
+        assert all(proc.poll() is None for proc in procs)
+    finally:
+        (tmp_path / "go").touch()
+    outs = [proc.communicate(timeout=90)[0] for proc in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out
+    # two workers add 1 and 2 to 30 keys x 2 values
+    assert sum(out.count("total 180") for out in outs) == 2, outs
+    assert_clean()
+
+
+def test_segment_left_behind_is_reported_and_not_unlinked():
+    """With the node held (no launcher of it runs here), its segment's name still existing
+    was left by a run that did not end cleanly: said, and left for the user to remove."""
+    import posix_ipc
+
+    from adapm.cluster import LocalCluster
+    from adapm.config import ClusterSpec
+    from adapm.table import segment_exists, segment_name, unlink_segment
+
+    spec = ClusterSpec(num_keys=4, num_nodes=2, cluster_id=f"lb{uuid.uuid4().hex[:6]}")
+    name = segment_name(spec.cluster_id, 1)
+    posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=4096).close_fd()
+    try:
+        with pytest.raises(FileExistsError, match=f"its table {name} was left by a run"):
+            with LocalCluster(spec):
+                pass
+        assert segment_exists(name)
+    finally:
+        unlink_segment(name)

@@ -527,3 +527,44 @@ def test_coordinator_stops_node_zero_last_with_every_nodes_stats(monkeypatch, re
             sock.close()
         coord.close()
         ctx.term()
+
+
+# -- idle connections (issue 17, point 7) ----------------------------------------------
+
+def thread_count(pid):
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_connections_hold_a_bounded_number_of_threads_and_scrapes_still_work(tmp_path):
+    """Each connection held a thread of the node server until it sent a request: 200 idle
+    connections made 200 threads. Now a few connections have threads; one more makes room
+    by closing the one that waited longest for its request."""
+    import socket
+
+    from conftest import session_processes
+    pytest.importorskip("prometheus_client")
+    script = tmp_path / "script.py"
+    script.write_text(WAITING_SCRIPT)
+    port = coordinator_port()
+    proc = launcher("--metrics-port", str(port), "--num-keys", "10", "--value-length", "2",
+                    str(script), str(tmp_path), cwd=tmp_path)
+    idle = []
+    try:
+        wait_for_files(tmp_path, ["ready0"], proc)
+        [server] = [pid for pid, name in session_processes() if name == "adapm-node0"]
+        check_every_family(fetch(port), 0)
+        before = thread_count(server)
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(1.0)  # every connection accepted by now
+        assert thread_count(server) <= before + 20, (before, thread_count(server))
+        samples = check_every_family(fetch(port), 0)  # while the idle ones are open
+        assert value(samples, "adapm_worker_clock_total", node=0, worker=0) == 2
+        assert thread_count(server) <= before + 20, (before, thread_count(server))
+    finally:
+        for sock in idle:
+            sock.close()
+        (tmp_path / "go").touch()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert_clean()

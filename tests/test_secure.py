@@ -275,3 +275,53 @@ def test_hosts_secure_keys_file_reaches_every_host(tmp_path):
         assert params["secure"] is True and params["node_rank"] == rank
         assert params["keys_file"] == str(tmp_path / "keys")
         assert params["script_and_args"] == ("train.py", "--epochs", "3")
+
+
+# -- keys given to the launcher (issue 17, point 7) ----------------------------------
+
+def _launch(*args, env=None, timeout=30):
+    environ = dict(os.environ, **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "adapm.launch", *args], capture_output=True,
+                          text=True, env=environ, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+NOT_Z85 = ",".join(["~" * 40] * 4)  # 40 characters each, but "~" is not a Z85 digit
+
+
+@pytest.mark.parametrize("text", ["garbage", "a,b,c,d", NOT_Z85])
+def test_malformed_curve_keys_variable_is_a_one_line_error_naming_it(text):
+    code, out = _launch("--num-keys", "4", "x.py", env={ENV_CURVE_KEYS: text})
+    assert code == 2 and "Traceback" not in out, out
+    [line] = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert line.startswith(f"Error: {ENV_CURVE_KEYS}: malformed CURVE keys"), out
+
+
+def test_keys_file_that_is_a_fifo_is_refused_at_once(tmp_path):
+    """Opening a FIFO to read blocks until someone writes: the launcher hung for ever."""
+    fifo = tmp_path / "keys"
+    os.mkfifo(fifo)
+    code, out = _launch("--keys-file", str(fifo), "--num-keys", "4", "x.py", timeout=20)
+    assert code == 2 and "Traceback" not in out, out
+    assert f"--keys-file {fifo}: not a regular file (a FIFO)" in out, out
+
+
+def test_keys_file_that_is_a_device_or_not_z85_is_refused(tmp_path):
+    code, out = _launch("--keys-file", "/dev/zero", "--num-keys", "4", "x.py", timeout=20)
+    assert code == 2 and "--keys-file /dev/zero: not a regular file (a device)" in out, out
+    bad = tmp_path / "keys"
+    bad.write_text(NOT_Z85 + "\n")
+    bad.chmod(0o600)
+    code, out = _launch("--keys-file", str(bad), "--num-keys", "4", "x.py")
+    assert code == 2 and f"--keys-file {bad}: malformed CURVE keys" in out, out
+
+
+def test_keys_file_readable_by_others_gets_a_warning(tmp_path):
+    path = tmp_path / "keys"
+    CurveKeys.generate().save(path)
+    path.chmod(0o644)
+    code, out = _launch("--keys-file", str(path), "--num-keys", "4", "--value-length", "2",
+                        SCRIPT, "ok", str(tmp_path), timeout=60)
+    assert code == 0, out
+    assert f"warning: --keys-file {path} can be read by others than its owner (mode 0644)" \
+        in out, out
