@@ -34,6 +34,8 @@ from adapm.table import (
     unlink_segment,
 )
 
+log = logging.getLogger("adapm.launch")
+
 
 class Terminated(SystemExit):
     """SIGTERM received by the launching process: unwinds so that teardown runs."""
@@ -223,17 +225,19 @@ class LocalCluster:
 
     def _claim_nodes(self):
         """Hold every node of this machine (adapm.table.claim_node) before anything
-        starts. A node that runs here already is an error, and so is a segment that one
-        left without removing it: teardown unlinks only the names of the nodes held here,
-        which nobody but their servers can have created, never those of another run."""
+        starts: a node that runs here already is an error, and nothing of it is touched.
+        Teardown unlinks only the names of the nodes held here. A segment name of a node
+        held here was left by a run of it that did not end cleanly (a launcher running
+        that node would hold it): it is removed, with a warning, so that a job step
+        retried after a crash starts, as it did before claims."""
         for node in self.nodes:
             self._claims.append(claim_node(self.spec.cluster_id, node))
             name = segment_name(self.spec.cluster_id, node)
             if segment_exists(name):
-                raise FileExistsError(
-                    f"node {node} of cluster {self.spec.cluster_id}: its table {name} was "
-                    "left by a run that did not end cleanly (no launcher of that node runs "
-                    f"here now): remove /dev/shm{name}")
+                log.warning("node %d of cluster %s: removed its table /dev/shm%s, left by a "
+                            "run that did not end cleanly (no launcher of that node runs "
+                            "here)", node, self.spec.cluster_id, name)
+                unlink_segment(name)
             self.segments.append(name)
 
     def _start_servers(self, deadline):
