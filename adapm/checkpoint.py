@@ -21,6 +21,7 @@ an interrupted save leaves the previous checkpoint whole: nothing reads a folder
 manifest.json does not name."""
 
 import datetime
+import hashlib
 import io
 import json
 import logging
@@ -41,7 +42,8 @@ log = logging.getLogger("adapm.checkpoint")
 MANIFEST = "manifest.json"
 PROGRESS_EVERY = 5.0    # seconds between progress lines of a long write
 FORMAT = "adapm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: the manifest carries a checksum of itself (MANIFEST_CHECKSUM)
+MANIFEST_CHECKSUM = "manifest_sha256"
 CHUNK_BYTES = 32 << 20  # values gathered and written per step (two such buffers in use)
 WRITEBACK_BYTES = 1 << 20  # chunks at least this large are handed to the disk at once
 _DATA_DIR = re.compile(r"^v-[0-9a-f]{16}-\d{6,}$")
@@ -145,9 +147,23 @@ def commit(path, data, info, remove=None):
                                   if state["optimizer"]), None),
         "parts": parts,
     }
+    manifest = sealed(manifest)
     write_json(os.path.join(path, MANIFEST), manifest)
     (remove or remove_stale)(path, data)
     return manifest
+
+
+def manifest_checksum(manifest):
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), its own checksum
+    left out: JSON read back gives the same text, whatever indentation the file has."""
+    body = {name: value for name, value in manifest.items() if name != MANIFEST_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sealed(manifest):
+    """The manifest with its checksum."""
+    return dict(manifest, **{MANIFEST_CHECKSUM: manifest_checksum(manifest)})
 
 
 def _lengths_entry(parts, path):
@@ -364,13 +380,30 @@ def read_manifest(path):
     manifest = _read_json(filename, "checkpoint manifest")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{filename} is not an AdaPM checkpoint manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{filename}: format version {manifest.get('format_version')}, "
-                              f"this AdaPM reads version {FORMAT_VERSION}")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise CheckpointError(f"{filename}: format version 1, of an earlier AdaPM (its "
+                              "manifest has no checksum); this AdaPM reads version "
+                              f"{FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{filename}: format version {version}, this AdaPM reads "
+                              f"version {FORMAT_VERSION}")
+    _check_checksum(manifest, filename)
     for name in ("num_keys", "dtype", "parts", "data"):
         if name not in manifest:
             raise CheckpointError(f"{filename}: no {name!r}")
     return manifest
+
+
+def _check_checksum(manifest, filename):
+    """Every field is checked against the files where a file can say it (shapes, sizes,
+    CRCs), but not every field can: the checksum finds a changed bit anywhere."""
+    saved = manifest.get(MANIFEST_CHECKSUM)
+    if saved is None:
+        raise CheckpointError(f"{filename}: damaged: no {MANIFEST_CHECKSUM}")
+    if saved != manifest_checksum(manifest):
+        raise CheckpointError(f"{filename}: damaged: its contents do not match its "
+                              f"{MANIFEST_CHECKSUM}")
 
 
 class Checkpoint:
@@ -383,6 +416,48 @@ class Checkpoint:
         self.num_keys = int(self.manifest["num_keys"])
         self.dtype = np.dtype(self.manifest["dtype"])
         self._lengths = None
+        self._check_files()
+
+    def _check_files(self):
+        """The manifest against its files' sizes and .npy headers (a few bytes each): parts
+        per node, each part's key count, dtype and value_length. A manifest that does not
+        describe its files would restore values into other keys."""
+        manifest, parts = self.manifest, self.manifest["parts"]
+        if len(parts) != manifest["nodes"]:
+            raise CheckpointError(f"{self.path}/{MANIFEST}: {len(parts)} parts, "
+                                  f"{manifest['nodes']} nodes")
+        uniform = manifest["value_length"]
+        for part in parts:
+            n = part["num_keys"]
+            self._check_npy(part["keys"], part["bytes"]["keys"], np.uint64, (n,))
+            self._check_npy(part["values"], part["bytes"]["values"], self.dtype,
+                            (n, uniform) if uniform is not None else None)
+        total = sum(part["num_keys"] for part in parts)
+        if total != self.num_keys:
+            raise CheckpointError(f"{self.path}/{MANIFEST}: the parts hold {total} keys, "
+                                  f"num_keys says {self.num_keys}")
+        if uniform is None:
+            entry = manifest["lengths"]
+            self._check_npy(entry["file"], entry["bytes"], None, (self.num_keys,))
+
+    def _check_npy(self, relative, size, dtype, shape):
+        """That the file has the manifest's size, and an .npy header of `dtype` (None: an
+        integer one) and `shape` (None: 1-D) whose data fills the rest of the file."""
+        filename = self._file(relative)
+        actual = _file_size(filename)
+        if actual != size:
+            raise CheckpointError(f"{filename}: corrupt ({actual} bytes, the manifest says "
+                                  f"{size} bytes)")
+        got_dtype, got_shape, data_bytes = _npy_header(filename)
+        wrong_dtype = got_dtype.kind not in "iu" if dtype is None else got_dtype != dtype
+        wrong_shape = len(got_shape) != 1 if shape is None else got_shape != shape
+        if wrong_dtype or wrong_shape:
+            want = "1-D" if shape is None else str(shape)
+            raise CheckpointError(f"{filename}: holds {got_shape} {got_dtype}, the manifest "
+                                  f"says {want} {'integers' if dtype is None else dtype}")
+        if data_bytes != actual:
+            raise CheckpointError(f"{filename}: corrupt ({actual} bytes, its header "
+                                  f"says {data_bytes})")
 
     @property
     def value_length(self):
@@ -395,7 +470,11 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}/{MANIFEST}: per-key lengths without "
                                       "their file")
             self._verify_file(entry["file"], entry["crc32"], entry["bytes"])
-            self._lengths = self._load(entry["file"])
+            lengths = self._load(entry["file"])
+            if lengths.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) >= 2**32):
+                raise CheckpointError(f"{self._file(entry['file'])}: value lengths must lie "
+                                      "in [1, 2**32)")
+            self._lengths = lengths
         return self._lengths
 
     def _file(self, relative):
@@ -419,15 +498,15 @@ class Checkpoint:
 
     def parts(self):
         """(node, keys, values) of every part, memory-mapped: values (n, L), or flat."""
+        lengths = self.value_length
         for part in self.manifest["parts"]:
             keys = self._load(part["keys"])
             values = self._load(part["values"])
-            if keys.dtype != np.uint64 or keys.shape != (part["num_keys"],):
-                raise CheckpointError(f"{part['keys']}: {keys.shape} {keys.dtype}, expected "
-                                      f"({part['num_keys']},) uint64")
-            if values.dtype != self.dtype:
-                raise CheckpointError(f"{part['values']}: {values.dtype}, the manifest says "
-                                      f"{self.dtype}")
+            if not isinstance(lengths, int):
+                total = int(np.asarray(lengths, dtype=np.int64)[keys].sum())
+                if values.shape[0] != total:
+                    raise CheckpointError(f"{self._file(part['values'])}: {values.shape[0]} "
+                                          f"values, its keys' lengths add up to {total}")
             yield part["node"], keys, values
 
     def _load(self, relative):
@@ -528,6 +607,34 @@ class Checkpoint:
                 offsets = np.cumsum(lens) - lens
                 yield keys, np.ascontiguousarray(part_values[_segments(offsets[mine],
                                                                        lens[mine])])
+
+
+def _file_size(filename):
+    try:
+        return os.stat(filename).st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{filename}: missing") from None
+
+
+def _npy_header(filename):
+    """(dtype, shape, the file's size by the header) of an .npy file, from its header."""
+    try:
+        with open(filename, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy version {version} (1.0 or 2.0 expected)")
+            offset = f.tell()
+    except FileNotFoundError:
+        raise CheckpointError(f"{filename}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{filename}: not a readable .npy file: {exc}") from None
+    if fortran or dtype.hasobject or dtype.names is not None:
+        raise CheckpointError(f"{filename}: a Fortran-order or structured array")
+    return dtype, shape, offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 
 def _file_crc(filename):

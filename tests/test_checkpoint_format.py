@@ -10,6 +10,8 @@ import pytest
 from adapm import checkpoint
 from adapm.checkpoint import Checkpoint, CheckpointError
 
+import manifest_edits
+
 pytestmark = pytest.mark.timeout(60)
 
 INFO = {"num_keys": 10, "dtype": "float32", "value_length": 3, "mode": "adaptive",
@@ -145,6 +147,23 @@ def test_a_manifest_that_is_not_ours_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "adapm-checkpoint",
                                                         "format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99"):
+        checkpoint.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "adapm-checkpoint",
+                                                        "format_version": 1}))
+    with pytest.raises(CheckpointError, match="format version 1, of an earlier AdaPM"):
+        checkpoint.load(tmp_path)
+
+
+def test_a_manifest_without_its_checksum_or_with_a_wrong_one_is_damaged(make_table,
+                                                                         tmp_path):
+    manifest = save(tmp_path, two_node_tables(make_table))
+    assert manifest == checkpoint.read_manifest(tmp_path)
+    assert manifest["manifest_sha256"] == manifest_edits.seal(manifest)["manifest_sha256"]
+    manifest_edits.edit(tmp_path, lambda m: m.update(clocks=[7, 9]), reseal=False)
+    with pytest.raises(CheckpointError, match="manifest.json: damaged: its contents"):
+        Checkpoint(tmp_path)
+    manifest_edits.edit(tmp_path, lambda m: m.pop("manifest_sha256"), reseal=False)
+    with pytest.raises(CheckpointError, match="manifest.json: damaged: no manifest_sha256"):
         checkpoint.load(tmp_path)
 
 
