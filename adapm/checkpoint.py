@@ -416,6 +416,7 @@ class Checkpoint:
         self.num_keys = int(self.manifest["num_keys"])
         self.dtype = np.dtype(self.manifest["dtype"])
         self._lengths = None
+        self._covered = False  # _check_coverage passed
         self._check_files()
 
     def _check_files(self):
@@ -481,12 +482,14 @@ class Checkpoint:
         return os.path.join(self.path, relative)
 
     def verify(self):
-        """Check every file's CRC-32 and size against the manifest (reads everything)."""
+        """Check every file's CRC-32 and size against the manifest (reads everything), then
+        that the parts hold every key exactly once."""
         for part in self.manifest["parts"]:
             for kind in ("keys", "values"):
                 self._verify_file(part[kind], part["crc32"][kind], part["bytes"][kind])
         if self.manifest["lengths"] is not None:
             self.value_length  # noqa: B018 - reading the lengths verifies them
+        self._check_coverage()
 
     def _verify_file(self, relative, expected_crc, expected_size):
         filename = self._file(relative)
@@ -497,17 +500,39 @@ class Checkpoint:
                 f"{expected_crc:08x}, {expected_size} bytes)")
 
     def parts(self):
-        """(node, keys, values) of every part, memory-mapped: values (n, L), or flat."""
-        lengths = self.value_length
+        """(node, keys, values) of every part, memory-mapped: values (n, L), or flat. The
+        one way to the values (load and a restore read through it): the parts are checked
+        first to hold every key exactly once."""
+        self._check_coverage()
         for part in self.manifest["parts"]:
+            yield part["node"], self._load(part["keys"]), self._load(part["values"])
+
+    def _check_coverage(self):
+        """That every key of [0, num_keys) is in exactly one part, each part's keys in
+        ascending order, with as many values as their lengths add up to: readers find keys
+        by binary search and fill arrays key by key, and a key in no part would leave
+        memory unwritten. Reads the keys files once (8 bytes a key)."""
+        if self._covered:
+            return
+        lengths = self.value_length
+        seen = np.zeros(self.num_keys, dtype=bool)
+        for part in self.manifest["parts"]:
+            filename = self._file(part["keys"])
             keys = self._load(part["keys"])
-            values = self._load(part["values"])
+            _check_ascending(keys, self.num_keys, filename)
+            twice = np.flatnonzero(seen[keys])
+            if twice.shape[0]:
+                raise CheckpointError(f"{filename}: key {int(keys[twice[0]])} is in two parts")
+            seen[keys] = True
             if not isinstance(lengths, int):
                 total = int(np.asarray(lengths, dtype=np.int64)[keys].sum())
+                values = self._load(part["values"])
                 if values.shape[0] != total:
                     raise CheckpointError(f"{self._file(part['values'])}: {values.shape[0]} "
                                           f"values, its keys' lengths add up to {total}")
-            yield part["node"], keys, values
+        # The parts' key counts add up to num_keys (_check_files): with no key twice and
+        # none out of range, every key is in one.
+        self._covered = True
 
     def _load(self, relative):
         filename = self._file(relative)
@@ -564,6 +589,7 @@ class Checkpoint:
             return self._load_all()
         keys = _as_keys(keys, self.num_keys)
         lengths = self.value_length
+        # np.empty: parts() holds every key exactly once, so every row is written.
         if isinstance(lengths, int):
             out = np.empty((keys.shape[0], lengths), dtype=self.dtype)
             for _, part_keys, part_values in self.parts():
@@ -650,6 +676,17 @@ def _file_crc(filename):
                 size += n
     except FileNotFoundError:
         raise CheckpointError(f"{filename}: missing") from None
+
+
+def _check_ascending(keys, num_keys, filename):
+    if keys.shape[0] > 1:
+        down = np.flatnonzero(keys[1:] <= keys[:-1])
+        if down.shape[0]:
+            at = int(down[0])
+            raise CheckpointError(f"{filename}: keys not strictly ascending (key "
+                                  f"{int(keys[at + 1])} after {int(keys[at])})")
+    if keys.shape[0] and int(keys[-1]) >= num_keys:
+        raise CheckpointError(f"{filename}: key {int(keys[-1])} outside [0, {num_keys})")
 
 
 def _as_keys(keys, num_keys):

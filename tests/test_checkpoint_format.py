@@ -1,6 +1,7 @@
 """The checkpoint format on its own (adapm.checkpoint), with tables made in this process
 and no cluster: writing nodes' parts, committing, reading back, and every way a
 checkpoint on disk can be incomplete, corrupt or not fit a cluster."""
+import io
 import json
 import os
 
@@ -220,3 +221,70 @@ def test_progress_is_reported_per_chunk(make_table, tmp_path, monkeypatch):
     assert calls == [(4, 10, 64), (8, 10, 128), (10, 10, 160)]
     part = np.load(tmp_path / "v-0000000000000004-000001" / "node-00000.values.npy")
     assert np.array_equal(part.reshape(-1), np.arange(40, dtype=np.float32))
+
+
+# -- the parts must hold every key exactly once (issue 17) --------------------------------
+
+def _rewrite_keys_of_part_1(keys_of, values_of_part=None):
+    """A change of node 1's keys file (and values file), their CRC-32s and sizes updated:
+    consistent checksums, inconsistent keys."""
+    def change(path, manifest):
+        part = manifest["parts"][1]
+        keys = np.load(path / part["keys"])
+        values = np.load(path / part["values"])
+        manifest_edits.rewrite_file(path, part, "keys", _npy_bytes(keys_of(keys)))
+        if values_of_part is not None:
+            manifest_edits.rewrite_file(path, part, "values", _npy_bytes(values_of_part(values)))
+    return change
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _key_replaced(keys):
+    keys = keys.copy()
+    keys[0] = 0  # node 0 holds key 0 too, and no part holds key 1
+    return np.sort(keys)
+
+
+def _key_out_of_range(keys):
+    keys = keys.copy()
+    keys[-1] = 11  # past num_keys (10); key 9 in no part
+    return keys
+
+
+BAD_PARTS = {
+    "num_keys-raised": (lambda path, m: m.update(num_keys=15), "hold 10 keys, num_keys says 15"),
+    "part-dropped": (lambda path, m: m.update(parts=m["parts"][:1], nodes=1),
+                     "hold 5 keys, num_keys says 10"),
+    "key-in-two-parts": (_rewrite_keys_of_part_1(_key_replaced), "key 0 is in two parts"),
+    "key-out-of-range": (_rewrite_keys_of_part_1(_key_out_of_range), r"key 11 .*\[0, 10\)"),
+    # a consistent pairing of keys and values, but not in the format's order
+    "keys-unsorted": (_rewrite_keys_of_part_1(lambda k: k[::-1], lambda v: v[::-1]),
+                      "not strictly ascending"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_PARTS)
+def test_parts_must_hold_every_key_exactly_once(make_table, tmp_path, name):
+    """Before the fix, load() returned uninitialised memory for keys no part holds, and
+    wrong values from a keys file out of order (which a restore took right); now every
+    reader refuses such parts, through one check."""
+    change, reason = BAD_PARTS[name]
+    save(tmp_path, two_node_tables(make_table))
+    manifest = manifest_edits.read(tmp_path)
+    change(tmp_path, manifest)
+    manifest_edits.write(tmp_path, manifest)
+    readers = {
+        "load": lambda: checkpoint.load(tmp_path),
+        "load unverified": lambda: checkpoint.load(tmp_path, keys=[1, 9], verify=False),
+        "verify": lambda: Checkpoint(tmp_path).verify(),
+        "home_values": lambda: list(Checkpoint(tmp_path).home_values(1, 2)),
+    }
+    for reader, read in readers.items():
+        with pytest.raises(CheckpointError, match=reason):
+            result = read()
+            print(f"{reader}: read {result}")
