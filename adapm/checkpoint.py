@@ -28,12 +28,14 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import zlib
 
 import numpy as np
 
+from adapm.config import DTYPES, MODES
 from adapm.errors import AdapmError
 from adapm.table import OWNED
 
@@ -378,20 +380,20 @@ def read_manifest(path):
     if not os.path.exists(filename):
         raise CheckpointError(f"no checkpoint at {path}: no {MANIFEST} (never completed)")
     manifest = _read_json(filename, "checkpoint manifest")
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{filename} is not an AdaPM checkpoint manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise CheckpointError(f"{filename} is not an AdaPM checkpoint manifest (format "
+                              f"{_shown(got)})")
     version = manifest.get("format_version")
     if version == 1:
         raise CheckpointError(f"{filename}: format version 1, of an earlier AdaPM (its "
                               "manifest has no checksum); this AdaPM reads version "
                               f"{FORMAT_VERSION}")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{filename}: format version {version}, this AdaPM reads "
-                              f"version {FORMAT_VERSION}")
+        raise CheckpointError(f"{filename}: format version {_shown(version)}, this AdaPM "
+                              f"reads version {FORMAT_VERSION}")
     _check_checksum(manifest, filename)
-    for name in ("num_keys", "dtype", "parts", "data"):
-        if name not in manifest:
-            raise CheckpointError(f"{filename}: no {name!r}")
+    _check_fields(manifest, filename)
     return manifest
 
 
@@ -406,12 +408,126 @@ def _check_checksum(manifest, filename):
                               f"{MANIFEST_CHECKSUM}")
 
 
+# -- the manifest's fields: each of the type and range readers rely on --------------------
+
+COUNT_LIMIT = 1 << 63  # key counts, sizes, clocks: more is damage (and no int64 holds it)
+
+
+def _shown(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_count(value, low=0, high=COUNT_LIMIT):
+    return type(value) is int and low <= value < high  # not a bool, a float, a string
+
+
+def _is_crc(value):
+    return _is_count(value, 0, 1 << 32)
+
+
+def _field(obj, name, where, ok, what):
+    """obj[name] once it is there and ok(it), else a CheckpointError naming it."""
+    if name not in obj:
+        raise CheckpointError(f"{where}: no {name!r}")
+    value = obj[name]
+    if not ok(value):
+        raise CheckpointError(f"{where}: {name!r} must be {what}, not {_shown(value)}")
+    return value
+
+
+def _object(value, where):
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} must be an object, not {_shown(value)}")
+    return value
+
+
+def _in_data(data):
+    """Whether a path is a plain file name in the folder `data`, relative: nothing else
+    may be read (an absolute path or `..` would read any file, /dev/zero for ever)."""
+    def ok(path):
+        if not isinstance(path, str) or "\0" in path:
+            return False
+        folder, _, name = path.partition("/")
+        return folder == data and name not in ("", ".", "..") and "/" not in name
+    return ok
+
+
+def _check_fields(manifest, where):
+    """Every field of the manifest: its type, its range, and how fields fit each other
+    (one part per node, a clock per worker); the files are checked against it later."""
+    _field(manifest, "created", where, lambda v: isinstance(v, str), "a string")
+    data = _field(manifest, "data", where,
+                  lambda v: isinstance(v, str) and _DATA_DIR.match(v) is not None,
+                  "a data folder's name, v-<cluster>-<save>")
+    _field(manifest, "num_keys", where, _is_count, "a count")
+    _field(manifest, "dtype", where, lambda v: v in DTYPES, f"one of {DTYPES}")
+    uniform = _field(manifest, "value_length", where,
+                     lambda v: v is None or _is_count(v, 1, 1 << 32), "null or a length >= 1")
+    lengths = _field(manifest, "lengths", where, lambda v: v is None or isinstance(v, dict),
+                     "null or the per-key lengths' file")
+    if (uniform is None) == (lengths is None):
+        raise CheckpointError(f"{where}: 'value_length' or 'lengths' must be given (only "
+                              "one)")
+    if lengths is not None:
+        _check_file_entry(lengths, data, f"{where}: lengths")
+    _field(manifest, "mode", where, lambda v: v in MODES, f"one of {MODES}")
+    nodes = _field(manifest, "nodes", where, lambda v: _is_count(v, 1), "a count >= 1")
+    workers = nodes * _field(manifest, "workers_per_node", where, lambda v: _is_count(v, 1),
+                             "a count >= 1")
+    _field(manifest, "clocks", where, lambda v: isinstance(v, list) and len(v) == workers
+           and all(_is_count(c) for c in v),
+           f"a list of {workers} clocks, one per worker (nodes x workers_per_node)")
+    _field(manifest, "optimizers", where, lambda v: isinstance(v, list) and len(v) == workers
+           and all(s is None or _is_optimizer_state(s) for s in v),
+           f"a list of {workers} optimizer states or nulls, one per worker (nodes x "
+           "workers_per_node)")
+    _field(manifest, "optimizer_layout", where, lambda v: v is None or _is_layout(v),
+           "null or {dim, state_length}")
+    parts = _field(manifest, "parts", where,
+                   lambda v: isinstance(v, list) and len(v) == nodes,
+                   f"a list of {nodes} parts, one per node")
+    for node, part in enumerate(parts):
+        _check_part(part, node, data, f"{where}: parts[{node}]")
+
+
+def _is_optimizer_state(state):  # the rest is the optimizer's to check (load_state_dict)
+    return isinstance(state, dict) and isinstance(state.get("name"), str)
+
+
+def _is_layout(layout):
+    return isinstance(layout, dict) and _is_count(layout.get("dim"), 1) and \
+        _is_count(layout.get("state_length"))
+
+
+def _check_part(part, node, data, where):
+    _object(part, where)
+    _field(part, "node", where, lambda v: _is_count(v) and v == node, f"{node}")
+    _field(part, "num_keys", where, _is_count, "a count")
+    for kind in ("keys", "values"):
+        _field(part, kind, where, _in_data(data), f"a file in {data}/")
+    _field(part, "crc32", where, lambda v: isinstance(v, dict) and _is_crc(v.get("keys"))
+           and _is_crc(v.get("values")), "the CRC-32s of keys and values")
+    _field(part, "bytes", where, lambda v: isinstance(v, dict) and _is_count(v.get("keys"))
+           and _is_count(v.get("values")), "the sizes of keys and values")
+    if "lengths" in part:  # node 0 wrote them; the manifest's own entry is the one read
+        _check_file_entry(part["lengths"], data, f"{where}: lengths")
+
+
+def _check_file_entry(entry, data, where):
+    _object(entry, where)
+    _field(entry, "file", where, _in_data(data), f"a file in {data}/")
+    _field(entry, "crc32", where, _is_crc, "a CRC-32")
+    _field(entry, "bytes", where, _is_count, "a size")
+
+
 class Checkpoint:
     """A checkpoint on disk, read with no cluster: its manifest, its parts memory-mapped,
     checksums verified on request."""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
+        self._real_path = os.path.realpath(self.path)
         self.manifest = read_manifest(self.path)
         self.num_keys = int(self.manifest["num_keys"])
         self.dtype = np.dtype(self.manifest["dtype"])
@@ -424,28 +540,29 @@ class Checkpoint:
         per node, each part's key count, dtype and value_length. A manifest that does not
         describe its files would restore values into other keys."""
         manifest, parts = self.manifest, self.manifest["parts"]
-        if len(parts) != manifest["nodes"]:
-            raise CheckpointError(f"{self.path}/{MANIFEST}: {len(parts)} parts, "
-                                  f"{manifest['nodes']} nodes")
         uniform = manifest["value_length"]
         for part in parts:
             n = part["num_keys"]
-            self._check_npy(part["keys"], part["bytes"]["keys"], np.uint64, (n,))
+            self._check_npy(part["keys"], part["bytes"]["keys"], np.uint64, (n,),
+                            "the part's num_keys")
             self._check_npy(part["values"], part["bytes"]["values"], self.dtype,
-                            (n, uniform) if uniform is not None else None)
+                            (n, uniform) if uniform is not None else None,
+                            "the part's num_keys, value_length, dtype")
         total = sum(part["num_keys"] for part in parts)
         if total != self.num_keys:
             raise CheckpointError(f"{self.path}/{MANIFEST}: the parts hold {total} keys, "
                                   f"num_keys says {self.num_keys}")
         if uniform is None:
             entry = manifest["lengths"]
-            self._check_npy(entry["file"], entry["bytes"], None, (self.num_keys,))
+            self._check_npy(entry["file"], entry["bytes"], None, (self.num_keys,),
+                            "num_keys")
 
-    def _check_npy(self, relative, size, dtype, shape):
+    def _check_npy(self, relative, size, dtype, shape, what):
         """That the file has the manifest's size, and an .npy header of `dtype` (None: an
-        integer one) and `shape` (None: 1-D) whose data fills the rest of the file."""
+        integer one) and `shape` (None: 1-D) whose data fills the rest of the file; `what`:
+        the fields that say so."""
         filename = self._file(relative)
-        actual = _file_size(filename)
+        actual = self._regular_file_size(filename)
         if actual != size:
             raise CheckpointError(f"{filename}: corrupt ({actual} bytes, the manifest says "
                                   f"{size} bytes)")
@@ -453,12 +570,29 @@ class Checkpoint:
         wrong_dtype = got_dtype.kind not in "iu" if dtype is None else got_dtype != dtype
         wrong_shape = len(got_shape) != 1 if shape is None else got_shape != shape
         if wrong_dtype or wrong_shape:
-            want = "1-D" if shape is None else str(shape)
+            want_shape = "1-D" if shape is None else str(shape)
+            want_dtype = "integers" if dtype is None else np.dtype(dtype)
             raise CheckpointError(f"{filename}: holds {got_shape} {got_dtype}, the manifest "
-                                  f"says {want} {'integers' if dtype is None else dtype}")
+                                  f"says {want_shape} {want_dtype} ({what})")
         if data_bytes != actual:
             raise CheckpointError(f"{filename}: corrupt ({actual} bytes, its header "
                                   f"says {data_bytes})")
+
+    def _regular_file_size(self, filename):
+        """The size of a file that lies inside the checkpoint folder, symlinks resolved,
+        and is a regular one: a FIFO would make every read wait for a writer, a device
+        or a file elsewhere is no part of the checkpoint. Checked before any read."""
+        real = os.path.realpath(filename)
+        if os.path.commonpath([real, self._real_path]) != self._real_path:
+            raise CheckpointError(f"{filename}: leads outside the checkpoint folder (to "
+                                  f"{real})")
+        try:
+            info = os.stat(real)
+        except FileNotFoundError:
+            raise CheckpointError(f"{filename}: missing") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{filename}: not a regular file")
+        return info.st_size
 
     @property
     def value_length(self):
@@ -467,9 +601,6 @@ class Checkpoint:
             return int(self.manifest["value_length"])
         if self._lengths is None:  # small (4 bytes a key): checked whenever it is read
             entry = self.manifest["lengths"]
-            if not isinstance(entry, dict) or "file" not in entry:
-                raise CheckpointError(f"{self.path}/{MANIFEST}: per-key lengths without "
-                                      "their file")
             self._verify_file(entry["file"], entry["crc32"], entry["bytes"])
             lengths = self._load(entry["file"])
             if lengths.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) >= 2**32):
@@ -633,13 +764,6 @@ class Checkpoint:
                 offsets = np.cumsum(lens) - lens
                 yield keys, np.ascontiguousarray(part_values[_segments(offsets[mine],
                                                                        lens[mine])])
-
-
-def _file_size(filename):
-    try:
-        return os.stat(filename).st_size
-    except FileNotFoundError:
-        raise CheckpointError(f"{filename}: missing") from None
 
 
 def _npy_header(filename):

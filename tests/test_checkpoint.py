@@ -363,3 +363,85 @@ def test_a_restore_checks_the_manifest_against_the_files(tmp_path, change, resea
     else:
         wrong = (pulled != _distinct(200, 3)[:, :pulled.shape[1]]).any(axis=1).sum()
         pytest.fail(f"restored with {wrong} of 200 keys wrong")
+
+
+def _copy_outside(path, manifest, relative):
+    """The file's bytes, copied outside the checkpoint folder (its CRC-32 still fits)."""
+    outside = os.path.join(os.path.dirname(path), "outside")
+    os.makedirs(outside, exist_ok=True)
+    copy = os.path.join(outside, os.path.basename(relative))
+    with open(os.path.join(path, relative), "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read())
+    return copy
+
+
+def _dev_zero(path, manifest):
+    part = manifest["parts"][1]
+    part["values"] = "/dev/zero"
+    part["crc32"]["values"] = part["bytes"]["values"] = 0
+
+
+def _escaping(path, manifest):
+    part = manifest["parts"][1]
+    _copy_outside(path, manifest, part["values"])
+    part["values"] = f"{manifest['data']}/../../outside/node-00001.values.npy"
+
+
+def _symlink_out(path, manifest):
+    relative = manifest["parts"][1]["values"]
+    copy = _copy_outside(path, manifest, relative)
+    os.unlink(os.path.join(path, relative))
+    os.symlink(copy, os.path.join(path, relative))
+
+
+def _fifo(path, manifest):
+    part = manifest["parts"][1]
+    part["values"] = f"{manifest['data']}/fifo.npy"
+    os.mkfifo(os.path.join(path, part["values"]))
+    part["crc32"]["values"] = part["bytes"]["values"] = 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("change, reason", [
+    (_dev_zero, r"'values' must be a file in v-[0-9a-f]+-\d+/"),
+    (_escaping, r"'values' must be a file in v-[0-9a-f]+-\d+/"),
+    (_symlink_out, "leads outside the checkpoint"),
+    (_fifo, "not a regular file"),
+], ids=["dev-zero", "dot-dot", "symlink-out", "fifo"])
+def test_a_restore_from_a_manifest_with_a_bad_path_fails_at_once(tmp_path, change, reason):
+    """Paths in the manifest stay inside the checkpoint's data folder, and name regular
+    files (before the fix, /dev/zero hung load() for ever and failed a restore after 69 s
+    with "cluster did not form"; a path out of the folder was followed)."""
+    path = str(tmp_path / "ck")
+    adapm.run(_set_distinct, args=(path,), nodes=2, num_keys=200, value_length=3)
+    manifest = read(path)
+    change(path, manifest)
+    write(path, manifest)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=reason):
+        adapm.run(_pull_all, nodes=2, restore=path)
+    assert time.monotonic() - started < 10
+
+
+def _key_0_in_both_parts(path, manifest):
+    """Node 1's keys file says key 0 where it held key 1 (CRC-32 updated): only reading
+    the keys shows it, which the node servers do (adapm.run reads the manifest and the
+    files' headers)."""
+    part = manifest["parts"][1]
+    keys = np.load(os.path.join(path, part["keys"]))
+    keys[0] = 0
+    rewrite_file(path, part, "keys", _npy_bytes(np.sort(keys)))
+
+
+@pytest.mark.timeout(30)
+def test_a_restore_that_the_node_servers_refuse_fails_at_once_with_the_reason(tmp_path):
+    path = str(tmp_path / "ck")
+    adapm.run(_set_distinct, args=(path,), nodes=2, num_keys=200, value_length=3)
+    manifest = read(path)
+    _key_0_in_both_parts(path, manifest)
+    write(path, manifest)
+    checkpoint.Checkpoint(path)  # the manifest and the headers are fine
+    started = time.monotonic()
+    with pytest.raises(AdapmError, match="node-00001.keys.npy: key 0 is in two parts"):
+        adapm.run(_pull_all, nodes=3, restore=path)
+    assert time.monotonic() - started < 10
