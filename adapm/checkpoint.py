@@ -18,7 +18,13 @@ A checkpoint is a folder PATH:
 Files are standard `.npy` (numpy.load and any npy reader open them) and JSON. A save
 writes a new <data> folder, then replaces manifest.json, then removes older folders, so
 an interrupted save leaves the previous checkpoint whole: nothing reads a folder that
-manifest.json does not name."""
+manifest.json does not name.
+
+Reading trusts nothing in the manifest it can check, since a wrong field would restore
+values into other keys: the manifest's own checksum (manifest_sha256) and every field's
+type and range (read_manifest); every path confined to PATH/<data> and a regular file;
+sizes and .npy headers against the fields (Checkpoint()); the parts holding every key
+exactly once, in order (Checkpoint.parts, the one way to the values); CRC-32s (verify)."""
 
 import datetime
 import hashlib
