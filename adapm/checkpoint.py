@@ -18,21 +18,30 @@ A checkpoint is a folder PATH:
 Files are standard `.npy` (numpy.load and any npy reader open them) and JSON. A save
 writes a new <data> folder, then replaces manifest.json, then removes older folders, so
 an interrupted save leaves the previous checkpoint whole: nothing reads a folder that
-manifest.json does not name."""
+manifest.json does not name.
+
+Reading trusts nothing in the manifest it can check, since a wrong field would restore
+values into other keys: the manifest's own checksum (manifest_sha256) and every field's
+type and range (read_manifest); every path confined to PATH/<data> and a regular file;
+sizes and .npy headers against the fields (Checkpoint()); the parts holding every key
+exactly once, in order (Checkpoint.parts, the one way to the values); CRC-32s (verify)."""
 
 import datetime
+import hashlib
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import zlib
 
 import numpy as np
 
+from adapm.config import DTYPES, MODES
 from adapm.errors import AdapmError
 from adapm.table import OWNED
 
@@ -41,7 +50,8 @@ log = logging.getLogger("adapm.checkpoint")
 MANIFEST = "manifest.json"
 PROGRESS_EVERY = 5.0    # seconds between progress lines of a long write
 FORMAT = "adapm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: the manifest carries a checksum of itself (MANIFEST_CHECKSUM)
+MANIFEST_CHECKSUM = "manifest_sha256"
 CHUNK_BYTES = 32 << 20  # values gathered and written per step (two such buffers in use)
 WRITEBACK_BYTES = 1 << 20  # chunks at least this large are handed to the disk at once
 _DATA_DIR = re.compile(r"^v-[0-9a-f]{16}-\d{6,}$")
@@ -145,9 +155,23 @@ def commit(path, data, info, remove=None):
                                   if state["optimizer"]), None),
         "parts": parts,
     }
+    manifest = sealed(manifest)
     write_json(os.path.join(path, MANIFEST), manifest)
     (remove or remove_stale)(path, data)
     return manifest
+
+
+def manifest_checksum(manifest):
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), its own checksum
+    left out: JSON read back gives the same text, whatever indentation the file has."""
+    body = {name: value for name, value in manifest.items() if name != MANIFEST_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sealed(manifest):
+    """The manifest with its checksum."""
+    return dict(manifest, **{MANIFEST_CHECKSUM: manifest_checksum(manifest)})
 
 
 def _lengths_entry(parts, path):
@@ -362,15 +386,145 @@ def read_manifest(path):
     if not os.path.exists(filename):
         raise CheckpointError(f"no checkpoint at {path}: no {MANIFEST} (never completed)")
     manifest = _read_json(filename, "checkpoint manifest")
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{filename} is not an AdaPM checkpoint manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{filename}: format version {manifest.get('format_version')}, "
-                              f"this AdaPM reads version {FORMAT_VERSION}")
-    for name in ("num_keys", "dtype", "parts", "data"):
-        if name not in manifest:
-            raise CheckpointError(f"{filename}: no {name!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise CheckpointError(f"{filename} is not an AdaPM checkpoint manifest (format "
+                              f"{_shown(got)})")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise CheckpointError(f"{filename}: format version 1, of an earlier AdaPM (its "
+                              "manifest has no checksum); this AdaPM reads version "
+                              f"{FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{filename}: format version {_shown(version)}, this AdaPM "
+                              f"reads version {FORMAT_VERSION}")
+    _check_checksum(manifest, filename)
+    _check_fields(manifest, filename)
     return manifest
+
+
+def _check_checksum(manifest, filename):
+    """Every field is checked against the files where a file can say it (shapes, sizes,
+    CRCs), but not every field can: the checksum finds a changed bit anywhere."""
+    saved = manifest.get(MANIFEST_CHECKSUM)
+    if saved is None:
+        raise CheckpointError(f"{filename}: damaged: no {MANIFEST_CHECKSUM}")
+    if saved != manifest_checksum(manifest):
+        raise CheckpointError(f"{filename}: damaged: its contents do not match its "
+                              f"{MANIFEST_CHECKSUM}")
+
+
+# -- the manifest's fields: each of the type and range readers rely on --------------------
+
+COUNT_LIMIT = 1 << 63  # key counts, sizes, clocks: more is damage (and no int64 holds it)
+
+
+def _shown(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_count(value, low=0, high=COUNT_LIMIT):
+    return type(value) is int and low <= value < high  # not a bool, a float, a string
+
+
+def _is_crc(value):
+    return _is_count(value, 0, 1 << 32)
+
+
+def _field(obj, name, where, ok, what):
+    """obj[name] once it is there and ok(it), else a CheckpointError naming it."""
+    if name not in obj:
+        raise CheckpointError(f"{where}: no {name!r}")
+    value = obj[name]
+    if not ok(value):
+        raise CheckpointError(f"{where}: {name!r} must be {what}, not {_shown(value)}")
+    return value
+
+
+def _object(value, where):
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} must be an object, not {_shown(value)}")
+    return value
+
+
+def _in_data(data):
+    """Whether a path is a plain file name in the folder `data`, relative: nothing else
+    may be read (an absolute path or `..` would read any file, /dev/zero for ever)."""
+    def ok(path):
+        if not isinstance(path, str) or "\0" in path:
+            return False
+        folder, _, name = path.partition("/")
+        return folder == data and name not in ("", ".", "..") and "/" not in name
+    return ok
+
+
+def _check_fields(manifest, where):
+    """Every field of the manifest: its type, its range, and how fields fit each other
+    (one part per node, a clock per worker); the files are checked against it later."""
+    _field(manifest, "created", where, lambda v: isinstance(v, str), "a string")
+    data = _field(manifest, "data", where,
+                  lambda v: isinstance(v, str) and _DATA_DIR.match(v) is not None,
+                  "a data folder's name, v-<cluster>-<save>")
+    _field(manifest, "num_keys", where, _is_count, "a count")
+    _field(manifest, "dtype", where, lambda v: v in DTYPES, f"one of {DTYPES}")
+    uniform = _field(manifest, "value_length", where,
+                     lambda v: v is None or _is_count(v, 1, 1 << 32), "null or a length >= 1")
+    lengths = _field(manifest, "lengths", where, lambda v: v is None or isinstance(v, dict),
+                     "null or the per-key lengths' file")
+    if (uniform is None) == (lengths is None):
+        raise CheckpointError(f"{where}: 'value_length' or 'lengths' must be given (only "
+                              "one)")
+    if lengths is not None:
+        _check_file_entry(lengths, data, f"{where}: lengths")
+    _field(manifest, "mode", where, lambda v: v in MODES, f"one of {MODES}")
+    nodes = _field(manifest, "nodes", where, lambda v: _is_count(v, 1), "a count >= 1")
+    workers = nodes * _field(manifest, "workers_per_node", where, lambda v: _is_count(v, 1),
+                             "a count >= 1")
+    _field(manifest, "clocks", where, lambda v: isinstance(v, list) and len(v) == workers
+           and all(_is_count(c) for c in v),
+           f"a list of {workers} clocks, one per worker (nodes x workers_per_node)")
+    _field(manifest, "optimizers", where, lambda v: isinstance(v, list) and len(v) == workers
+           and all(s is None or _is_optimizer_state(s) for s in v),
+           f"a list of {workers} optimizer states or nulls, one per worker (nodes x "
+           "workers_per_node)")
+    _field(manifest, "optimizer_layout", where, lambda v: v is None or _is_layout(v),
+           "null or {dim, state_length}")
+    parts = _field(manifest, "parts", where,
+                   lambda v: isinstance(v, list) and len(v) == nodes,
+                   f"a list of {nodes} parts, one per node")
+    for node, part in enumerate(parts):
+        _check_part(part, node, data, f"{where}: parts[{node}]")
+
+
+def _is_optimizer_state(state):  # the rest is the optimizer's to check (load_state_dict)
+    return isinstance(state, dict) and isinstance(state.get("name"), str)
+
+
+def _is_layout(layout):
+    return isinstance(layout, dict) and _is_count(layout.get("dim"), 1) and \
+        _is_count(layout.get("state_length"))
+
+
+def _check_part(part, node, data, where):
+    _object(part, where)
+    _field(part, "node", where, lambda v: _is_count(v) and v == node, f"{node}")
+    _field(part, "num_keys", where, _is_count, "a count")
+    for kind in ("keys", "values"):
+        _field(part, kind, where, _in_data(data), f"a file in {data}/")
+    _field(part, "crc32", where, lambda v: isinstance(v, dict) and _is_crc(v.get("keys"))
+           and _is_crc(v.get("values")), "the CRC-32s of keys and values")
+    _field(part, "bytes", where, lambda v: isinstance(v, dict) and _is_count(v.get("keys"))
+           and _is_count(v.get("values")), "the sizes of keys and values")
+    if "lengths" in part:  # node 0 wrote them; the manifest's own entry is the one read
+        _check_file_entry(part["lengths"], data, f"{where}: lengths")
+
+
+def _check_file_entry(entry, data, where):
+    _object(entry, where)
+    _field(entry, "file", where, _in_data(data), f"a file in {data}/")
+    _field(entry, "crc32", where, _is_crc, "a CRC-32")
+    _field(entry, "bytes", where, _is_count, "a size")
 
 
 class Checkpoint:
@@ -379,10 +533,72 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
+        self._real_path = os.path.realpath(self.path)
         self.manifest = read_manifest(self.path)
         self.num_keys = int(self.manifest["num_keys"])
         self.dtype = np.dtype(self.manifest["dtype"])
         self._lengths = None
+        self._covered = False  # _check_coverage passed
+        self._check_files()
+
+    def _check_files(self):
+        """The manifest against its files' sizes and .npy headers (a few bytes each): parts
+        per node, each part's key count, dtype and value_length. A manifest that does not
+        describe its files would restore values into other keys."""
+        manifest, parts = self.manifest, self.manifest["parts"]
+        uniform = manifest["value_length"]
+        for part in parts:
+            n = part["num_keys"]
+            self._check_npy(part["keys"], part["bytes"]["keys"], np.uint64, (n,),
+                            "the part's num_keys")
+            self._check_npy(part["values"], part["bytes"]["values"], self.dtype,
+                            (n, uniform) if uniform is not None else None,
+                            "the part's num_keys, value_length, dtype")
+        total = sum(part["num_keys"] for part in parts)
+        if total != self.num_keys:
+            raise CheckpointError(f"{self.path}/{MANIFEST}: the parts hold {total} keys, "
+                                  f"num_keys says {self.num_keys}")
+        if uniform is None:
+            entry = manifest["lengths"]
+            self._check_npy(entry["file"], entry["bytes"], None, (self.num_keys,),
+                            "num_keys")
+
+    def _check_npy(self, relative, size, dtype, shape, what):
+        """That the file has the manifest's size, and an .npy header of `dtype` (None: an
+        integer one) and `shape` (None: 1-D) whose data fills the rest of the file; `what`:
+        the fields that say so."""
+        filename = self._file(relative)
+        actual = self._regular_file_size(filename)
+        if actual != size:
+            raise CheckpointError(f"{filename}: corrupt ({actual} bytes, the manifest says "
+                                  f"{size} bytes)")
+        got_dtype, got_shape, data_bytes = _npy_header(filename)
+        wrong_dtype = got_dtype.kind not in "iu" if dtype is None else got_dtype != dtype
+        wrong_shape = len(got_shape) != 1 if shape is None else got_shape != shape
+        if wrong_dtype or wrong_shape:
+            want_shape = "1-D" if shape is None else str(shape)
+            want_dtype = "integers" if dtype is None else np.dtype(dtype)
+            raise CheckpointError(f"{filename}: holds {got_shape} {got_dtype}, the manifest "
+                                  f"says {want_shape} {want_dtype} ({what})")
+        if data_bytes != actual:
+            raise CheckpointError(f"{filename}: corrupt ({actual} bytes, its header "
+                                  f"says {data_bytes})")
+
+    def _regular_file_size(self, filename):
+        """The size of a file that lies inside the checkpoint folder, symlinks resolved,
+        and is a regular one: a FIFO would make every read wait for a writer, a device
+        or a file elsewhere is no part of the checkpoint. Checked before any read."""
+        real = os.path.realpath(filename)
+        if os.path.commonpath([real, self._real_path]) != self._real_path:
+            raise CheckpointError(f"{filename}: leads outside the checkpoint folder (to "
+                                  f"{real})")
+        try:
+            info = os.stat(real)
+        except FileNotFoundError:
+            raise CheckpointError(f"{filename}: missing") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{filename}: not a regular file")
+        return info.st_size
 
     @property
     def value_length(self):
@@ -391,23 +607,26 @@ class Checkpoint:
             return int(self.manifest["value_length"])
         if self._lengths is None:  # small (4 bytes a key): checked whenever it is read
             entry = self.manifest["lengths"]
-            if not isinstance(entry, dict) or "file" not in entry:
-                raise CheckpointError(f"{self.path}/{MANIFEST}: per-key lengths without "
-                                      "their file")
             self._verify_file(entry["file"], entry["crc32"], entry["bytes"])
-            self._lengths = self._load(entry["file"])
+            lengths = self._load(entry["file"])
+            if lengths.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) >= 2**32):
+                raise CheckpointError(f"{self._file(entry['file'])}: value lengths must lie "
+                                      "in [1, 2**32)")
+            self._lengths = lengths
         return self._lengths
 
     def _file(self, relative):
         return os.path.join(self.path, relative)
 
     def verify(self):
-        """Check every file's CRC-32 and size against the manifest (reads everything)."""
+        """Check every file's CRC-32 and size against the manifest (reads everything), then
+        that the parts hold every key exactly once."""
         for part in self.manifest["parts"]:
             for kind in ("keys", "values"):
                 self._verify_file(part[kind], part["crc32"][kind], part["bytes"][kind])
         if self.manifest["lengths"] is not None:
             self.value_length  # noqa: B018 - reading the lengths verifies them
+        self._check_coverage()
 
     def _verify_file(self, relative, expected_crc, expected_size):
         filename = self._file(relative)
@@ -418,17 +637,39 @@ class Checkpoint:
                 f"{expected_crc:08x}, {expected_size} bytes)")
 
     def parts(self):
-        """(node, keys, values) of every part, memory-mapped: values (n, L), or flat."""
+        """(node, keys, values) of every part, memory-mapped: values (n, L), or flat. The
+        one way to the values (load and a restore read through it): the parts are checked
+        first to hold every key exactly once."""
+        self._check_coverage()
         for part in self.manifest["parts"]:
+            yield part["node"], self._load(part["keys"]), self._load(part["values"])
+
+    def _check_coverage(self):
+        """That every key of [0, num_keys) is in exactly one part, each part's keys in
+        ascending order, with as many values as their lengths add up to: readers find keys
+        by binary search and fill arrays key by key, and a key in no part would leave
+        memory unwritten. Reads the keys files once (8 bytes a key)."""
+        if self._covered:
+            return
+        lengths = self.value_length
+        seen = np.zeros(self.num_keys, dtype=bool)
+        for part in self.manifest["parts"]:
+            filename = self._file(part["keys"])
             keys = self._load(part["keys"])
-            values = self._load(part["values"])
-            if keys.dtype != np.uint64 or keys.shape != (part["num_keys"],):
-                raise CheckpointError(f"{part['keys']}: {keys.shape} {keys.dtype}, expected "
-                                      f"({part['num_keys']},) uint64")
-            if values.dtype != self.dtype:
-                raise CheckpointError(f"{part['values']}: {values.dtype}, the manifest says "
-                                      f"{self.dtype}")
-            yield part["node"], keys, values
+            _check_ascending(keys, self.num_keys, filename)
+            twice = np.flatnonzero(seen[keys])
+            if twice.shape[0]:
+                raise CheckpointError(f"{filename}: key {int(keys[twice[0]])} is in two parts")
+            seen[keys] = True
+            if not isinstance(lengths, int):
+                total = int(np.asarray(lengths, dtype=np.int64)[keys].sum())
+                values = self._load(part["values"])
+                if values.shape[0] != total:
+                    raise CheckpointError(f"{self._file(part['values'])}: {values.shape[0]} "
+                                          f"values, its keys' lengths add up to {total}")
+        # The parts' key counts add up to num_keys (_check_files): with no key twice and
+        # none out of range, every key is in one.
+        self._covered = True
 
     def _load(self, relative):
         filename = self._file(relative)
@@ -485,6 +726,7 @@ class Checkpoint:
             return self._load_all()
         keys = _as_keys(keys, self.num_keys)
         lengths = self.value_length
+        # np.empty: parts() holds every key exactly once, so every row is written.
         if isinstance(lengths, int):
             out = np.empty((keys.shape[0], lengths), dtype=self.dtype)
             for _, part_keys, part_values in self.parts():
@@ -530,6 +772,27 @@ class Checkpoint:
                                                                        lens[mine])])
 
 
+def _npy_header(filename):
+    """(dtype, shape, the file's size by the header) of an .npy file, from its header."""
+    try:
+        with open(filename, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy version {version} (1.0 or 2.0 expected)")
+            offset = f.tell()
+    except FileNotFoundError:
+        raise CheckpointError(f"{filename}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{filename}: not a readable .npy file: {exc}") from None
+    if fortran or dtype.hasobject or dtype.names is not None:
+        raise CheckpointError(f"{filename}: a Fortran-order or structured array")
+    return dtype, shape, offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
 def _file_crc(filename):
     crc, size = 0, 0
     try:
@@ -543,6 +806,17 @@ def _file_crc(filename):
                 size += n
     except FileNotFoundError:
         raise CheckpointError(f"{filename}: missing") from None
+
+
+def _check_ascending(keys, num_keys, filename):
+    if keys.shape[0] > 1:
+        down = np.flatnonzero(keys[1:] <= keys[:-1])
+        if down.shape[0]:
+            at = int(down[0])
+            raise CheckpointError(f"{filename}: keys not strictly ascending (key "
+                                  f"{int(keys[at + 1])} after {int(keys[at])})")
+    if keys.shape[0] and int(keys[-1]) >= num_keys:
+        raise CheckpointError(f"{filename}: key {int(keys[-1])} outside [0, {num_keys})")
 
 
 def _as_keys(keys, num_keys):

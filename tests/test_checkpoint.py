@@ -2,7 +2,9 @@
 snapshots while keys relocate and replicate, restores onto other node and worker counts
 bit for bit with optimizer state, and a node killed in the middle of writing."""
 import glob
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +21,8 @@ from adapm.checkpoint import CheckpointError
 from adapm.errors import AdapmError
 from adapm.optim import Adagrad, Adam
 from adapm.process import sibling_named
+
+from manifest_edits import read, rewrite_file, write
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -299,3 +303,145 @@ def test_a_save_stays_exact_while_a_node_server_stalls_again_and_again(tmp_path,
                         workers_per_node=2, num_keys=NUM_KEYS)
     expected = sum(np.sum(r, axis=0) for r in results)
     assert np.array_equal(checkpoint.load(path)[1][:, 0], expected)
+
+
+# -- reading checks the manifest against the files (issue 17) -----------------------------
+
+def _set_distinct(w, path):
+    """Key k holds k * 10 + j at value j: a value read for the wrong key shows."""
+    keys = np.arange(w.rank, w.num_keys, w.num_workers)
+    w.set(keys, keys[:, None] * 10.0 + np.arange(w.value_length))
+    w.save(path)
+
+
+def _distinct(num_keys, length):
+    return (np.arange(num_keys)[:, None] * 10.0 + np.arange(length)).astype(np.float32)
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _value_length_2(path, manifest):
+    manifest["value_length"] = 2
+
+
+def _values_of_part_0_reshaped(path, manifest):
+    """Node 0's values (100 x 3) as 150 x 2, with the manifest's CRC-32 and size of it."""
+    part = manifest["parts"][0]
+    values = np.load(os.path.join(path, part["values"]))
+    rewrite_file(path, part, "values", _npy_bytes(values.reshape(-1, 2)))
+
+
+def _both(path, manifest):
+    _values_of_part_0_reshaped(path, manifest)
+    _value_length_2(path, manifest)
+
+
+@pytest.mark.parametrize("change, reseal, reason", [
+    (_value_length_2, False, "manifest.json: damaged"),  # a flipped bit: 3 -> 2
+    (_value_length_2, True, r"\(100, 3\) float32, the manifest says \(100, 2\)"),
+    (_values_of_part_0_reshaped, True, r"\(150, 2\) float32, the manifest says \(100, 3\)"),
+    (_both, True, r"\(150, 2\) float32, the manifest says \(100, 2\)"),
+], ids=["value_length-flipped", "value_length-resealed", "values-reshaped", "both"])
+def test_a_restore_checks_the_manifest_against_the_files(tmp_path, change, reseal, reason):
+    """value_length and the values files' shapes must agree with each other and with the
+    part's key count; and the manifest has a checksum of its own (before the fix a
+    manifest that said 2 where the files hold 3 restored 194 of 200 keys shifted)."""
+    path = str(tmp_path / "ck")
+    adapm.run(_set_distinct, args=(path,), nodes=2, num_keys=200, value_length=3)
+    assert np.array_equal(checkpoint.load(path)[1], _distinct(200, 3))
+    manifest = read(path)
+    change(path, manifest)
+    write(path, manifest, reseal)
+    try:
+        [pulled, _, _] = adapm.run(_pull_all, nodes=3, restore=path)
+    except CheckpointError as exc:
+        assert re.search(reason, str(exc)), str(exc)
+    else:
+        wrong = (pulled != _distinct(200, 3)[:, :pulled.shape[1]]).any(axis=1).sum()
+        pytest.fail(f"restored with {wrong} of 200 keys wrong")
+
+
+def _copy_outside(path, manifest, relative):
+    """The file's bytes, copied outside the checkpoint folder (its CRC-32 still fits)."""
+    outside = os.path.join(os.path.dirname(path), "outside")
+    os.makedirs(outside, exist_ok=True)
+    copy = os.path.join(outside, os.path.basename(relative))
+    with open(os.path.join(path, relative), "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read())
+    return copy
+
+
+def _dev_zero(path, manifest):
+    part = manifest["parts"][1]
+    part["values"] = "/dev/zero"
+    part["crc32"]["values"] = part["bytes"]["values"] = 0
+
+
+def _escaping(path, manifest):
+    part = manifest["parts"][1]
+    _copy_outside(path, manifest, part["values"])
+    part["values"] = f"{manifest['data']}/../../outside/node-00001.values.npy"
+
+
+def _symlink_out(path, manifest):
+    relative = manifest["parts"][1]["values"]
+    copy = _copy_outside(path, manifest, relative)
+    os.unlink(os.path.join(path, relative))
+    os.symlink(copy, os.path.join(path, relative))
+
+
+def _fifo(path, manifest):
+    part = manifest["parts"][1]
+    part["values"] = f"{manifest['data']}/fifo.npy"
+    os.mkfifo(os.path.join(path, part["values"]))
+    part["crc32"]["values"] = part["bytes"]["values"] = 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("change, reason", [
+    (_dev_zero, r"'values' must be a file in v-[0-9a-f]+-\d+/"),
+    (_escaping, r"'values' must be a file in v-[0-9a-f]+-\d+/"),
+    (_symlink_out, "leads outside the checkpoint"),
+    (_fifo, "not a regular file"),
+], ids=["dev-zero", "dot-dot", "symlink-out", "fifo"])
+def test_a_restore_from_a_manifest_with_a_bad_path_fails_at_once(tmp_path, change, reason):
+    """Paths in the manifest stay inside the checkpoint's data folder, and name regular
+    files (before the fix, /dev/zero hung load() for ever and failed a restore after 69 s
+    with "cluster did not form"; a path out of the folder was followed)."""
+    path = str(tmp_path / "ck")
+    adapm.run(_set_distinct, args=(path,), nodes=2, num_keys=200, value_length=3)
+    manifest = read(path)
+    change(path, manifest)
+    write(path, manifest)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=reason):
+        adapm.run(_pull_all, nodes=2, restore=path)
+    assert time.monotonic() - started < 10
+
+
+def _key_0_in_both_parts(path, manifest):
+    """Node 1's keys file says key 0 where it held key 1 (CRC-32 updated): only reading
+    the keys shows it, which the node servers do (adapm.run reads the manifest and the
+    files' headers)."""
+    part = manifest["parts"][1]
+    keys = np.load(os.path.join(path, part["keys"]))
+    keys[0] = 0
+    rewrite_file(path, part, "keys", _npy_bytes(np.sort(keys)))
+
+
+@pytest.mark.timeout(30)
+def test_a_restore_that_the_node_servers_refuse_fails_at_once_with_the_reason(tmp_path):
+    path = str(tmp_path / "ck")
+    adapm.run(_set_distinct, args=(path,), nodes=2, num_keys=200, value_length=3)
+    manifest = read(path)
+    _key_0_in_both_parts(path, manifest)
+    write(path, manifest)
+    checkpoint.Checkpoint(path)  # the manifest and the headers are fine
+    started = time.monotonic()
+    with pytest.raises(AdapmError, match="node-00001.keys.npy: key 0 is in two parts"):
+        adapm.run(_pull_all, nodes=3, restore=path)
+    assert time.monotonic() - started < 10
