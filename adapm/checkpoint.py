@@ -52,6 +52,7 @@ PROGRESS_EVERY = 5.0    # seconds between progress lines of a long write
 FORMAT = "adapm-checkpoint"
 FORMAT_VERSION = 2      # 2: the manifest carries a checksum of itself (MANIFEST_CHECKSUM)
 MANIFEST_CHECKSUM = "manifest_sha256"
+READABLE_VERSIONS = (1, FORMAT_VERSION)  # 1: no MANIFEST_CHECKSUM, read with a warning
 CHUNK_BYTES = 32 << 20  # values gathered and written per step (two such buffers in use)
 WRITEBACK_BYTES = 1 << 20  # chunks at least this large are handed to the disk at once
 _DATA_DIR = re.compile(r"^v-[0-9a-f]{16}-\d{6,}$")
@@ -391,14 +392,17 @@ def read_manifest(path):
         raise CheckpointError(f"{filename} is not an AdaPM checkpoint manifest (format "
                               f"{_shown(got)})")
     version = manifest.get("format_version")
-    if version == 1:
-        raise CheckpointError(f"{filename}: format version 1, of an earlier AdaPM (its "
-                              "manifest has no checksum); this AdaPM reads version "
-                              f"{FORMAT_VERSION}")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{filename}: format version {_shown(version)}, this AdaPM "
-                              f"reads version {FORMAT_VERSION}")
-    _check_checksum(manifest, filename)
+                              f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if version == FORMAT_VERSION:
+        _check_checksum(manifest, filename)
+    elif MANIFEST_CHECKSUM in manifest:  # version 1 never had one: its version changed
+        raise CheckpointError(f"{filename}: damaged: format version 1 with a "
+                              f"{MANIFEST_CHECKSUM}")
+    else:  # an earlier AdaPM's: its fields are still checked against its files
+        log.warning("%s: format version 1 (an earlier AdaPM): the manifest has no checksum "
+                    "of its own; its fields are checked against the files only", filename)
     _check_fields(manifest, filename)
     return manifest
 

@@ -149,10 +149,6 @@ def test_a_manifest_that_is_not_ours_is_refused(tmp_path):
                                                         "format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99"):
         checkpoint.load(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "adapm-checkpoint",
-                                                        "format_version": 1}))
-    with pytest.raises(CheckpointError, match="format version 1, of an earlier AdaPM"):
-        checkpoint.load(tmp_path)
 
 
 def test_a_manifest_without_its_checksum_or_with_a_wrong_one_is_damaged(make_table,
@@ -433,3 +429,30 @@ def test_paths_that_lead_out_of_the_checkpoint_are_refused(make_table, tmp_path)
     keys_file.symlink_to(path / manifest["parts"][0]["keys"])  # inside: read, then refused
     with pytest.raises(CheckpointError, match="in two parts|corrupt"):
         checkpoint.load(path)
+
+
+def _as_version_1(manifest):
+    """What an earlier AdaPM wrote: format version 1, no checksum of the manifest."""
+    manifest["format_version"] = 1
+    manifest.pop("manifest_sha256")
+
+
+def test_a_checkpoint_of_an_earlier_adapm_is_read_with_a_warning(make_table, tmp_path,
+                                                                 caplog):
+    save(tmp_path, two_node_tables(make_table))
+    keys, values = checkpoint.load(tmp_path)
+    manifest_edits.edit(tmp_path, _as_version_1, reseal=False)
+    again_keys, again = checkpoint.load(tmp_path)
+    assert np.array_equal(again_keys, keys) and np.array_equal(again, values)
+    assert "format version 1 (an earlier AdaPM)" in caplog.text
+    # its fields are still checked against the files
+    manifest_edits.edit(tmp_path, lambda m: m.update(value_length=2), reseal=False)
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path)
+
+
+def test_a_version_changed_to_1_does_not_skip_the_checksum(make_table, tmp_path):
+    save(tmp_path, two_node_tables(make_table))
+    manifest_edits.edit(tmp_path, lambda m: m.update(format_version=1), reseal=False)
+    with pytest.raises(CheckpointError, match="damaged: format version 1 with a"):
+        checkpoint.load(tmp_path)
