@@ -26,7 +26,7 @@ class Outbox:
         self._count = count
 
     def to_worker(self, rank, msg):
-        self.to_identity(worker_identity(rank), msg)
+        self.to_identity(worker_identity(rank, self.token), msg)
 
     def to_identity(self, identity, msg):
         """To a connection of the router (a worker); a worker that is gone is logged,

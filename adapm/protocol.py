@@ -18,6 +18,8 @@ its workers through the table): a node accepts a message from a peer or a worker
 with it, so a connection that merely reaches a port cannot pose as a member."""
 
 import enum
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 
@@ -51,14 +53,24 @@ ALL_POSITIONS = 1            # PULL_REPLY: values for every key of the request, 
 HOPS_SHIFT = 8               # bits 8..15 of flags: how often a request was forwarded
 
 
-def worker_identity(rank):
+def worker_identity(rank, token=0):
     """ZeroMQ routing identity of a worker's sockets (the same towards every node)."""
-    return b"W" + struct.pack("<I", rank)
+    return member_identity(b"W" + struct.pack("<I", rank), token)
 
 
-def node_identity(node):
+def node_identity(node, token=0):
     """ZeroMQ routing identity of a node server's sockets towards its peers."""
-    return b"N" + struct.pack("<H", node)
+    return member_identity(b"N" + struct.pack("<H", node), token)
+
+
+def member_identity(name, token):
+    """`name` followed, once the cluster has formed (`token`), by 8 bytes that only
+    holders of the token can compute. A ROUTER ignores a second connection under an
+    identity already taken: with names alone, a process that merely reached a node's
+    port first under a member's name locked that member out (a hang or a failure)."""
+    if not token:
+        return name
+    return name + hmac.new(int(token).to_bytes(8, "little"), name, hashlib.sha256).digest()[:8]
 
 
 class MsgType(enum.IntEnum):

@@ -496,7 +496,7 @@ class NodeServer:
             if msg.src_worker >= self.spec.num_workers:
                 raise ProtocolError(f"{msg.type.name} from worker {msg.src_worker}, of "
                                     f"{self.spec.num_workers}")
-            if identity != worker_identity(msg.src_worker):
+            if identity != worker_identity(msg.src_worker, self.token):
                 raise ProtocolError(f"{msg.type.name} with a sender that is not worker "
                                     f"{msg.src_worker}")
             if msg.type in LOCAL_ONLY and \
@@ -504,7 +504,8 @@ class NodeServer:
                 raise ProtocolError(f"{msg.type.name} from worker {msg.src_worker}, which is "
                                     f"not a registered worker of node {self.node}")
         elif msg.type in PEER_REQUESTS:
-            if identity != node_identity(msg.src_node) or msg.src_node >= self.spec.num_nodes:
+            if msg.src_node >= self.spec.num_nodes or \
+                    identity != node_identity(msg.src_node, self.token):
                 raise ProtocolError(f"{msg.type.name} from an unknown peer")
             if msg.src_node == self.node:
                 raise ProtocolError(f"{msg.type.name} claiming to come from this node itself")
@@ -635,7 +636,7 @@ class NodeServer:
             return
         for node, address in enumerate(msg.addresses):
             if node != self.node:
-                self.outbox.peers[node] = self._dealer(address)
+                self.outbox.peers[node] = self._dealer(address, node_identity(self.node, token))
         self.formed(token, msg.addresses)
         self._formed_at = self._reported_at = now = time.monotonic()
         if self.node == 0:

@@ -90,7 +90,7 @@ class Worker:
         self._closed = False
         try:
             token = self._cluster_token()
-            sockets = Sockets(worker_identity(self.rank), client_keys(env.cluster_id))
+            sockets = Sockets(worker_identity(self.rank, token), client_keys(env.cluster_id))
             self._requests = Requests(sockets, self.node, self.rank, token, self.dtype,
                                       self._health.check, self._count)
             self._consistency = ReadYourWrites(self._view, self._requests.wait,

@@ -41,7 +41,7 @@ class Net:
             msg = protocol.decode(body)
             if only is not None:
                 assert msg.type == only, (msg.type, only)
-            servers[dst]._from_router([FakeFrame(node_identity(src)), *body])
+            servers[dst]._from_router([FakeFrame(node_identity(src, TOKEN)), *body])
             return msg
 
 
@@ -64,7 +64,7 @@ class NetOutbox:
         self.net.to_workers[identity].append(protocol.decode(self._wire(msg)))
 
     def to_worker(self, rank, msg):
-        self.to_identity(worker_identity(rank), msg)
+        self.to_identity(worker_identity(rank, TOKEN), msg)
 
     def to_coordinator(self, msg):
         pass
@@ -86,7 +86,7 @@ def make_cluster(num_keys=12, nodes=2, mode="replicate_only", wpn=1, length=1):
         s.assemble(NetOutbox(net, n))
         s.formed(TOKEN, [f"tcp://127.0.0.1:{9000+i}" for i in range(nodes)])
         for w in range(wpn):
-            s.local_workers.identities[w] = worker_identity(n * wpn + w)
+            s.local_workers.identities[w] = worker_identity(n * wpn + w, TOKEN)
         servers.append(s)
     return spec, net, servers
 
@@ -97,7 +97,7 @@ def worker_msg(server, rank, mtype, **fields):
                   **fields)
     frames = msg.encode()
     body = [bytes(memoryview(f)) for f in frames]
-    server._from_router([FakeFrame(worker_identity(rank)), *body])
+    server._from_router([FakeFrame(worker_identity(rank, TOKEN)), *body])
 
 
 def local_pull(server, keys):

@@ -4,10 +4,10 @@ Each test is a finding of the independent review of the guarantees."""
 import numpy as np
 import pytest
 
-from adapm.protocol import MsgType
+from adapm.protocol import MsgType, worker_identity
 from adapm.table import NODE_SLOT, REPLICA, WORKER_SLOT
 
-from interleave import close, local_pull, local_push, make_cluster, worker_msg
+from interleave import TOKEN, close, local_pull, local_push, make_cluster, worker_msg
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,7 +42,7 @@ def test_a_dropped_replica_that_stays_does_not_count_as_synced(kept_because):
         local_push(owner, k, [1.0])                            # the owner's worker writes k
         net.deliver(0, 1, [here, owner], only=MsgType.SYNC)       # answered with value 1
         net.deliver_all([here, owner], first=lambda p: (0, 1) if (0, 1) in p else None)
-        acks = [m.type for m in net.to_workers[b"W" + (0).to_bytes(4, "little")]]
+        acks = [m.type for m in net.to_workers[worker_identity(0, TOKEN)]]
         assert MsgType.UPDATE_ACK in acks
         # the worker prunes the acknowledgement: it reads k after a full round >= this one
         unseen_round = here.view.node_counter_get(NODE_SLOT["rounds_started"]) + 1
@@ -122,11 +122,11 @@ def test_wait_sync_waits_for_keys_a_localize_is_moving_here():
         net.q[(0, 1)].rotate(-1)  # SYNC first: with 3 nodes they may take different paths
         net.deliver(0, 1, [here, owner], only=MsgType.SYNC)
         net.deliver(1, 0, [here, owner], only=MsgType.SYNC_REPLY)
-        synced = [m for m in net.to_workers[b"W" + (0).to_bytes(4, "little")]
+        synced = [m for m in net.to_workers[worker_identity(0, TOKEN)]
                   if m.type == MsgType.SYNCED]
         assert not synced, "wait_sync returned while the key's update was not at an owner"
         net.deliver_all([here, owner])
-        synced = [m for m in net.to_workers[b"W" + (0).to_bytes(4, "little")]
+        synced = [m for m in net.to_workers[worker_identity(0, TOKEN)]
                   if m.type == MsgType.SYNCED]
         assert synced and float(local_pull(here, k)[0][0]) == 3.0
     finally:

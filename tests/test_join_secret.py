@@ -99,6 +99,47 @@ def test_a_stranger_joining_early_learns_nothing_and_locks_nobody_out(tmp_path):
     assert not segments and not processes
 
 
+@pytest.mark.parametrize("squatted", ["worker 1", "node 1", "worker 0"])
+def test_a_stranger_connected_first_under_a_members_name_locks_nobody_out(tmp_path,
+                                                                          squatted):
+    """A ROUTER ignores a second connection under an identity already taken: with plain
+    names (W<rank>, N<node>), a process that connected to node 0's port first under a
+    member's name made that worker's hello go unanswered or the peers' syncs vanish (a
+    failure or a hang). Members' identities now carry 8 bytes derived from the token."""
+    from adapm.protocol import worker_identity
+    coordinator = f"127.0.0.1:{coordinator_port()}"
+    node_port = coordinator_port()
+    cluster_id = f"js{uuid.uuid4().hex[:6]}"
+    env = {"ADAPM_START_TIMEOUT": "30"}
+    node0 = subprocess.Popen(
+        [LAUNCHER, "--nnodes", "2", "--node-rank", "0", "--coordinator", coordinator,
+         "--host", "127.0.0.1", "--port", str(node_port), "--workers-per-node", "1",
+         "--num-keys", "30", "--value-length", "2", "--cluster-id", cluster_id, SCRIPT,
+         "sums", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=dict(os.environ, ADAPM_CLUSTER_SECRET=SECRET, **env))
+    ctx = zmq.Context()
+    node1 = None
+    try:
+        kind, number = squatted.split()
+        squatter = ctx.socket(zmq.DEALER)
+        squatter.setsockopt(zmq.LINGER, 0)
+        squatter.setsockopt(zmq.IDENTITY, worker_identity(int(number)) if kind == "worker"
+                            else node_identity(int(number)))
+        squatter.connect(f"tcp://127.0.0.1:{node_port}")
+        squatter.send(b"")  # an empty frame: the connection is made, nothing is read
+        time.sleep(1.0)
+        node1 = per_machine(1, coordinator, cluster_id, tmp_path, extra_env=env)
+        outs = [node0.communicate(timeout=90)[0], node1.communicate(timeout=90)[0]]
+    finally:
+        ctx.destroy(linger=0)
+        for proc in (node0, node1):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    for proc, out in zip((node0, node1), outs):
+        assert proc.returncode == 0, out
+    assert sum(out.count("total 300") for out in outs) == 2, outs
+
+
 def test_a_node_with_another_secret_is_not_admitted(tmp_path):
     coordinator = f"127.0.0.1:{coordinator_port()}"
     cluster_id = f"js{uuid.uuid4().hex[:6]}"

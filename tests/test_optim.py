@@ -8,7 +8,7 @@ from adapm import optim, protocol
 from adapm.coordinator import FAIL_REJECTED
 from adapm.protocol import MsgType, worker_identity
 
-from interleave import close, make_cluster, worker_msg
+from interleave import TOKEN, close, make_cluster, worker_msg
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,7 +194,7 @@ def test_a_malformed_apply_is_rejected_and_changes_nothing(params, why):
         worker_msg(node1, 0, MsgType.APPLY, keys=np.array([1, 1], dtype=np.uint64),
                    values=np.ones((2, DIM), np.float32),
                    params=optim.Adagrad(0.1).params(DIM))
-        replies = net.to_workers[worker_identity(0)]
+        replies = net.to_workers[worker_identity(0, TOKEN)]
         assert [m.type for m in replies] == [MsgType.FAILED, MsgType.FAILED]
         assert all(m.code == FAIL_REJECTED for m in replies)
         assert why in replies[0].text and "twice" in replies[1].text
@@ -214,7 +214,8 @@ def test_an_apply_for_keys_owned_elsewhere_is_forwarded_with_its_params():
         fwd = net.deliver(0, 1, servers, only=MsgType.FWD_APPLY)
         assert fwd.keys.tolist() == [3] and fwd.requester == 1
         np.testing.assert_array_equal(fwd.params, params)
-        acks = [m for m in net.to_workers[worker_identity(1)] if m.type == MsgType.UPDATE_ACK]
+        acks = [m for m in net.to_workers[worker_identity(1, TOKEN)]
+                if m.type == MsgType.UPDATE_ACK]
         assert sorted(m.applied for m in acks) == [1, 1]
         for server, key in ((servers[0], 2), (servers[1], 3)):
             out = np.empty(DIM, np.float32)

@@ -524,7 +524,7 @@ class _RawWorker:
         self.node = node
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, worker_identity(1))
+        self.sock.setsockopt(zmq.IDENTITY, worker_identity(1, token))
         self.sock.connect(address)
         self.request = 0
         reply = self.ask(MsgType.HELLO, count=os.getpid())

@@ -9,7 +9,7 @@ from adapm import optim
 from adapm.coordinator import FAIL_REJECTED
 from adapm.protocol import MsgType, worker_identity
 
-from interleave import close, make_cluster, worker_msg
+from interleave import TOKEN, close, make_cluster, worker_msg
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -50,7 +50,7 @@ def test_an_apply_with_non_finite_gradients_is_rejected(bad):
         grads[0, 1] = bad
         worker_msg(node1, 0, MsgType.APPLY, keys=np.array([3], np.uint64), values=grads,
                    params=optim.Adagrad(0.1).params(DIM))
-        replies = net.to_workers[worker_identity(0)]
+        replies = net.to_workers[worker_identity(0, TOKEN)]
         assert [m.type for m in replies] == [MsgType.FAILED]
         assert replies[0].code == FAIL_REJECTED
         np.testing.assert_array_equal(node1.view.arena_array(), before)
@@ -171,7 +171,8 @@ def test_an_apply_racing_a_relocation_is_forwarded_and_applied_once():
         assert net.pending()[(0, 1)] == ["MOVE", "FWD_APPLY"]
         net.deliver_all(S)
         assert _value(S[1], 0).tolist() == [-0.5] * DIM
-        acks = [m for m in net.to_workers[worker_identity(2)] if m.type == MsgType.UPDATE_ACK]
+        acks = [m for m in net.to_workers[worker_identity(2, TOKEN)]
+                if m.type == MsgType.UPDATE_ACK]
         assert [m.applied for m in acks] == [1]
     finally:
         close(S)

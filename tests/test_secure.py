@@ -52,7 +52,7 @@ def _outsider_gets_answer(address, keys=None, token=0):
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, worker_identity(5))
+        sock.setsockopt(zmq.IDENTITY, worker_identity(5, token))
         if keys is not None:
             keys.connect(sock)
         sock.connect(address)

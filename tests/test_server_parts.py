@@ -918,7 +918,7 @@ def test_outbox_to_identity_and_to_worker_go_through_the_router():
     outbox.to_identity(b"Wxyz", protocol.Synced(request_id=3))
     outbox.to_worker(7, protocol.UpdateAck(request_id=4, applied=2))
     (first, second) = outbox.router.frames
-    assert first[0] == b"Wxyz" and second[0] == worker_identity(7)
+    assert first[0] == b"Wxyz" and second[0] == worker_identity(7, TOKEN)
     synced, ack = protocol.decode(first[1:]), protocol.decode(second[1:])
     assert synced.type == MsgType.SYNCED and synced.request_id == 3
     assert ack.type == MsgType.UPDATE_ACK and ack.applied == 2
