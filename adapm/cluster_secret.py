@@ -126,6 +126,8 @@ def _derive(purpose, material):
 def check_secret_text(text, where):
     """`text` without surrounding whitespace, if it is long enough to be a secret."""
     text = text.strip()
+    if "\n" in text or "\r" in text:  # --hosts hands a secret on as one line
+        raise ValueError(f"{where}: a cluster secret is one line")
     if len(text) < MIN_SECRET_CHARACTERS:
         raise ValueError(f"{where}: a cluster secret needs at least {MIN_SECRET_CHARACTERS} "
                          f"characters (make one with python -m adapm.cluster_secret)")

@@ -33,6 +33,7 @@ HEARTBEAT_EVERY = 0.25  # seconds between heartbeats to every node (count: nodes
 REPORT_EVERY = 5.0      # seconds between progress lines while the cluster forms
 MAX_FRAME_BYTES = 64 * 1024  # the coordinator's messages are small (addresses at most)
 RECEIVE_HWM = 1000
+MAX_BATCH = 256         # messages handled per wake-up (as the node server's loop does)
 STATS_WAIT = 2.0        # seconds node 0 waits at the end for the others' statistics
 # Accepted from a node before the cluster formed (no token exists for it yet).
 # (JOIN is handled apart: it makes a node known.)
@@ -113,12 +114,15 @@ class Coordinator:
     # -- events ------------------------------------------------------------------
 
     def handle_ready(self):
-        """Handle every message waiting on the socket."""
-        while True:
+        """Handle the messages waiting on the socket, at most MAX_BATCH: the rest wait
+        for the next wake-up (the poll reports them again), so that a flood from a
+        process that reached the port cannot starve node 0's loop (its housekeeping, its
+        peers, the PEERS it must hear). Returns how many were read."""
+        for count in range(MAX_BATCH):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return count
             identity = frames[0].bytes
             try:
                 msg = protocol.decode(frames[1:])
@@ -142,6 +146,7 @@ class Coordinator:
                           f"{node}: {type(exc).__name__}: {exc}")
                 log.error("%s", reason, exc_info=exc)
                 self.fail(FAIL_INTERNAL, 0, reason)
+        return MAX_BATCH
 
     def _early_heartbeat(self, identity, msg):
         """A node's heartbeat sent before it heard PEERS carries no token yet: ignored

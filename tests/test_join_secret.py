@@ -165,20 +165,22 @@ def test_a_per_machine_launch_without_a_secret_says_what_that_risks(tmp_path):
     assert sum(out.count("total 300") for out in outs) == 2, outs
 
 
-@pytest.mark.parametrize("bad", ["fifo", "short", "missing"])
+@pytest.mark.parametrize("bad", ["fifo", "short", "missing", "two lines"])
 def test_a_bad_secret_file_is_refused_at_once(tmp_path, bad):
     path = tmp_path / "secret"
     if bad == "fifo":
         os.mkfifo(path)  # opening it for reading would wait for a writer for ever
     elif bad == "short":
         path.write_text("tooshort\n")
+    elif bad == "two lines":  # --hosts would hand on the first line only
+        path.write_text(SECRET + "\n" + SECRET + "\n")
     proc = subprocess.run(
         [LAUNCHER, "--nnodes", "2", "--node-rank", "1", "--coordinator", "127.0.0.1:1",
          "--secret-file", str(path), "--num-keys", "4", SCRIPT, "ok", str(tmp_path)],
         capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr
     expected = {"fifo": "not a regular file", "short": "at least 16 characters",
-                "missing": "No such file"}[bad]
+                "missing": "No such file", "two lines": "is one line"}[bad]
     assert expected in proc.stderr, proc.stderr
 
 
@@ -287,3 +289,33 @@ def test_python_m_adapm_cluster_secret_prints_a_usable_secret(tmp_path):
     from adapm.cluster_secret import read_secret_text
     assert read_secret_text(str(path)) == out
     assert np.all([c in "0123456789abcdef" for c in out])
+
+
+def test_a_flood_at_the_coordinator_does_not_starve_node_0s_loop():
+    """handle_ready reads at most MAX_BATCH messages a call: it used to read until the
+    socket was empty, and a stranger sending ~100k messages/s kept node 0's loop in it
+    (no heartbeats, no peers): the cluster failed within 10-30 s (found by review)."""
+    from adapm import coordinator as coordination
+    ctx = zmq.Context()
+    coord = Coordinator(ctx, "tcp://127.0.0.1:0", 2, node_timeout=5.0,
+                        secret=ClusterSecret.generate())
+    try:
+        flood = ctx.socket(zmq.DEALER)
+        flood.setsockopt(zmq.LINGER, 0)
+        flood.connect(coord.address)
+        beat = protocol.Heartbeat()
+        beat.src_node = 1
+        frames = beat.encode()
+        for _ in range(3 * coordination.MAX_BATCH):
+            flood.send_multipart(frames)
+        assert coord.socket.poll(5000)
+        time.sleep(0.5)  # all of them queued at the coordinator
+        coord.handle_ready()
+        assert coord.malformed.total == coordination.MAX_BATCH  # the rest wait
+        assert coord.socket.poll(0)  # and the poll still reports them
+        coord.handle_ready()
+        coord.handle_ready()
+        assert coord.malformed.total == 3 * coordination.MAX_BATCH
+    finally:
+        coord.close()
+        ctx.destroy(linger=0)
