@@ -1291,6 +1291,9 @@ cdef object _deltas(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray s
                 v = arena + e.offset
                 sv = arena + so[b.i]
                 for j in range(length):
+                    if memcmp(v + j, sv + j, sizeof(real)) == 0:
+                        out[pos + j] = 0  # unwritten: no delta (inf - inf would be NaN)
+                        continue
                     # The owner will hold s + (r - s), which in floating point need not
                     # be r: the copy takes exactly the owner's sum, so that an answer
                     # "current" leaves it bit for bit equal to the owner's value.
@@ -1323,7 +1326,10 @@ cdef object _refresh(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray 
                 v = arena + e.offset
                 sv = arena + so[b.i]
                 for j in range(length):
-                    v[j] = fresh[pos + j] + (v[j] - sv[j])
+                    if memcmp(v + j, sv + j, sizeof(real)) == 0:
+                        v[j] = fresh[pos + j]  # unwritten since: exactly the owner's
+                    else:
+                        v[j] = fresh[pos + j] + (v[j] - sv[j])
                     sv[j] = fresh[pos + j]
                 e.state = ADAPM_REPLICA
                 count += 1
@@ -1379,11 +1385,8 @@ cdef object _release_clean(TableView view, real* arena, cnp.ndarray keys, cnp.nd
             if e.state == ADAPM_REPLICA:
                 v = arena + e.offset
                 sv = arena + so[b.i]
-                clean = True
-                for j in range(length):
-                    if v[j] != sv[j]:
-                        clean = False
-                        break
+                # bitwise: a NaN that nobody wrote since is clean, and -0.0 is no 0.0
+                clean = memcmp(v, sv, length * sizeof(real)) == 0
                 if clean:
                     offs[b.i] = e.offset
                     e.state = ADAPM_ABSENT

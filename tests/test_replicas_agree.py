@@ -48,3 +48,42 @@ def test_every_node_reads_the_owners_value_bit_for_bit(mode, dtype):
     assert differ.shape[0] == 0, (
         f"{differ.shape[0]} of {NUM_KEYS} keys differ between the nodes, e.g. key "
         f"{differ[:1]}: {first[differ[:1]]} vs {second[differ[:1]]}")
+
+
+def special_values(w, case):
+    """Keys 0..39 get inf (pushed by worker 0) or -0.0 (set by worker 0), keys 40.. keep
+    changing; every node holds every key. Returns the values' bytes after two syncs."""
+    keys = np.arange(NUM_KEYS, dtype=np.uint64)
+    w.intent(keys, 0, FOREVER)
+    w.barrier()
+    special = keys[:40]
+    if w.rank == 0 and case == "inf":
+        w.push(special, np.full((40, w.value_length), np.inf, dtype=w.dtype))
+    elif w.rank == 0:
+        w.set(special, np.full((40, w.value_length), -0.0, dtype=w.dtype))
+    for step in range(6):
+        w.push(keys[40:], np.full((NUM_KEYS - 40, w.value_length), 0.1 * (step + 1),
+                                  dtype=w.dtype))
+        w.advance_clock()
+        w.wait_sync()
+        w.barrier()
+    for _ in range(2):
+        w.wait_sync()
+        w.barrier()
+    return w.pull(keys).tobytes()
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "replicate_all"])
+@pytest.mark.parametrize("case", ["inf", "negative zero"])
+def test_infinities_and_signed_zeros_stay_as_written_on_every_node(mode, case):
+    """inf - inf is NaN: a replica holding inf sent a NaN delta though nobody wrote it,
+    and every node ended with NaN (40 of 40 keys); a -0.0 refreshed as fresh + (v - s)
+    came out +0.0 on one node (found by review)."""
+    dtype = "float64"
+    results = adapm.run(special_values, args=(case,), nodes=2, num_keys=NUM_KEYS,
+                        value_length=3, mode=mode, dtype=dtype, summary=False)
+    first, second = (np.frombuffer(r, dtype=dtype).reshape(NUM_KEYS, 3) for r in results)
+    assert first.tobytes() == second.tobytes()
+    expected = np.inf if case == "inf" else -0.0
+    assert (first[:40].tobytes() ==
+            np.full((40, 3), expected, dtype=dtype).tobytes()), first[:3]
