@@ -345,7 +345,9 @@ def test_two_nodes_reach_the_one_node_quality(one_node):
     assert two["heldout_after"] <= (1 + TOLERANCE) * one_node["heldout_after"], \
         (two["heldout_after"], one_node["heldout_after"])
     assert two["precision"] >= one_node["precision"] - PRECISION_TOLERANCE
-    assert two["local_share"][-1] < 1.0  # really distributed: some accesses remote
+    # really distributed: some accesses remote (the last epoch may be all local: intents
+    # made every key local in time)
+    assert min(two["local_share"]) < 1.0
 
 
 # -- the command line -----------------------------------------------------------------
