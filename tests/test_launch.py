@@ -106,7 +106,7 @@ def refused(*args, env=None, timeout=30):
     """Run the launcher with bad input: it must stop at once with a usage error (exit
     code 2) and no traceback; returns its output."""
     environ = dict(os.environ, **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "adapm.launch", *args],
+    proc = subprocess.run([LAUNCHER, *args],
                           capture_output=True, text=True, env=environ, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out, out

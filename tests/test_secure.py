@@ -281,7 +281,7 @@ def test_hosts_secure_keys_file_reaches_every_host(tmp_path):
 
 def _launch(*args, env=None, timeout=30):
     environ = dict(os.environ, **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "adapm.launch", *args], capture_output=True,
+    proc = subprocess.run([LAUNCHER, *args], capture_output=True,
                           text=True, env=environ, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
