@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,8 @@ PER_MACHINE = ("--nnodes", "2", "--node-rank", "1", "--num-keys", "4")
      "MASTER_PORT=131073: 131073 is not a port (1 .. 65535)"),
 ])
 def test_ports_out_of_range_are_usage_errors(args, env, message):
+    if "node 1 of this machine" in message and find_spec("prometheus_client") is None:
+        pytest.skip("the node's metrics port is checked once prometheus_client is there")
     args = args if "--num-keys" in args else [*args, "--num-keys", "4"]
     assert message in refused(*args, "x.py", env=env)
 
