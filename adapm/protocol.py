@@ -18,6 +18,7 @@ its workers through the table): a node accepts a message from a peer or a worker
 with it, so a connection that merely reaches a port cannot pose as a member."""
 
 import enum
+import functools
 import hashlib
 import hmac
 import struct
@@ -63,6 +64,7 @@ def node_identity(node, token=0):
     return member_identity(b"N" + struct.pack("<H", node), token)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # per message on both ends: an HMAC each costs µs
 def member_identity(name, token):
     """`name` followed, once the cluster has formed (`token`), by 8 bytes that only
     holders of the token can compute. A ROUTER ignores a second connection under an
