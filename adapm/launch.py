@@ -392,7 +392,7 @@ def main(ctx, nodes, nnodes, node_rank, coordinator, hosts_file, ssh_command, re
                   mode=mode, curve=cluster_keys(secure, keys_file, multi_machine))
     if hosts_file:
         sys.exit(launch_hosts(ctx, hosts_file, ssh_command, remote_launcher, coordinator,
-                              target, shared_secret(secret_file) or ClusterSecretText.new()))
+                              target, shared_secret(secret_file) or new_secret_text()))
     if metrics_port is not None:
         try:
             require_metrics()
@@ -442,22 +442,13 @@ def cluster_keys(secure, keys_file, shared):
     return CurveKeys.generate()
 
 
-class ClusterSecretText(str):
-    """A cluster secret as the text every machine is given (--hosts hands it on)."""
-
-    @classmethod
-    def new(cls):
-        return cls(new_secret_text())
-
-
 def shared_secret(secret_file):
     """The secret text of --secret-file or ADAPM_CLUSTER_SECRET, checked; None if neither."""
     try:
         if secret_file is not None:
-            return ClusterSecretText(read_secret_text(secret_file))
+            return read_secret_text(secret_file)
         text = os.environ.get(ENV_CLUSTER_SECRET, "")
-        return ClusterSecretText(check_secret_text(text, ENV_CLUSTER_SECRET)) \
-            if text.strip() else None
+        return check_secret_text(text, ENV_CLUSTER_SECRET) if text.strip() else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--secret-file / "
                                  f"{ENV_CLUSTER_SECRET}") from None
