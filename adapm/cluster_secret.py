@@ -24,10 +24,10 @@ token from any later message; CURVE (adapm.security) protects against that."""
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import stat
 import sys
+
+from adapm.private_file import read_private_file, readable_by_others
 
 log = logging.getLogger("adapm.cluster_secret")
 
@@ -141,21 +141,16 @@ def read_secret_text(path):
     if path == "-":
         return check_secret_text(sys.stdin.readline(), "the secret on standard input")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_private_file(path, MAX_SECRET_FILE_BYTES)
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        if info.st_size > MAX_SECRET_FILE_BYTES:
-            raise ValueError(f"{path}: {info.st_size} bytes; a secret file holds one line")
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("%s: readable by others than its owner (chmod 600 it)", path)
-        text = os.read(fd, MAX_SECRET_FILE_BYTES).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
-    return check_secret_text(text, path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}; a secret file holds one line") from None
+    mode = readable_by_others(path)
+    if mode is not None:
+        log.warning("%s: readable by others than its owner (mode %04o; chmod 600 it)", path,
+                    mode)
+    return check_secret_text(data.decode("utf-8", "replace"), path)
 
 
 def new_secret_text():

@@ -14,7 +14,6 @@ three keys a client needs (ADAPM_CURVE_CLIENT) and takes them out of its environ
 it starts (claim_client_keys), so nothing its script starts inherits them."""
 
 import os
-import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +23,11 @@ import zmq.auth.thread
 from zmq.utils.z85 import Z85CHARS
 
 from adapm.config import ENV_CLUSTER_ID, ENV_CLUSTER_SECRET
+from adapm.private_file import (  # noqa: F401 - readable_by_others: for adapm.launch
+    TooLarge,
+    read_private_file,
+    readable_by_others,
+)
 
 ENV_CURVE_KEYS = "ADAPM_CURVE_KEYS"      # a launcher's keys, all four (see to_text)
 ENV_CURVE_CLIENT = "ADAPM_CURVE_CLIENT"  # a worker's keys, the three of a client
@@ -94,16 +98,11 @@ class CurveKeys:
     @classmethod
     def load(cls, path):
         """The keys in file `path`. Anything but a regular file is refused before a byte is
-        read: opening a FIFO to read would block until someone writes to it (O_NONBLOCK
-        returns at once, and the type is checked on what was opened)."""
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            kind = _not_regular(os.fstat(fd).st_mode)
-            if kind:
-                raise ValueError(f"not a regular file ({kind})")
-            text = f.read(KEY_FILE_LIMIT + 1)
-        if len(text) > KEY_FILE_LIMIT:
-            raise ValueError(f"malformed CURVE keys: more than {KEY_FILE_LIMIT} bytes")
+        read (adapm.private_file)."""
+        try:
+            text = read_private_file(path, KEY_FILE_LIMIT)
+        except TooLarge as exc:
+            raise ValueError(f"malformed CURVE keys: {exc}") from None
         return cls.from_text(text.decode("ascii", errors="replace"))
 
     # -- sockets -------------------------------------------------------------------
@@ -140,28 +139,6 @@ def _z85_keys(text, count):
 
 
 _Z85 = frozenset(Z85CHARS.decode())
-
-
-def _not_regular(mode):
-    """What a file of `mode` is when it is not a regular file, else None."""
-    if stat.S_ISREG(mode):
-        return None
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return kind
-    return "not a file"
-
-
-def readable_by_others(path):
-    """The permission bits of key file `path` when its group or others may read it (its
-    secrets are then not secret), else None."""
-    try:
-        mode = os.stat(path).st_mode & 0o777
-    except OSError:
-        return None
-    return mode if mode & 0o044 else None
 
 
 def claim_client_keys():
