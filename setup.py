@@ -10,7 +10,7 @@ SRC = os.path.join("src")
 
 extensions = [
     Extension(
-        "adapm._table",
+        "adapm.table._table",
         sources=[os.path.join(SRC, "_table.pyx")],
         include_dirs=[SRC, numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -12,9 +12,9 @@ See docs/ for the design, the API and the configuration."""
 
 from adapm import checkpoint
 from adapm.checkpoint import CheckpointError
-from adapm.errors import AdapmError, ClosedError, ClusterError, ProtocolError, WorkerError
-from adapm.runner import run
-from adapm.worker import Pending, Worker, worker
+from adapm.client.worker import Pending, Worker, worker
+from adapm.common.errors import AdapmError, ClosedError, ClusterError, ProtocolError, WorkerError
+from adapm.ops.runner import run
 
 __version__ = "0.1.0"
 

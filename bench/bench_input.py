@@ -1,4 +1,4 @@
-"""I1-I3: reading training data files (adapm.readers), against the np.loadtxt-era readers.
+"""I1-I3: reading training data files (adapm.apps.readers), against the np.loadtxt-era readers.
 
 Generated in a temporary folder (`--full`; the quick version, which run.py runs, a tenth
 of each): I1 a MatrixMarket coordinate file of 10M entries (1M x 100k, float32 values),
@@ -9,7 +9,7 @@ For each file:
 - before: the reader the apps had (kept below as reference_*: mf's np.loadtxt, kge's
   line loop and np.unique over the names; for Criteo, which no app read, np.loadtxt with
   converters);
-- pyarrow / numpy: adapm.readers with pyarrow's multithreaded CSV reader and with the
+- pyarrow / numpy: adapm.apps.readers with pyarrow's multithreaded CSV reader and with the
   plain numpy path (USE_PYARROW = False), cache off: one parse of the text;
 - first / cached: with the per-machine cache: the first read (parse and write the
   entry), then a read by another process of the machine (a fresh interpreter, as a worker
@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from adapm import readers
+from adapm.apps import readers
 
 from common import line, save, verdict
 
@@ -171,7 +171,7 @@ def with_backend(use_pyarrow, fn):
 WORKER = """
 import json, sys, time
 import numpy as np
-from adapm import readers
+from adapm.apps import readers
 start = time.perf_counter()
 found = getattr(readers, sys.argv[1])(sys.argv[2], cache=True, **json.loads(sys.argv[3]))
 total = sum(float(np.asarray(a).sum()) for a in found if isinstance(a, np.ndarray)

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from adapm.table import OWNED, SharedTable, segment_name
+from adapm.table.shared_table import OWNED, SharedTable, segment_name
 
 from common import line, save, verdict
 

@@ -22,8 +22,8 @@ import zmq
 
 import adapm
 from adapm.data import IntentLoader
-from adapm.protocol import HEADER_BYTES
-from adapm.table import OWNED, REPLICA, WORKER_SLOT
+from adapm.table.shared_table import OWNED, REPLICA, WORKER_SLOT
+from adapm.wire.protocol import HEADER_BYTES
 
 from common import line, save, verdict
 

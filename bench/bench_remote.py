@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 import adapm
-from adapm.protocol import HEADER_BYTES
+from adapm.wire.protocol import HEADER_BYTES
 
 from common import line, save, verdict
 

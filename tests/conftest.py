@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from adapm.config import ENV_CLUSTER_TAG
-from adapm.process import adapm_processes, descends_from, environ_value
-from adapm.table import segment_prefix, unlink_segment
+from adapm.common.process import adapm_processes, descends_from, environ_value
+from adapm.table.shared_table import ENV_CLUSTER_TAG, segment_prefix, unlink_segment
 
 SESSION_PID = os.getpid()
 # Unique to this session (pid: other sessions now; random: sessions after this pid's reuse).
@@ -123,7 +122,7 @@ def make_table():
     unlinked afterwards; shared by the table's own tests."""
     import numpy as np
 
-    from adapm.table import OWNED, SharedTable, segment_name
+    from adapm.table.shared_table import OWNED, SharedTable, segment_name
     made = []
 
     def make(num_keys=100, value_length=4, dtype="float32", workers=2, values=None,

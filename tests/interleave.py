@@ -7,10 +7,10 @@ import collections
 
 import numpy as np
 
-from adapm import protocol
-from adapm.config import ClusterSpec
-from adapm.protocol import Message, node_identity, worker_identity
-from adapm.server import NodeServer
+from adapm.node.server import NodeServer
+from adapm.wire import protocol
+from adapm.wire.protocol import Message, node_identity, worker_identity
+from adapm.wire.spec import ClusterSpec
 
 TOKEN = 12345
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.config import MODES
+from adapm.common.config import MODES
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,8 +7,7 @@ import click
 import numpy as np
 import pytest
 
-from adapm import readers
-from adapm.apps import mf
+from adapm.apps import mf, readers
 
 pytestmark = pytest.mark.timeout(180)
 

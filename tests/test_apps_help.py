@@ -47,7 +47,7 @@ def test_apps_share_the_cluster_options(app):
     if app in NEEDS_TORCH and importlib.util.find_spec("torch") is None:
         pytest.skip("needs torch")
     from adapm.apps import common
-    from adapm.config import MODES
+    from adapm.common.config import MODES
     command = importlib.import_module(f"adapm.apps.{app}").main
     by_flag = {opt: p for p in command.params for opt in p.opts}
     names = [p.name for p in command.params]

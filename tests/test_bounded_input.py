@@ -11,10 +11,10 @@ import pytest
 import zmq
 
 import adapm
-from adapm.cluster import LocalCluster
-from adapm.config import ClusterSpec
-from adapm.failpoints import ENV_FAILPOINTS
-from adapm.protocol import Message, MsgType, node_identity
+from adapm.common.failpoints import ENV_FAILPOINTS
+from adapm.ops.cluster import LocalCluster
+from adapm.wire.protocol import Message, MsgType, node_identity
+from adapm.wire.spec import ClusterSpec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,10 +155,21 @@ def test_a_full_arena_fails_the_cluster_loudly(monkeypatch):
 
 
 def test_failpoints_are_for_one_node_only():
-    from adapm.failpoints import active
-    assert active(1, "1:arena_full,0:raise_in=PUSH") == {"arena_full": ""}
-    assert active(0, "1:arena_full,0:raise_in=PUSH") == {"raise_in": "PUSH"}
-    assert active(2, "") == {}
+    from adapm.common.failpoints import OFF, for_node
+    one = for_node(1, "1:arena_full,0:raise_in=PUSH")
+    assert one and one.armed("arena_full") and one.argument("arena_full") == ""
+    assert not one.armed("raise_in") and one.argument("raise_in") is None
+    assert for_node(0, "1:arena_full,0:raise_in=PUSH").argument("raise_in") == "PUSH"
+    assert for_node(2, "1:arena_full") is OFF and not OFF
+    assert for_node(2, "") is OFF
     with pytest.raises(ValueError):
-        active(0, "arena_full")
+        for_node(0, "arena_full")
+    with pytest.raises(ValueError, match="no fail point 'arena_ful'"):
+        for_node(0, "1:arena_ful")  # a typo fails, on every node, not silently
     assert os.environ.get(ENV_FAILPOINTS) is None
+
+
+def test_without_the_variable_fail_points_are_off(monkeypatch):
+    from adapm.common import failpoints
+    monkeypatch.delenv(ENV_FAILPOINTS, raising=False)
+    assert failpoints.for_node(0) is failpoints.OFF

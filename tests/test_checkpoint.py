@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm import checkpoint
-from adapm.checkpoint import CheckpointError
-from adapm.errors import AdapmError
+from adapm.checkpoint import files as checkpoint
+from adapm.checkpoint.files import CheckpointError
+from adapm.common.errors import AdapmError
+from adapm.common.process import sibling_named
 from adapm.optim import Adagrad, Adam
-from adapm.process import sibling_named
 
 from manifest_edits import read, rewrite_file, write
 

@@ -1,4 +1,4 @@
-"""The checkpoint format on its own (adapm.checkpoint), with tables made in this process
+"""The checkpoint format on its own (adapm.checkpoint.files), with tables made in this process
 and no cluster: writing nodes' parts, committing, reading back, and every way a
 checkpoint on disk can be incomplete, corrupt or not fit a cluster."""
 import io
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from adapm import checkpoint
-from adapm.checkpoint import Checkpoint, CheckpointError
+from adapm.checkpoint import files as checkpoint
+from adapm.checkpoint.files import Checkpoint, CheckpointError
 
 import manifest_edits
 

@@ -8,9 +8,9 @@ import time
 import pytest
 
 import adapm
-from adapm.cluster import LocalCluster
-from adapm.config import ClusterSpec
-from adapm.process import parent_of
+from adapm.common.process import parent_of
+from adapm.ops.cluster import LocalCluster
+from adapm.wire.spec import ClusterSpec
 
 from conftest import session_processes, session_segments, wait_until_clean
 

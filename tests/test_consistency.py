@@ -1,10 +1,10 @@
-"""The worker's read-your-writes bookkeeping (adapm.consistency), without processes."""
+"""The worker's read-your-writes bookkeeping (adapm.client.consistency), without processes."""
 import numpy as np
 import pytest
 
-from adapm.consistency import InFlight, ReadYourWrites, Unseen
-from adapm.errors import ClusterError
-from adapm.table import NODE_SLOT, OWNED, PENDING, REPLICA
+from adapm.client.consistency import InFlight, ReadYourWrites, Unseen
+from adapm.common.errors import ClusterError
+from adapm.table.shared_table import NODE_SLOT, OWNED, PENDING, REPLICA
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,7 +6,7 @@ import pytest
 
 import adapm
 from adapm.data import FIRST_AHEAD, MAX_AHEAD, MIN_AHEAD, SAFETY, IntentLoader
-from adapm.intents import read_intent_log
+from adapm.policy.intents import read_intent_log
 
 pytestmark = pytest.mark.timeout(120)
 

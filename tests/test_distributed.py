@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import adapm
-import adapm.runner
-from adapm.cluster import LocalCluster
+import adapm.ops.runner
+from adapm.ops.cluster import LocalCluster
 
 from conftest import coordinator_port
 
@@ -122,7 +122,7 @@ def test_run_workers_join_one_group_and_train_with_ddp(monkeypatch):
             clusters.append(self)
             return self
 
-    monkeypatch.setattr(adapm.runner, "LocalCluster", Recorded)
+    monkeypatch.setattr(adapm.ops.runner, "LocalCluster", Recorded)
     # A launcher that torchrun started: it must not make init_process_group a client only.
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     results = adapm.run(ddp_task, nodes=2, workers_per_node=2, num_keys=NUM_KEYS,

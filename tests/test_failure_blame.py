@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.errors import AdapmError
-from adapm.process import sibling_named
+from adapm.common.errors import AdapmError
+from adapm.common.process import sibling_named
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,10 +7,10 @@ import pytest
 import zmq
 
 import adapm
-from adapm import protocol
-from adapm.cluster import LocalCluster
-from adapm.config import ClusterSpec
-from adapm.protocol import HEADER, MAGIC, VERSION, Message, MsgType
+from adapm.ops.cluster import LocalCluster
+from adapm.wire import protocol
+from adapm.wire.protocol import HEADER, MAGIC, VERSION, Message, MsgType
+from adapm.wire.spec import ClusterSpec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.config import MODES, RELOCATING_MODES
-from adapm.process import sibling_named
-from adapm.table import REPLICA
+from adapm.common.config import MODES, RELOCATING_MODES
+from adapm.common.process import sibling_named
+from adapm.table.shared_table import REPLICA
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from adapm.holders import ReplicaHolders
+from adapm.node.data.holders import ReplicaHolders
 
 pytestmark = pytest.mark.timeout(60)
 

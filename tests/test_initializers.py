@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from adapm.initializers import chunks, initial_values, parse_init
+from adapm.table.initializers import chunks, initial_values, parse_init
 
 
 @pytest.mark.parametrize("init", [("uniform", -2.0, 3.0, 5), ("normal", 1.5, 5)])

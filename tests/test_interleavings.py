@@ -4,8 +4,8 @@ Each test is a finding of the independent review of the guarantees."""
 import numpy as np
 import pytest
 
-from adapm.protocol import MsgType, worker_identity
-from adapm.table import NODE_SLOT, REPLICA, WORKER_SLOT
+from adapm.table.shared_table import NODE_SLOT, REPLICA, WORKER_SLOT
+from adapm.wire.protocol import MsgType, worker_identity
 
 from interleave import TOKEN, close, local_pull, local_push, make_cluster, worker_msg
 

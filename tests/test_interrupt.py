@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapm.process import stop_processes
+from adapm.common.process import stop_processes
 
 from conftest import wait_until_clean
 

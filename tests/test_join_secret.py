@@ -4,7 +4,7 @@ Per-machine launches leave node 0 waiting for the others for seconds or minutes.
 anyone who reached the coordinator's port then could JOIN as a missing node with the
 fingerprint of the public launch options, be handed the cluster token (PEERS), and push
 to any key; merely connecting under node 1's routing identity locked the real node 1 out.
-Now a JOIN proves knowledge of the cluster secret (adapm.cluster_secret), PEERS carries
+Now a JOIN proves knowledge of the cluster secret (adapm.wire.cluster_secret), PEERS carries
 the token masked for the node that joined, and the coordinator knows each node by the
 connection of its valid JOIN."""
 import os
@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import zmq
 
-from adapm import protocol
-from adapm.cluster_secret import NONCE_BYTES, PROOF_BYTES, ClusterSecret
-from adapm.config import ClusterSpec
-from adapm.coordinator import Coordinator
-from adapm.protocol import MsgType, node_identity
+from adapm.node.control.coordinator import Coordinator
+from adapm.wire import protocol
+from adapm.wire.cluster_secret import NONCE_BYTES, PROOF_BYTES, ClusterSecret
+from adapm.wire.protocol import MsgType, node_identity
+from adapm.wire.spec import ClusterSpec
 
 from conftest import coordinator_port, wait_until_clean
 
@@ -106,7 +106,7 @@ def test_a_stranger_connected_first_under_a_members_name_locks_nobody_out(tmp_pa
     names (W<rank>, N<node>), a process that connected to node 0's port first under a
     member's name made that worker's hello go unanswered or the peers' syncs vanish (a
     failure or a hang). Members' identities now carry 8 bytes derived from the token."""
-    from adapm.protocol import worker_identity
+    from adapm.wire.protocol import worker_identity
     coordinator = f"127.0.0.1:{coordinator_port()}"
     node_port = coordinator_port()
     cluster_id = f"js{uuid.uuid4().hex[:6]}"
@@ -280,13 +280,13 @@ def test_the_coordinator_answers_only_proven_joins_on_their_own_connections():
 
 
 def test_python_m_adapm_cluster_secret_prints_a_usable_secret(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "adapm.cluster_secret"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "adapm.wire.cluster_secret"], capture_output=True,
                          text=True, timeout=30, cwd=tmp_path, check=True).stdout.strip()
     assert len(out) == 64 and int(out, 16) >= 0
     path = tmp_path / "secret"
     path.write_text(out + "\n")
     path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    from adapm.cluster_secret import read_secret_text
+    from adapm.wire.cluster_secret import read_secret_text
     assert read_secret_text(str(path)) == out
     assert np.all([c in "0123456789abcdef" for c in out])
 
@@ -295,7 +295,7 @@ def test_a_flood_at_the_coordinator_does_not_starve_node_0s_loop():
     """handle_ready reads at most MAX_BATCH messages a call: it used to read until the
     socket was empty, and a stranger sending ~100k messages/s kept node 0's loop in it
     (no heartbeats, no peers): the cluster failed within 10-30 s (found by review)."""
-    from adapm import coordinator as coordination
+    from adapm.node.control import coordinator as coordination
     ctx = zmq.Context()
     coord = Coordinator(ctx, "tcp://127.0.0.1:0", 2, node_timeout=5.0,
                         secret=ClusterSecret.generate())

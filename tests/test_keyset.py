@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from adapm.keyset import KeySet
+from adapm.table.keyset import KeySet
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -86,7 +86,7 @@ def test_optimizer_init_fills_rows_and_starts_the_state(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(
         "import numpy as np, adapm\n"
-        "from adapm.initializers import initial_values\n"
+        "from adapm.table.initializers import initial_values\n"
         "with adapm.worker() as w:\n"
         "    values = w.pull(np.arange(w.num_keys))\n"
         "    rows = initial_values(('normal', 0.5, 3), np.arange(w.num_keys),\n"
@@ -157,7 +157,7 @@ def test_ports_out_of_range_are_usage_errors(args, env, message):
 def test_coordinator_bind_address_refuses_ports_out_of_range(address):
     import zmq
 
-    from adapm.coordinator import bind_address
+    from adapm.node.control.coordinator import bind_address
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     try:
@@ -204,7 +204,7 @@ def test_bad_cluster_id_is_a_usage_error_that_says_what_is_allowed(cluster_id):
 
 
 def test_cluster_spec_refuses_a_bad_cluster_id():
-    from adapm.config import ClusterSpec
+    from adapm.wire.spec import ClusterSpec
     with pytest.raises(ValueError, match="is not a cluster id: 1 to 64 letters"):
         ClusterSpec(num_keys=4, cluster_id="../x")
     assert ClusterSpec(num_keys=4, cluster_id="job-7_a").cluster_id == "job-7_a"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapm.process import parent_of
+from adapm.common.process import parent_of
 
 from conftest import coordinator_port, session_processes, wait_until_clean
 
@@ -255,9 +255,9 @@ def test_segment_left_behind_is_removed_with_a_warning(caplog):
     job step retried after a crash)."""
     import posix_ipc
 
-    from adapm.cluster import LocalCluster
-    from adapm.config import ClusterSpec
-    from adapm.table import segment_exists, segment_name, unlink_segment
+    from adapm.ops.cluster import LocalCluster
+    from adapm.table.shared_table import segment_exists, segment_name, unlink_segment
+    from adapm.wire.spec import ClusterSpec
 
     spec = ClusterSpec(num_keys=4, num_nodes=2, cluster_id=f"lb{uuid.uuid4().hex[:6]}")
     name = segment_name(spec.cluster_id, 1)

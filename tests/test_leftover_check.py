@@ -9,9 +9,9 @@ import time
 import posix_ipc
 import pytest
 
-from adapm.config import ENV_CLUSTER_TAG, new_cluster_id
-from adapm.process import adapm_processes, descends_from, parent_of
-from adapm.table import segment_name, unlink_segment
+from adapm.common.config import new_cluster_id
+from adapm.common.process import adapm_processes, descends_from, parent_of
+from adapm.table.shared_table import ENV_CLUSTER_TAG, segment_name, unlink_segment
 
 from conftest import (
     SESSION_TAG,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import adapm
-from adapm import logs
+from adapm.common import logs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -223,7 +223,7 @@ def test_debug_shows_what_each_node_does_while_it_runs(capfd):
 
 
 def test_an_interval_without_activity_says_nothing():
-    from adapm.activity import describe
+    from adapm.node.control.activity import describe
     quiet = dict.fromkeys(["pulls_local", "pulls_remote", "pushes_local", "pushes_remote",
                            "sets_local", "sets_remote", "bytes_sent", "bytes_received",
                            "node_bytes_sent", "node_bytes_received", "node_rounds_done"], 0)

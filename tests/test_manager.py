@@ -4,8 +4,8 @@ import tracemalloc
 
 import numpy as np
 
-from adapm.intents import IntentStore
-from adapm.manager import (
+from adapm.policy.intents import IntentStore
+from adapm.policy.manager import (
     RELOCATE,
     REPLICATE,
     RETAIN_MAX_LEVEL,
@@ -326,7 +326,7 @@ def _none():
 def test_intent_store_matches_a_plain_model_under_random_windows():
     """Intents with windows of any length, out of order: counts, due intents and
     expiry agree with a list-scanning model (expire pops ended intents from a heap)."""
-    from adapm.intents import IntentStore
+    from adapm.policy.intents import IntentStore
 
     rng = np.random.default_rng(11)
     store, model = IntentStore(2, 50), []  # model: [worker, start, end, keys, acted]

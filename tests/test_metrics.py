@@ -1,6 +1,6 @@
-"""Prometheus metrics of the node servers (adapm.metrics) and the statistics table of every
-node at the end of a run (adapm.summary): real clusters on 127.0.0.1, scraped over HTTP
-while their workers run."""
+"""Prometheus metrics of the node servers (adapm.node.control.metrics) and the statistics
+table of every node at the end of a run (adapm.table.stats): real clusters on 127.0.0.1,
+scraped over HTTP while their workers run."""
 import json
 import os
 import re
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm import summary
 from adapm.apps.common import AccessCounter, throughput_summary
+from adapm.table import stats as summary
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -443,7 +443,7 @@ def test_summary_table_explains_its_columns_and_why_an_apps_line_differs():
 
 
 def test_metrics_need_prometheus_client(monkeypatch):
-    from adapm import metrics
+    from adapm.node.control import metrics
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(ImportError, match=r"pip install 'adapm\[metrics\]'"):
@@ -456,7 +456,7 @@ def test_metrics_need_prometheus_client(monkeypatch):
 
 
 def test_node_stats_survive_the_wire():
-    from adapm import protocol
+    from adapm.wire import protocol
 
     numbers = np.arange(len(summary.REPORTED), dtype=np.uint64) * np.uint64(2**40)
     frames = protocol.NodeStats(stats=numbers).encode()
@@ -471,12 +471,12 @@ def test_coordinator_stops_node_zero_last_with_every_nodes_stats(monkeypatch, re
     statistics came (or, without them, after STATS_WAIT)."""
     import zmq
 
-    from adapm import coordinator as coordination
-    from adapm import protocol
+    from adapm.node.control import coordinator as coordination
+    from adapm.wire import protocol
 
     monkeypatch.setattr(coordination, "STATS_WAIT", 10.0 if reports else 0.3)
     ctx = zmq.Context()
-    from adapm.cluster_secret import ClusterSecret
+    from adapm.wire.cluster_secret import ClusterSecret
     secret = ClusterSecret.generate()
     coord = coordination.Coordinator(ctx, "tcp://127.0.0.1:0", 2, node_timeout=0.2,
                                      secret=secret)

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm import optim, protocol
-from adapm.coordinator import FAIL_REJECTED
-from adapm.protocol import MsgType, worker_identity
+from adapm import optim
+from adapm.common.errors import FAIL_REJECTED
+from adapm.wire import protocol
+from adapm.wire.protocol import MsgType, worker_identity
 
 from interleave import TOKEN, close, make_cluster, worker_msg
 
@@ -125,7 +126,7 @@ def test_init_fills_the_state_and_refuses_a_negative_or_nan_accumulator():
     opt = optim.Adagrad(0.1, initial_accumulator_value=0.25)
     values = opt.init(("normal", 1.0, 0))(np.arange(5, dtype=np.uint64), 8)
     assert values.shape == (5, 8) and (values[:, 4:] == 0.25).all()
-    same = adapm.initializers.initial_values(("normal", 1.0, 0), np.arange(5), np.full(5, 4),
+    same = adapm.table.initializers.initial_values(("normal", 1.0, 0), np.arange(5), np.full(5, 4),
                                              np.float64)
     np.testing.assert_array_equal(values[:, :4].reshape(-1), same)  # rows as the spec gives
     noisy = opt.init(lambda keys: np.random.default_rng(0).normal(size=(len(keys), 8)))
@@ -228,7 +229,7 @@ def test_an_apply_for_keys_owned_elsewhere_is_forwarded_with_its_params():
 def test_params_frames_of_the_wrong_size_are_malformed():
     msg = protocol.Apply(keys=np.arange(2, dtype=np.uint64), values=np.ones(8, np.float32),
                          params=np.ones(3))
-    with pytest.raises(adapm.errors.ProtocolError, match="params frame"):
+    with pytest.raises(adapm.common.errors.ProtocolError, match="params frame"):
         protocol.decode([bytes(memoryview(f)) for f in msg.encode()])
 
 

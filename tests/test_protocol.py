@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from adapm import protocol
-from adapm.errors import ProtocolError
-from adapm.protocol import HEADER_BYTES, Message, MsgType
+from adapm.common.errors import ProtocolError
+from adapm.wire import protocol
+from adapm.wire.protocol import HEADER_BYTES, Message, MsgType
 
 
 def frames_of(msg):
@@ -53,7 +53,7 @@ def test_random_bytes_never_decode_into_anything_but_protocol_error():
 # -- one builder and one reader per type, with named fields -----------------------------
 
 def test_every_type_has_a_builder_whose_named_fields_survive_the_wire():
-    from adapm.protocol import _NAMED, BY_TYPE, decode
+    from adapm.wire.protocol import _NAMED, BY_TYPE, decode
 
     for mtype, cls in BY_TYPE.items():
         names = _NAMED.get(mtype, {})
@@ -70,7 +70,7 @@ def test_every_type_has_a_builder_whose_named_fields_survive_the_wire():
 
 
 def test_a_builder_refuses_fields_of_other_types_and_raw_header_slots():
-    from adapm.protocol import Intent, Pull
+    from adapm.wire.protocol import Intent, Pull
 
     with pytest.raises(TypeError, match="INTENT has no field arg0"):
         Intent(arg0=3)
@@ -79,7 +79,7 @@ def test_a_builder_refuses_fields_of_other_types_and_raw_header_slots():
 
 
 def test_named_fields_read_the_header_slot_that_the_type_puts_them_in():
-    from adapm.protocol import FwdPull, Intent, Sync
+    from adapm.wire.protocol import FwdPull, Intent, Sync
 
     keys = np.arange(3, dtype=np.uint64)
     msg = protocol.decode([bytes(memoryview(f)) for f in

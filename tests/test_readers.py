@@ -1,4 +1,4 @@
-"""adapm.readers: MatrixMarket, triples and Criteo files read exactly, on the pyarrow path
+"""adapm.apps.readers: MatrixMarket, triples and Criteo files read exactly, on the pyarrow path
 (skipped where pyarrow is not installed) and on the plain numpy path; malformed files
 refused with the file and the line; the per-machine cache parses a file once."""
 import json
@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from adapm import readers
-from adapm.apps import kge, mf
+from adapm.apps import kge, mf, readers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -463,7 +462,7 @@ def test_malformed_files_are_not_cached(tmp_path, private_cache):
 RUN = """
 import json, sys
 import numpy as np
-from adapm import readers
+from adapm.apps import readers
 from adapm.apps import kge, mf
 opts = json.loads(sys.argv[1])
 if "data" in opts:

@@ -28,8 +28,8 @@ from pathlib import Path
 import click
 import pytest
 
-from adapm.hostlist import expand, first_host, iter_hosts, parse
-from adapm.launch import DEFAULT_COORDINATOR_PORT, environ_coordinator, machine_placement
+from adapm.common.hostlist import expand, first_host, iter_hosts, parse
+from adapm.ops.launch import DEFAULT_COORDINATOR_PORT, environ_coordinator, machine_placement
 
 from conftest import SESSION_TAG, wait_until_clean
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.holders import ReplicaHolders
-from adapm.intents import IntentStore, read_intent_log
-from adapm.manager import SETTLE_ROUNDS, Manager
-from adapm.protocol import SYNC_KEEP, SYNC_REQUEST
-from adapm.relocation import Relocation
-from adapm.rounds import Rounds
+from adapm.node.data.holders import ReplicaHolders
+from adapm.node.data.relocation import Relocation
+from adapm.node.data.rounds import Rounds
+from adapm.policy.intents import IntentStore, read_intent_log
+from adapm.policy.manager import SETTLE_ROUNDS, Manager
+from adapm.wire.protocol import SYNC_KEEP, SYNC_REQUEST
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,16 +1,15 @@
-"""A worker's requests and their replies (adapm.requests), without processes: a stand-in
+"""A worker's requests and their replies (adapm.client.requests), without processes: a stand-in
 transport records what is sent and hands back the replies a test queues."""
 import time
 
 import numpy as np
 import pytest
 
-from adapm import protocol
-from adapm.coordinator import FAIL_NODE_SILENT, FAIL_REJECTED
-from adapm.errors import ClusterError
-from adapm.protocol import ALL_POSITIONS, Message, MsgType
-from adapm.requests import ClusterHealth, CountOp, Pending, PullOp, Requests
-from adapm.segments import Segments
+from adapm.client.requests import ClusterHealth, CountOp, Pending, PullOp, Requests
+from adapm.common.errors import FAIL_NODE_SILENT, FAIL_REJECTED, ClusterError
+from adapm.table.segments import Segments
+from adapm.wire import protocol
+from adapm.wire.protocol import ALL_POSITIONS, Message, MsgType
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,4 +1,4 @@
-"""Adversarial review of checkpoints (Worker.save, adapm.checkpoint, restore): consistency
+"""Adversarial review of checkpoints (Worker.save, adapm.checkpoint.files, restore): consistency
 in every mode, keys saved exactly once, interrupted and mismatched saves that must fail
 loudly instead of hanging, corruption found on restore, and malformed CHECKPOINT messages.
 
@@ -18,15 +18,15 @@ import pytest
 import zmq
 
 import adapm
-from adapm import checkpoint, protocol
-from adapm.checkpoint import CheckpointError
-from adapm.cluster import LocalCluster
-from adapm.config import ClusterSpec
-from adapm.coordinator import FAIL_REJECTED
-from adapm.errors import AdapmError, ClosedError
+from adapm.checkpoint import files as checkpoint
+from adapm.checkpoint.files import CheckpointError
+from adapm.common.errors import FAIL_REJECTED, AdapmError, ClosedError
+from adapm.common.process import sibling_named
+from adapm.ops.cluster import LocalCluster
 from adapm.optim import Adagrad
-from adapm.process import sibling_named
-from adapm.protocol import Message, MsgType, worker_identity
+from adapm.wire import protocol
+from adapm.wire.protocol import Message, MsgType, worker_identity
+from adapm.wire.spec import ClusterSpec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,8 +6,8 @@ import pytest
 
 import adapm
 from adapm import optim
-from adapm.coordinator import FAIL_REJECTED
-from adapm.protocol import MsgType, worker_identity
+from adapm.common.errors import FAIL_REJECTED
+from adapm.wire.protocol import MsgType, worker_identity
 
 from interleave import TOKEN, close, make_cluster, worker_msg
 
@@ -120,7 +120,7 @@ class _Table:
 
 def test_as_gradients_takes_a_torch_tensor_that_requires_grad():
     torch = pytest.importorskip("torch")
-    from adapm.keys import as_gradients
+    from adapm.table.keys import as_gradients
     grads = torch.ones(2, DIM, requires_grad=True) * 2  # a non-leaf, as autograd gives
     arr = as_gradients(grads, 2, DIM, _Table)
     assert arr.shape == (2, DIM) and arr.dtype == np.float32 and (arr == 2).all()

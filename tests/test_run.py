@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.initializers import initial_values
+from adapm.table.initializers import initial_values
 
 pytestmark = pytest.mark.timeout(90)
 

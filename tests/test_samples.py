@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm import summary
-from adapm.table import WORKER_COUNTERS, WORKER_SLOT
+from adapm.table import stats as summary
+from adapm.table.shared_table import WORKER_COUNTERS, WORKER_SLOT
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.sampling import SAMPLE_SEED, Distribution, Sampler
+from adapm.client.sampling import SAMPLE_SEED, Distribution, Sampler
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,12 +12,12 @@ import pytest
 import zmq
 
 import adapm
-from adapm.cluster import LocalCluster
-from adapm.config import ClusterSpec
-from adapm.launch import main as launch_main
-from adapm.launch import remote_command
-from adapm.protocol import Message, MsgType, worker_identity
-from adapm.security import ENV_CURVE_CLIENT, ENV_CURVE_KEYS, CurveKeys
+from adapm.ops.cluster import LocalCluster
+from adapm.ops.launch import main as launch_main
+from adapm.ops.launch import remote_command
+from adapm.wire.protocol import Message, MsgType, worker_identity
+from adapm.wire.security import ENV_CURVE_CLIENT, ENV_CURVE_KEYS, CurveKeys
+from adapm.wire.spec import ClusterSpec
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -1,6 +1,6 @@
 """Unit tests of the node server's parts, each on its own: real shared-memory tables, no
 processes, no sockets. A part sends through a RecordingOutbox (the four methods of
-adapm.outbox.Outbox) that passes every message through the wire format and records
+adapm.node.outbox.Outbox) that passes every message through the wire format and records
 (destination, decoded message); a test hands recorded messages to another node's part
 itself, as the network would, and checks values and key states in the tables."""
 import os
@@ -10,17 +10,22 @@ import numpy as np
 import pytest
 import zmq
 
-from adapm import protocol
-from adapm.config import MODES, ClusterSpec
-from adapm.coordinator import FAIL_BARRIER, FAIL_ROUTING, FAIL_WORKER_DIED
-from adapm.errors import ProtocolError
-from adapm.holders import ReplicaHolders
-from adapm.intents import IntentStore
-from adapm.local_workers import LocalWorkers
-from adapm.node_context import NodeContext
-from adapm.outbox import Outbox
-from adapm.ownership import Ownership
-from adapm.protocol import (
+from adapm.common.config import MODES
+from adapm.common.errors import FAIL_BARRIER, FAIL_ROUTING, FAIL_WORKER_DIED, ProtocolError
+from adapm.node.context import NodeContext
+from adapm.node.control.local_workers import LocalWorkers
+from adapm.node.data.holders import ReplicaHolders
+from adapm.node.data.relocation import Relocation
+from adapm.node.data.replicas import ReplicaCopies
+from adapm.node.data.routing import Routes
+from adapm.node.data.serving import DataServing
+from adapm.node.outbox import Outbox
+from adapm.node.server import NodeServer
+from adapm.policy.intents import IntentStore
+from adapm.policy.ownership import Ownership
+from adapm.table.shared_table import ABSENT, NODE_SLOT, OWNED, PENDING, REPLICA, WORKER_SLOT
+from adapm.wire import protocol
+from adapm.wire.protocol import (
     ALL_POSITIONS,
     HAS_DELTA,
     MOVE_FOR_ROUND,
@@ -32,12 +37,7 @@ from adapm.protocol import (
     node_identity,
     worker_identity,
 )
-from adapm.relocation import Relocation
-from adapm.replicas import ReplicaCopies
-from adapm.routing import Routes
-from adapm.server import NodeServer
-from adapm.serving import DataServing
-from adapm.table import ABSENT, NODE_SLOT, OWNED, PENDING, REPLICA, WORKER_SLOT
+from adapm.wire.spec import ClusterSpec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,7 +69,7 @@ def wire(msg):
 
 
 class RecordingOutbox:
-    """An outbox (the four methods of adapm.outbox.Outbox) that records instead of
+    """An outbox (the four methods of adapm.node.outbox.Outbox) that records instead of
     sending: (destination, message as decoded from the wire), where destination is
     ("worker", rank), ("identity", routing identity), ("peer", node) or
     ("coordinator", None). It stamps src_node and token like the real one."""

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from adapm.table import (
+from adapm.table.shared_table import (
     ABSENT,
     OWNED,
     SERVER_ASLEEP,
@@ -197,7 +197,7 @@ def test_processes_lose_no_update_and_read_no_torn_vector(make_table):
 # -- intent rings: a worker hands intents to its server through the segment -------------
 
 def test_intent_ring_keeps_records_in_order_and_wraps(make_table):
-    from adapm._table import RING_RECORD_WORDS, RING_WORDS
+    from adapm.table._table import RING_RECORD_WORDS, RING_WORDS
     view = make_table(workers=2).view
     assert view.intent_take(0) == [] and not view.intents_queued()
     rng = np.random.default_rng(0)
@@ -220,7 +220,7 @@ def test_intent_ring_keeps_records_in_order_and_wraps(make_table):
 
 
 def test_a_full_ring_refuses_and_a_sleeping_server_asks_to_be_woken(make_table):
-    from adapm._table import RING_WORDS
+    from adapm.table._table import RING_WORDS
     view = make_table(workers=1).view
     big = np.zeros(RING_WORDS // 2, dtype=np.uint64)
     assert view.intent_append(0, 0, 1, big)[0]
@@ -244,7 +244,7 @@ def test_a_corrupt_ring_is_dropped_with_an_error(make_table):
 
     import posix_ipc
 
-    from adapm._table import layout_sizes
+    from adapm.table._table import layout_sizes
     table = make_table(workers=1)
     view = table.view
     assert view.intent_append(0, 5, 6, np.arange(4, dtype=np.uint64))[0]
@@ -301,7 +301,7 @@ def test_intent_ring_between_processes_loses_and_tears_nothing(make_table):
 
 
 def test_slot_allocator_reuses_freed_slots_and_never_overlaps_live_ones():
-    from adapm.table import SlotAllocator
+    from adapm.table.shared_table import SlotAllocator
     alloc = SlotAllocator(capacity=1000)
     rng = np.random.default_rng(0)
     live = {}  # offset -> length
@@ -336,7 +336,7 @@ def test_the_type_stub_names_exactly_what_the_compiled_module_has():
     import ast
     from pathlib import Path
 
-    from adapm import _table
+    from adapm.table import _table
     stub = ast.parse((Path(_table.__file__).parent / "_table.pyi").read_text())
     module_names, view_names = set(), set()
     for node in stub.body:
@@ -359,7 +359,7 @@ def test_the_type_stub_names_exactly_what_the_compiled_module_has():
 def test_a_set_overwrites_a_replica_and_its_value_at_last_sync(make_table):
     """replica_overwrite: the copy and its last-synced value both take the set value, so
     the pending delta (value - synced) is gone; owned and absent keys are left alone."""
-    from adapm.table import REPLICA
+    from adapm.table.shared_table import REPLICA
     table = make_table(num_keys=64, value_length=2, dtype="float64", values=np.zeros(128))
     view = table.view
     keys = np.array([1, 2], dtype=np.uint64)
@@ -389,7 +389,7 @@ def test_a_replica_takes_the_owners_sum_when_its_delta_is_taken(make_table, dtyp
     both become s + delta, exactly what the owner computes from s: r itself may differ
     from it by a rounding, and would then differ from the owner's value after a reply
     "current" (issue 17, point 4)."""
-    from adapm.table import REPLICA
+    from adapm.table.shared_table import REPLICA
     table = make_table(num_keys=64, value_length=2, dtype=dtype, values=np.zeros(128))
     view = table.view
     keys = np.array([1, 2], dtype=np.uint64)
@@ -415,7 +415,7 @@ def test_a_replica_takes_the_owners_sum_when_its_delta_is_taken(make_table, dtyp
 def _replicas(view, keys, synced, delta):
     """Make `keys` (OWNED, values as installed) REPLICAs at their own slots, each with a
     value at last sync (in the slots `synced`) of value - delta."""
-    from adapm.table import REPLICA
+    from adapm.table.shared_table import REPLICA
     offsets = np.empty(len(keys), np.uint64)
     view.release(keys, OWNED, offsets, np.zeros(len(keys), np.uint8))
     arena = view.arena_array()
@@ -430,7 +430,7 @@ def _batch_kernels():
     float64 (key k's value: 2k, 2k + 1): (prepare, call, key 1's state and value after
     it). `call` registers its outputs in `out` (per key: `keys`, flat: `values`),
     filled with sentinels, before it runs the kernel."""
-    from adapm.table import REPLICA
+    from adapm.table.shared_table import REPLICA
 
     def keys_out(out, dtype):
         out["keys"].append(np.full(3, 9, dtype))
@@ -528,7 +528,7 @@ def test_a_lock_timeout_in_a_batch_names_its_key_and_leaves_the_rest(make_table,
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_serve_sync_applies_deltas_and_copies_the_values_the_answers_carry(make_table, dtype):
-    from adapm.table import SERVE_NO_VALUE, SERVE_VALUE, SERVE_VALUE_IF_CHANGED
+    from adapm.table.shared_table import SERVE_NO_VALUE, SERVE_VALUE, SERVE_VALUE_IF_CHANGED
 
     values = np.arange(6 * 2, dtype=dtype)
     table = make_table(num_keys=6, value_length=2, dtype=dtype, values=values)

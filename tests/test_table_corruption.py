@@ -19,8 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from adapm import _table
-from adapm.table import SharedTable, segment_name
+from adapm.table import _table
+from adapm.table.shared_table import SharedTable, segment_name
 
 pytestmark = pytest.mark.timeout(60)
 

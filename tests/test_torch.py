@@ -16,7 +16,7 @@ import pytest
 
 import adapm
 from adapm.data import IntentLoader
-from adapm.initializers import initial_values
+from adapm.table.initializers import initial_values
 
 torch = pytest.importorskip("torch")
 import adapm.torch as at  # noqa: E402  (only once torch is known to be there)

@@ -1,7 +1,7 @@
-"""The node server's waits on sync rounds (adapm.waiters), without processes."""
+"""The node server's waits on sync rounds (adapm.node.data.waiters), without processes."""
 import pytest
 
-from adapm.waiters import RoundWaiters
+from adapm.node.data.waiters import RoundWaiters
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from adapm.table import OWNED, SharedTable, segment_name
-from adapm.worker import Worker
+from adapm.client.worker import Worker
+from adapm.table.shared_table import OWNED, SharedTable, segment_name
 
 pytestmark = pytest.mark.timeout(30)
 

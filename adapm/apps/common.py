@@ -20,9 +20,9 @@ import click
 import numpy as np
 
 import adapm
-from adapm.config import ENV_RANK, MODES
-from adapm.initializers import initial_values
-from adapm.summary import access_counts, local_share
+from adapm.common.config import ENV_RANK, MODES
+from adapm.table.initializers import initial_values
+from adapm.table.stats import access_counts, local_share
 
 INIT_CHUNK = 65_536  # keys written per set() when workers initialise a launched table
 NODES, WORKERS_PER_NODE = 2, 1  # every app's embedded cluster by default (B5's shape)
@@ -33,7 +33,7 @@ def app_options(app, seed_help="data, initial values, shuffling",
                 lookahead_help=LOOKAHEAD_HELP):
     """The command-line options every app shares, with the same names, defaults and
     choices, for its click `main` (put it right below @click.command): --nodes,
-    --workers-per-node, --mode (adapm.config.MODES), --lookahead, --seed, --json and
+    --workers-per-node, --mode (adapm.common.config.MODES), --lookahead, --seed, --json and
     --worker-json. main receives them as nodes, workers_per_node, mode, lookahead, seed,
     json_path and worker_json. Options of one app only (--plain, ...) stay in the app."""
     options = [
@@ -150,7 +150,7 @@ def sum_by_key(inverse, grads, n_unique):
 
 class AccessCounter:
     """Key accesses of this worker and bytes its node sent, over chosen spans only (the
-    training loops, not the evaluations). Local and remote as adapm.summary.access_counts
+    training loops, not the evaluations). Local and remote as adapm.table.stats.access_counts
     defines them (pull, push and set; local: served from the worker's own node's table
     without a message), the same as the launcher's summary table."""
 

@@ -44,9 +44,9 @@ from adapm.apps.common import (
     throughput_summary,
     zipf_ids,
 )
-from adapm.data import IntentLoader
-from adapm.initializers import _splitmix64
-from adapm.optim import Adagrad
+from adapm.ml.data import IntentLoader
+from adapm.table.initializers import _splitmix64
+from adapm.table.optimizers import Adagrad
 
 APP = "ctr"
 DENSE = 13         # dense features per sample (Criteo's)
@@ -117,9 +117,9 @@ def generate(n, fields, vocab, max_bag, buckets, seed):
 
 
 def from_criteo(path, buckets):
-    """A Criteo TSV (adapm.readers.read_criteo) as Clicks: one id per (sample, field),
+    """A Criteo TSV (adapm.apps.readers.read_criteo) as Clicks: one id per (sample, field),
     dense features as log(1 + max(x, 0))."""
-    from adapm.readers import read_criteo
+    from adapm.apps.readers import read_criteo
     labels, dense, sparse = read_criteo(path, cache=True)  # parsed once per machine
     n, fields = sparse.shape
     field_of = np.tile(np.arange(fields), n)
@@ -234,7 +234,7 @@ def batch_starts(n, batch, rng):
 
 def train(w, opts):
     """The task every worker runs. Returns a dict of results (see finish())."""
-    import adapm.torch
+    import adapm.ml.torch
     torch.set_num_threads(1)
     train_set, test = load_data(opts)
     share = len(train_set) // w.num_workers

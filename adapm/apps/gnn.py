@@ -47,8 +47,8 @@ from adapm.apps.common import (
     start_cluster,
     throughput_summary,
 )
-from adapm.data import IntentLoader
-from adapm.optim import Adagrad
+from adapm.ml.data import IntentLoader
+from adapm.table.optimizers import Adagrad
 
 APP = "gnn"
 SPLIT = (0.6, 0.2, 0.2)    # train, valid, test shares of the labelled nodes
@@ -363,7 +363,7 @@ def my_nodes(graph, rank, workers):
 
 def train(w, opts):
     """The task every worker runs. Returns a dict of results (see finish())."""
-    import adapm.torch
+    import adapm.ml.torch
     torch.set_num_threads(1)
     graph = opts.get("graph") or load_graph(opts)
     dim, fanouts, batch = opts["dim"], tuple(opts["fanouts"]), opts["batch"]

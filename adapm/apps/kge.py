@@ -38,7 +38,7 @@ import time
 import click
 import numpy as np
 
-from adapm import readers
+from adapm.apps import readers
 from adapm.apps.common import (
     AccessCounter,
     Progress,
@@ -50,9 +50,9 @@ from adapm.apps.common import (
     throughput_summary,
     zipf_ids,
 )
-from adapm.data import IntentLoader
-from adapm.initializers import initial_values
-from adapm.optim import Adagrad
+from adapm.ml.data import IntentLoader
+from adapm.table.initializers import initial_values
+from adapm.table.optimizers import Adagrad
 
 APP = "kge"
 EVAL_CHUNK = 1024          # test triples scored against all entities at once
@@ -137,7 +137,7 @@ def split(triples, valid_fraction, test_fraction, seed):
 def read_tsv(path):
     """The (head, relation, tail) names of a tab-separated file, a string array (n, 3).
     Blank lines are skipped; any other line must have exactly three fields
-    (adapm.readers.read_triples)."""
+    (adapm.apps.readers.read_triples)."""
     return readers.read_triples(path).names()
 
 

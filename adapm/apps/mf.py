@@ -10,7 +10,7 @@ tail; values from rank-R factors plus Gaussian noise, with `--mean` and `--bias-
 global mean and row and column biases), or read from files (`--data train [--test-data
 test]`): MatrixMarket coordinate files, or ratings files of `user item rating` lines
 (tab-, comma-, '::'- or blank-separated, with or without a header, more fields ignored:
-MovieLens's u.data, ratings.dat and ratings.csv; adapm.readers.read_ratings). `--save-data
+MovieLens's u.data, ratings.dat and ratings.csv; adapm.apps.readers.read_ratings). `--save-data
 DIR` writes the generated matrix as DIR/train.mtx and DIR/test.mtx, so other systems can
 train on the same data. `--valid-fraction` of the training cells are held out as the
 validation cells whose RMSE every epoch line reports; the test RMSE is reported at the
@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional
 import click
 import numpy as np
 
-from adapm import readers
+from adapm.apps import readers
 from adapm.apps.common import (
     AccessCounter,
     Progress,
@@ -55,9 +55,9 @@ from adapm.apps.common import (
     throughput_summary,
     zipf_ids,
 )
-from adapm.data import IntentLoader
-from adapm.initializers import initial_values
-from adapm.optim import Adagrad
+from adapm.ml.data import IntentLoader
+from adapm.table.initializers import initial_values
+from adapm.table.optimizers import Adagrad
 
 APP = "mf"
 
@@ -118,9 +118,9 @@ def write_matrix_market(path, rows, cols, r, c, y):
 
 def read_matrix_market(path, cache=False):
     """(rows, cols, row ids, column ids, values) of a MatrixMarket coordinate file of real,
-    integer or pattern values (0-based ids, float32 values; adapm.readers, which names
+    integer or pattern values (0-based ids, float32 values; adapm.apps.readers, which names
     the line of a malformed entry). cache=True: parsed once per machine, memory-mapped
-    by every later read (adapm.readers' cache)."""
+    by every later read (adapm.apps.readers' cache)."""
     r, c, y, (rows, cols) = readers.read_matrix_market(path, dtype=np.float32, cache=cache)
     return rows, cols, r, c, y
 

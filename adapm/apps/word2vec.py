@@ -57,10 +57,10 @@ from adapm.apps.common import (
     start_cluster,
     throughput_summary,
 )
-from adapm.data import IntentLoader
-from adapm.initializers import initial_values
-from adapm.optim import Adagrad
-from adapm.sampling import Distribution
+from adapm.client.sampling import Distribution
+from adapm.ml.data import IntentLoader
+from adapm.table.initializers import initial_values
+from adapm.table.optimizers import Adagrad
 
 APP = "word2vec"
 ADAGRAD_EPS = 1e-8
@@ -210,7 +210,7 @@ def split_sentences(corpus, heldout):
 def noise_distribution(corpus, exponent):
     """The distribution negatives are drawn from, over the V output keys: word i with
     probability proportional to count_i^exponent (word2vec: 0.75; a word never seen is
-    never drawn), as an adapm.sampling.Distribution; None for exponent 0 (uniform: every
+    never drawn), as an adapm.client.sampling.Distribution; None for exponent 0 (uniform: every
     word equally likely, prepare_sample's default)."""
     if exponent == 0:
         return None

@@ -1,0 +1,255 @@
+"""The node-local shared-memory parameter table (Python side).
+
+A POSIX shared-memory segment (posix_ipc) that the node server creates, fills and unlinks,
+and that every worker of the node maps. The byte layout and the hot path live in the Cython
+module adapm.table._table; this module names segments, creates/attaches/unlinks them, allocates
+value slots and names the counter slots. It knows nothing of the network or the manager."""
+
+import os
+import re
+
+import numpy as np
+import posix_ipc
+
+from adapm.table import _table
+from adapm.table._table import (  # noqa: F401
+    ABSENT,
+    KEEP_OWNER,
+    OWNED,
+    PENDING,
+    REPLICA,
+    SERVE_NO_VALUE,
+    SERVE_VALUE,
+    SERVE_VALUE_IF_CHANGED,
+    LockTimeout,
+    TableView,
+)
+
+SEGMENT_PREFIX = "/adapm-"
+# Segments made by processes with this variable set carry its value in their names, so
+# that whoever set it (the test suite) can tell its segments from anyone else's.
+ENV_CLUSTER_TAG = "ADAPM_CLUSTER_TAG"
+_TAG_PATTERN = re.compile(r"[A-Za-z0-9_]{0,32}")  # no "/" or "-": the name stays parseable
+
+# Slots of each worker's counter block (uint64 each). The worker is their only writer.
+WORKER_COUNTERS = (
+    "clock", "pulls_local", "pulls_remote", "pushes_local", "pushes_remote",
+    "sets_local", "sets_remote", "intents", "bytes_sent", "bytes_received", "pid",
+    "bytes_to_node",
+    # Worker.count_samples: data points trained on, those of the first call, and when the
+    # first and the last call were made (time.monotonic_ns of the worker's machine).
+    "samples", "samples_first", "samples_start_ns", "samples_last_ns",
+)
+WORKER_SLOT = {name: i for i, name in enumerate(WORKER_COUNTERS)}
+# Node-level counters, written by the node server only.
+NODE_COUNTERS = (
+    "relocations", "replicas_made", "replicas_dropped", "late_intents", "bytes_sent",
+    "bytes_received", "malformed_messages", "intents_received", "owner_changes",
+    "rounds_started", "rounds_done",
+    "full_round_done",  # number of the last completed round that synced every replica
+    "reaction_us",      # the node's estimate of the time from an intent to a usable key
+    "replicas_retained",  # unintended replicas kept a round (learned retention), summed
+)
+NODE_SLOT = {name: i for i, name in enumerate(NODE_COUNTERS)}
+# What a node server says it does, in the header (TableView.set_server_idle): a worker
+# that appends an intent wakes a sleeping server, and a polling one for an intent due soon.
+SERVER_AWAKE, SERVER_ASLEEP, SERVER_POLLING = 0, 1, 2
+
+
+def cluster_tag():
+    """The value of ADAPM_CLUSTER_TAG ('' when unset), checked to be usable in a name."""
+    tag = os.environ.get(ENV_CLUSTER_TAG, "")
+    if not _TAG_PATTERN.fullmatch(tag):
+        raise ValueError(f"environment variable {ENV_CLUSTER_TAG}={tag!r} must be at most "
+                         "32 letters, digits or _")
+    return tag
+
+
+def segment_prefix(tag):
+    """What the names of every segment made under cluster tag `tag` start with."""
+    return f"{SEGMENT_PREFIX}{tag}-" if tag else SEGMENT_PREFIX
+
+
+def segment_name(cluster_id, node):
+    """The /dev/shm name of a node's table: /adapm-[TAG-]CLUSTER_ID-nNODE. The tag is in
+    the name rather than in the cluster id so that it marks every segment, also those of
+    clusters whose id was given (--cluster-id, or derived from the coordinator), and so
+    that machines of one cluster need not share it (ids are checked when nodes join)."""
+    return f"{segment_prefix(cluster_tag())}{cluster_id}-n{node}"
+
+
+def unlink_segment(name):
+    """Remove a segment name; True when it existed. Mappings stay valid until unmapped."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def segment_exists(name):
+    return os.path.exists("/dev/shm" + name)
+
+
+def normalise_lengths(num_keys, value_length):
+    """(uniform_length or 0, per-key lengths as uint64 array or None)."""
+    if np.ndim(value_length) == 0:
+        length = int(value_length)
+        if length < 1:
+            raise ValueError(f"value_length must be >= 1, got {length}")
+        return length, None
+    lengths = np.asarray(value_length)
+    if lengths.ndim != 1 or lengths.shape[0] != num_keys or lengths.dtype.kind not in "iu":
+        raise ValueError(
+            f"per-key value_length must be a 1-D integer array of length num_keys={num_keys}")
+    if lengths.shape[0] and (lengths.min() < 1 or lengths.max() >= 2**32):
+        raise ValueError("every per-key value length must be in [1, 2**32)")
+    return 0, lengths.astype(np.uint64)
+
+
+class SlotAllocator:
+    """Value slots in the arena. Only the node server allocates, so this is private state
+    of that process: a bump pointer plus free lists by length. A free list is a list of
+    numpy arrays (each call to free() appends one), so that the thousands of slots a sync
+    round takes or gives back cost a few array operations, not a loop over keys."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.top = 0
+        self._free = {}  # length -> [uint64 arrays of free offsets], used as a stack
+
+    def allocate(self, lengths):
+        """Offsets for slots of the given lengths (uint64 array)."""
+        lengths = np.asarray(lengths, dtype=np.uint64)
+        offsets = np.empty(lengths.shape[0], dtype=np.uint64)
+        fresh = np.ones(lengths.shape[0], dtype=bool)
+        for length in (np.unique(lengths).tolist() if self._free else ()):
+            if not self._free.get(length):
+                continue
+            wanted = np.flatnonzero(lengths == length)
+            reused = self._pop(length, wanted.shape[0])
+            offsets[wanted[:reused.shape[0]]] = reused
+            fresh[wanted[:reused.shape[0]]] = False
+        need = lengths[fresh]
+        total = int(need.sum())
+        if self.top + total > self.capacity:
+            raise MemoryError(
+                f"parameter table arena full: {self.top + total} > {self.capacity} elements")
+        ends = np.cumsum(need, dtype=np.uint64)
+        offsets[fresh] = self.top + ends - need
+        self.top += total
+        return offsets
+
+    def _pop(self, length, count):
+        """Up to `count` free offsets of slots of `length`, taken off its free list."""
+        stack, taken, left = self._free[length], [], count
+        while stack and left:
+            chunk = stack[-1]
+            if chunk.shape[0] <= left:
+                taken.append(stack.pop())
+                left -= chunk.shape[0]
+            else:
+                taken.append(chunk[chunk.shape[0] - left:])
+                stack[-1] = chunk[:chunk.shape[0] - left]
+                left = 0
+        return np.concatenate(taken) if taken else np.empty(0, dtype=np.uint64)
+
+    def free(self, offsets, lengths):
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        lengths = np.asarray(lengths, dtype=np.uint64)
+        for length in np.unique(lengths).tolist():
+            self._free.setdefault(length, []).append(offsets[lengths == length])
+
+
+class SharedTable:
+    """One node's table: a mapped segment plus, for its creator, the slot allocator."""
+
+    def __init__(self, name, view, owner):
+        self.name = name
+        self.view = view
+        self.is_owner = owner
+        self.allocator = SlotAllocator(view.arena_capacity) if owner else None
+
+    @classmethod
+    def create(cls, name, num_keys, value_length, dtype, num_workers, node=0, num_nodes=1,
+               arena_capacity=None, cluster_id=b""):
+        """Create a segment (it must not exist) with every key ABSENT and cached at `node`.
+
+        arena_capacity (elements) defaults to room for every key's value; the segment is
+        sparse, so capacity that is never written costs no memory."""
+        uniform, lengths = normalise_lengths(num_keys, value_length)
+        total = num_keys * uniform if uniform else int(lengths.sum())
+        capacity = total if arena_capacity is None else int(arena_capacity)
+        dtype = np.dtype(dtype)
+        size = _table.layout_sizes(num_keys, num_workers, capacity, dtype.itemsize)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600,
+                                     size=size["total_bytes"])
+        try:
+            view = TableView.create(shm.fd, num_keys, uniform, dtype, node, num_nodes,
+                                    num_workers, capacity, cluster_id)
+        except BaseException:
+            shm.close_fd()
+            unlink_segment(name)
+            raise
+        shm.close_fd()
+        table = cls(name, view, owner=True)
+        directory = view.directory_array()
+        directory["length"] = uniform if uniform else lengths
+        directory["owner"] = node
+        return table
+
+    @classmethod
+    def attach(cls, name):
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(f"no parameter table {name} in /dev/shm") from None
+        try:
+            view = TableView.attach(shm.fd)
+        finally:
+            shm.close_fd()
+        return cls(name, view, owner=False)
+
+    # -- creator's operations (before workers attach, or under the keys' locks) --------
+
+    def install(self, keys, state=OWNED, values=None):
+        """Allocate slots for `keys` (sorted uint64 array, or a slice of the key range;
+        currently ABSENT), optionally write their values (flat), and give them `state`.
+        Used at creation, before publish()."""
+        directory = self.view.directory_array()
+        lengths = directory["length"][keys].astype(np.uint64)
+        offsets = self.allocator.allocate(lengths)
+        if values is not None:
+            arena = self.view.arena_array()
+            if _contiguous(offsets, lengths):
+                start = int(offsets[0]) if offsets.shape[0] else 0
+                arena[start:start + values.shape[0]] = values
+            else:
+                for off, length, pos in zip(offsets.tolist(), lengths.tolist(),
+                                            (np.cumsum(lengths) - lengths).tolist()):
+                    arena[off:off + length] = values[pos:pos + length]
+        directory["offset"][keys] = offsets
+        directory["state"][keys] = state
+        return offsets
+
+    def set_owners(self, keys, owner):
+        self.view.directory_array()["owner"][keys] = owner
+
+    def publish(self):
+        self.view.publish()
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def close(self):
+        self.view.close()
+
+    def unlink(self):
+        return unlink_segment(self.name)
+
+    def allocated_bytes(self):
+        """Bytes of memory the segment really uses (tmpfs allocates on first write)."""
+        return os.stat("/dev/shm" + self.name).st_blocks * 512
+
+
+def _contiguous(offsets, lengths):
+    return offsets.shape[0] == 0 or bool(np.all(offsets[1:] == offsets[:-1] + lengths[:-1]))
