@@ -45,7 +45,7 @@ CHUNK = 1_000_000  # lines generated at once
 # -- the readers before (the apps' code as it was) ------------------------------------
 
 def reference_matrix_market(path):
-    """mf.read_matrix_market before: np.loadtxt of the body."""
+    """mf_data.read_matrix_market before: np.loadtxt of the body."""
     with open(path) as f:
         f.readline()
         text = f.readline()

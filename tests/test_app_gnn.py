@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from adapm.apps import gnn  # noqa: E402
+from adapm.apps import gnn, gnn_graph, gnn_model  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -25,7 +25,7 @@ LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
 
 def test_generator_has_power_law_degrees_and_planted_communities():
     n, m, c, p_in = 5000, 25_000, 10, 0.8
-    edges, labels = gnn.generate(n, m, c, p_in, 2.5, seed=0)
+    edges, labels = gnn_graph.generate(n, m, c, p_in, 2.5, seed=0)
     assert edges.shape == (m, 2) and edges.dtype == np.int64
     assert (edges[:, 0] != edges[:, 1]).all()  # no self-loops
     pairs = np.sort(edges, axis=1)
@@ -37,7 +37,7 @@ def test_generator_has_power_law_degrees_and_planted_communities():
     inside = (labels[edges[:, 0]] == labels[edges[:, 1]]).mean()
     assert abs(inside - (p_in + (1 - p_in) / c)) < 0.03, inside
     # power-law degrees: a heavy tail, a complementary CDF of slope about -(2.5 - 1)
-    degree = gnn.Graph(n, edges, labels).degrees()
+    degree = gnn_graph.Graph(n, edges, labels).degrees()
     assert degree.mean() == pytest.approx(2 * m / n)
     assert degree.max() > 20 * np.median(degree)
     ks = np.arange(5, 100)
@@ -45,43 +45,43 @@ def test_generator_has_power_law_degrees_and_planted_communities():
     slope = np.polyfit(np.log(ks), np.log(ccdf), 1)[0]
     assert -2.0 < slope < -1.1, slope
     # the seed decides everything
-    again = gnn.generate(n, m, c, p_in, 2.5, seed=0)
+    again = gnn_graph.generate(n, m, c, p_in, 2.5, seed=0)
     np.testing.assert_array_equal(again[0], edges)
     np.testing.assert_array_equal(again[1], labels)
-    assert not np.array_equal(gnn.generate(n, m, c, p_in, 2.5, seed=1)[0], edges)
+    assert not np.array_equal(gnn_graph.generate(n, m, c, p_in, 2.5, seed=1)[0], edges)
     # the default graph: exactly its edges, quickly
     d = gnn.DEFAULTS
-    big, _ = gnn.generate(d["graph_nodes"], d["graph_edges"], d["communities"], d["p_in"],
+    big, _ = gnn_graph.generate(d["graph_nodes"], d["graph_edges"], d["communities"], d["p_in"],
                           d["exponent"], d["seed"])
     assert big.shape == (d["graph_edges"], 2)
     # a graph too small for the edges asked for: all its pairs
-    few, _ = gnn.generate(4, 100, 2, 0.5, 2.5, seed=0)
+    few, _ = gnn_graph.generate(4, 100, 2, 0.5, 2.5, seed=0)
     assert few.shape == (6, 2)
 
 
 def test_adjacency_and_sampling():
     # a triangle 0-1-2 (0-1 twice, once reversed), 3 with a self-loop only, 4 isolated
     edges = np.array([[0, 1], [1, 2], [2, 0], [1, 0], [3, 3]])
-    graph = gnn.Graph(5, edges, np.array([0, 0, 1, 1, -1]))
+    graph = gnn_graph.Graph(5, edges, np.array([0, 0, 1, 1, -1]))
     assert graph.indptr.tolist() == [0, 2, 4, 6, 6, 6]
     assert graph.indices.tolist() == [1, 2, 0, 2, 0, 1]
     rng = np.random.default_rng(0)
-    drawn = gnn.sample_neighbours(graph.indptr, graph.indices, np.array([0, 1, 2, 3, 4]),
+    drawn = gnn_model.sample_neighbours(graph.indptr, graph.indices, np.array([0, 1, 2, 3, 4]),
                                   2000, rng)
     assert drawn.shape == (5, 2000)
     for v, allowed in enumerate([{1, 2}, {0, 2}, {0, 1}, {3}, {4}]):
         assert set(drawn[v].tolist()) == allowed  # real neighbours; none: itself
     assert 0.45 < (drawn[0] == 1).mean() < 0.55  # uniform, with replacement
     # no edges at all
-    empty = gnn.Graph(3, np.empty((0, 2), dtype=np.int64), np.array([0, 1, 0]))
+    empty = gnn_graph.Graph(3, np.empty((0, 2), dtype=np.int64), np.array([0, 1, 0]))
     np.testing.assert_array_equal(
-        gnn.sample_neighbours(empty.indptr, empty.indices, np.array([2, 0]), 3, rng),
+        gnn_model.sample_neighbours(empty.indptr, empty.indices, np.array([2, 0]), 3, rng),
         [[2, 2, 2], [0, 0, 0]])
     # a generated graph: every sampled neighbour is a neighbour
-    g = gnn.load_graph(TINY)
+    g = gnn_graph.load_graph(TINY)
     adjacency = {(int(a), int(b)) for a, b in g.edges} | {(int(b), int(a)) for a, b in g.edges}
     targets = g.train[:50]
-    b = gnn.sample_batch(g, targets, (4, 3), rng)
+    b = gnn_model.sample_batch(g, targets, (4, 3), rng)
     n1 = len(targets) * 5
     assert b.ids.shape == (n1 * 4,) and len(b) == 50 and b.fanouts == (4, 3)
     np.testing.assert_array_equal(b.ids[:50], targets)
@@ -97,17 +97,17 @@ def test_adjacency_and_sampling():
                 assert child == parent
     # the model maps a batch's rows to one row of logits per target
     import torch
-    sage = gnn.sage_module(8, 16, g.classes, seed=0)
+    sage = gnn_model.sage_module(8, 16, g.classes, seed=0)
     out = sage(torch.zeros(b.ids.shape[0], 8), len(b), b.fanouts)
     assert tuple(out.shape) == (50, g.classes)
 
 
 def test_csv_files_round_trip(tmp_path):
-    graph = gnn.load_graph(TINY)
-    gnn.write_csv(tmp_path, graph.edges, graph.labels)
+    graph = gnn_graph.load_graph(TINY)
+    gnn_graph.write_csv(tmp_path, graph.edges, graph.labels)
     first = (tmp_path / "edges.csv").read_text().splitlines()[0]
     assert first == f"{graph.edges[0, 0]},{graph.edges[0, 1]}"
-    read = gnn.graph_from_files(tmp_path / "edges.csv", tmp_path / "labels.csv", TINY["seed"])
+    read = gnn_graph.graph_from_files(tmp_path / "edges.csv", tmp_path / "labels.csv", TINY["seed"])
     assert read.num_nodes == graph.num_nodes and read.classes == graph.classes
     for name in ("edges", "labels", "indptr", "indices", "train", "valid", "test"):
         np.testing.assert_array_equal(getattr(read, name), getattr(graph, name))
@@ -115,23 +115,23 @@ def test_csv_files_round_trip(tmp_path):
     # file have none
     (tmp_path / "h_edges.csv").write_text("src,dst\n0,1\n1,2\n\n5,2\n")
     (tmp_path / "h_labels.csv").write_text("label\n3\n\n1\nnan\n2\n")
-    small = gnn.graph_from_files(tmp_path / "h_edges.csv", tmp_path / "h_labels.csv", 0)
+    small = gnn_graph.graph_from_files(tmp_path / "h_edges.csv", tmp_path / "h_labels.csv", 0)
     assert small.num_nodes == 6 and small.labels.tolist() == [3, -1, 1, -1, 2, -1]
     assert sorted(np.concatenate([small.train, small.valid, small.test]).tolist()) == [0, 2, 4]
     assert small.classes == 4
     assert small.indices[small.indptr[2]:small.indptr[3]].tolist() == [1, 5]
     (tmp_path / "bad.csv").write_text("0,1\n2\n")
     with pytest.raises(ValueError, match="bad.csv"):
-        gnn.read_edges(tmp_path / "bad.csv")
+        gnn_graph.read_edges(tmp_path / "bad.csv")
     (tmp_path / "neg.csv").write_text("0,1\n-2,1\n")
     with pytest.raises(ValueError, match="negative"):
-        gnn.read_edges(tmp_path / "neg.csv")
+        gnn_graph.read_edges(tmp_path / "neg.csv")
     (tmp_path / "bad_labels.csv").write_text("1\n1.5\n")
     with pytest.raises(ValueError, match="bad_labels.csv:2"):
-        gnn.read_labels(tmp_path / "bad_labels.csv")
+        gnn_graph.read_labels(tmp_path / "bad_labels.csv")
     (tmp_path / "neg_labels.csv").write_text("1\n-1\n")
     with pytest.raises(ValueError, match="neg_labels.csv:2"):
-        gnn.read_labels(tmp_path / "neg_labels.csv")
+        gnn_graph.read_labels(tmp_path / "neg_labels.csv")
 
 
 def test_two_nodes_learn_and_plain_torch_is_the_same_model():

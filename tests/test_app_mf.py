@@ -7,7 +7,7 @@ import click
 import numpy as np
 import pytest
 
-from adapm.apps import mf, readers
+from adapm.apps import mf, mf_data, mf_model, readers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,7 +45,7 @@ def test_matrix_market_round_trip(tmp_path):
     rows, cols, train, test = mf.load_data(TINY)
     path = tmp_path / "m.mtx"
     mf.write_matrix_market(path, rows, cols, *train)
-    r_rows, r_cols, r, c, y = mf.read_matrix_market(path)
+    r_rows, r_cols, r, c, y = mf_data.read_matrix_market(path)
     assert (r_rows, r_cols) == (rows, cols)
     np.testing.assert_array_equal(r, train[0])
     np.testing.assert_array_equal(c, train[1])
@@ -53,10 +53,10 @@ def test_matrix_market_round_trip(tmp_path):
     bad = tmp_path / "bad.mtx"
     bad.write_text("%%MatrixMarket matrix coordinate real general\n2 2 1\n3 1 0.5\n")
     with pytest.raises(ValueError, match="outside"):
-        mf.read_matrix_market(bad)
+        mf_data.read_matrix_market(bad)
     bad.write_text("%%MatrixMarket matrix array real general\n2 2\n")
     with pytest.raises(ValueError, match="coordinate"):
-        mf.read_matrix_market(bad)
+        mf_data.read_matrix_market(bad)
 
 
 def test_cli_trains_from_files_it_wrote(tmp_path):
@@ -167,7 +167,7 @@ def test_biases_beat_the_bias_only_baseline():
 
 def test_model_gradients_match_finite_differences():
     rng = np.random.default_rng(2)
-    model = mf.Model(rank=3, biases=True, mean=3.5)
+    model = mf_model.Model(rank=3, biases=True, mean=3.5)
     u, v = rng.normal(size=(4, model.dim)), rng.normal(size=(4, model.dim))
     y, reg = rng.normal(3.5, 1, size=4), 0.1
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from adapm.apps import word2vec
+from adapm.client.sampling import Distribution
 from adapm.optim import Adagrad
 
 pytestmark = pytest.mark.timeout(180)
@@ -170,7 +171,7 @@ class SampleRecorder:
 
 
 def test_training_draws_each_batchs_negatives_from_the_noise_distribution():
-    noise = word2vec.Distribution(np.arange(1, 11))
+    noise = Distribution(np.arange(1, 11))
     w = SampleRecorder()
     negatives = word2vec.Negatives(w, [30, 20, 10], (10, 20), noise)
     negatives.prepare(5)

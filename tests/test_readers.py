@@ -45,8 +45,10 @@ def backend(request, monkeypatch):
             def refuse(*args, **kwargs):
                 raise AssertionError("the numpy path read a well-formed file")
 
-            for name in ("_mm_numpy", "_triples_python", "_criteo_numpy"):
-                monkeypatch.setattr(readers, name, refuse)
+            for module, name in ((readers.matrix_market, "_mm_numpy"),
+                                 (readers.triples, "_triples_python"),
+                                 (readers.criteo, "_criteo_numpy")):
+                monkeypatch.setattr(module, name, refuse)
 
     return Backend
 
@@ -303,7 +305,7 @@ def test_criteo_layouts_and_blocks(tmp_path, backend, monkeypatch):
     want = python_criteo(path)
     for variant in ("plain", "blocks", "crlf"):
         if variant == "blocks":
-            monkeypatch.setattr(readers, "BLOCK_BYTES", 777)
+            monkeypatch.setattr(readers.criteo, "BLOCK_BYTES", 777)
         if variant == "crlf":  # and blank lines, first and in the middle
             text = path.read_bytes().replace(b"\n", b"\r\n")
             middle = text.index(b"\r\n", len(text) // 2) + 2
@@ -329,7 +331,7 @@ def test_malformed_criteo_names_the_line_and_field(tmp_path, backend, line, mess
     path = write(tmp_path, "c.tsv", f"{good}\n{good}\n{line}\n{good}\n")
     with pytest.raises(readers.InputError, match=message):
         readers.read_criteo(path)
-    monkeypatch.setattr(readers, "BLOCK_BYTES", 100)  # the line number across blocks
+    monkeypatch.setattr(readers.criteo, "BLOCK_BYTES", 100)  # the line number across blocks
     with pytest.raises(readers.InputError, match=message):
         readers.read_criteo(path)
 
@@ -344,7 +346,7 @@ def test_swar_parsers_match_python():
     data = b" " * readers.PAD + b"\t".join(numbers) + b"\n"
     starts = np.cumsum([readers.PAD] + [len(x) + 1 for x in numbers[:-1]])
     ends = starts + np.array([len(x) for x in numbers])
-    values, empty, bad = readers._decimal(np.frombuffer(data, np.uint8), starts, ends)
+    values, empty, bad = readers.digits.parse_decimal(np.frombuffer(data, np.uint8), starts, ends)
     for text, value, is_empty, is_bad in zip(numbers, values, empty, bad):
         digits = text.lstrip(b"+-")
         valid = (text != b"" and digits.isdigit() and len(digits) <= 16 and
@@ -359,7 +361,7 @@ def test_swar_parsers_match_python():
     hexes += [bytes(rng.integers(0, 256, 8).astype(np.uint8)) for _ in range(2000)]
     data = b"".join(hexes)
     starts = np.cumsum([0] + [len(x) for x in hexes[:-1]])
-    values, bad = readers._hex(np.frombuffer(data, np.uint8), starts,
+    values, bad = readers.digits.parse_hex(np.frombuffer(data, np.uint8), starts,
                                np.array([len(x) for x in hexes]))
     for text, value, is_bad in zip(hexes, values, bad):
         valid = len(text) <= 15 and all(chr(c) in string.hexdigits for c in text)

@@ -29,7 +29,7 @@ import click
 import pytest
 
 from adapm.common.hostlist import expand, first_host, iter_hosts, parse
-from adapm.ops.launch import DEFAULT_COORDINATOR_PORT, environ_coordinator, machine_placement
+from adapm.ops.placement import DEFAULT_COORDINATOR_PORT, environ_coordinator, machine_placement
 
 from conftest import SESSION_TAG, wait_until_clean
 

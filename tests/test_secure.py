@@ -14,7 +14,7 @@ import zmq
 import adapm
 from adapm.ops.cluster import LocalCluster
 from adapm.ops.launch import main as launch_main
-from adapm.ops.launch import remote_command
+from adapm.ops.launch_hosts import remote_command
 from adapm.wire.protocol import Message, MsgType, worker_identity
 from adapm.wire.security import ENV_CURVE_CLIENT, ENV_CURVE_KEYS, CurveKeys
 from adapm.wire.spec import ClusterSpec

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pytest
 
-from adapm.ops.launch import machine_placement
+from adapm.ops.placement import machine_placement
 
 from conftest import coordinator_port, wait_until_clean
 

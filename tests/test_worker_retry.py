@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from adapm.client.worker import Worker
+from adapm.client.miss_path import MissPath
 from adapm.table.shared_table import OWNED, SharedTable, segment_name
 
 pytestmark = pytest.mark.timeout(30)
@@ -19,6 +19,7 @@ class OnceBusyView:
     def __init__(self, view, busy_key):
         self.view, self.busy_key, self.calls = view, busy_key, 0
         self.uniform_length = view.uniform_length
+        self.dtype, self.num_keys = view.dtype, view.num_keys
 
     def owners_of(self, keys, out):
         self.view.owners_of(keys, out)
@@ -38,10 +39,10 @@ class OnceBusyView:
         return int((~ok).sum())
 
 
-class RetryingWorker:
-    _local_retry = Worker._local_retry
-    _destinations = Worker._destinations
-    node, rank, num_nodes, dtype = 0, 0, 2, np.dtype("float32")
+def retrying(view):
+    """The miss path of worker 0 on node 0 of two, over `view` (no requests in flight)."""
+    return MissPath(view, requests=None, consistency=None, count=None, lock_error=None,
+                    node=0, rank=0, num_nodes=2)
 
 
 def test_a_partly_retried_push_is_applied_exactly_once():
@@ -50,8 +51,7 @@ def test_a_partly_retried_push_is_applied_exactly_once():
     try:
         table.install(np.arange(10, dtype=np.uint64), OWNED)
         table.publish()
-        worker = RetryingWorker()
-        worker._view = OnceBusyView(table.view, busy_key=4)
+        worker = retrying(OnceBusyView(table.view, busy_key=4))
         keys = np.array([2, 4, 7], dtype=np.uint64)
         away, _ = worker._local_retry(keys, np.ones(6, dtype=np.float32), "push")
         assert away.shape[0] == 0
@@ -107,8 +107,7 @@ def test_a_key_that_moved_on_during_the_retry_is_handed_back_for_its_new_owner(w
         values = np.arange(20, dtype=np.float32)
         table.install(np.arange(10, dtype=np.uint64), OWNED, values)
         table.publish()
-        worker = RetryingWorker()
-        worker._view = MovedOnView(table.view, gone_key=4)
+        worker = retrying(MovedOnView(table.view, gone_key=4))
         keys = np.array([2, 4, 7], dtype=np.uint64)
         buf = np.ones(6, dtype=np.float32) if what == "push" else np.zeros(6, np.float32)
         away, dests = worker._local_retry(keys, buf, what)

@@ -240,8 +240,8 @@ def train(w, opts):
     share = len(train_set) // w.num_workers
     mine = train_set.part(w.rank * share, (w.rank + 1) * share)
     dim, fields = opts["dim"], train_set.fields
-    bag = adapm.torch.EmbeddingBag(w, opts["buckets"], dim, mode="sum",
-                                   optimizer=Adagrad(lr=opts["lr"]))
+    bag = adapm.ml.torch.EmbeddingBag(w, opts["buckets"], dim, mode="sum",
+                                      optimizer=Adagrad(lr=opts["lr"]))
     tower = dense_tower(fields, dim, opts["seed"])
     distributed = w.num_workers > 1
     if distributed:  # the launcher set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE

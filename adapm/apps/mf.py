@@ -32,16 +32,13 @@ keys ahead of its clock. The metric is the test RMSE, printed against the untrai
 model's and a bias-only baseline's (mean and damped row and column biases, no factors).
 `--save-factors DIR` writes the trained model (save_factors)."""
 
-import heapq
 import json
 import os
 import time
-from typing import NamedTuple, Optional
 
 import click
 import numpy as np
 
-from adapm.apps import readers
 from adapm.apps.common import (
     AccessCounter,
     Progress,
@@ -51,28 +48,36 @@ from adapm.apps.common import (
     reports,
     save_worker_result,
     start_cluster,
-    sum_by_key,
     throughput_summary,
-    zipf_ids,
+)
+from adapm.apps.mf_data import (
+    DEFAULTS,
+    REG_GENERATED,
+    REG_RATINGS,
+    load_data,
+    load_matrix,
+    with_defaults,
+    write_matrix_market,
+)
+from adapm.apps.mf_model import (
+    ADAGRAD_EPS,
+    FactorInit,
+    adagrad_step,
+    baseline_rmse,
+    bias_baseline,
+    fused_step,
+    minibatches,
+    model_of,
+    partition_rows,
+    rmse,
+    save_factors,
+    uses_biases,
+    valid_text,
 )
 from adapm.ml.data import IntentLoader
-from adapm.table.initializers import initial_values
 from adapm.table.optimizers import Adagrad
 
 APP = "mf"
-
-
-DEFAULTS = dict(rows=20_000, cols=2_000, train=400_000, test=40_000, rank=16, noise=0.1,
-                mean=0.0, bias_std=0.0, epochs=4, batch=256, lr=0.1, reg=None, biases=None,
-                valid_fraction=0.05, lookahead=None, seed=0, data=None, test_data=None,
-                save_factors=None, worker_json=None)
-TEST_FRACTION = 0.1      # held out of --data as test cells when there is no --test-data
-BASELINE_DAMPING = 10.0  # the bias baseline's shrinkage: a bias from n cells is their
-BASELINE_SWEEPS = 10     # mean residual times n / (n + 10) (Koren's damped means)
-PULL_CHUNK = 65_536      # keys per pull when the whole model is read
-# --reg when not given: the generated default matrix (low noise, many cells per row) wants
-# little; real ratings (MovieLens) overfit with it and want about 0.1 (docs/app-mf.md).
-REG_GENERATED, REG_RATINGS = 0.01, 0.1
 
 
 def reg_of(opts):
@@ -80,330 +85,6 @@ def reg_of(opts):
     if opts["reg"] is not None:
         return float(opts["reg"])
     return REG_RATINGS if opts["data"] else REG_GENERATED
-
-
-def with_defaults(opts):
-    """The options with DEFAULTS for what they leave out (scripts and benchmarks pass
-    only some)."""
-    return dict(DEFAULTS, **opts)
-
-
-# -- data ------------------------------------------------------------------------------
-
-def synthetic(rows, cols, cells, rank, noise, seed, mean=0.0, bias_std=0.0):
-    """(row ids, column ids, values) of `cells` cells of a noisy rank-`rank` matrix, plus
-    a global `mean` and row and column biases ~ N(0, bias_std)."""
-    rng = np.random.default_rng(seed)
-    scale = rank ** -0.25  # products of two such factors have unit variance
-    u = rng.normal(0.0, scale, size=(rows, rank))
-    v = rng.normal(0.0, scale, size=(cols, rank))
-    r = zipf_ids(rng, rows, cells)
-    c = zipf_ids(rng, cols, cells)
-    y = np.einsum("ij,ij->i", u[r], v[c]) + rng.normal(0.0, noise, size=cells)
-    if mean or bias_std:
-        # their own stream: cells and factors stay those of the matrix without biases
-        extra = np.random.default_rng([seed, 1])
-        y += mean + extra.normal(0.0, bias_std, rows)[r] + extra.normal(0.0, bias_std, cols)[c]
-    return r.astype(np.int64), c.astype(np.int64), y.astype(np.float32)
-
-
-def write_matrix_market(path, rows, cols, r, c, y):
-    """A MatrixMarket coordinate file (1-based indices, real values)."""
-    with open(path, "w") as f:
-        f.write("%%MatrixMarket matrix coordinate real general\n")
-        f.write(f"{rows} {cols} {len(y)}\n")
-        data = np.column_stack([r + 1, c + 1, y.astype(np.float64)])
-        np.savetxt(f, data, fmt=["%d", "%d", "%.9g"])
-
-
-def read_matrix_market(path, cache=False):
-    """(rows, cols, row ids, column ids, values) of a MatrixMarket coordinate file of real,
-    integer or pattern values (0-based ids, float32 values; adapm.apps.readers, which names
-    the line of a malformed entry). cache=True: parsed once per machine, memory-mapped
-    by every later read (adapm.apps.readers' cache)."""
-    r, c, y, (rows, cols) = readers.read_matrix_market(path, dtype=np.float32, cache=cache)
-    return rows, cols, r, c, y
-
-
-def is_matrix_market(path):
-    """Whether the file starts with a MatrixMarket banner (else: a ratings file)."""
-    with open(path, "rb") as f:
-        return f.read(14).lower() == b"%%matrixmarket"
-
-
-class Matrix(NamedTuple):
-    """The data: a rows x cols matrix's training, validation and test cells, each (row
-    ids, column ids, values), and the names of its rows and columns (a ratings file's
-    user and item ids; None: 1-based numbers, the ids of a MatrixMarket file)."""
-    rows: int
-    cols: int
-    train: tuple
-    valid: tuple
-    test: tuple
-    row_names: Optional[np.ndarray] = None
-    col_names: Optional[np.ndarray] = None
-
-    def names(self):
-        """(row names, column names) as string arrays indexed by id."""
-        if self.row_names is not None:
-            return self.row_names, self.col_names
-        return (np.arange(1, self.rows + 1).astype(str),
-                np.arange(1, self.cols + 1).astype(str))
-
-
-def hold_out(cells, fraction, seed):
-    """(kept, held): each cell held out with probability `fraction`, by seed."""
-    held = np.random.default_rng(seed).random(len(cells[2])) < fraction
-    return tuple(a[~held] for a in cells), tuple(a[held] for a in cells)
-
-
-def read_files(opts):
-    """Matrix of --data (and --test-data; without it, TEST_FRACTION of --data held out by
-    seed), validation cells not yet held out. Both files MatrixMarket, or both ratings
-    files (numbered together: a user of the test file only gets a row too). Files are
-    parsed once per machine (the first process to read one, usually the launching
-    process, caches it; the workers memory-map it and train() copies their shard)."""
-    paths = [opts["data"], *([opts["test_data"]] if opts["test_data"] else [])]
-    formats = {is_matrix_market(path) for path in paths}
-    if len(formats) > 1:
-        raise ValueError("--data and --test-data must both be MatrixMarket files or both "
-                         "ratings files")
-    names = (None, None)
-    if formats == {True}:
-        parts = [read_matrix_market(path, cache=True) for path in paths]
-        rows, cols = max(p[0] for p in parts), max(p[1] for p in parts)
-        cells = [p[2:] for p in parts]
-    else:
-        cells, *names = readers.merge_ratings(
-            [readers.read_ratings(path, dtype=np.float32, cache=True) for path in paths])
-        rows, cols = len(names[0]), len(names[1])
-    train, test = cells if len(cells) == 2 else hold_out(cells[0], TEST_FRACTION, opts["seed"])
-    return Matrix(rows, cols, train, (), test, *names)
-
-
-def load_cells(opts):
-    """Matrix of the options, read or generated, validation cells not yet held out."""
-    opts = with_defaults(opts)
-    if opts["data"]:
-        return read_files(opts)
-    rows, cols, n = opts["rows"], opts["cols"], opts["train"]
-    r, c, y = synthetic(rows, cols, n + opts["test"], opts["rank"], opts["noise"],
-                        opts["seed"], opts["mean"], opts["bias_std"])
-    return Matrix(rows, cols, (r[:n], c[:n], y[:n]), (), (r[n:], c[n:], y[n:]))
-
-
-def load_matrix(opts):
-    """Matrix of the options, the same in every worker: --valid-fraction of the training
-    cells held out (by seed) as validation cells."""
-    matrix = load_cells(opts)
-    train, valid = hold_out(matrix.train, with_defaults(opts)["valid_fraction"],
-                            [with_defaults(opts)["seed"], 2])
-    return matrix._replace(train=train, valid=valid)
-
-
-def load_data(opts):
-    """(rows, cols, train (r, c, y), test (r, c, y)) of the options, the training cells
-    before the validation cells are held out of them (load_matrix)."""
-    matrix = load_cells(opts)
-    return matrix.rows, matrix.cols, matrix.train, matrix.test
-
-
-# -- the model -------------------------------------------------------------------------
-
-class Model(NamedTuple):
-    """What predicts a cell from its row's and its column's rows of the table, u and v
-    (n, dim): with biases, mean + b_row + b_col + p_row . q_col, each row [factor (rank) |
-    bias]; without, p_row . q_col, each row [factor (rank)]. `mean`: the training
-    ratings' (fixed, not trained, as in the field's biased MF)."""
-    rank: int
-    biases: bool
-    mean: float = 0.0
-
-    @property
-    def dim(self):
-        return self.rank + int(self.biases)
-
-    def predict(self, u, v):
-        k = self.rank
-        dot = np.einsum("ij,ij->i", u[:, :k], v[:, :k])
-        if not self.biases:
-            return dot
-        return self.mean + u[:, k] + v[:, k] + dot
-
-    def gradients(self, u, v, err, reg):
-        """Gradients of err^2/2 + reg/2 (|u|^2 + |v|^2) per cell (err: prediction minus
-        value) with respect to u and v."""
-        gu = err[:, None] * v + reg * u
-        gv = err[:, None] * u + reg * v
-        if self.biases:  # d prediction / d bias = 1
-            k = self.rank
-            gu[:, k] = err + reg * u[:, k]
-            gv[:, k] = err + reg * v[:, k]
-        return gu, gv
-
-
-def uses_biases(opts):
-    """--biases, or by default: with data from files (ratings have a mean and biases) or
-    a generated matrix with a mean or biases."""
-    if opts["biases"] is not None:
-        return bool(opts["biases"])
-    return bool(opts["data"] or opts["mean"] or opts["bias_std"])
-
-
-def model_of(opts, matrix):
-    """The Model of the options, with the mean of the matrix's training values."""
-    biases = uses_biases(opts)
-    y = matrix.train[2]
-    mean = float(np.mean(y, dtype=np.float64)) if biases and len(y) else 0.0
-    return Model(opts["rank"], biases, mean)
-
-
-class FactorInit:
-    """Initial parameters: factor ~ N(0, std) (seeded, as init=("normal", std, seed)),
-    bias (with biases) and AdaGrad accumulators 0. Each key's value is [factor (rank) |
-    bias | accumulators (rank + 1)], or without biases [factor | accumulators (rank)]."""
-
-    def __init__(self, rank, std, seed, biases=False):
-        self.rank, self.std, self.seed, self.biases = rank, std, seed, biases
-
-    def __call__(self, keys):
-        lengths = np.full(len(keys), self.rank, dtype=np.uint64)
-        factors = initial_values(("normal", self.std, self.seed), keys, lengths, "float32")
-        values = np.zeros((len(keys), 2 * (self.rank + int(self.biases))), dtype=np.float32)
-        values[:, : self.rank] = factors.reshape(-1, self.rank)
-        return values
-
-
-def rmse(table, rows, model, cells, batch=10_000):
-    """RMSE of `model` on cells (r, c, y); `table` has pull(keys)."""
-    r, c, y = cells
-    squared = 0.0
-    for start in range(0, len(y), batch):
-        sl = slice(start, start + batch)
-        u = table.pull(r[sl])[:, :model.dim]
-        v = table.pull(rows + c[sl])[:, :model.dim]
-        squared += float(((model.predict(u, v) - y[sl]) ** 2).sum())
-    return (squared / max(len(y), 1)) ** 0.5
-
-
-def bias_baseline(train, rows, cols, damping=BASELINE_DAMPING, sweeps=BASELINE_SWEEPS):
-    """The field's bias-only baseline, r_hat = mean + b_row + b_col without factors:
-    column then row biases as damped mean residuals, alternated `sweeps` times. Returns
-    (mean, row biases, column biases)."""
-    r, c, y = train
-    y = np.asarray(y, dtype=np.float64)
-    mean = float(y.mean()) if len(y) else 0.0
-    n_row, n_col = np.bincount(r, minlength=rows), np.bincount(c, minlength=cols)
-    b_row, b_col = np.zeros(rows), np.zeros(cols)
-    for _ in range(sweeps):
-        b_col = np.bincount(c, y - mean - b_row[r], minlength=cols) / (damping + n_col)
-        b_row = np.bincount(r, y - mean - b_col[c], minlength=rows) / (damping + n_row)
-    return mean, b_row, b_col
-
-
-def baseline_rmse(baseline, cells):
-    mean, b_row, b_col = baseline
-    r, c, y = cells
-    return float(np.sqrt(np.mean((mean + b_row[r] + b_col[c] - y) ** 2))) if len(y) \
-        else float("nan")
-
-
-ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's
-
-
-def fused_step(w, keys, y, model, opt, reg):
-    """One minibatch on the parameter server: keys = [row keys | column keys] of the
-    batch's cells. The rows are pulled (duplicates too: no np.unique), and the gradient of
-    every cell goes to the table's fused AdaGrad (`opt`), which sums the duplicates' and
-    takes one step per key in place. Returns the squared error."""
-    b = len(y)
-    rows = w.pull_rows(keys, opt)
-    u, v = rows[:b], rows[b:]
-    err = model.predict(u, v) - y
-    w.apply_gradients(keys, np.concatenate(model.gradients(u, v, err, reg)), opt)
-    return float((err * err).sum())
-
-
-def adagrad_step(table, keys, y, model, lr, reg):
-    """The plain loop's minibatch (the reference of B5), the same AdaGrad in numpy:
-    `table` has pull and push (ArrayTable). Returns the squared error."""
-    b, dim = len(y), model.dim
-    unique, inverse = np.unique(keys, return_inverse=True)
-    values = table.pull(unique)
-    rows, accum = values[:, :dim], values[:, dim:]
-    u, v = rows[inverse[:b]], rows[inverse[b:]]
-    err = model.predict(u, v) - y
-    g = sum_by_key(inverse, np.concatenate(model.gradients(u, v, err, reg)), len(unique))
-    g2 = g * g
-    update = np.empty_like(values)
-    update[:, :dim] = -lr * g / (np.sqrt(accum + g2) + ADAGRAD_EPS)
-    update[:, dim:] = g2
-    table.push(unique, update)
-    return float((err * err).sum())
-
-
-def partition_rows(r, rows, workers):
-    """The worker of each cell: every row's cells go to one worker (so its factor is
-    relocated there once and stays; only column factors are shared), rows assigned
-    greedily, most cells first, to the worker with the fewest cells so far (balanced
-    unless one row alone holds more than 1/workers of the cells). The same in every
-    worker: it depends on the data only."""
-    if workers == 1:
-        return np.zeros(len(r), dtype=np.int64)
-    counts = np.bincount(r, minlength=rows)
-    owner = np.zeros(rows, dtype=np.int64)
-    loads = [(0, worker) for worker in range(workers)]
-    for row in np.argsort(-counts, kind="stable")[:np.count_nonzero(counts)].tolist():
-        load, worker = heapq.heappop(loads)
-        owner[row] = worker
-        heapq.heappush(loads, (load + int(counts[row]), worker))
-    return owner[r]
-
-
-def minibatches(n, batch, rng):
-    order = rng.permutation(n)
-    return [order[s:s + batch] for s in range(0, n, batch)]
-
-
-def valid_text(table, matrix, model, valid_log):
-    """The epoch line's validation figure (appended to valid_log), or ''."""
-    if not len(matrix.valid[2]):
-        return ""
-    valid_log.append(rmse(table, matrix.rows, model, matrix.valid))
-    return f", valid RMSE {valid_log[-1]:.4f}"
-
-
-# -- saving the model ------------------------------------------------------------------
-
-def pull_all(table, n):
-    """The values of keys [0, n), pulled a chunk at a time."""
-    return np.concatenate([table.pull(np.arange(s, min(s + PULL_CHUNK, n)))
-                           for s in range(0, n, PULL_CHUNK)])
-
-
-def save_factors(folder, table, matrix, model):
-    """The trained model in `folder`: row_factors.npy (rows, rank) and
-    column_factors.npy (cols, rank), float32; with biases row_biases.npy (rows,) and
-    column_biases.npy (cols,); rows.tsv and columns.tsv, the rows' and columns' names
-    one per line in id order (a ratings file's user and item ids; 1-based numbers for
-    MatrixMarket files and generated data); model.json: rank, biases, mean and the
-    prediction's formula."""
-    os.makedirs(folder, exist_ok=True)
-    values = pull_all(table, matrix.rows + matrix.cols)[:, :model.dim]
-    k = model.rank
-    for part, block in (("row", values[:matrix.rows]), ("column", values[matrix.rows:])):
-        np.save(os.path.join(folder, f"{part}_factors.npy"), block[:, :k])
-        if model.biases:
-            np.save(os.path.join(folder, f"{part}_biases.npy"), block[:, k].copy())
-    for part, names in zip(("rows", "columns"), matrix.names()):
-        with open(os.path.join(folder, f"{part}.tsv"), "w", encoding="utf-8") as f:
-            f.write("".join(f"{name}\n" for name in names))
-    formula = ("mean + row_biases[i] + column_biases[j] + row_factors[i] . "
-               "column_factors[j]" if model.biases else "row_factors[i] . column_factors[j]")
-    with open(os.path.join(folder, "model.json"), "w") as f:
-        json.dump({"rank": k, "biases": model.biases, "mean": model.mean,
-                   "rows": matrix.rows, "columns": matrix.cols, "prediction": formula}, f,
-                  indent=1)
 
 
 # -- training --------------------------------------------------------------------------

@@ -35,14 +35,9 @@ nearest neighbours (cosine of input vectors) of the words named by `--probe` (de
 most frequent words that are not stop words) and, for the generated corpus, the share of
 the most frequent words' neighbours in the word's own topic."""
 
-import io
 import json
 import os
-import re
 import time
-from collections import Counter
-from dataclasses import dataclass
-from typing import Optional
 
 import click
 import numpy as np
@@ -57,365 +52,33 @@ from adapm.apps.common import (
     start_cluster,
     throughput_summary,
 )
-from adapm.client.sampling import Distribution
+from adapm.apps.word2vec_corpus import (
+    heldout_pairs,
+    loss_pairs,
+    noise_distribution,
+    read_text,
+    skipgram_pairs,
+    split_sentences,
+    subsample,
+    synthetic,
+)
+from adapm.apps.word2vec_model import (
+    TOP_K,
+    EmbeddingInit,
+    neighbour_report,
+    pair_loss,
+    sgns_step,
+    shown_ids,
+    word_vectors,
+    write_vectors,
+)
 from adapm.ml.data import IntentLoader
-from adapm.table.initializers import initial_values
 from adapm.table.optimizers import Adagrad
 
 APP = "word2vec"
 ADAGRAD_EPS = 1e-8
-TOP_K = 5                 # neighbours per probe word for the neighbour precision
-EVAL_BATCH = 8192         # held-out pairs per pull when measuring the held-out loss
 STATS_SLOTS = 6           # metrics slot: sums over workers of [loss, pairs, pairs/s, 1,
                           # local key accesses, remote key accesses] of their training
-
-
-# -- data ---------------------------------------------------------------------------
-
-
-@dataclass
-class Corpus:
-    """Sentences of word ids: sentence s is tokens[starts[s]:starts[s + 1]]. Word ids are
-    ranks by frequency (0 = most frequent). `topics[i]` is word i's planted topic (generated
-    corpora only)."""
-
-    words: list
-    counts: np.ndarray
-    tokens: np.ndarray
-    starts: np.ndarray
-    topics: Optional[np.ndarray] = None
-
-    @property
-    def vocab_size(self):
-        return len(self.words)
-
-    @property
-    def num_sentences(self):
-        return self.starts.shape[0] - 1
-
-    def sentences(self, ids):
-        """(tokens, sentence label per token) of the sentences `ids`, in that order."""
-        ids = np.asarray(ids, dtype=np.int64)
-        begin, end = self.starts[ids], self.starts[ids + 1]
-        lengths = end - begin
-        labels = np.repeat(np.arange(ids.shape[0]), lengths)
-        offsets = np.arange(labels.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return self.tokens[np.repeat(begin, lengths) + offsets], labels
-
-
-def synthetic(vocab, topics, sentences, length, noise, exponent, seed):
-    """A corpus with planted structure: word i (ids by expected frequency rank) has Zipf frequency
-    1/(i+1)^exponent and belongs to one of `topics` topics (a seeded shuffle, so every
-    topic has frequent and rare words). A sentence picks one topic (by its share of the
-    frequency mass) and draws its `length` words from that topic's words, by frequency;
-    each word is instead, with probability `noise`, drawn from the whole vocabulary. Words
-    of one topic co-occur, words of different topics only through noise. Word names are
-    tTT_JJJ: topic TT, the topic's JJJ-th most frequent word."""
-    if topics < 1 or vocab < topics:
-        raise ValueError(f"need 1 <= topics <= vocab, got {topics} topics, {vocab} words")
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, vocab + 1) ** exponent
-    topic_of = rng.permutation(np.arange(vocab) % topics)
-    members = [np.flatnonzero(topic_of == t) for t in range(topics)]
-    mass = np.array([weights[m].sum() for m in members])
-    sentence_topic = rng.choice(topics, size=sentences, p=mass / mass.sum())
-    tokens = np.empty((sentences, length), dtype=np.int64)
-    for t in range(topics):
-        rows = np.flatnonzero(sentence_topic == t)
-        cdf = np.cumsum(weights[members[t]])
-        draws = np.searchsorted(cdf, rng.random((rows.shape[0], length)) * cdf[-1])
-        tokens[rows] = members[t][np.minimum(draws, members[t].shape[0] - 1)]
-    cdf = np.cumsum(weights)
-    noisy = rng.random((sentences, length)) < noise
-    tokens[noisy] = np.minimum(np.searchsorted(cdf, rng.random(int(noisy.sum())) * cdf[-1]),
-                               vocab - 1)
-    within = np.empty(vocab, dtype=np.int64)
-    for m in members:
-        within[m] = np.arange(m.shape[0])
-    words = [f"t{topic_of[i]:02d}_{within[i]:03d}" for i in range(vocab)]
-    counts = np.bincount(tokens.reshape(-1), minlength=vocab)
-    starts = np.arange(0, sentences * length + 1, length, dtype=np.int64)
-    return Corpus(words, counts, tokens.reshape(-1).astype(np.int32), starts, topic_of)
-
-
-SENTENCE_END = re.compile(r"[.!?]+|\n[ \t\r\f\v]*\n")
-WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script); the rest separates words
-
-
-def read_text(path, min_count=5, max_vocab=0, lines=False):
-    """A corpus from any plain-text file (UTF-8; undecodable bytes replaced). The text is
-    lowercased and split into sentences at . ! ? and blank lines (with `lines`: at every
-    line end, and nowhere else: one sentence per line, as word2vec's and gensim's
-    LineSentence input), and into words at anything that is not a letter. No window
-    crosses a sentence's end. The vocabulary: words seen at least `min_count` times,
-    most frequent first (ties alphabetical), at most `max_vocab` of them (0: no limit).
-    Other words are dropped from the sentences (so a window spans over them), as are
-    sentences left with fewer than two words."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read().lower()
-    pieces = text.splitlines() if lines else SENTENCE_END.split(text)
-    sentences = [WORD.findall(piece) for piece in pieces]
-    counts = Counter(word for sentence in sentences for word in sentence)
-    vocab = sorted((w for w, c in counts.items() if c >= min_count),
-                   key=lambda w: (-counts[w], w))
-    if max_vocab:
-        vocab = vocab[:max_vocab]
-    if len(vocab) < 2:
-        raise ValueError(f"{path}: {len(vocab)} word(s) occur at least {min_count} times; "
-                         "word2vec needs a vocabulary of 2 or more (lower --min-count)")
-    index = {w: i for i, w in enumerate(vocab)}
-    kept = [[index[w] for w in sentence if w in index] for sentence in sentences]
-    kept = [s for s in kept if len(s) >= 2]
-    if not kept:
-        raise ValueError(f"{path}: no sentence has two words of the vocabulary")
-    lengths = np.array([len(s) for s in kept], dtype=np.int64)
-    tokens = np.fromiter((i for s in kept for i in s), dtype=np.int32, count=int(lengths.sum()))
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    return Corpus(vocab, np.bincount(tokens, minlength=len(vocab)), tokens, starts, None)
-
-
-def skipgram_pairs(tokens, labels, window):
-    """(centres, contexts): every ordered pair of words at most `window` apart within one
-    sentence (labels: the sentence of each token)."""
-    centres, contexts = [], []
-    for offset in range(1, window + 1):
-        same = labels[:-offset] == labels[offset:]
-        left, right = tokens[:-offset][same], tokens[offset:][same]
-        centres += [left, right]
-        contexts += [right, left]
-    if not centres:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return (np.concatenate(centres).astype(np.int64),
-            np.concatenate(contexts).astype(np.int64))
-
-
-def subsample(rng, corpus, tokens, labels, threshold):
-    """word2vec's subsampling of frequent words: an occurrence of a word of corpus frequency
-    f is kept with probability min(1, sqrt(threshold / f) + threshold / f)."""
-    if threshold <= 0:
-        return tokens, labels
-    f = corpus.counts / max(corpus.counts.sum(), 1)
-    ratio = threshold / np.maximum(f[tokens], 1e-12)
-    keep = rng.random(tokens.shape[0]) < np.sqrt(ratio) + ratio
-    return tokens[keep], labels[keep]
-
-
-def split_sentences(corpus, heldout):
-    """(training sentence ids, held-out sentence ids): the last `heldout` share is held out."""
-    n = corpus.num_sentences
-    cut = n - int(round(n * heldout))
-    return np.arange(cut), np.arange(cut, n)
-
-
-def noise_distribution(corpus, exponent):
-    """The distribution negatives are drawn from, over the V output keys: word i with
-    probability proportional to count_i^exponent (word2vec: 0.75; a word never seen is
-    never drawn), as an adapm.client.sampling.Distribution; None for exponent 0 (uniform: every
-    word equally likely, prepare_sample's default)."""
-    if exponent == 0:
-        return None
-    return Distribution(corpus.counts.astype(np.float64) ** exponent)
-
-
-def loss_pairs(opts):
-    """Whose pairs the evaluation loss is measured on: the held-out sentences', or with
-    heldout 0 (every sentence trained on) the training sentences'."""
-    return "held-out" if opts["heldout"] > 0 else "training"
-
-
-def heldout_pairs(corpus, opts):
-    """The evaluation pairs (at most opts['heldout_pairs'], a seeded choice) of the
-    held-out sentences (with heldout 0: of the training sentences, loss_pairs) and their
-    fixed negatives, output keys drawn from the noise distribution the training draws
-    from: the same for every run with this seed, whatever the number of nodes and
-    workers."""
-    train, held = split_sentences(corpus, opts["heldout"])
-    if loss_pairs(opts) == "training":
-        held = train
-    centres, contexts = skipgram_pairs(*corpus.sentences(held), opts["window"])
-    rng = np.random.default_rng([opts["seed"], 7])
-    if centres.shape[0] > opts["heldout_pairs"]:
-        pick = np.sort(rng.choice(centres.shape[0], opts["heldout_pairs"], replace=False))
-        centres, contexts = centres[pick], contexts[pick]
-    v, shape = corpus.vocab_size, (centres.shape[0], opts["negatives"])
-    noise = noise_distribution(corpus, opts["ns_exponent"])
-    if noise is None:
-        negatives = rng.integers(v, 2 * v, size=shape)
-    else:
-        negatives = v + noise.draw(rng, shape[0] * shape[1]).reshape(shape)
-    return centres, contexts, negatives
-
-
-# -- model --------------------------------------------------------------------------
-
-
-class EmbeddingInit:
-    """Initial values: input vectors (keys [0, V)) uniform in +-0.5/dim, seeded (as
-    init=("uniform", ...), so the same whatever the number of nodes); output vectors
-    (keys [V, 2V)), AdaGrad accumulators and the metrics slot (key 2V) zero."""
-
-    def __init__(self, vocab, dim, seed):
-        self.vocab, self.dim, self.seed = vocab, dim, seed
-
-    def __call__(self, keys):
-        keys = np.asarray(keys, dtype=np.uint64)
-        values = np.zeros((keys.shape[0], 2 * self.dim), dtype=np.float32)
-        inputs = np.flatnonzero(keys < self.vocab)
-        if inputs.shape[0]:
-            lengths = np.full(inputs.shape[0], self.dim, dtype=np.uint64)
-            half = 0.5 / self.dim
-            vectors = initial_values(("uniform", -half, half, self.seed), keys[inputs],
-                                     lengths, "float32")
-            values[inputs, :self.dim] = vectors.reshape(-1, self.dim)
-        return values
-
-
-def log_sigmoid(x):
-    return -np.logaddexp(0.0, -x)
-
-
-def sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
-
-
-def sgns_step(w, centres, contexts, handle, vocab, dim, negatives, opt):
-    """One minibatch of skip-gram with negative sampling; `opt` (adapm.optim.Adagrad)
-    takes one step per distinct key in the table (duplicate keys' gradients summed
-    there). Loss per pair: -log s(u_ctx . v_c) - sum_k log s(-u_neg_k . v_c). Returns the
-    batch's summed loss."""
-    b = centres.shape[0]
-    neg_keys, neg_values = w.pull_sample(handle)  # b * negatives output keys, local
-    keys = np.concatenate([centres, vocab + contexts])
-    rows = w.pull_rows(keys, opt)
-    v_c, u_o = rows[:b], rows[b:]
-    u_n = neg_values[:, :dim].reshape(b, negatives, dim)
-    s_pos = np.einsum("ij,ij->i", v_c, u_o)
-    s_neg = np.einsum("ikj,ij->ik", u_n, v_c)
-    loss = float(-(log_sigmoid(s_pos).sum() + log_sigmoid(-s_neg).sum()))
-    g_pos = sigmoid(s_pos) - 1.0          # dloss / ds_pos
-    g_neg = sigmoid(s_neg)                # dloss / ds_neg
-    grads = np.concatenate([
-        g_pos[:, None] * u_o + np.einsum("ik,ikj->ij", g_neg, u_n),   # centres' inputs
-        g_pos[:, None] * v_c,                                         # contexts' outputs
-        (g_neg[:, :, None] * v_c[:, None, :]).reshape(-1, dim),       # negatives' outputs
-    ])
-    w.apply_gradients(np.concatenate([keys, neg_keys.astype(np.int64)]), grads, opt)
-    return loss
-
-
-def pair_loss(w, vocab, dim, centres, contexts, negatives):
-    """Mean loss per pair of (centres, contexts) with the given negative output keys."""
-    total = 0.0
-    for start in range(0, centres.shape[0], EVAL_BATCH):
-        sl = slice(start, start + EVAL_BATCH)
-        v_c = w.pull(centres[sl])[:, :dim]
-        u_o = w.pull(vocab + contexts[sl])[:, :dim]
-        neg = negatives[sl]
-        u_n = w.pull(neg.reshape(-1))[:, :dim].reshape(neg.shape[0], neg.shape[1], dim)
-        total -= float(log_sigmoid(np.einsum("ij,ij->i", v_c, u_o)).sum())
-        total -= float(log_sigmoid(-np.einsum("ikj,ij->ik", u_n, v_c)).sum())
-    return total / max(centres.shape[0], 1)
-
-
-def nearest(vectors, probes, k):
-    """For each probe word: its k nearest words by cosine of the vectors, (ids, cosines)."""
-    norms = np.linalg.norm(vectors, axis=1)
-    unit = vectors / np.maximum(norms, 1e-12)[:, None]
-    sims = unit[probes] @ unit.T
-    sims[np.arange(len(probes)), probes] = -np.inf  # not itself
-    k = min(k, vectors.shape[0] - 1)
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
-    top = np.take_along_axis(top, order, axis=1)
-    return top, np.take_along_axis(sims, top, axis=1)
-
-
-def word_vectors(w, corpus, dim):
-    """The word vectors (the input vectors, keys [0, V)), float32 (V, dim)."""
-    return w.pull(np.arange(corpus.vocab_size))[:, :dim].astype(np.float32)
-
-
-def write_vectors(path, words, vectors):
-    """Word vectors in word2vec's text format: a line "V D", then one line per word,
-    "word v1 ... vD" (values as %.9g: float32 exactly). gensim reads it with
-    KeyedVectors.load_word2vec_format(path, binary=False). Words must be non-empty and
-    free of whitespace (the reader's words are runs of letters)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape[0] != len(words):
-        raise ValueError(f"{len(words)} words need a (words, dim) array, got shape "
-                         f"{vectors.shape}")
-    for word in words:
-        if not word or any(c.isspace() for c in word):
-            raise ValueError(f"word {word!r} cannot be written in the text format")
-    body = io.StringIO()
-    np.savetxt(body, vectors, fmt="%.9g", delimiter=" ")
-    rows = body.getvalue().splitlines()
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{vectors.shape[0]} {vectors.shape[1]}\n")
-        for word, row in zip(words, rows):
-            f.write(f"{word} {row}\n")
-
-
-# English function words: the most frequent words of any English text, whose neighbours
-# say little, are not printed by default (the user names words with --probe).
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before
-being below between both but by can could did do does doing down during each few for from
-further had has have having he her here hers herself him himself his how i if in into is
-it its itself just me more most my myself no nor not now of off on once only or other our
-ours ourselves out over own same she should so some such than that the their theirs them
-themselves then there these they this those through to too under until up very was we
-were what when where which while who whom why will with would you your yours yourself
-yourselves also may might must shall upon us
-""".split())
-
-
-def probe_words(opts):
-    """The words named by opts['probe'] (comma-separated, or a list), lowercased as the
-    text reader lowercases the corpus; [] when none are named."""
-    probe = opts.get("probe") or []
-    if isinstance(probe, str):
-        probe = probe.split(",")
-    return [word.strip().lower() for word in probe if word.strip()]
-
-
-def shown_ids(corpus, opts):
-    """The ids of the words whose neighbours are printed: the --probe words, else the
-    --show most frequent words that are not STOP_WORDS. ValueError for a named word
-    outside the vocabulary."""
-    named = probe_words(opts)
-    if not named:
-        kept = [i for i, word in enumerate(corpus.words) if word not in STOP_WORDS]
-        return np.array(kept[:opts["show"]], dtype=np.int64)
-    index = {word: i for i, word in enumerate(corpus.words)}
-    missing = [word for word in named if word not in index]
-    if missing:
-        raise ValueError(f"--probe: not in the vocabulary: {', '.join(missing)} (words seen "
-                         "at least --min-count times, at most --max-vocab of them)")
-    return np.array([index[word] for word in named], dtype=np.int64)
-
-
-def neighbour_report(vectors, corpus, opts):
-    """Neighbours of the words of shown_ids by the word vectors; for a generated corpus
-    also the neighbour precision (share of the TOP_K neighbours of each of the `probes`
-    most frequent words that are in its planted topic) and its chance level."""
-    v = corpus.vocab_size
-    vectors = vectors.astype(np.float64)
-    shown, probed = shown_ids(corpus, opts), min(opts["probes"], v)
-    lines = []
-    if shown.shape[0]:
-        top, sims = nearest(vectors, shown, TOP_K)
-        for i, word in enumerate(shown):
-            near = ", ".join(f"{corpus.words[j]} {s:.2f}" for j, s in zip(top[i], sims[i]))
-            lines.append(f"{corpus.words[word]}: {near}")
-    precision = chance = None
-    if corpus.topics is not None and probed:
-        topics, probes = corpus.topics, np.arange(probed)
-        top, _ = nearest(vectors, probes, TOP_K)
-        precision = float((topics[top] == topics[probes, None]).mean())
-        sizes = np.bincount(topics)
-        chance = float(((sizes[topics[probes]] - 1) / (v - 1)).mean())
-    return lines, precision, chance, probed
 
 
 # -- training -----------------------------------------------------------------------

@@ -8,41 +8,32 @@ calls (barrier, wait_sync, intents, localize, finalize) are messages to the work
 node server.
 
 The client is three parts, each with one concern:
-- `Worker` (here): the public API, validation, the local path into the table, and the
-  miss path (where the keys the node does not hold go, and what changed meanwhile);
+- `Worker` (here): the public API, validation and the local path into the table;
+- `adapm.client.miss_path.MissPath`: the keys the node does not hold (where they go, and
+  what changed meanwhile);
 - `adapm.client.requests.Requests`: requests in flight and their replies, over the sockets;
   every wait also watches the cluster's health (`ClusterHealth`), so a dead peer turns
   into ClusterError within seconds instead of a hang;
-- `adapm.client.consistency.ReadYourWrites`: which earlier updates a call must wait for."""
+- `adapm.client.consistency.ReadYourWrites`: which earlier updates a call must wait for;
+- `adapm.client.saving.Saving`: the worker's part of a checkpoint save."""
 
 import logging
 import os
-import threading
 import time
 
 import numpy as np
 
-from adapm.checkpoint import files as checkpoint
 from adapm.client.consistency import ReadYourWrites
-from adapm.client.requests import (
-    ClusterHealth,
-    CountOp,
-    Pending,
-    PullOp,
-    Requests,
-    Sockets,
-)
+from adapm.client.miss_path import MissPath
+from adapm.client.requests import ClusterHealth, CountOp, Pending, Requests, Sockets
 from adapm.client.sampling import Sampler
-from adapm.common import config, failpoints
+from adapm.client.saving import Saving
+from adapm.common import config
 from adapm.common.errors import ClosedError, ClusterError
-from adapm.policy.ownership import route, split_by
 from adapm.table.keys import as_gradients, as_keys, as_values, pull_buffer
 from adapm.table.optimizers import FirstTouchCheck, SparseOptimizer, read_params
-from adapm.table.segments import Segments
 from adapm.table.shared_table import (
     NODE_SLOT,
-    PENDING,
-    REPLICA,
     SERVER_ASLEEP,
     SERVER_POLLING,
     WORKER_SLOT,
@@ -51,11 +42,9 @@ from adapm.table.shared_table import (
 )
 from adapm.table.stats import WORKER_STATS, node_stats
 from adapm.wire import protocol
-from adapm.wire.collectives import BEGIN, FREEZE, THAW, WRITTEN
 from adapm.wire.protocol import MsgType, worker_identity
 from adapm.wire.security import client_keys
 
-STATE_CHANGE_TIMEOUT = 1.0  # seconds a key named here may stay unusable (a broken invariant)
 URGENT_CLOCKS = 2           # an intent this close to the worker's clock wakes a polling server
 
 
@@ -81,13 +70,11 @@ class Worker:
             self._view,
             config.env_float(config.ENV_HEARTBEAT_TIMEOUT, config.DEFAULT_HEARTBEAT_TIMEOUT),
             f"node {self.node}, worker {self.rank}")
-        self._misses = np.empty(1024, dtype=np.uint64)
         self._first_touch = FirstTouchCheck(self.num_keys)  # pull_rows: state checked once
         self._samples_started = False  # count_samples was called
         self._clock = 0
         self._barriers = 0
-        self._saves = 0
-        self._cleanup = None   # the thread removing an earlier checkpoint's files
+        self._saving = None    # once the node server said the mode
         self._sampler = Sampler(self)
         self._closed = False
         try:
@@ -97,6 +84,8 @@ class Worker:
                                       self._health.check, self._count)
             self._consistency = ReadYourWrites(self._view, self._requests.wait,
                                                self._refresh_copies)
+            self._miss = MissPath(self._view, self._requests, self._consistency, self._count,
+                                  self._lock_error, self.node, self.rank, self.num_nodes)
             self._requests.connect(env.node, env.server)
             self._view.counter_set(self.local_rank, WORKER_SLOT["pid"], os.getpid())
             welcome = self._control(MsgType.HELLO, MsgType.WELCOME, pid=os.getpid(),
@@ -107,6 +96,9 @@ class Worker:
             # One node has nothing to place, and static and replicate_all ignore intents:
             # there they are checked and counted, but not handed to the server.
             self._intents_matter = self.num_nodes > 1 and self.mode in config.INTENT_MODES
+            self._saving = Saving(self._view, self._control, self._consistency.drain,
+                                  self.wait_sync, self.node, self.rank, self.local_rank,
+                                  self.mode, self.num_nodes, self.workers_per_node)
             self._connect_peers(welcome.addresses)
             logging.getLogger("adapm.worker").debug(
                 "attached to node %d at %s (%d node(s), mode %s)", self.node, env.server,
@@ -151,11 +143,11 @@ class Worker:
         keys, out, nmiss = self._pull_here(keys, out)
         if nmiss == 0:  # every key held here: no operation to track
             return out
-        return Pending(self._requests, self._pull_away(keys, out, nmiss)).wait()
+        return Pending(self._requests, self._miss.pull(keys, out, nmiss)).wait()
 
     def pull_async(self, keys, out=None):
         keys, out, nmiss = self._pull_here(keys, out)
-        return Pending(self._requests, self._pull_away(keys, out, nmiss))
+        return Pending(self._requests, self._miss.pull(keys, out, nmiss))
 
     def _pull_here(self, keys, out):
         """Read the keys this node holds into `out`; (keys, out, misses), the misses'
@@ -165,37 +157,13 @@ class Worker:
         total = self._view.total_length(keys)
         out = pull_buffer(out, keys, total, self._view)
         self._consistency.before_access(keys)
-        misses = self._miss_buffer(keys.shape[0])
+        misses = self._miss.buffer(keys.shape[0])
         try:
             nmiss = self._view.pull(keys, out, misses)
         except LockTimeout as exc:
             raise self._lock_error(exc, "pull") from None
         self._count("pulls_local", keys.shape[0] - nmiss)
         return keys, out, nmiss
-
-    def _pull_away(self, keys, out, nmiss):
-        """The operation that fetches the missed keys from other nodes."""
-        misses = self._misses
-        op = PullOp(out)
-        if nmiss:
-            missed = misses[:nmiss].astype(np.intp)
-            op.segments = Segments.of(self._view, keys)
-            groups, arrived = self._split(keys, missed, "pull")
-            if arrived.shape[0]:  # became local since the first look: read them here
-                values = np.empty(op.segments.size(arrived), dtype=self.dtype)
-                away, dests = self._local_retry(keys[arrived], values, "pull")
-                done = np.setdiff1d(np.arange(arrived.shape[0]), away)
-                op.segments.put(out, arrived[done],
-                                Segments.of(self._view, keys[arrived]).take(values, done))
-                groups += self._regroup(arrived, away, dests)
-                arrived = arrived[done]
-            for dest, part in self._messages(groups):
-                request = self._requests.start(dest, protocol.Pull(keys=keys[part]),
-                                               op, part.shape[0])
-                op.parts[request] = part
-            self._count("pulls_remote", nmiss - arrived.shape[0])
-            self._count("pulls_local", arrived.shape[0])
-        return op
 
     def push(self, keys, values):
         """Add `values` to the keys' values (duplicate keys add up). Returns when the
@@ -245,7 +213,7 @@ class Worker:
         self._consistency.before_access(keys)
         n = keys.shape[0]
         distinct, summed = np.empty(n, dtype=np.uint64), np.empty((n, dim), dtype=self.dtype)
-        misses = self._miss_buffer(n)
+        misses = self._miss.buffer(n)
         try:
             u, nmiss = self._view.apply_optimizer(keys, np.argsort(keys, kind="stable"),
                                                   grads, params, distinct, summed, misses)
@@ -253,8 +221,7 @@ class Worker:
             raise self._lock_error(exc, "apply_gradients") from None
         self._count("pushes_local", u - nmiss)
         if nmiss:
-            missed = misses[:nmiss].astype(np.intp)
-            self._apply_remote(distinct[:u], summed[:u], missed, params)
+            self._miss.apply(distinct[:u], summed[:u], nmiss, params)
 
     def _row_dim(self, optimizer):
         if not isinstance(optimizer, SparseOptimizer):
@@ -263,51 +230,13 @@ class Worker:
             raise ValueError("fused optimizers need a table of uniform value_length")
         return optimizer.dim_of(self._view.uniform_length)
 
-    def _apply_remote(self, keys, summed, missed, params):
-        """Send the distinct keys at `missed` with their summed gradients to their
-        owners; a key that became usable here meanwhile takes its step here."""
-        groups, arrived = self._split(keys, missed, "apply")
-        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT
-        while arrived.shape[0]:  # distinct keys: no step is taken twice
-            sub = keys[arrived]
-            n = sub.shape[0]
-            misses = np.empty(n, dtype=np.uint64)
-            again = np.empty((n, summed.shape[1]), dtype=self.dtype)
-            try:
-                _, nmiss = self._view.apply_optimizer(
-                    sub, np.arange(n, dtype=np.int64), np.ascontiguousarray(summed[arrived]),
-                    params, np.empty(n, dtype=np.uint64), again, misses)
-            except LockTimeout as exc:
-                raise self._lock_error(exc, "apply_gradients") from None
-            self._count("pushes_local", n - nmiss)
-            still = arrived[misses[:nmiss].astype(np.intp)]
-            more, arrived = self._split(keys, still, "apply")
-            groups += more
-            if arrived.shape[0]:
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"node {self.node}, worker {self.rank}: "
-                                       f"apply_gradients of keys {int(keys[arrived].min())}.."
-                                       f"{int(keys[arrived].max())}: no node holds them")
-                os.sched_yield()
-        op = CountOp()
-        remote = []
-        for dest, part in self._messages(groups):
-            remote.append(keys[part])
-            self._requests.start(dest, protocol.Apply(
-                keys=keys[part], values=np.ascontiguousarray(summed[part]), params=params),
-                op, part.shape[0])
-        if remote:
-            op.keys = np.concatenate(remote)
-            self._count("pushes_remote", op.keys.shape[0])
-            self._consistency.track(op)
-
     def _update(self, keys, values, additive):
         self._check_open()
         keys = as_keys(keys, self._view)
         total = self._view.total_length(keys)
         values = as_values(values, keys, total, self._view)
         self._consistency.before_access(keys)
-        misses = self._miss_buffer(keys.shape[0])
+        misses = self._miss.buffer(keys.shape[0])
         op_name = "push" if additive else "set"
         try:
             # A set is applied here only to keys owned here; a replica here takes it
@@ -315,123 +244,8 @@ class Worker:
             nmiss = self._view.update(keys, values, misses, additive, not additive)
         except LockTimeout as exc:
             raise self._lock_error(exc, op_name) from None
-        kind = "pushes" if additive else "sets"
-        self._count(f"{kind}_local", keys.shape[0] - nmiss)
-        op = CountOp()
-        if nmiss:
-            missed = misses[:nmiss].astype(np.intp)
-            segments = Segments.of(self._view, keys)
-            mtype = MsgType.PUSH if additive else MsgType.SET
-            groups, arrived = self._split(keys, missed, op_name)
-            if arrived.shape[0]:  # became local since the first look: update them here
-                away, dests = self._local_retry(keys[arrived], segments.take(values, arrived),
-                                                op_name, additive)
-                groups += self._regroup(arrived, away, dests)
-                arrived = np.delete(arrived, away)
-            remote = []
-            for dest, part in self._messages(groups):
-                remote.append(keys[part])
-                self._requests.start(dest, protocol.BY_TYPE[mtype](
-                    keys=keys[part], values=segments.take(values, part)), op,
-                                     part.shape[0])
-            if groups:
-                op.keys = np.concatenate(remote)
-            self._count(f"{kind}_remote", nmiss - arrived.shape[0])
-            self._count(f"{kind}_local", arrived.shape[0])
-            self._consistency.track(op)
-        return op
-
-    # -- the miss path: keys not usable here at the first look --------------------------
-    # It stays in Worker: it reads and updates the table the way the public calls do, and
-    # tests (test_worker_retry) drive _local_retry/_destinations on a stand-in worker.
-
-    def _split(self, keys, missed, what):
-        """Where to send the keys at indices `missed` (not usable here at the first look):
-        ([(node, indices)], indices of keys that became usable here in the meantime; their
-        location cache already names this node)."""
-        dest = self._destinations(keys[missed], what)
-        arrived = missed[dest < 0]
-        groups = [(node, missed[idx]) for node, idx in split_by(dest).items() if node >= 0]
-        return groups, arrived
-
-    def _local_retry(self, keys, values, what, additive=True):
-        """Read (pull, into `values`) or update keys that just became usable here; a key
-        whose state change is still under way is tried again. Returns (positions,
-        destinations) of keys that moved on to another node meanwhile: the caller sends
-        those there, like any miss. A key that stays unusable although the location
-        cache names this node is a broken invariant."""
-        segments = Segments.of(self._view, keys)
-        live = np.arange(keys.shape[0])  # positions still to be served here
-        away, dests = [], []
-        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT
-        while True:
-            sub = keys[live]
-            misses = np.empty(sub.shape[0], dtype=np.uint64)
-            if what == "pull":
-                buf = np.empty(segments.size(live), dtype=self.dtype)
-                nmiss = self._view.pull(sub, buf, misses)
-            else:  # only the keys not updated yet: an update must not apply twice
-                buf = segments.take(values, live)
-                nmiss = self._view.update(sub, buf, misses, additive, not additive)
-            missed = misses[:nmiss].astype(np.intp)
-            if what == "pull":
-                done = np.ones(sub.shape[0], dtype=bool)
-                done[missed] = False
-                segments.put(values, live[done],
-                              Segments.of(self._view, sub).take(buf, np.flatnonzero(done)))
-            live = live[missed]
-            if live.shape[0]:
-                dest = self._destinations(keys[live], what)
-                moved = dest >= 0
-                away.append(live[moved])
-                dests.append(dest[moved])
-                live = live[~moved]
-            if live.shape[0] == 0:
-                break
-            if time.monotonic() > deadline:
-                bad = keys[live]
-                raise ClusterError(f"node {self.node}, worker {self.rank}: {what} of keys "
-                                   f"{int(bad.min())}..{int(bad.max())}: no node holds them")
-            # A state change under way completes in microseconds: give the core to the
-            # node server making it instead of sleeping a scheduler tick.
-            os.sched_yield()
-        if not away:
-            return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.int32)
-        return np.concatenate(away), np.concatenate(dests)
-
-    def _chunks(self, idx):
-        """`idx` in parts of at most num_keys: no message is larger than the largest legal
-        one, which nodes enforce (protocol.max_frame_bytes); only calls with many
-        repeated keys are split."""
-        step = min(self.num_keys, protocol.MAX_KEYS_PER_MESSAGE)
-        return [idx] if idx.shape[0] <= step else \
-            [idx[i:i + step] for i in range(0, idx.shape[0], step)]
-
-    def _messages(self, groups):
-        """[(node, indices)] with each group split into messages of legal size."""
-        return [(dest, chunk) for dest, part in groups for chunk in self._chunks(part)]
-
-    def _destinations(self, keys, what):
-        """The node each missed key is sent to (-1: usable here by now): its cached
-        owner, but for a set of a key this node holds as a replica, this node's server,
-        which overwrites the replica and passes the set on to the owner."""
-        dest = route(self._view, keys, self.node, self.num_nodes)
-        if what == "set":
-            states = np.empty(keys.shape[0], dtype=np.uint8)
-            self._view.states_of(keys, states)
-            dest[(states == REPLICA) | (states == PENDING)] = self.node
-        return dest
-
-    @staticmethod
-    def _regroup(arrived, away, dests):
-        """[(node, positions in the batch)] for the keys of `arrived` (at `away`) that
-        moved on to `dests` while they were retried here."""
-        return [(node, arrived[away[idx]]) for node, idx in split_by(dests).items()]
-
-    def _miss_buffer(self, n):
-        if self._misses.shape[0] < n:
-            self._misses = np.empty(max(n, 2 * self._misses.shape[0]), dtype=np.uint64)
-        return self._misses
+        self._count("pushes_local" if additive else "sets_local", keys.shape[0] - nmiss)
+        return self._miss.update(keys, values, nmiss, additive)
 
     def _refresh_copies(self, keys):
         """Have the node server bring its copies of `keys` up to date (a sync round)."""
@@ -548,99 +362,7 @@ class Worker:
         Restore with adapm.run(..., restore=path) or adapm-launch --restore PATH, on any
         number of nodes and workers; read it with adapm.checkpoint.files.load(path)."""
         self._check_open()
-        self._check_save_optimizer(optimizer)
-        path = os.path.abspath(os.fspath(path))
-        self._wait_for_cleanup()
-        self._saves += 1
-        data = checkpoint.data_dir_name(self._view.cluster_token, self._saves)
-        timer = _StepTimer()
-        self._checkpoint_phase(BEGIN)   # every worker stopped updating ...
-        self.wait_sync()                # ... and every replica's updates reached the owners
-        self._checkpoint_phase(FREEZE)
-        timer.lap("begin, sync and freeze")
-        # From here on, every worker goes through every phase whatever fails: the others
-        # learn of a failure from the missing part, and the cluster always thaws.
-        error = _failure_of(self._write_checkpoint_part, path, data, optimizer)
-        timer.lap("writing")
-        self._checkpoint_phase(WRITTEN)
-        timer.lap("waiting for the other nodes")
-        if self.rank == 0 and error is None:
-            error = _failure_of(self._commit_checkpoint, path, data)
-            timer.lap("commit")
-        self._checkpoint_phase(THAW)
-        timer.lap("thaw")
-        logging.getLogger("adapm.checkpoint").debug("save %d to %s: %s", self._saves, path,
-                                                    timer)
-        if error is not None:
-            raise checkpoint.CheckpointError(
-                f"node {self.node}, worker {self.rank}: saving to {path} failed: "
-                f"{error}") from error
-        return self._saved_manifest(path, data)
-
-    def _check_save_optimizer(self, optimizer):
-        if optimizer is None:
-            return
-        if not isinstance(optimizer, SparseOptimizer):
-            raise TypeError(f"optimizer must be an adapm.optim optimizer, got {optimizer!r}")
-        if not self._view.uniform_length:
-            raise ValueError("save(optimizer=...) needs a table with one value_length for "
-                             "every key (the optimizer's layout)")
-        optimizer.dim_of(self._view.uniform_length)  # ValueError when it does not fit
-
-    def _checkpoint_phase(self, phase):
-        self._consistency.drain()
-        self._control(MsgType.CHECKPOINT, MsgType.CHECKPOINTED, generation=self._saves,
-                      phase=phase)
-
-    def _write_checkpoint_part(self, path, data, optimizer):
-        os.makedirs(os.path.join(path, data), exist_ok=True)
-        if self.local_rank == 0:
-            lengths = None
-            if self.node == 0 and not self._view.uniform_length:
-                lengths = self._view.directory_array()["length"].astype(np.uint32)
-            progress = checkpoint.WriteProgress(f"node {self.node}", path)
-            stall = failpoints.for_node(self.node).argument("stall_save")
-            if stall:  # tests: a node that stops in the middle of writing its part
-                progress = _stalled(progress, int(stall.split("@")[0]),
-                                    float(stall.split("@")[1]), self._saves)
-            checkpoint.write_node_part(path, data, self._view, self.node, lengths, progress)
-        checkpoint.write_worker_state(path, data, self.rank, self._clock, optimizer,
-                                      self._view.uniform_length)
-
-    def _commit_checkpoint(self, path, data):
-        uniform = self._view.uniform_length
-        checkpoint.commit(path, data, {
-            "num_keys": self.num_keys, "dtype": str(self.dtype),
-            "value_length": int(uniform) if uniform else None, "mode": self.mode,
-            "nodes": self.num_nodes, "workers_per_node": self.workers_per_node},
-            remove=self._remove_stale_soon)
-
-    def _remove_stale_soon(self, path, data):
-        """The files of earlier saves go in a thread; the next save or finalize() waits
-        for it (a process that ends first leaves them to the next save to remove)."""
-        self._cleanup = threading.Thread(target=checkpoint.remove_stale, args=(path, data),
-                                         name="adapm-checkpoint-cleanup", daemon=True)
-        self._cleanup.start()
-
-    def _wait_for_cleanup(self):
-        if self._cleanup is not None:
-            self._cleanup.join()
-            self._cleanup = None
-
-    def _saved_manifest(self, path, data):
-        """The committed manifest, read by every worker: a save that worker 0 could not
-        commit (a node's part is missing) fails everywhere, with the reason."""
-        try:
-            manifest = checkpoint.read_manifest(path)
-        except checkpoint.CheckpointError as exc:
-            manifest, reason = None, str(exc)
-        if manifest is not None and manifest.get("data") == data:
-            return manifest
-        if manifest is not None:
-            reason = "worker 0 did not commit it"
-        raise checkpoint.CheckpointError(
-            f"node {self.node}, worker {self.rank}: the checkpoint at {path} was not "
-            f"written ({reason}; see worker 0's error); the previous one, if any, is kept")
+        return self._saving.save(path, optimizer, self._clock)
 
     def count_samples(self, n):
         """Count `n` data points (examples, ratings, triples, word pairs) this worker
@@ -681,7 +403,7 @@ class Worker:
         if self._closed:
             return
         linger = 0  # on failure: the cluster is gone, nothing to wait for or to tell
-        self._wait_for_cleanup()
+        self._saving.wait_for_cleanup()
         try:
             self._requests.wait_all()
             self._requests.send(self.node, protocol.Goodbye())
@@ -739,40 +461,6 @@ class Worker:
     @staticmethod
     def _connect_timeout():
         return config.env_float(config.ENV_START_TIMEOUT, config.DEFAULT_START_TIMEOUT)
-
-
-class _StepTimer:
-    """Seconds per named step, for a log line."""
-
-    def __init__(self):
-        self.steps = []
-        self.since = time.perf_counter()
-
-    def lap(self, name):
-        now = time.perf_counter()
-        self.steps.append((name, now - self.since))
-        self.since = now
-
-    def __str__(self):
-        return ", ".join(f"{name} {seconds:.3f} s" for name, seconds in self.steps)
-
-
-def _failure_of(step, *args):
-    """The exception `step(*args)` raised (any Exception), or None."""
-    try:
-        step(*args)
-    except Exception as exc:  # noqa: BLE001 - the save reports it once every phase is done
-        return exc
-    return None
-
-
-def _stalled(progress, save, seconds, this_save):
-    """failpoint stall_save=SAVE@SECONDS: save number SAVE sleeps after its first chunk."""
-    def report(done, total, written):
-        if this_save == save:
-            time.sleep(seconds)
-        progress(done, total, written)
-    return report
 
 
 def _clock_value(name, value):
