@@ -38,7 +38,7 @@ from layout cimport (
     ADAPM_REPLICA, ADAPM_PENDING, ADAPM_RING_CONTROL_WORDS, ADAPM_RING_HEAD, ADAPM_RING_TAIL,
     ADAPM_RING_WORDS, ADAPM_RING_WRAP,
 )
-from seqlock cimport Spinner, _lock, _spin, _spinner, _unlock
+from seqlock cimport Spinner, _spin, _spinner
 
 import numpy as np
 
@@ -529,7 +529,7 @@ cdef class TableView:
                uint32_t node, uint32_t num_nodes, uint32_t num_workers,
                uint64_t arena_capacity, bytes cluster_id):
         """Map a freshly sized segment and write its header. The directory is left zeroed
-        (every key ABSENT); the creator fills it through `directory_array()`."""
+        (every key ABSENT); adapm.table's creator fills it before publish()."""
         dtype = np.dtype(dtype)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be float32 or float64, not {dtype}")
@@ -857,17 +857,18 @@ cdef class TableView:
             raise IndexError("no such node counter")
         return adapm_load_relaxed_u64(&self.header.node_counters[slot])
 
-    # -- raw views for the creator (node server) -----------------------------------
+    # -- raw views, for adapm.table alone ----------------------------------------
 
-    def directory_array(self):
-        """Structured numpy view of the whole directory (no copy). For the node server
-        while no worker is attached, and for inspection; workers use the kernels."""
+    def _directory_array(self):
+        """Structured numpy view of the whole directory (no copy), outside the seqlocks:
+        for adapm.table's creator before publish(), and for tests that inspect memory.
+        Everything else goes through the kernels."""
         self._check_open()
         cdef uint8_t[::1] raw = <uint8_t[:self.num_keys * sizeof(adapm_entry_t)]> <uint8_t*>self.directory
         return np.asarray(raw).view(ENTRY_DTYPE)
 
-    def arena_array(self):
-        """Flat numpy view of the value arena (no copy); see directory_array."""
+    def _arena_array(self):
+        """Flat numpy view of the value arena (no copy); see _directory_array."""
         self._check_open()
         cdef uint64_t nbytes = self.arena_capacity * self.dtype.itemsize
         if nbytes == 0:
@@ -959,26 +960,6 @@ cdef class TableView:
         _check_batch(b)
         return r
 
-    def hold_lock(self, uint64_t key):
-        """Take a key's write lock and keep it (returns the sequence word to pass to
-        `release_lock`). For the node server's state changes and for tests."""
-        self._check_open()
-        if key >= self.num_keys:
-            raise IndexError(key)
-        cdef uint32_t s
-        cdef int r
-        with nogil:
-            r = _lock(&self.directory[key], &s, self.lock_timeout_ns)
-        if r != 0:
-            raise LockTimeout(int(key))
-        return s
-
-    def release_lock(self, uint64_t key, uint32_t seq_before, bint changed=True):
-        self._check_open()
-        if key >= self.num_keys:
-            raise IndexError(key)
-        _unlock(&self.directory[key], seq_before, changed)
-
     # -- node server's live operations (under the keys' locks) ----------------------
 
     def owners_of(self, cnp.ndarray keys, cnp.ndarray out):
@@ -990,6 +971,100 @@ cdef class TableView:
         with nogil:
             for i in range(n):
                 o[i] = self.directory[k[i]].owner
+
+    def set_owners(self, cnp.ndarray keys, cnp.ndarray owners):
+        """Write each key's cached owner (`owners`: uint16, one per key) under the key's
+        lock, as every change of an entry is made. Returns the number changed."""
+        self._check_open()
+        cdef Batch b = self._batch_of(keys, False)
+        cdef const uint16_t* o = <const uint16_t*>cnp.PyArray_DATA(owners)
+        cdef uint64_t count = 0
+        cdef bint changed
+        with nogil:
+            while _lock_next(&b):
+                changed = b.entry.owner != o[b.i]
+                if changed:
+                    b.entry.owner = o[b.i]
+                    count += 1
+                _unlock_held(&b, changed)
+        _check_batch(b)
+        return count
+
+    def owned_keys(self):
+        """The keys OWNED here, ascending (uint64): a snapshot of the states, which only
+        the node server changes (a checkpoint's part is written while the node holds
+        still)."""
+        self._check_open()
+        cdef uint64_t key, n = 0, num_keys = self.num_keys
+        with nogil:
+            for key in range(num_keys):
+                n += self.directory[key].state == ADAPM_OWNED
+        out = np.empty(n, dtype=np.uint64)
+        cdef uint64_t* o = <uint64_t*>cnp.PyArray_DATA(out)
+        cdef uint64_t i = 0
+        with nogil:
+            for key in range(num_keys):
+                if i < n and self.directory[key].state == ADAPM_OWNED:
+                    o[i] = key
+                    i += 1
+        return out[:i]
+
+    def key_lengths(self):
+        """Every key's value length, in key order (a new uint64 array)."""
+        self._check_open()
+        out = np.empty(self.num_keys, dtype=np.uint64)
+        cdef uint64_t* o = <uint64_t*>cnp.PyArray_DATA(out)
+        cdef uint64_t key
+        with nogil:
+            for key in range(self.num_keys):
+                o[key] = self.directory[key].length
+        return out
+
+    # Slots that no key's entry points to: the node server's own (a replica's value at
+    # last sync) or just released. No worker reaches them, so no lock guards them.
+
+    def zero_slots(self, offsets, lengths):
+        """Write zeros into the slots [offsets[i], offsets[i] + lengths[i])."""
+        self._check_open()
+        cdef const uint64_t[::1] offs = self._slots(offsets, lengths)
+        cdef const uint64_t[::1] lens = np.ascontiguousarray(lengths, dtype=np.uint64)
+        cdef Py_ssize_t i
+        cdef uint64_t itemsize = self.itemsize
+        with nogil:
+            for i in range(offs.shape[0]):
+                memset(self.arena + offs[i] * itemsize, 0, lens[i] * itemsize)
+
+    def read_slots(self, offsets, lengths):
+        """The values in the slots [offsets[i], offsets[i] + lengths[i]), flat, in order
+        (a new array of the table's dtype)."""
+        self._check_open()
+        cdef const uint64_t[::1] offs = self._slots(offsets, lengths)
+        cdef const uint64_t[::1] lens = np.ascontiguousarray(lengths, dtype=np.uint64)
+        out = np.empty(int(np.sum(lens, dtype=np.uint64)), dtype=self.dtype)
+        cdef char* o = <char*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i
+        cdef uint64_t pos = 0, itemsize = self.itemsize
+        with nogil:
+            for i in range(offs.shape[0]):
+                memcpy(o + pos * itemsize, self.arena + offs[i] * itemsize,
+                       lens[i] * itemsize)
+                pos += lens[i]
+        return out
+
+    cdef const uint64_t[::1] _slots(self, offsets, lengths):
+        """`offsets` as a uint64 array, once every slot is known to lie in the arena."""
+        offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+        lens = np.ascontiguousarray(lengths, dtype=np.uint64)
+        if offs.shape != lens.shape or offs.ndim != 1:
+            raise ValueError("offsets and lengths must be 1-D arrays of one shape")
+        cdef const uint64_t[::1] o = offs
+        cdef const uint64_t[::1] n = lens
+        cdef Py_ssize_t i
+        for i in range(o.shape[0]):
+            if not _fits(o[i], n[i], self.arena_capacity):
+                raise IndexError(f"slot [{o[i]}, {o[i]} + {n[i]}) outside the arena of "
+                                 f"{self.arena_capacity} elements")
+        return o
 
     def evict(self, cnp.ndarray keys, uint16_t new_owner, cnp.ndarray values,
               cnp.ndarray offsets, cnp.ndarray taken):

@@ -90,7 +90,7 @@ def test_per_key_lengths_round_trip(make_table, tmp_path):
 def test_a_new_save_replaces_the_old_one_and_removes_its_files(make_table, tmp_path):
     tables = two_node_tables(make_table)
     save(tmp_path, tables, data="v-00000000000000ab-000001")
-    tables[0].view.arena_array()[:] += 1  # node 0's keys change
+    tables[0].view._arena_array()[:] += 1  # node 0's keys change
     save(tmp_path, tables, data="v-00000000000000ab-000002")
     assert sorted(os.listdir(tmp_path)) == ["manifest.json", "v-00000000000000ab-000002"]
     _, values = checkpoint.load(tmp_path)

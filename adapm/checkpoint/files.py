@@ -92,7 +92,7 @@ def write_node_part(path, data, view, node, lengths=None, progress=None):
     folder = os.path.join(path, data)
     os.makedirs(folder, exist_ok=True)
     stem = part_stem(node)
-    keys = np.flatnonzero(view.directory_array()["state"] == OWNED).astype(np.uint64)
+    keys = view.owned_keys()
     keys_crc, keys_bytes = _write_npy(os.path.join(folder, f"{stem}.keys.npy"),
                                       keys.dtype, keys.shape, _chunks_of(keys))
     uniform = view.uniform_length
@@ -235,12 +235,15 @@ def _owned_values(view, keys, node, progress=None):
     is written."""
     if keys.shape[0] == 0:
         return
-    lengths = view.directory_array()["length"]
-    per_key = max(1, int(lengths[keys[0]]) if view.uniform_length else
-                  int(np.max(lengths[keys])))
+    if view.uniform_length:
+        per_key = view.uniform_length
+    else:
+        lengths = np.empty(keys.shape[0], dtype=np.uint64)
+        view.lengths_of(keys, lengths)
+        per_key = max(1, int(lengths.max()))
     step = max(1, CHUNK_BYTES // (per_key * view.dtype.itemsize))
     buffers = [np.empty(step * per_key, dtype=view.dtype) for _ in range(2)]
-    misses = np.empty(step, dtype=np.uint32)
+    misses = np.empty(step, dtype=np.uint64)  # pull writes uint64 indices
     written = 0
     for i, start in enumerate(range(0, keys.shape[0], step)):
         chunk = keys[start:start + step]
