@@ -1,4 +1,5 @@
-# Type stub of the compiled table (src/_table.pyx): what Python code sees of it.
+# Type stub of the compiled table (src/_table.pyx and what it includes): what Python code
+# sees of it.
 # tests/test_table.py checks that it names exactly the compiled module's public names.
 from typing import Any
 
