@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from adapm.checkpoint import files as checkpoint
+import adapm.checkpoint as checkpoint
 from adapm.client.consistency import ReadYourWrites
 from adapm.client.requests import (
     ClusterHealth,
@@ -546,7 +546,7 @@ class Worker:
         beside this worker's clock. An interrupted save leaves the previous checkpoint at
         `path` whole. Returns the manifest (a dict) once the checkpoint is complete.
         Restore with adapm.run(..., restore=path) or adapm-launch --restore PATH, on any
-        number of nodes and workers; read it with adapm.checkpoint.files.load(path)."""
+        number of nodes and workers; read it with adapm.checkpoint.load(path)."""
         self._check_open()
         self._check_save_optimizer(optimizer)
         path = os.path.abspath(os.fspath(path))

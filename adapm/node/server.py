@@ -26,7 +26,7 @@ import numpy as np
 import posix_ipc
 import zmq
 
-from adapm.checkpoint import files as checkpoint
+import adapm.checkpoint as checkpoint
 from adapm.common import config, failpoints
 from adapm.common.errors import (
     FAIL_COLLECTIVES,

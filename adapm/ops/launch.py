@@ -31,7 +31,7 @@ import time
 import click
 import numpy as np
 
-from adapm.checkpoint import files as checkpoint
+import adapm.checkpoint as checkpoint
 from adapm.common import logs
 from adapm.common.config import (
     ENV_DIST_PORT,
@@ -127,7 +127,7 @@ def table_init(init_text, optimizer_text, value_length):
 
 def restored_table(restore, num_keys, value_length, dtype, init_text, optimizer_text):
     """(num_keys, value_length, dtype, init) from the options, or from --restore's
-    checkpoint where they are absent (adapm.checkpoint.files.table_shape)."""
+    checkpoint where they are absent (adapm.checkpoint.table_shape)."""
     lengths = None if value_length is None else parse_value_length(value_length)
     if restore is None:
         if num_keys is None:
