@@ -9,9 +9,20 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from adapm.table.shared_table import OWNED, SharedTable, segment_name
 
 from common import line, save, verdict
+
+
+def write_every_value(view, num_keys, d, step=1 << 20):
+    """Set every key's value to ones, a chunk of keys at a time (through the kernels)."""
+    ones = np.ones(step * d, dtype=np.float32)
+    misses = np.empty(step, dtype=np.uint64)
+    for start in range(0, num_keys, step):
+        keys = np.arange(start, min(start + step, num_keys), dtype=np.uint64)
+        view.update(keys, ones[:keys.shape[0] * d], misses, False)
 
 
 def main(argv=None):
@@ -27,7 +38,7 @@ def main(argv=None):
         table.install(slice(0, num_keys), OWNED)  # as the node server does
         table.publish()
         created = time.perf_counter() - start
-        table.view.arena_array()[:] = 1.0  # every value written: all pages are real
+        write_every_value(table.view, num_keys, d)  # all pages are real
         used = table.allocated_bytes()
         values = num_keys * d * 4
         per_key = (used - values) / num_keys

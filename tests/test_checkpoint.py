@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import adapm
-from adapm.checkpoint import files as checkpoint
-from adapm.checkpoint.files import CheckpointError
+import adapm.checkpoint as checkpoint
+from adapm.checkpoint import CheckpointError
 from adapm.common.errors import AdapmError
 from adapm.common.process import sibling_named
 from adapm.optim import Adagrad, Adam

@@ -1,4 +1,4 @@
-"""The checkpoint format on its own (adapm.checkpoint.files), with tables made in this process
+"""The checkpoint format on its own (adapm.checkpoint), with tables made in this process
 and no cluster: writing nodes' parts, committing, reading back, and every way a
 checkpoint on disk can be incomplete, corrupt or not fit a cluster."""
 import io
@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from adapm.checkpoint import files as checkpoint
-from adapm.checkpoint.files import Checkpoint, CheckpointError
+import adapm.checkpoint as checkpoint
+import adapm.checkpoint.write as checkpoint_write
+from adapm.checkpoint import Checkpoint, CheckpointError
 
 import manifest_edits
 
@@ -90,7 +91,7 @@ def test_per_key_lengths_round_trip(make_table, tmp_path):
 def test_a_new_save_replaces_the_old_one_and_removes_its_files(make_table, tmp_path):
     tables = two_node_tables(make_table)
     save(tmp_path, tables, data="v-00000000000000ab-000001")
-    tables[0].view.arena_array()[:] += 1  # node 0's keys change
+    tables[0].view._arena_array()[:] += 1  # node 0's keys change
     save(tmp_path, tables, data="v-00000000000000ab-000002")
     assert sorted(os.listdir(tmp_path)) == ["manifest.json", "v-00000000000000ab-000002"]
     _, values = checkpoint.load(tmp_path)
@@ -201,7 +202,7 @@ def test_a_write_that_fails_leaves_no_file_behind(make_table, tmp_path, monkeypa
         yield np.zeros(4, dtype=np.float32)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_owned_values", chunks_then_fail)
+    monkeypatch.setattr(checkpoint_write, "_owned_values", chunks_then_fail)
     with pytest.raises(OSError, match="No space"):
         checkpoint.write_node_part(str(tmp_path), "v-0000000000000003-000001", table.view, 0)
     left = os.listdir(tmp_path / "v-0000000000000003-000001")
@@ -209,7 +210,7 @@ def test_a_write_that_fails_leaves_no_file_behind(make_table, tmp_path, monkeypa
 
 
 def test_progress_is_reported_per_chunk(make_table, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 64)  # 4 keys of 4 floats per chunk
+    monkeypatch.setattr(checkpoint_write, "CHUNK_BYTES", 64)  # 4 keys of 4 floats per chunk
     table = make_table(10, 4, values=np.arange(40, dtype=np.float32))
     calls = []
     checkpoint.write_node_part(str(tmp_path), "v-0000000000000004-000001", table.view, 0,

@@ -187,7 +187,7 @@ def test_a_malformed_apply_is_rejected_and_changes_nothing(params, why):
     table is untouched."""
     spec, net, (node0, node1) = make_cluster(num_keys=8, nodes=2, length=2 * DIM)
     try:
-        before = node1.view.arena_array().copy()
+        before = node1.view._arena_array().copy()
         keys = np.array([1, 3], dtype=np.uint64)
         worker_msg(node1, 0, MsgType.APPLY, keys=keys,
                    values=np.ones((2, DIM), np.float32),
@@ -199,7 +199,7 @@ def test_a_malformed_apply_is_rejected_and_changes_nothing(params, why):
         assert [m.type for m in replies] == [MsgType.FAILED, MsgType.FAILED]
         assert all(m.code == FAIL_REJECTED for m in replies)
         assert why in replies[0].text and "twice" in replies[1].text
-        np.testing.assert_array_equal(node1.view.arena_array(), before)
+        np.testing.assert_array_equal(node1.view._arena_array(), before)
     finally:
         close([node0, node1])
 

@@ -1,4 +1,4 @@
-"""Adversarial review of checkpoints (Worker.save, adapm.checkpoint.files, restore): consistency
+"""Adversarial review of checkpoints (Worker.save, adapm.checkpoint, restore): consistency
 in every mode, keys saved exactly once, interrupted and mismatched saves that must fail
 loudly instead of hanging, corruption found on restore, and malformed CHECKPOINT messages.
 
@@ -18,8 +18,8 @@ import pytest
 import zmq
 
 import adapm
-from adapm.checkpoint import files as checkpoint
-from adapm.checkpoint.files import CheckpointError
+import adapm.checkpoint as checkpoint
+from adapm.checkpoint import CheckpointError
 from adapm.common.errors import FAIL_REJECTED, AdapmError, ClosedError
 from adapm.common.process import sibling_named
 from adapm.ops.cluster import LocalCluster

@@ -45,7 +45,7 @@ def test_an_apply_with_non_finite_gradients_is_rejected(bad):
     spec, net, servers = make_cluster(num_keys=8, nodes=2, length=2 * DIM)
     try:
         node1 = servers[1]
-        before = node1.view.arena_array().copy()
+        before = node1.view._arena_array().copy()
         grads = np.ones((1, DIM), np.float32)
         grads[0, 1] = bad
         worker_msg(node1, 0, MsgType.APPLY, keys=np.array([3], np.uint64), values=grads,
@@ -53,7 +53,7 @@ def test_an_apply_with_non_finite_gradients_is_rejected(bad):
         replies = net.to_workers[worker_identity(0, TOKEN)]
         assert [m.type for m in replies] == [MsgType.FAILED]
         assert replies[0].code == FAIL_REJECTED
-        np.testing.assert_array_equal(node1.view.arena_array(), before)
+        np.testing.assert_array_equal(node1.view._arena_array(), before)
     finally:
         close(servers)
 

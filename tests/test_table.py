@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+from held_lock import held_lock
 
 from adapm.table.shared_table import (
     ABSENT,
@@ -73,7 +74,7 @@ def test_pull_push_set_semantics(make_table):
 
 def test_absent_keys_are_reported_as_misses_and_untouched(make_table):
     table = make_table()
-    directory = table.view.directory_array()
+    directory = table.view._directory_array()
     directory["state"][[10, 12]] = ABSENT
     out, misses = kernel_pull(table.view, [9, 10, 11, 12])
     assert misses.tolist() == [1, 3]
@@ -118,13 +119,12 @@ def test_stuck_lock_times_out_instead_of_hanging(make_table):
     table = make_table()
     view = table.view
     view.lock_timeout_ns = 200_000_000
-    seq = view.hold_lock(7)
-    with pytest.raises(LockTimeout) as info:
-        kernel_pull(view, [1, 7])
-    assert info.value.key == 7
-    with pytest.raises(LockTimeout):
-        kernel_update(view, [7], np.ones(4))
-    view.release_lock(7, seq, changed=False)
+    with held_lock(view, 7):
+        with pytest.raises(LockTimeout) as info:
+            kernel_pull(view, [1, 7])
+        assert info.value.key == 7
+        with pytest.raises(LockTimeout):
+            kernel_update(view, [7], np.ones(4))
     kernel_update(view, [7], np.ones(4))
 
 
@@ -369,14 +369,14 @@ def test_a_set_overwrites_a_replica_and_its_value_at_last_sync(make_table):
     admitted = np.zeros(2, np.uint8)
     view.admit(keys, np.array([5.0, 5, 6, 6]), offsets, REPLICA, 0, admitted)
     synced = np.array([100, 102], dtype=np.uint64)  # "value at last sync" (unused keys)
-    view.arena_array()[100:104] = [4.0, 4, 6, 6]    # key 1 has a pending delta of 1
+    view._arena_array()[100:104] = [4.0, 4, 6, 6]    # key 1 has a pending delta of 1
     done = view.replica_overwrite(np.array([0, 1, 2], np.uint64),
                                   np.array([0, 100, 102], np.uint64),
                                   np.array([9.0, 9, 7, 7, 8, 8]))
     assert done == 2
     out, misses = kernel_pull(view, [0, 1, 2])
     assert out.tolist() == [0, 0, 7, 7, 8, 8] and misses.size == 0  # key 0 is owned
-    assert view.arena_array()[100:104].tolist() == [7, 7, 8, 8]      # no delta left
+    assert view._arena_array()[100:104].tolist() == [7, 7, 8, 8]      # no delta left
     deltas = np.empty(4)
     view.replica_deltas(keys, synced, deltas)
     assert deltas.tolist() == [0, 0, 0, 0]
@@ -398,13 +398,13 @@ def test_a_replica_takes_the_owners_sum_when_its_delta_is_taken(make_table, dtyp
     replica = np.array([0.3, 0.7, 1e8, -0.1], dtype=dtype)
     view.admit(keys, replica, offsets, REPLICA, 0, np.zeros(2, np.uint8))
     synced_values = np.array([1e8, 0.2, 3.3, -0.0], dtype=dtype)  # key 1: r - s rounds
-    view.arena_array()[100:104] = synced_values
+    view._arena_array()[100:104] = synced_values
     synced = np.array([100, 102], dtype=np.uint64)
     deltas = np.empty(4, dtype=dtype)
     view.replica_deltas(keys, synced, deltas)
     owners = synced_values + deltas  # the owner adds the delta to the value s it sent
     assert deltas.tobytes() == (replica - synced_values).tobytes()
-    assert view.arena_array()[100:104].tobytes() == owners.tobytes()
+    assert view._arena_array()[100:104].tobytes() == owners.tobytes()
     out, _ = kernel_pull(view, [1, 2])
     assert out.tobytes() == owners.tobytes()
     assert not np.array_equal(owners, replica)  # the case the kernel exists for
@@ -418,7 +418,7 @@ def _replicas(view, keys, synced, delta):
     from adapm.table.shared_table import REPLICA
     offsets = np.empty(len(keys), np.uint64)
     view.release(keys, OWNED, offsets, np.zeros(len(keys), np.uint8))
-    arena = view.arena_array()
+    arena = view._arena_array()
     values = np.concatenate([arena[o:o + 2] for o in offsets.tolist()])
     view.admit(keys, values, offsets, REPLICA, 0, np.zeros(len(keys), np.uint8))
     for o, s in zip(offsets.tolist(), synced.tolist()):
@@ -499,29 +499,28 @@ def test_a_lock_timeout_in_a_batch_names_its_key_and_leaves_the_rest(make_table,
     synced = np.array([24, 26, 28], np.uint64)  # the slots of keys 12 to 14, unused here
     if prepare is not None:
         prepare(view, keys, synced)
-    seq = view.hold_lock(7)
-    directory_before = view.directory_array().copy()
-    arena_before = view.arena_array().copy()
-    out = {"keys": [], "values": []}
-    with pytest.raises(LockTimeout) as info:
-        call(view, keys, synced, out)
-    assert info.value.key == 7
-    directory, arena = view.directory_array(), view.arena_array()
-    entry = directory[1]
-    offset = int(entry["offset"])
-    assert (entry["state"], arena[offset:offset + 2].tolist(), arena[24:26].tolist()) == \
-        key1_after
-    assert entry["seq"] % 2 == 0  # unlocked after its work
-    assert (directory[[3, 7]] == directory_before[[3, 7]]).all()  # 7 is still held: odd
-    rest = [int(o) + j for o in directory_before["offset"][[3, 7]] for j in (0, 1)]
-    rest += list(range(26, 30))  # keys 7 and 3's values at last sync
-    np.testing.assert_array_equal(arena[rest], arena_before[rest])
-    for per_key in out["keys"]:
-        assert per_key[1:].tolist() == [9, 9]
-    for flat in out["values"]:
-        assert flat[2:].tolist() == [-1] * 4
-    view.release_lock(7, seq, changed=False)
-    assert (view.directory_array()["seq"] % 2 == 0).all()
+    with held_lock(view, 7):
+        directory_before = view._directory_array().copy()
+        arena_before = view._arena_array().copy()
+        out = {"keys": [], "values": []}
+        with pytest.raises(LockTimeout) as info:
+            call(view, keys, synced, out)
+        assert info.value.key == 7
+        directory, arena = view._directory_array(), view._arena_array()
+        entry = directory[1]
+        offset = int(entry["offset"])
+        assert (entry["state"], arena[offset:offset + 2].tolist(), arena[24:26].tolist()) == \
+            key1_after
+        assert entry["seq"] % 2 == 0  # unlocked after its work
+        assert (directory[[3, 7]] == directory_before[[3, 7]]).all()  # 7 is still held: odd
+        rest = [int(o) + j for o in directory_before["offset"][[3, 7]] for j in (0, 1)]
+        rest += list(range(26, 30))  # keys 7 and 3's values at last sync
+        np.testing.assert_array_equal(arena[rest], arena_before[rest])
+        for per_key in out["keys"]:
+            assert per_key[1:].tolist() == [9, 9]
+        for flat in out["values"]:
+            assert flat[2:].tolist() == [-1] * 4
+    assert (view._directory_array()["seq"] % 2 == 0).all()
 
 
 # -- serve_sync: the owner's side of a sync round in one call ---------------------------
@@ -560,3 +559,52 @@ def test_serve_sync_applies_deltas_and_copies_the_values_the_answers_carry(make_
     view.pull(keys[:5], now[:10], np.empty(5, np.uint64))
     assert now[4:6].tolist() == [4 + 10, 5 + 20]                  # key 2's delta
     assert now[8:10].tolist() == [8 + 30, 9 + 40]                 # key 4's delta
+
+
+# -- the node server's reads and owner changes through the table's API -------------------
+
+def test_set_owners_writes_each_owner_under_the_keys_lock(make_table):
+    table = make_table(num_keys=8)
+    view = table.view
+    owners = np.empty(8, np.uint16)
+    assert table.set_owners(np.arange(8), np.arange(8) % 3) == 5  # keys 0, 3, 6 had 0
+    view.owners_of(np.arange(8, dtype=np.uint64), owners)
+    assert owners.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    seq_before = view._directory_array()["seq"].copy()
+    assert table.set_owners([1, 2], 2) == 1
+    seq = view._directory_array()["seq"]
+    assert (seq[1], seq[2]) == (seq_before[1] + 2, seq_before[2])  # key 2 had owner 2
+    view.lock_timeout_ns = 20_000_000
+    with held_lock(view, 5):
+        with pytest.raises(LockTimeout) as info:
+            table.set_owners([4, 5, 6], 1)
+        assert info.value.key == 5
+    view.owners_of(np.arange(8, dtype=np.uint64), owners)
+    assert owners[4:7].tolist() == [1, 2, 0]  # key 4 done, 5 and 6 untouched
+
+
+def test_owned_keys_lengths_and_states_are_snapshots_of_the_directory(make_table):
+    lengths = np.array([1, 3, 2, 5] * 5)
+    table = make_table(num_keys=20, value_length=lengths)
+    view = table.view
+    assert view.owned_keys().tolist() == list(range(20))
+    view.release(np.array([3, 11], np.uint64), OWNED, np.empty(2, np.uint64),
+                 np.empty(2, np.uint8))
+    assert view.owned_keys().tolist() == [k for k in range(20) if k not in (3, 11)]
+    assert view.key_lengths().tolist() == lengths.tolist()
+    assert table.lengths([3, 0]).tolist() == [5, 1]
+    assert table.states([3, 4]).tolist() == [ABSENT, OWNED]
+
+
+def test_server_slots_are_zeroed_and_read_within_the_arena_only(make_table):
+    table = make_table(num_keys=16, value_length=2, values=np.arange(32.0))
+    view = table.view
+    assert view.read_slots([4, 10], [2, 1]).tolist() == [4, 5, 10]
+    view.zero_slots(np.array([4], np.uint64), np.array([2], np.uint64))
+    assert view.read_slots([3, 6], [2, 1]).tolist() == [3, 0, 6]
+    for offsets, lengths in (([31], [2]), ([2**64 - 1], [2])):
+        with pytest.raises(IndexError):
+            view.read_slots(offsets, lengths)
+        with pytest.raises(IndexError):
+            view.zero_slots(offsets, lengths)
+    assert view.read_slots(np.empty(0, np.uint64), np.empty(0, np.uint64)).shape == (0,)

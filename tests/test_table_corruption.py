@@ -126,10 +126,13 @@ def _exercise(view, say):
     view.heartbeat_age()
     view.failed  # noqa: B018
     (view.node, view.num_nodes, view.cluster_id, view.total_bytes)  # noqa: B018
-    say("directory_array")
-    view.directory_array().copy()
-    say("arena_array")
-    view.arena_array().sum()
+    say("owned_keys, key_lengths")
+    view.owned_keys()
+    view.key_lengths()
+    say("_directory_array")
+    view._directory_array().copy()
+    say("_arena_array")
+    view._arena_array().sum()
     return {"num_keys": n, "misses": int(nmiss), "values": out[:NUM_KEYS * LENGTH].tolist()}
 
 
@@ -400,7 +403,7 @@ def _entry_child(name, conn):
 def test_a_corrupt_directory_entry_crashes_nothing(table_factory, field, label, corrupt,
                                                    value_length):
     table = table_factory(value_length=value_length, num_keys=ENTRY_KEYS)
-    entry = table.view.directory_array()[BAD_KEY:BAD_KEY + 1]
+    entry = table.view._directory_array()[BAD_KEY:BAD_KEY + 1]
     entry[field] = corrupt(int(entry[field][0]), CAPACITY)
     outcome, detail, steps, code = probe(table.name, _entry_child)
     said = _describe(outcome, detail, steps, code)

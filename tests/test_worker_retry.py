@@ -72,7 +72,7 @@ class MovedOnView(OnceBusyView):
 
     def __init__(self, view, gone_key):
         super().__init__(view, gone_key)
-        view.directory_array()["owner"][gone_key] = 1
+        view._directory_array()["owner"][gone_key] = 1
 
     def _without_gone(self, keys, values, misses, op):
         ok = keys != self.busy_key

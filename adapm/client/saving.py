@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from adapm.checkpoint import files as checkpoint
+import adapm.checkpoint as checkpoint
 from adapm.common import failpoints
 from adapm.table.optimizers import SparseOptimizer
 from adapm.wire.collectives import BEGIN, FREEZE, THAW, WRITTEN
@@ -101,7 +101,7 @@ class Saving:
         if self.local_rank == 0:
             lengths = None
             if self.node == 0 and not self._view.uniform_length:
-                lengths = self._view.directory_array()["length"].astype(np.uint32)
+                lengths = self._view.key_lengths().astype(np.uint32)
             progress = checkpoint.WriteProgress(f"node {self.node}", path)
             stall = failpoints.for_node(self.node).argument("stall_save")
             if stall:  # tests: a node that stops in the middle of writing its part

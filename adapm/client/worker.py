@@ -360,7 +360,7 @@ class Worker:
         beside this worker's clock. An interrupted save leaves the previous checkpoint at
         `path` whole. Returns the manifest (a dict) once the checkpoint is complete.
         Restore with adapm.run(..., restore=path) or adapm-launch --restore PATH, on any
-        number of nodes and workers; read it with adapm.checkpoint.files.load(path)."""
+        number of nodes and workers; read it with adapm.checkpoint.load(path)."""
         self._check_open()
         return self._saving.save(path, optimizer, self._clock)
 

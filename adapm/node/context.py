@@ -34,7 +34,7 @@ class NodeContext:
 
     def lengths(self, keys):
         """The keys' value lengths, as allocator sizes."""
-        return self.view.directory_array()["length"][keys].astype(np.uint64)
+        return self.table.lengths(keys)
 
     def states(self, keys):
         states = np.empty(keys.shape[0], dtype=np.uint8)
@@ -42,4 +42,4 @@ class NodeContext:
         return states
 
     def not_owned(self, keys):
-        return self.view.directory_array()["state"][keys] != OWNED
+        return self.table.states(keys) != OWNED

@@ -26,7 +26,7 @@ import numpy as np
 import posix_ipc
 import zmq
 
-from adapm.checkpoint import files as checkpoint
+import adapm.checkpoint as checkpoint
 from adapm.common import config, failpoints
 from adapm.common.errors import (
     FAIL_COLLECTIVES,
@@ -285,7 +285,7 @@ class NodeServer:
         if spec.num_nodes > 1:
             everyone = np.arange(spec.num_keys, dtype=np.uint64)
             table.set_owners(everyone, home_of(everyone, spec.num_nodes))
-        lengths = table.view.directory_array()["length"][home].astype(np.uint64)
+        lengths = table.lengths(home)
         if not callable(spec.init) and spec.init[0] == "checkpoint":
             checkpoint.restore_home_keys(table, spec.init[1], self.node, spec.num_nodes,
                                          spec.num_keys, spec.value_length, spec.dtype)

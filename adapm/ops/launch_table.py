@@ -4,7 +4,7 @@ into what ClusterSpec takes (errors are click's usage errors, naming the option)
 import click
 import numpy as np
 
-from adapm.checkpoint import files as checkpoint
+import adapm.checkpoint as checkpoint
 
 
 def parse_init(text):
@@ -62,7 +62,7 @@ def table_init(init_text, optimizer_text, value_length):
 
 def restored_table(restore, num_keys, value_length, dtype, init_text, optimizer_text):
     """(num_keys, value_length, dtype, init) from the options, or from --restore's
-    checkpoint where they are absent (adapm.checkpoint.files.table_shape)."""
+    checkpoint where they are absent (adapm.checkpoint.table_shape)."""
     lengths = None if value_length is None else parse_value_length(value_length)
     if restore is None:
         if num_keys is None:

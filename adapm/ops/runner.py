@@ -10,7 +10,7 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
-from adapm.checkpoint import files as checkpoint
+import adapm.checkpoint as checkpoint
 from adapm.common import logs
 from adapm.common.config import ENV_METRICS_PORT, env_port
 from adapm.common.errors import ClusterError, WorkerError

@@ -71,7 +71,7 @@ def initial_values(init, keys, lengths, dtype):
     init = parse_init(init)
     if not callable(init) and init[0] == "checkpoint":
         raise ValueError("a checkpoint is restored by the node servers as a whole "
-                         "(adapm.checkpoint.files), not computed per key")
+                         "(adapm.checkpoint), not computed per key")
     keys = np.asarray(keys, dtype=np.uint64)
     lengths = np.asarray(lengths, dtype=np.uint64)
     total = int(lengths.sum())

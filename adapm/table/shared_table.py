@@ -193,7 +193,7 @@ class SharedTable:
             raise
         shm.close_fd()
         table = cls(name, view, owner=True)
-        directory = view.directory_array()
+        directory = view._directory_array()  # no worker has attached yet: no locks
         directory["length"] = uniform if uniform else lengths
         directory["owner"] = node
         return table
@@ -215,12 +215,12 @@ class SharedTable:
     def install(self, keys, state=OWNED, values=None):
         """Allocate slots for `keys` (sorted uint64 array, or a slice of the key range;
         currently ABSENT), optionally write their values (flat), and give them `state`.
-        Used at creation, before publish()."""
-        directory = self.view.directory_array()
+        Used at creation, before publish() (no locks: no worker has attached yet)."""
+        directory = self.view._directory_array()
         lengths = directory["length"][keys].astype(np.uint64)
         offsets = self.allocator.allocate(lengths)
         if values is not None:
-            arena = self.view.arena_array()
+            arena = self.view._arena_array()
             if _contiguous(offsets, lengths):
                 start = int(offsets[0]) if offsets.shape[0] else 0
                 arena[start:start + values.shape[0]] = values
@@ -233,7 +233,25 @@ class SharedTable:
         return offsets
 
     def set_owners(self, keys, owner):
-        self.view.directory_array()["owner"][keys] = owner
+        """Cache `owner` (one node, or one per key) as the owner of `keys`, each under its
+        lock (a live table's entries change only so)."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        owners = np.ascontiguousarray(np.broadcast_to(owner, keys.shape), dtype=np.uint16)
+        return self.view.set_owners(keys, owners)
+
+    def lengths(self, keys):
+        """The keys' value lengths (uint64), e.g. as allocator sizes."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        lengths = np.empty(keys.shape[0], dtype=np.uint64)
+        self.view.lengths_of(keys, lengths)
+        return lengths
+
+    def states(self, keys):
+        """The keys' states (uint8; a snapshot: only the node server changes them)."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        states = np.empty(keys.shape[0], dtype=np.uint8)
+        self.view.states_of(keys, states)
+        return states
 
     def publish(self):
         self.view.publish()

@@ -1,5 +1,5 @@
 """Checkpoint phases, a part of the node server: the cluster holds still while its workers
-write a checkpoint (adapm.checkpoint.files; Worker.save drives the phases).
+write a checkpoint (adapm.checkpoint.write; Worker.save drives the phases).
 
 A save goes through four cluster-wide barriers, each entered by every worker with a
 CHECKPOINT message and left with CHECKPOINTED:

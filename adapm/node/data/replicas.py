@@ -9,7 +9,7 @@ only under its entry lock and only when no worker wrote it since it was last rea
 import numpy as np
 
 from adapm.table.keyset import KeySet
-from adapm.table.segments import Segments, element_index
+from adapm.table.segments import Segments
 from adapm.table.shared_table import ABSENT, KEEP_OWNER, PENDING, REPLICA
 
 
@@ -53,7 +53,7 @@ class ReplicaCopies:
         lengths = self.ctx.lengths(keys)
         offsets = self.allocator.allocate(lengths)
         synced = self.allocator.allocate(lengths)
-        self.view.arena_array()[element_index(synced, lengths)] = 0
+        self.view.zero_slots(synced, lengths)
         zeros = np.zeros(int(lengths.sum()), dtype=self.view.dtype)
         admitted = np.zeros(keys.shape[0], dtype=np.uint8)
         self.view.admit(keys, zeros, offsets, PENDING, KEEP_OWNER, admitted)
@@ -123,7 +123,6 @@ class ReplicaCopies:
         if not mine.any():
             return values
         values = np.array(values, dtype=self.view.dtype)
-        arena = self.view.arena_array()
         segments = Segments.of(self.view, keys)
         for state in (PENDING, REPLICA):
             idx = np.flatnonzero(states == state)
@@ -138,8 +137,8 @@ class ReplicaCopies:
             synced = self.synced[held.astype(np.intp)]
             lengths = self.ctx.lengths(held)
             if state == REPLICA:  # a PENDING copy was never written: nothing to add
-                local = arena[element_index(offsets, lengths)] - \
-                    arena[element_index(synced, lengths)]
+                local = self.view.read_slots(offsets, lengths) - \
+                    self.view.read_slots(synced, lengths)
                 segments.put(values, idx, segments.take(values, idx) + local)
             self.allocator.free(offsets, lengths)
             self.allocator.free(synced, lengths)
