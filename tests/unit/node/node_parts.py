@@ -1,15 +1,20 @@
 """What the unit tests of the node server's parts share: a RecordingOutbox (the four
 methods of adapm.node.outbox.Outbox) that passes every message through the wire format
 and records (destination, decoded message); messages as they arrive from workers and
-peers; and reads and writes of a node's table as its workers make them."""
+peers; reads and writes of a node's table as its workers make them; and the `cluster`
+fixture (each test module imports `cluster_fixture`: a conftest.py here would shadow
+tests/conftest.py, which some tests import as the module `conftest`)."""
 import numpy as np
+import pytest
 
 from adapm.node.context import NodeContext
+from adapm.node.server import NodeServer
 from adapm.policy.intents import IntentStore
 from adapm.policy.ownership import Ownership
 from adapm.table.shared_table import NODE_SLOT, REPLICA
 from adapm.wire import protocol
 from adapm.wire.protocol import MsgType, node_identity
+from adapm.wire.spec import ClusterSpec
 
 TOKEN = 4242
 LENGTH = 2
@@ -140,3 +145,30 @@ def make_replica(here, owner, keys):
     _, reply = only(owner.outbox.take(), MsgType.SYNC_REPLY)
     here.rounds.on_sync_reply(node_identity(owner.node), reply)
     assert set(states(here, keys)) == {REPLICA}
+
+
+@pytest.fixture(name="cluster")
+def cluster_fixture():
+    """make(num_nodes, mode, workers_per_node) -> (spec, [NodeServer]): formed nodes with
+    real tables (unique segment names: a random cluster id, under the session's tag),
+    whose parts send into a RecordingOutbox each (server.outbox). Tables are unlinked
+    and closed afterwards."""
+    made = []
+
+    def make(num_nodes=2, mode="adaptive", workers_per_node=1, num_keys=12):
+        spec = ClusterSpec(num_keys=num_keys, value_length=LENGTH, num_nodes=num_nodes,
+                           workers_per_node=workers_per_node, mode=mode, init=initial)
+        servers = []
+        for node in range(num_nodes):
+            server = NodeServer(spec, node, "tcp://127.0.0.1:1")
+            server.create_table()
+            made.append(server)
+            server.assemble(RecordingOutbox(node))
+            server.formed(TOKEN, ADDRESSES[:num_nodes])
+            servers.append(server)
+        return spec, servers
+
+    yield make
+    for server in made:
+        server.table.unlink()
+        server.table.close()

@@ -2,7 +2,15 @@
 one node, built alone over the real rounds part of a formed node (so freezing is real)
 and a LocalWorkers of its own, both sending into recording outboxes."""
 import pytest
-from node_parts import RecordingOutbox, context, from_worker, keys_of, of_type, only
+from node_parts import (
+    RecordingOutbox,
+    cluster_fixture,  # noqa: F401 (the fixture `cluster`)
+    context,
+    from_worker,
+    keys_of,
+    of_type,
+    only,
+)
 
 from adapm.common.errors import FAIL_BARRIER, ProtocolError
 from adapm.node.control.checkpoint_phases import CheckpointPhases

@@ -6,6 +6,7 @@ import pytest
 from node_parts import (
     ADDRESSES,
     RecordingOutbox,
+    cluster_fixture,  # noqa: F401 (the fixture `cluster`)
     context,
     from_worker,
     of_type,

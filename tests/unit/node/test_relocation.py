@@ -7,6 +7,7 @@ import pytest
 from node_parts import (
     LENGTH,
     RecordingOutbox,
+    cluster_fixture,  # noqa: F401 (the fixture `cluster`)
     context,
     floats,
     from_peer,

@@ -3,7 +3,14 @@ become PENDING, the owner's values make them replicas, deltas are taken against 
 at last sync, and only clean copies are released."""
 import numpy as np
 import pytest
-from node_parts import context, floats, keys_of, states, write
+from node_parts import (
+    cluster_fixture,  # noqa: F401 (the fixture `cluster`)
+    context,
+    floats,
+    keys_of,
+    states,
+    write,
+)
 
 from adapm.node.data.replicas import ReplicaCopies
 from adapm.table.segments import Segments

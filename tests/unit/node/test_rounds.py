@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 from node_parts import (
+    cluster_fixture,  # noqa: F401 (the fixture `cluster`)
     floats,
     from_peer,
     from_worker,

@@ -2,7 +2,16 @@
 its home), and requests that cannot go anywhere failing instead of looping."""
 import numpy as np
 import pytest
-from node_parts import RecordingOutbox, context, from_peer, from_worker, keys_of, of_type, only
+from node_parts import (
+    RecordingOutbox,
+    cluster_fixture,  # noqa: F401 (the fixture `cluster`)
+    context,
+    from_peer,
+    from_worker,
+    keys_of,
+    of_type,
+    only,
+)
 
 from adapm.common.errors import FAIL_ROUTING
 from adapm.node.data.routing import Routes

@@ -7,6 +7,7 @@ from node_parts import (
     LENGTH,
     TOKEN,
     RecordingOutbox,
+    cluster_fixture,  # noqa: F401 (the fixture `cluster`)
     context,
     floats,
     from_peer,
