@@ -6,8 +6,6 @@ import numpy as np
 
 from adapm.policy.intents import IntentStore
 from adapm.policy.manager import (
-    RELOCATE,
-    REPLICATE,
     RETAIN_MAX_LEVEL,
     ClockTracker,
     Manager,
@@ -82,14 +80,21 @@ def test_static_and_replicate_all_do_not_act_on_intents():
         assert plan.requests.shape[0] == 0
 
 
+def relocates(mode, owner_intends, others_hold, rounds_since_arrival=-1):
+    """The owner's answer to one request (Manager.relocate_mask for one key)."""
+    return bool(Manager(mode, 1, None).relocate_mask(
+        np.array([owner_intends]), np.array([others_hold]),
+        np.array([rounds_since_arrival]))[0])
+
+
 def test_decisions_per_mode():
-    assert Manager("adaptive", 1, None).decide(False, False) == RELOCATE
-    assert Manager("adaptive", 1, None).decide(True, False) == REPLICATE
-    assert Manager("adaptive", 1, None).decide(False, True) == REPLICATE
-    assert Manager("adaptive", 1, None).decide(False, False, 3) == REPLICATE  # just arrived
-    assert Manager("adaptive", 1, None).decide(False, False, 500) == RELOCATE
-    assert Manager("relocate_only", 1, None).decide(True, True) == RELOCATE
-    assert Manager("replicate_only", 1, None).decide(False, False) == REPLICATE
+    assert relocates("adaptive", False, False)
+    assert not relocates("adaptive", True, False)
+    assert not relocates("adaptive", False, True)
+    assert not relocates("adaptive", False, False, 3)   # just arrived
+    assert relocates("adaptive", False, False, 500)
+    assert relocates("relocate_only", True, True)
+    assert not relocates("replicate_only", False, False)
 
 
 def test_intent_counts_are_exact_by_sorting_and_by_bincount():
@@ -207,25 +212,31 @@ def test_a_kept_replica_is_dropped_once_its_retention_has_passed():
     assert abs((last_drop - (last_end - 1)) * 0.005 - retention) <= 0.005
 
 
+def split(retention, candidates, now):
+    """Retention.keeps as arrays of keys: (kept, dropped)."""
+    keep = retention.keeps(candidates, now)
+    return candidates[keep], candidates[~keep]
+
+
 def test_retention_grows_to_cover_the_gap_and_decays_after_long_ones():
     r = Retention(10)
     key = np.array([3], np.uint64)
     r.requested(key, 0.0)                       # first use: nothing to learn
     assert r.level[3] == 0
     r.used(key, 1.0)
-    r.split(key, 1.0)                           # its intent ended: dropped at once
+    split(r, key, 1.0)                           # its intent ended: dropped at once
     r.requested(key, 1.1)                       # back after 100 ms: bounced
     assert 0.2 <= r.seconds(key)[0] < 0.4       # twice the gap, as a power of two
     level = int(r.level[3])
     r.used(key, 1.2)
-    keep, drop = r.split(key, 1.25)             # within its retention: kept
+    keep, drop = split(r, key, 1.25)             # within its retention: kept
     assert keep.tolist() == [3] and drop.tolist() == []
     retention = r.seconds(key)[0]
-    r.split(key, 1.2 + retention)               # let go; back a bit later than that:
+    split(r, key, 1.2 + retention)               # let go; back a bit later than that:
     r.requested(key, 1.2 + retention + 0.001)   # the retention at least doubles
     assert r.level[3] > level
     for _ in range(20):                         # bouncing all the time: bounded
-        r.split(key, 10.0)
+        split(r, key, 10.0)
         r.requested(key, 10.0 + Retention.LONGEST)
     assert r.level[3] == RETAIN_MAX_LEVEL
     assert r.seconds(key)[0] == Retention.LONGEST

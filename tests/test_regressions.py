@@ -9,7 +9,6 @@ import pytest
 
 import adapm
 from adapm.node.data.holders import ReplicaHolders
-from adapm.node.data.relocation import Relocation
 from adapm.node.data.rounds import Rounds
 from adapm.policy.intents import IntentStore, read_intent_log
 from adapm.policy.manager import SETTLE_ROUNDS, Manager
@@ -22,13 +21,14 @@ pytestmark = pytest.mark.timeout(60)
 
 def owner_side(num_keys=10, round_now=7):
     """The rounds part of an owner with just what _answer_requests reads: intents, the
-    manager, replica holders and the relocation part's arrival stamps (no table)."""
+    manager, replica holders and its arrival stamps (no table, nothing sent)."""
     intents = IntentStore(1, num_keys)
     ctx = SimpleNamespace(view=None, intents=intents, num_keys=num_keys, counts={})
     ctx.count = lambda name, n: ctx.counts.__setitem__(name, ctx.counts.get(name, 0) + n)
-    rounds = Rounds(ctx, None, None, None, ReplicaHolders(num_keys, 2),
-                    Manager("adaptive", 1, intents), None)
-    rounds.relocation = Relocation(ctx, None, None, None, None, rounds, 1.0)
+    rounds = Rounds(ctx, outbox=None, routes=None, replicas=None,
+                    holders=ReplicaHolders(num_keys, 2),
+                    manager=Manager("adaptive", 1, intents), eviction=None,
+                    deferred_sets=None, release_barrier=None, resume_set=None)
     rounds.round = round_now
     return rounds
 
@@ -40,7 +40,7 @@ def test_a_key_that_arrived_during_the_current_round_is_not_moved_on():
     maps it to -1 = 'never arrived' and relocates the key straight on: the anti-bounce
     rule (SETTLE_ROUNDS) is off for the freshest arrivals."""
     owner = owner_side()
-    arrived_round = owner.relocation.arrived_round
+    arrived_round = owner.arrived_round
     fresh, settled, old, never = 1, 2, 3, 4
     arrived_round[fresh] = owner.round + 1           # as on_move sets it
     arrived_round[settled] = owner.round             # arrived one round ago

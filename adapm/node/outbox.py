@@ -16,13 +16,14 @@ log = logging.getLogger("adapm.server")
 
 
 class Outbox:
-    def __init__(self, node, count):
-        """count(name, n): adds to a node counter (bytes_sent)."""
+    def __init__(self, node, count, router=None, coordinator=None):
+        """count(name, n): adds to a node counter (bytes_sent); router: the ROUTER that
+        replies to workers of any node; coordinator: the DEALER to the coordinator."""
         self.node = node
         self.token = 0            # the cluster's token, once it formed
-        self.router = None        # ROUTER: replies to workers of any node
-        self.coordinator = None   # DEALER to the coordinator
-        self.peers = {}           # node -> DEALER
+        self.router = router
+        self.coordinator = coordinator
+        self.peers = {}           # node -> DEALER, once the cluster formed
         self._count = count
 
     def to_worker(self, rank, msg):

@@ -42,7 +42,6 @@ class IntentStore:
         # queued and counted in one pass when the counts are read (about once a round).
         self._count = np.zeros(num_keys, dtype=np.int32)
         self._added, self._removed = [], []
-        self.received = 0  # keys signalled, over the node's lifetime
 
     def add(self, worker, keys, start, end):
         if not 0 <= worker < len(self._by_worker):
@@ -63,7 +62,6 @@ class IntentStore:
         heapq.heappush(self._ends[worker], (end, self._sequence, intent))
         self._live += 1
         self._added.append(keys)
-        self.received += keys.shape[0]
 
     def expire(self, clocks):
         """Forget intents whose window ended before each worker's current clock."""

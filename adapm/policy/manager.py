@@ -42,8 +42,6 @@ MIN_WINDOW = 2
 # bounce makes the next access remote.
 SETTLE_ROUNDS = 20
 
-RELOCATE, REPLICATE = "relocate", "replicate"
-
 # Retention (class Retention). Learned per key; these are only its unit and its bound.
 # The unit: a replica nobody intends is synced only in full rounds (every 20 ms,
 # rounds.REFRESH_INTERVAL), and rounds run at least that often while the node holds
@@ -191,11 +189,6 @@ class Retention:
         self.let_go[idx[~keep]] = True
         return keep
 
-    def split(self, candidates, now):
-        """keeps() as arrays of keys: (keep, drop)."""
-        keep = self.keeps(candidates, now)
-        return candidates[keep], candidates[~keep]
-
     def retained(self, keys, now):
         """Mask: keys this node used within their retention (the owner side: a key the
         owner will soon want back is replicated to a requester, not moved away)."""
@@ -278,21 +271,13 @@ class Manager:
                 keep, drop = replicas[keeping], replicas[~keeping]
         return RoundPlan(requests, keep, drop, late, due_keys, windows, retained)
 
-    def decide(self, owner_intends, others_hold, rounds_since_arrival=None):
-        """The owner's answer to a request for a key: RELOCATE or REPLICATE.
-        `owner_intends`: a worker of the owner's node intends the key; `others_hold`:
-        nodes other than the requester hold replicas of it (so they intend it);
-        `rounds_since_arrival`: how long ago the key came here by relocation (None: it
-        never did)."""
-        since = -1 if rounds_since_arrival is None else rounds_since_arrival
-        relocate = self.relocate_mask(np.array([bool(owner_intends)]),
-                                      np.array([bool(others_hold)]), np.array([since]))
-        return RELOCATE if relocate[0] else REPLICATE
-
     def relocate_mask(self, owner_intends, others_hold, rounds_since_arrival, keys=None,
                       now=None):
-        """decide() for many keys at once (boolean arrays; rounds_since_arrival < 0 for
-        keys that never arrived by relocation): True where the answer is RELOCATE.
+        """The owner's answer to requests for keys, True where it relocates a key to the
+        requester, False where it replicates it there. Boolean arrays: `owner_intends`: a
+        worker of the owner's node intends the key; `others_hold`: nodes other than the
+        requester hold replicas of it (so they intend it); `rounds_since_arrival`: how
+        long ago the key came here by relocation (< 0: it never did).
         `keys` (the requested keys, optional): a key this node used within its learned
         retention counts as intended here, since it would soon be requested back;
         `now`: time.monotonic() unless given."""

@@ -38,7 +38,7 @@ log = logging.getLogger("adapm.checkpoint")
 
 class CheckpointPhases:
     def __init__(self, ctx, outbox, rounds, local_workers):
-        """rounds: its `frozen` flag and `in_flight`; local_workers: their identities,
+        """rounds: `freeze()`, `thaw()` and `in_flight`; local_workers: their identities,
         who left, and `cannot_complete()` (fail the cluster: a worker left)."""
         self.ctx = ctx
         self.outbox = outbox
@@ -68,7 +68,7 @@ class CheckpointPhases:
             self.local_workers.cannot_complete()
         elif len(arrived) == self.ctx.workers:
             if msg.phase == FREEZE:
-                self.rounds.frozen = True
+                self.rounds.freeze()
                 self._to_quiesce.append(msg.generation)
                 self.poll()
             else:
@@ -92,7 +92,7 @@ class CheckpointPhases:
         log.debug("node %d: save %d: every node is through phase %s", self.ctx.node, save,
                   PHASE_NAMES.get(phase, phase))
         if phase == THAW:
-            self.rounds.frozen = False
+            self.rounds.thaw()
         identities = self.local_workers.identities
         for local, request_id in self._arrived.pop((save, phase), {}).items():
             self.outbox.to_identity(identities[local],

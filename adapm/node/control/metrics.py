@@ -9,9 +9,11 @@ takes any free port, and the node logs the one it got.
 
 Nothing is counted for the metrics: a scrape reads the counters the table already keeps
 (the workers' and the node's, the same that w.stats() and the summary table read) and
-the node server's queues, in the scraping thread. The only addition to the node server's
-work is one call per completed sync round (`NodeCollector.observe_round`, two list
-increments) for the round-time histograms."""
+a snapshot of the node server's queues (adapm.node.snapshot: plain numbers, taken under
+the lock the node thread holds while it works), in the scraping thread. The only
+addition to the node server's work is one call per completed sync round (an observer of
+its rounds: `NodeCollector.observe_round`, two list increments) for the round-time
+histograms."""
 
 import bisect
 import collections
@@ -103,7 +105,8 @@ class NodeCollector:
 
     def observe_round(self, seconds, asked):
         """A sync round completed after `seconds`; `asked`: it asked owners for keys (its
-        time is what the reaction time is estimated from). Called by adapm.node.data.rounds."""
+        time is what the reaction time is estimated from). An observer of the node's
+        rounds (adapm.node.data.rounds), on the node thread."""
         self.rounds.observe(seconds)
         if asked:
             self.reactions.observe(seconds)
@@ -228,39 +231,32 @@ class NodeCollector:
         return np.maximum(clocks - before, 0) / (now - then)
 
     def _queues(self, GaugeMetricFamily):
-        """What waits in the node server: read from the server's thread's structures
-        (each read is one atomic step under the GIL)."""
-        server, node = self.server, self.node
-        rounds, replicas = server.rounds, server.replicas
-        waiters = rounds.waiters
+        """What waits in the node server, from a snapshot of its parts."""
+        node = self.node
+        snapshot = self.server.snapshots.take()
         waiting = GaugeMetricFamily(
             "adapm_requests_waiting", "Requests of this node's workers that the node server "
             "holds unanswered: wait_sync and refresh (for a sync round), barrier and save (for "
             "the other workers and nodes), set (for the sync round in flight), localize (for "
             "its keys to arrive)", labels=["node", "kind"])
-        for kind, count in (("wait_sync", len(waiters.sync)), ("refresh", len(waiters.refresh)),
-                            ("barrier", len(server.local_workers.waiting_workers())),
-                            ("save", len(server.checkpoints.waiting_workers())),
-                            ("set", len(rounds.deferred_sets)),
-                            ("localize", server.relocation.localizing())):
+        for kind, count in snapshot.waiting:
             waiting.add_metric([node, kind], count)
         intents = GaugeMetricFamily(
             "adapm_intents_queued", "Intents of this node's workers that the node server "
             "knows and that have not expired (waiting to come due, or in their window)",
             labels=["node"])
-        intents.add_metric([node], len(server.intents))
+        intents.add_metric([node], snapshot.intents_queued)
         moving = GaugeMetricFamily(
             "adapm_keys_moving", "Keys on their way to this node: requested by a sync round "
             "and not answered yet (requested), or asked for by a localize and not arrived "
             "(localizing)", labels=["node", "kind"])
-        pending = len(replicas.pending)
-        moving.add_metric([node, "requested"], pending)
-        moving.add_metric([node, "localizing"], len(replicas.moving_in))
+        moving.add_metric([node, "requested"], snapshot.keys_requested)
+        moving.add_metric([node, "localizing"], snapshot.keys_localizing)
         held = GaugeMetricFamily(
             "adapm_replicas_held", "Replicas of other nodes' keys that this node holds now "
             "(answered; those requested and not answered are in adapm_keys_moving)",
             labels=["node"])
-        held.add_metric([node], max(len(replicas.held) - pending, 0))
+        held.add_metric([node], snapshot.replicas_held)
         return [waiting, intents, moving, held]
 
 
@@ -422,7 +418,7 @@ class MetricsExporter:
 
 def start(server, host, port):
     """Serve `server`'s (a NodeServer with its parts assembled) metrics on host:port and
-    hook the round-time histograms into its rounds; returns the MetricsExporter."""
+    observe its rounds for the round-time histograms; returns the MetricsExporter."""
     exporter = MetricsExporter(server, host, port)
-    server.rounds.observe_round = exporter.collector.observe_round
+    server.rounds.add_observer(exporter.collector.observe_round)
     return exporter

@@ -7,7 +7,10 @@
   copies are absorbed, the keys are installed as owned, and their homes are told
   (OWNER_UPDATE).
 - A sync round's request answered by relocation is a MOVE too (MOVE_FOR_ROUND), counted
-  for the round by the rounds part (`on_round_move`)."""
+  for the round by the rounds part (`progress`).
+
+Keys leave through the eviction part (adapm.node.data.eviction), which the rounds part
+uses too; arrivals are told to the rounds part, which owns the rounds' state."""
 
 import logging
 import time
@@ -17,7 +20,6 @@ import numpy as np
 from adapm.common.config import RELOCATING_MODES
 from adapm.common.errors import FAIL_ROUTING, ProtocolError
 from adapm.policy.ownership import home_of, split_by
-from adapm.table.segments import Segments
 from adapm.table.shared_table import OWNED
 from adapm.wire import protocol
 from adapm.wire.protocol import MOVE_FOR_ROUND
@@ -26,20 +28,19 @@ log = logging.getLogger("adapm.relocation")
 
 
 class Relocation:
-    def __init__(self, ctx, outbox, routes, replicas, holders, rounds_clock, timeout):
-        """rounds_clock: the rounds part (its `round`, `progress(n, round_id)` and
-        `answer_waiters()`); timeout: seconds before a localize that never completes
+    def __init__(self, ctx, outbox, routes, replicas, eviction, rounds, timeout):
+        """eviction: evict_and_move(keys, target, request_id, purpose); rounds: the
+        rounds part as relocation sees it: `arrived(keys)`, `progress(n, round_id)` and
+        `answer_waiters()`; timeout: seconds before a localize that never completes
         fails."""
         self.ctx = ctx
         self.view = ctx.view
         self.outbox = outbox
         self.routes = routes
         self.replicas = replicas
-        self.holders = holders
-        self.rounds = rounds_clock
+        self.eviction = eviction
+        self.rounds = rounds
         self.timeout = timeout
-        # Per key: round + 1 when it last arrived here by relocation (0: never).
-        self.arrived_round = np.zeros(ctx.num_keys, dtype=np.int64)
         self._localizing = {}  # op -> [identity, worker request id, keys left, since, keys]
         self._next_op = 0
 
@@ -112,32 +113,9 @@ class Relocation:
             if (~owned).any():
                 self.routes.forward_move_request(msg, keys[~owned])
             return
-        taken = self.evict_and_move(keys, target, msg.request_id, 0)
+        taken = self.eviction.evict_and_move(keys, target, msg.request_id, 0)
         if (~taken).any():
             self.routes.forward_move_request(msg, keys[~taken])
-
-    def evict_and_move(self, keys, target, request_id, purpose):
-        """Relocate the keys owned here to `target` (one MOVE: values, counters + 1);
-        returns the mask of keys that were owned here and moved."""
-        segs = Segments.of(self.view, keys)
-        values = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
-        offsets = np.zeros(keys.shape[0], dtype=np.uint64)
-        taken = np.zeros(keys.shape[0], dtype=np.uint8)
-        self.view.evict(keys, target, values, offsets, taken)
-        taken = taken.astype(bool)
-        if taken.any():
-            idx = np.flatnonzero(taken)
-            moved = keys[idx]
-            counters = self.ctx.ownership.counter[moved.astype(np.intp)] + np.uint32(1)
-            versions = np.empty(moved.shape[0], dtype=np.uint32)
-            self.view.versions_of(moved, versions)  # ABSENT now: nobody changes them
-            self.outbox.to_peer(target, protocol.Move(
-                request_id=request_id, purpose=purpose, keys=moved,
-                values=segs.take(values, idx), counters=counters, versions=versions))
-            self.ctx.table.allocator.free(offsets[idx], self.ctx.lengths(moved))
-            self.holders.forget(moved)
-            self.ctx.count("owner_changes", 1)
-        return taken
 
     def on_owner_update(self, identity, msg):
         """At a key's home: a newer owner of the key (counters say which news is newer)."""
@@ -168,7 +146,7 @@ class Relocation:
         values = self.replicas.absorb(keys, values)
         keys, counters = self._install(keys, values, msg)
         self.ctx.ownership.counter[keys.astype(np.intp)] = counters
-        self.arrived_round[keys.astype(np.intp)] = self.rounds.round + 1  # never 0
+        self.rounds.arrived(keys)
         if self.replicas.moving_in:
             self.replicas.moving_in.discard(keys)
             if not self.replicas.moving_in:  # the last keys a localize waited for came
@@ -203,9 +181,3 @@ class Relocation:
             else:
                 self.outbox.to_peer(home, protocol.OwnerUpdate(owner=node, keys=keys[idx],
                                                              counters=counters[idx]))
-
-    def rounds_since_arrival(self, keys, now_round):
-        """Per key: rounds since it arrived here by relocation (-1: it never did). A key
-        that came during the current round (stamped round + 1) counts 0."""
-        arrived = self.arrived_round[keys.astype(np.intp)]
-        return np.where(arrived > 0, np.maximum(now_round - arrived, 0), -1)

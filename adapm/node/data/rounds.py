@@ -1,9 +1,11 @@
 """Sync rounds, a part of the node server: carrying out the manager's decisions.
 
 The decisions are the manager's (adapm.policy.manager), the copies' slots the replicas
-part's (adapm.node.data.replicas), moving keys the relocation part's
-(adapm.node.data.relocation), the waits on rounds the waiters' (adapm.node.data.waiters);
-this part runs the rounds between them.
+part's (adapm.node.data.replicas), giving keys away the eviction part's
+(adapm.node.data.eviction), the waits on rounds the waiters' (adapm.node.data.waiters),
+the sets that wait for a round the deferred sets' (adapm.node.data.deferred_sets); this
+part runs the rounds between them, and it is the one owner of their state: the others
+(relocation, the checkpoint phases, the metrics) act on it through its methods.
 
 Replica node H, one round (one SYNC message per owner, at most one round in flight):
 - keys a due intent names and H does not hold become PENDING (a zeroed, not yet usable
@@ -22,6 +24,7 @@ replicating it there, as the manager decides. Keys O does not own any more are p
 along their path, like any request."""
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,7 +57,6 @@ from adapm.wire.protocol import (
     MsgType,
 )
 
-_NO_KEYS = np.empty(0, dtype=np.uint64)
 MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
 # Replicas are synced (delta up, value down when behind) at most this often, unless a
 # wait_sync or a barrier needs a full exchange; rounds in between carry only new requests
@@ -64,11 +66,24 @@ MIN_ROUND_INTERVAL = 0.001  # at most about a thousand rounds per second
 REFRESH_INTERVAL = 0.02
 
 
+class RoundsSnapshot(NamedTuple):
+    """The rounds' state in plain numbers (for the metrics)."""
+
+    round: int            # last round started
+    round_done: int       # last round completed
+    waiting_sync: int     # wait_sync requests waiting for a round
+    waiting_refresh: int  # refresh requests waiting for a round
+    deferred_sets: int    # local sets waiting for the round in flight
+
+
 class Rounds:
-    def __init__(self, ctx, outbox, routes, replicas, holders, manager, release_barrier):
-        """release_barrier(generation): release a barrier on this node (local workers).
-        Wired after construction: `relocation` (evict_and_move, rounds_since_arrival) and
-        `resume_set(identity, msg)` (a local set that waited for the round in flight)."""
+    def __init__(self, ctx, outbox, routes, replicas, holders, manager, *, eviction,
+                 deferred_sets, release_barrier, resume_set):
+        """eviction: evict_and_move(keys, target, request_id, purpose) (a request
+        answered by relocation); deferred_sets: the local sets that wait for the round in
+        flight (adapm.node.data.deferred_sets), each handed back to
+        resume_set(identity, msg) once it completed; release_barrier(generation): release
+        a barrier on this node (local workers)."""
         self.ctx = ctx
         self.view = ctx.view
         self.intents = ctx.intents
@@ -77,8 +92,9 @@ class Rounds:
         self.replicas = replicas
         self.holders = holders
         self.manager = manager
-        self.relocation = None
-        self.resume_set = None
+        self.eviction = eviction
+        self.deferred_sets = deferred_sets
+        self.resume_set = resume_set
         self._release_barrier = release_barrier
         self.waiters = RoundWaiters(self._reply_synced, release_barrier)
         self.reaction = ReactionTime()
@@ -92,11 +108,30 @@ class Rounds:
         self.round_started_at = 0.0
         self.round_is_full = False   # the round in flight syncs every replica
         self.round_asks = False      # ... asks owners for keys (its time is a reaction)
-        self.round_deltas = _NO_KEYS  # keys whose delta the round in flight carries
-        self.deferred_sets = []      # (identity, SET) of local workers, waiting for that
         self.refreshed_at = 0.0      # when a round last synced every replica
-        self.observe_round = None    # metrics: observe_round(seconds, asked owners for keys)
-        self.frozen = False          # a checkpoint is being written: start no round
+        # Per key: round + 1 when it last arrived here by relocation (0: never).
+        self.arrived_round = np.zeros(ctx.num_keys, dtype=np.int64)
+        self._observers = []         # observe(seconds, asked owners for keys), per round
+        self._frozen = False         # a checkpoint is being written: start no round
+
+    def add_observer(self, observe):
+        """Call observe(seconds, asked) on every completed round, with its time and
+        whether it asked owners for keys (its time is a reaction time then)."""
+        self._observers.append(observe)
+
+    def freeze(self):
+        """A checkpoint is being written: start no round until thaw()."""
+        self._frozen = True
+
+    def thaw(self):
+        self._frozen = False
+
+    def snapshot(self):
+        """The rounds' state in plain numbers (RoundsSnapshot): each a single read, so
+        it is safe from another thread; consistent as a whole when taken while the node
+        thread does not run (adapm.node.snapshot)."""
+        return RoundsSnapshot(self.round, self.round_done, len(self.waiters.sync),
+                              len(self.waiters.refresh), len(self.deferred_sets))
 
     def replicate_everything(self):
         """replicate_all: every key this node does not own becomes a replica."""
@@ -116,7 +151,7 @@ class Rounds:
                     (self.manager.acts_on_intents and len(self.intents)))
 
     def maybe_start(self):
-        if self.frozen or self.in_flight or not self.busy():
+        if self._frozen or self.in_flight or not self.busy():
             return
         now = time.monotonic()
         since = now - self.round_started_at
@@ -205,7 +240,7 @@ class Rounds:
         segments = Segments.of(self.view, keys)
         deltas = self.replicas.deltas(keys, segments)
         dirty = segments.nonzero(deltas)
-        self.round_deltas = keys[dirty]  # distinct: requests, keep and drop are disjoint
+        self.deferred_sets.carry(keys[dirty])  # distinct: requests, keep, drop are disjoint
         flags = kinds | np.where(dirty, HAS_DELTA, 0).astype(np.uint32)
         versions = self.replicas.seen_version[keys.astype(np.intp)]
         self.round_left = keys.shape[0]
@@ -230,15 +265,14 @@ class Rounds:
         self.ctx.count("rounds_done", 1)
         if self.round_is_full:  # workers read it: replicas held then are fresh as of it
             self.view.node_counter_set(NODE_SLOT["full_round_done"], self.round)
-        if self.observe_round is not None:  # metrics (adapm.node.control.metrics) only
-            self.observe_round(time.monotonic() - self.round_started_at, self.round_asks)
+        for observe in self._observers:  # the metrics (adapm.node.control.metrics)
+            observe(time.monotonic() - self.round_started_at, self.round_asks)
         if self.round_asks:
             self.reaction.observe(time.monotonic() - self.round_started_at)
             self.view.node_counter_set(NODE_SLOT["reaction_us"],
                                        int(self.reaction.seconds() * 1e6))
-        self.round_deltas = _NO_KEYS
+        deferred = self.deferred_sets.round_done()
         self.answer_waiters()
-        deferred, self.deferred_sets = self.deferred_sets, []
         for identity, msg in deferred:  # their keys' earlier deltas are applied now
             self.resume_set(identity, msg)
 
@@ -250,17 +284,6 @@ class Rounds:
 
     def _reply_synced(self, identity, request_id):
         self.outbox.to_identity(identity, protocol.Synced(request_id=request_id))
-
-    def defer_set(self, identity, msg, keys):
-        """A local worker's set of replicas whose delta (updates made here before the
-        set) is on its way in the round in flight: the set waits for the round, so that
-        the owner applies the delta first (the two could take different paths)."""
-        if self.round_deltas.shape[0] == 0 or not self.in_flight:
-            return False
-        if not np.isin(keys, self.round_deltas).any():
-            return False
-        self.deferred_sets.append((identity, msg))
-        return True
 
     def _not_full_after_all(self):
         """A replica of the round in flight stays without a fresh value (its drop was
@@ -333,8 +356,8 @@ class Rounds:
             raise RuntimeError(f"{int((owned == 0).sum())} keys of a SYNC stopped being "
                                f"owned here while it was answered")
         if relocate.any():
-            self.relocation.evict_and_move(keys[relocate], holder, msg.round,
-                                           MOVE_FOR_ROUND)
+            self.eviction.evict_and_move(keys[relocate], holder, msg.round,
+                                         MOVE_FOR_ROUND)
         reply = ~relocate
         if reply.any():
             answer = np.where(with_value == 1, REPLY_VALUE, REPLY_CURRENT).astype(np.uint32)
@@ -353,13 +376,23 @@ class Rounds:
         relocate[idx] = self.manager.relocate_mask(
             self.intents.count[requested.astype(np.intp)] > 0,
             self.holders.others(requested, holder),
-            self.relocation.rounds_since_arrival(requested, self.round),
+            self._rounds_since_arrival(requested),
             keys=requested)
         replicated = requested[~relocate[idx]]
         if replicated.shape[0]:
             self.holders.add(replicated, holder)
             self.ctx.count("replicas_made", replicated.shape[0])
         return relocate
+
+    def arrived(self, keys):
+        """These keys arrived here by relocation (the relocation part says so)."""
+        self.arrived_round[keys.astype(np.intp)] = self.round + 1  # never 0
+
+    def _rounds_since_arrival(self, keys):
+        """Per key: rounds since it arrived here by relocation (-1: it never did). A key
+        that came during the current round (stamped round + 1) counts 0."""
+        arrived = self.arrived_round[keys.astype(np.intp)]
+        return np.where(arrived > 0, np.maximum(self.round - arrived, 0), -1)
 
     def _track_holders(self, keys, kinds, holder, forwarded):
         """Who holds replicas of the keys owned here (for the next decisions)."""
