@@ -104,6 +104,12 @@ def test_every_module_sits_in_a_layer_or_the_facade():
     assert outside == []
 
 
+def test_no_module_is_longer_than_600_lines():
+    long = {module_name(p): n for p in package_modules()
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}
+
+
 @pytest.mark.parametrize("module, source", [
     ("adapm.table.shared_table", "from adapm.node import server"),
     ("adapm.table.shared_table", "import adapm.wire.protocol"),
