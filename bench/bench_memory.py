@@ -2,7 +2,10 @@
 
 Creation is timed as the node server does it (segment, directory, slots, zero init);
 the overhead is the memory the segment really uses once every value is written, minus the
-values' own bytes, per key."""
+values' own bytes, per key. The node server's own per-key state (ownership records, replica
+slots, key sets, holders, arrival rounds, retention, intent counts) is counted beside it,
+as a node server of a 1-node and of a 2-node cluster allocates it (adapm.node.memory),
+and the two together are M1's second target."""
 
 import argparse
 import os
@@ -11,7 +14,11 @@ import time
 
 import numpy as np
 
+from adapm.common.config import new_cluster_id
+from adapm.node.memory import private_bytes
+from adapm.node.server import NodeServer
 from adapm.table.shared_table import OWNED, SharedTable, segment_name
+from adapm.wire.spec import ClusterSpec
 
 from common import line, save, verdict
 
@@ -23,6 +30,30 @@ def write_every_value(view, num_keys, d, step=1 << 20):
     for start in range(0, num_keys, step):
         keys = np.arange(start, min(start + step, num_keys), dtype=np.uint64)
         view.update(keys, ones[:keys.shape[0] * d], misses, False)
+
+
+class _NoSends:
+    """The outbox of a node server that only assembles its parts: nothing is sent."""
+
+    def _refuse(self, *_):
+        raise AssertionError("M1 assembles a node server: it sends nothing")
+
+    to_worker = to_identity = to_peer = to_coordinator = _refuse
+
+
+def node_state_per_key(num_keys, d, num_nodes):
+    """Bytes per key of node 0's own state, its parts built as the node server builds
+    them (its table created too, and removed)."""
+    spec = ClusterSpec(num_keys=num_keys, value_length=d, num_nodes=num_nodes,
+                       workers_per_node=2, cluster_id=new_cluster_id())
+    server = NodeServer(spec, 0, "tcp://127.0.0.1:1")
+    server.create_table()
+    try:
+        server.assemble(_NoSends())
+        return private_bytes(server) / num_keys
+    finally:
+        server.table.unlink()
+        server.table.close()
 
 
 def main(argv=None):
@@ -49,8 +80,14 @@ def main(argv=None):
                "(target <= 2 s)", verdict(created, 2.0, higher_is_better=False))
     line("M1", f"overhead {per_key:.1f} bytes per key beyond the values' own bytes "
                "(target <= 32)", verdict(per_key, 32.0, higher_is_better=False))
+    node = {n: node_state_per_key(num_keys, d, n) for n in (1, 2)}
+    for n, state in node.items():
+        line("M1", f"node server state {state:.1f} bytes per key on a node of a {n}-node "
+                   f"cluster; with the table's {per_key:.1f}: {per_key + state:.1f} "
+                   "(target <= 64)", verdict(per_key + state, 64.0, higher_is_better=False))
     path = save("memory", {"num_keys": num_keys, "value_length": d, "create_s": created,
-                           "allocated_bytes": used, "overhead_per_key": per_key})
+                           "allocated_bytes": used, "overhead_per_key": per_key,
+                           "node_state_per_key": node})
     print(f"    results: {path}")
 
 

@@ -11,7 +11,7 @@ def k(*keys):
     return np.array(keys, dtype=np.uint64)
 
 
-@pytest.mark.parametrize("nodes", [3, 64, 130])
+@pytest.mark.parametrize("nodes", [2, 8, 9, 16, 17, 32, 33, 64, 65, 130])
 def test_others_sees_every_holder_but_the_asking_node(nodes):
     h = ReplicaHolders(10, nodes)
     far = nodes - 1

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from adapm.table.keyset import KeySet
+from adapm.table.keyset import KeyFlags, KeySet
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,3 +61,28 @@ def test_against_a_python_set_under_random_batches():
             assert s.contains(batch).tolist() == [x in ref for x in batch.tolist()]
         assert len(s) == len(ref)
     assert s.keys().tolist() == sorted(ref)
+
+
+def test_sets_sharing_one_byte_per_key_do_not_see_each_other():
+    flags = KeyFlags(100)
+    sets = [flags.new_set() for _ in range(KeyFlags.BITS)]
+    refs = [set() for _ in sets]
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        i = int(rng.integers(len(sets)))
+        keys = rng.integers(0, 100, size=int(rng.integers(0, 12))).astype(np.uint64)
+        if rng.random() < 0.6:
+            sets[i].add(keys)
+            refs[i].update(keys.tolist())
+        else:
+            sets[i].discard(keys)
+            refs[i].difference_update(keys.tolist())
+        if rng.random() < 0.05:
+            sets[i].clear()
+            refs[i].clear()
+    for s, ref in zip(sets, refs):
+        assert s.keys().tolist() == sorted(ref) and len(s) == len(ref)
+        assert s.contains(np.arange(100, dtype=np.uint64)).tolist() == \
+            [k in ref for k in range(100)]
+    with pytest.raises(RuntimeError, match="at most 8"):
+        flags.new_set()

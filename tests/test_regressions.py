@@ -12,6 +12,7 @@ from adapm.node.data.holders import ReplicaHolders
 from adapm.node.data.rounds import Rounds
 from adapm.policy.intents import IntentStore, read_intent_log
 from adapm.policy.manager import SETTLE_ROUNDS, Manager
+from adapm.table.keyset import KeyFlags
 from adapm.wire.protocol import SYNC_KEEP, SYNC_REQUEST
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,6 +26,7 @@ def owner_side(num_keys=10, round_now=7):
     intents = IntentStore(1, num_keys)
     ctx = SimpleNamespace(view=None, intents=intents, num_keys=num_keys, counts={})
     ctx.count = lambda name, n: ctx.counts.__setitem__(name, ctx.counts.get(name, 0) + n)
+    ctx.new_key_set = KeyFlags(num_keys).new_set
     rounds = Rounds(ctx, outbox=None, routes=None, replicas=None,
                     holders=ReplicaHolders(num_keys, 2),
                     manager=Manager("adaptive", 1, intents), eviction=None,
@@ -34,17 +36,17 @@ def owner_side(num_keys=10, round_now=7):
 
 
 def test_a_key_that_arrived_during_the_current_round_is_not_moved_on():
-    """on_move stamps an arriving key with arrived_round = round + 1 ("never 0"), so
-    until the next round starts round - arrived_round is -1. The scalar decide() of
-    before treated that as 'just arrived' (replicate); the vectorised _answer_requests
-    maps it to -1 = 'never arrived' and relocates the key straight on: the anti-bounce
-    rule (SETTLE_ROUNDS) is off for the freshest arrivals."""
+    """A key that arrives is stamped with the round in flight, so until the next round
+    starts it is younger than any key that came in an earlier round. A vectorised
+    _answer_requests of before mapped it to 'never arrived' and relocated it straight
+    on: the anti-bounce rule (SETTLE_ROUNDS) was off for the freshest arrivals."""
     owner = owner_side()
-    arrived_round = owner.arrived_round
+    now = owner.round
     fresh, settled, old, never = 1, 2, 3, 4
-    arrived_round[fresh] = owner.round + 1           # as on_move sets it
-    arrived_round[settled] = owner.round             # arrived one round ago
-    arrived_round[old] = owner.round - SETTLE_ROUNDS - 5
+    for key, at in ((fresh, now), (settled, now - 1), (old, now - SETTLE_ROUNDS - 6)):
+        owner.round = at                              # as on_move stamps it, then
+        owner.arrived(np.array([key], dtype=np.uint64))
+    owner.round = now
     keys = np.array([fresh, settled, old, never], dtype=np.uint64)
     kinds = np.full(4, SYNC_REQUEST, dtype=np.uint32)
     relocate = owner._answer_requests(keys, kinds, holder=1)

@@ -5,6 +5,7 @@ the parts own everything else they keep."""
 import numpy as np
 
 from adapm.common.errors import ProtocolError
+from adapm.table.keyset import KeyFlags
 from adapm.table.shared_table import NODE_SLOT, OWNED
 
 
@@ -20,6 +21,11 @@ class NodeContext:
         self.view = table.view
         self.ownership = ownership
         self.intents = intents
+        self.key_flags = KeyFlags(spec.num_keys)  # the parts' KeySets, a bit per key each
+
+    def new_key_set(self):
+        """A KeySet over this node's keys, sharing a byte per key with up to 7 others."""
+        return self.key_flags.new_set()
 
     def count(self, name, n):
         """Add to one of the node's counters (in the table, read by w.stats())."""

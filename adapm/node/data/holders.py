@@ -7,18 +7,22 @@ Arrays, not sets: every call is a few numpy operations over the keys of one mess
 
 import numpy as np
 
-_WORD_BITS = 64
+_WORD_TYPES = (np.uint8, np.uint16, np.uint32, np.uint64)
 
 
 class ReplicaHolders:
     def __init__(self, num_keys, num_nodes):
-        words = (num_nodes + _WORD_BITS - 1) // _WORD_BITS
+        # The narrowest word that holds a bit per node (a byte per key up to 8 nodes),
+        # and as many 64-bit words as it takes beyond 64 nodes.
+        self._type = next(t for t in _WORD_TYPES if num_nodes <= np.iinfo(t).bits) \
+            if num_nodes <= 64 else np.uint64
+        self._word_bits = np.iinfo(self._type).bits
+        words = (num_nodes + self._word_bits - 1) // self._word_bits
         # Zeroed pages cost memory only once written: keys with holders are few.
-        self._bits = np.zeros((num_keys, words), dtype=np.uint64)
+        self._bits = np.zeros((num_keys, words), dtype=self._type)
 
-    @staticmethod
-    def _word_and_bit(node):
-        return node // _WORD_BITS, np.uint64(1) << np.uint64(node % _WORD_BITS)
+    def _word_and_bit(self, node):
+        return node // self._word_bits, self._type(1 << (node % self._word_bits))
 
     def add(self, keys, node):
         word, bit = self._word_and_bit(node)

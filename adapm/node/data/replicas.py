@@ -1,6 +1,7 @@
 """This node's copies of keys it does not own (replicas, and requested keys not answered
 yet), a part of the node server: their slots in the table, the value each had at its last
-sync, and which keys are in which stage. State is per key in arrays (KeySet); no sockets.
+sync, and which keys are in which stage. State is per key in arrays (KeySets sharing the
+node's KeyFlags); no sockets.
 
 A replica's delta is its value minus its value at last sync (`synced`: a second slot per
 copy); a sync round sends the delta and brings the owner's value back. A copy is freed
@@ -8,7 +9,6 @@ only under its entry lock and only when no worker wrote it since it was last rea
 
 import numpy as np
 
-from adapm.table.keyset import KeySet
 from adapm.table.segments import Segments
 from adapm.table.shared_table import ABSENT, KEEP_OWNER, PENDING, REPLICA
 
@@ -19,14 +19,21 @@ class ReplicaCopies:
         self.view = ctx.view
         self.allocator = ctx.table.allocator
         num_keys = ctx.num_keys
-        self.synced = np.zeros(num_keys, dtype=np.uint64)        # "value at last sync" slots
+        # The "value at last sync" slot of each copy: element offsets into the arena, 4
+        # bytes per key where the arena has fewer than 2**32 elements (it never grows).
+        slot_type = np.uint32 if self.allocator.capacity < 1 << 32 else np.uint64
+        self.synced = np.zeros(num_keys, dtype=slot_type)
         self.seen_version = np.zeros(num_keys, dtype=np.uint32)  # owner's, at last sync
-        self.held = KeySet(num_keys)       # held here as REPLICA or PENDING
-        self.pending = KeySet(num_keys)    # of those, requested and not answered yet
+        self.held = ctx.new_key_set()      # held here as REPLICA or PENDING
+        self.pending = ctx.new_key_set()   # of those, requested and not answered yet
         # Keys a localize asked to move here, not arrived yet: no delta of theirs is sent
         # after that request, so the owner applies every earlier one before it moves the
         # key (FIFO along the key's path).
-        self.moving_in = KeySet(num_keys)
+        self.moving_in = ctx.new_key_set()
+
+    def _synced(self, keys):
+        """The keys' "value at last sync" slots, as the kernels take them (uint64)."""
+        return self.synced[keys.astype(np.intp)].astype(np.uint64)
 
     def __bool__(self):
         return bool(self.held)
@@ -69,19 +76,19 @@ class ReplicaCopies:
         deltas = np.empty(self.view.total_length(keys), dtype=self.view.dtype)
         moving = self.moving_in.contains(keys) if self.moving_in else None
         if moving is None or not moving.any():
-            self.view.replica_deltas(keys, self.synced[keys.astype(np.intp)], deltas)
+            self.view.replica_deltas(keys, self._synced(keys), deltas)
             return deltas
         deltas[:] = 0
         take = np.flatnonzero(~moving)
         if take.shape[0]:
             part = np.empty(segments.size(take), dtype=self.view.dtype)
-            self.view.replica_deltas(keys[take], self.synced[keys[take].astype(np.intp)], part)
+            self.view.replica_deltas(keys[take], self._synced(keys[take]), part)
             segments.put(deltas, take, part)
         return deltas
 
     def refreshed(self, keys, values):
         """The owner's values arrived (a PENDING copy becomes a REPLICA)."""
-        self.view.replica_refresh(keys, self.synced[keys.astype(np.intp)],
+        self.view.replica_refresh(keys, self._synced(keys),
                                   np.ascontiguousarray(values))
         if self.pending:
             self.pending.discard(keys)
@@ -91,7 +98,7 @@ class ReplicaCopies:
         of those freed (the others keep their delta for the next round)."""
         offsets = np.zeros(keys.shape[0], dtype=np.uint64)
         released = np.zeros(keys.shape[0], dtype=np.uint8)
-        synced = self.synced[keys.astype(np.intp)]
+        synced = self._synced(keys)
         self.view.release_clean(keys, synced, offsets, released)
         gone = released.astype(bool)
         if gone.any():
@@ -106,7 +113,7 @@ class ReplicaCopies:
         owner): the copies take the set value and forget their pending delta, which holds
         updates made here before the set (guarantee 3: a set overwrites them). The delta
         of updates made after it follows the set to the owner on this node's path."""
-        self.view.replica_overwrite(keys, self.synced[keys.astype(np.intp)],
+        self.view.replica_overwrite(keys, self._synced(keys),
                                     np.ascontiguousarray(values, dtype=self.view.dtype))
 
     def absorb(self, keys, values):
@@ -134,7 +141,7 @@ class ReplicaCopies:
             self.view.release(held, state, offsets, released)
             gone = released.astype(bool)
             held, idx, offsets = held[gone], idx[gone], offsets[gone]
-            synced = self.synced[held.astype(np.intp)]
+            synced = self._synced(held)
             lengths = self.ctx.lengths(held)
             if state == REPLICA:  # a PENDING copy was never written: nothing to add
                 local = self.view.read_slots(offsets, lengths) - \

@@ -32,7 +32,6 @@ from adapm.common.errors import ProtocolError
 from adapm.node.data.waiters import RoundWaiters
 from adapm.policy.manager import ReactionTime
 from adapm.policy.ownership import split_by
-from adapm.table.keyset import KeySet
 from adapm.table.segments import Segments
 from adapm.table.shared_table import (
     NODE_SLOT,
@@ -76,6 +75,14 @@ class RoundsSnapshot(NamedTuple):
     deferred_sets: int    # local sets waiting for the round in flight
 
 
+_STAMPS = (1 << 32) - 1
+
+
+def _stamp(round_id):
+    """A round as stored per key: uint32, 1 .. 2**32 - 1 (0 means none), modulo _STAMPS."""
+    return round_id % _STAMPS + 1
+
+
 class Rounds:
     def __init__(self, ctx, outbox, routes, replicas, holders, manager, *, eviction,
                  deferred_sets, release_barrier, resume_set):
@@ -99,8 +106,8 @@ class Rounds:
         self.waiters = RoundWaiters(self._reply_synced, release_barrier)
         self.reaction = ReactionTime()
         # Replicas whose drop was acknowledged but that are intended again: asked anew.
-        self.rejoin = KeySet(ctx.num_keys)
-        self.refresh = KeySet(ctx.num_keys)  # replicas to sync with the next round anyway
+        self.rejoin = ctx.new_key_set()
+        self.refresh = ctx.new_key_set()  # replicas to sync with the next round anyway
         self.initial_requests = None         # replicate_all: every key, once
         self.round = 0               # last round started
         self.round_done = 0          # last round completed (all earlier ones too)
@@ -110,7 +117,9 @@ class Rounds:
         self.round_asks = False      # ... asks owners for keys (its time is a reaction)
         self.refreshed_at = 0.0      # when a round last synced every replica
         # Per key: round + 1 when it last arrived here by relocation (0: never).
-        self.arrived_round = np.zeros(ctx.num_keys, dtype=np.int64)
+        # Per key, the round it arrived here by relocation (_stamp: 0 is never), 4 bytes
+        # per key; only recent arrivals matter.
+        self.arrived_round = np.zeros(ctx.num_keys, dtype=np.uint32)
         self._observers = []         # observe(seconds, asked owners for keys), per round
         self._frozen = False         # a checkpoint is being written: start no round
 
@@ -386,13 +395,15 @@ class Rounds:
 
     def arrived(self, keys):
         """These keys arrived here by relocation (the relocation part says so)."""
-        self.arrived_round[keys.astype(np.intp)] = self.round + 1  # never 0
+        self.arrived_round[keys.astype(np.intp)] = _stamp(self.round)
 
     def _rounds_since_arrival(self, keys):
         """Per key: rounds since it arrived here by relocation (-1: it never did). A key
         that came during the current round (stamped round + 1) counts 0."""
         arrived = self.arrived_round[keys.astype(np.intp)]
-        return np.where(arrived > 0, np.maximum(self.round - arrived, 0), -1)
+        # Counted modulo _STAMPS, as stamped: a key that came this round is 0 rounds old.
+        since = (np.int64(_stamp(self.round)) - arrived.astype(np.int64)) % _STAMPS
+        return np.where(arrived > 0, np.maximum(since - 1, 0), -1)
 
     def _track_holders(self, keys, kinds, holder, forwarded):
         """Who holds replicas of the keys owned here (for the next decisions)."""

@@ -310,3 +310,19 @@ def test_snapshots_taken_by_another_thread_while_the_node_thread_works(cluster):
     assert all(t.round_done <= t.round for t in rounds)
     nodes = [t for t in taken if hasattr(t, "waiting")]
     assert all(dict(t.waiting)["barrier"] == 0 for t in nodes)  # each turn leaves none
+
+
+@pytest.mark.parametrize("start", [5, (1 << 32) - 3])
+def test_rounds_since_arrival_count_across_the_wrap_of_the_stored_rounds(cluster, start):
+    """Arrival rounds are kept modulo 2**32 (4 bytes per key): the count of rounds since
+    a key arrived stays right when the round number passes 2**32."""
+    _, (here, _) = cluster(2)
+    rounds = here.rounds
+    keys = keys_of(1, 3)
+    rounds.round = start
+    assert rounds._rounds_since_arrival(keys).tolist() == [-1, -1]  # never arrived
+    rounds.arrived(keys)
+    assert rounds._rounds_since_arrival(keys).tolist() == [0, 0]    # during this round
+    for later in range(1, 6):
+        rounds.round = start + later
+        assert rounds._rounds_since_arrival(keys).tolist() == [later - 1] * 2
