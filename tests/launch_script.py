@@ -36,11 +36,15 @@ with adapm.worker() as w:
         w.barrier()
         total = w.pull(np.arange(w.num_keys)).sum()
         print(f"rank {w.rank} of {w.num_workers} on node {w.node}: total {total:.0f}")
-        # tests/test_join_secret.py: workers never join, so they never get the secret
+        # tests/system/test_join_secret.py: workers never join, so they never get the secret
         print(f"rank {w.rank} has the cluster secret: {'ADAPM_CLUSTER_SECRET' in os.environ}")
-    if how == "ddp":  # tests/test_distributed.py: DDP for the dense part, pushes for rows
+    if how == "ddp":  # tests/integration/test_distributed.py: DDP for the dense part, pushes
+        # for rows
         import json
+        import sys
+        from pathlib import Path
 
+        sys.path.insert(0, str(Path(__file__).parent / "integration"))
         from test_distributed import ddp_task
         result = {key: value if key == "env" else value.tolist()
                   for key, value in ddp_task(w).items()}

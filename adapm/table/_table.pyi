@@ -1,6 +1,7 @@
 # Type stub of the compiled table (src/_table.pyx and what it includes): what Python code
 # sees of it.
-# tests/test_table.py checks that it names exactly the compiled module's public names.
+# tests/integration/table/test_table.py checks that it names exactly the compiled module's
+# public names.
 from typing import Any
 
 import numpy as np

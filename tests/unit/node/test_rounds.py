@@ -3,6 +3,7 @@ the sets that wait for a round, and what the rounds offer other parts (freeze, o
 snapshots)."""
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,11 @@ from node_parts import (
 )
 
 from adapm.common.errors import ProtocolError
+from adapm.node.data.holders import ReplicaHolders
+from adapm.node.data.rounds import Rounds
+from adapm.policy.intents import IntentStore
+from adapm.policy.manager import SETTLE_ROUNDS, Manager
+from adapm.table.keyset import KeyFlags
 from adapm.table.shared_table import ABSENT, OWNED, PENDING, REPLICA
 from adapm.wire import protocol
 from adapm.wire.protocol import (
@@ -326,3 +332,46 @@ def test_rounds_since_arrival_count_across_the_wrap_of_the_stored_rounds(cluster
     for later in range(1, 6):
         rounds.round = start + later
         assert rounds._rounds_since_arrival(keys).tolist() == [later - 1] * 2
+
+
+# -- 1. A key that arrived in the current round is moved on again (bouncing) ------------
+
+def owner_side(num_keys=10, round_now=7):
+    """The rounds part of an owner with just what _answer_requests reads: intents, the
+    manager, replica holders and its arrival stamps (no table, nothing sent)."""
+    intents = IntentStore(1, num_keys)
+    ctx = SimpleNamespace(view=None, intents=intents, num_keys=num_keys, counts={})
+    ctx.count = lambda name, n: ctx.counts.__setitem__(name, ctx.counts.get(name, 0) + n)
+    ctx.new_key_set = KeyFlags(num_keys).new_set
+    rounds = Rounds(ctx, outbox=None, routes=None, replicas=None,
+                    holders=ReplicaHolders(num_keys, 2),
+                    manager=Manager("adaptive", 1, intents), eviction=None,
+                    deferred_sets=None, release_barrier=None, resume_set=None)
+    rounds.round = round_now
+    return rounds
+
+
+def test_a_key_that_arrived_during_the_current_round_is_not_moved_on():
+    """A key that arrives is stamped with the round in flight, so until the next round
+    starts it is younger than any key that came in an earlier round. A vectorised
+    _answer_requests of before mapped it to 'never arrived' and relocated it straight
+    on: the anti-bounce rule (SETTLE_ROUNDS) was off for the freshest arrivals."""
+    owner = owner_side()
+    now = owner.round
+    fresh, settled, old, never = 1, 2, 3, 4
+    for key, at in ((fresh, now), (settled, now - 1), (old, now - SETTLE_ROUNDS - 6)):
+        owner.round = at                              # as on_move stamps it, then
+        owner.arrived(np.array([key], dtype=np.uint64))
+    owner.round = now
+    keys = np.array([fresh, settled, old, never], dtype=np.uint64)
+    kinds = np.full(4, SYNC_REQUEST, dtype=np.uint32)
+    relocate = owner._answer_requests(keys, kinds, holder=1)
+    assert relocate.tolist()[1:] == [False, True, True]     # these are right
+    assert not relocate[0], "a key that arrived this round was relocated on (bounces)"
+
+
+def test_answer_requests_ignores_keys_that_are_not_requests():
+    owner = owner_side()
+    keys = np.array([1, 2], dtype=np.uint64)
+    kinds = np.array([SYNC_KEEP, SYNC_REQUEST], dtype=np.uint32)
+    assert owner._answer_requests(keys, kinds, holder=1).tolist() == [False, True]

@@ -3,11 +3,10 @@ relative link of README.md and docs/ names a file that is there (the docs pointe
 API.md the repository did not have), and the contract documents in docs/design/ are the
 team's current ones."""
 import re
-from pathlib import Path
 
 import pytest
+from testpaths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "docs"
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 

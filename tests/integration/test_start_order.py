@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+from testpaths import TESTS
 
 from adapm.ops.placement import machine_placement
 
@@ -17,7 +18,7 @@ from conftest import coordinator_port, wait_until_clean
 
 pytestmark = pytest.mark.timeout(120)
 
-HERE = Path(__file__).parent
+HERE = TESTS
 SCRIPT = str(HERE / "launch_script.py")
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
 STAGGER = 6.0  # seconds: longer than the node timeout (3 s) that used to end the wait

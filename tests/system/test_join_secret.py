@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from testpaths import TESTS
 
 from adapm.node.control.coordinator import Coordinator
 from adapm.wire import protocol
@@ -30,7 +31,7 @@ from conftest import coordinator_port, wait_until_clean
 
 pytestmark = pytest.mark.timeout(120)
 
-HERE = Path(__file__).parent
+HERE = TESTS
 SCRIPT = str(HERE / "launch_script.py")
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
 SECRET = "a-secret-every-machine-of-this-test-shares"

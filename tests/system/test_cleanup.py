@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+from testpaths import TESTS
 
 import adapm
 from adapm.common.process import parent_of
@@ -16,7 +17,7 @@ from conftest import session_processes, session_segments, wait_until_clean
 
 pytestmark = pytest.mark.timeout(90)
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "cluster_script.py")
+SCRIPT = str(TESTS / "cluster_script.py")
 
 
 def start_script(how, tmp_path):

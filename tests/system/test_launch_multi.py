@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from testpaths import TESTS
 
 from adapm.common.process import parent_of
 
@@ -18,7 +19,7 @@ from conftest import coordinator_port, session_processes, wait_until_clean
 
 pytestmark = pytest.mark.timeout(120)
 
-HERE = Path(__file__).parent
+HERE = TESTS
 SCRIPT = str(HERE / "launch_script.py")
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
 

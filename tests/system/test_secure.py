@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from testpaths import TESTS
 
 import adapm
 from adapm.ops.cluster import LocalCluster
@@ -22,8 +23,8 @@ from adapm.wire.spec import ClusterSpec
 pytestmark = pytest.mark.timeout(90)
 
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
-SCRIPT = str(Path(__file__).with_name("launch_script.py"))
-SECRET_SCRIPT = str(Path(__file__).with_name("secret_script.py"))
+SCRIPT = str(TESTS / "launch_script.py")
+SECRET_SCRIPT = str(TESTS / "secret_script.py")
 CHILD_ENVIRON = "import json, os; print(json.dumps(dict(os.environ)))"
 
 

@@ -8,6 +8,7 @@ import time
 
 import posix_ipc
 import pytest
+from testpaths import TESTS
 
 from adapm.common.config import new_cluster_id
 from adapm.common.process import adapm_processes, descends_from, parent_of
@@ -23,7 +24,7 @@ from conftest import (
 
 pytestmark = pytest.mark.timeout(90)
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "cluster_script.py")
+SCRIPT = str(TESTS / "cluster_script.py")
 
 # Runs a command, writes its pid to PID, its output to OUT and its exit code to RC once it
 # ends. With DETACH=1 it first leaves this process tree (fork, new session, parent exits),

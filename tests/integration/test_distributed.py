@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testpaths import TESTS
 
 import adapm
 import adapm.ops.runner
@@ -23,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(150)
 
-HERE = Path(__file__).parent
+HERE = TESTS
 SCRIPT = str(HERE / "launch_script.py")
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
 NUM_KEYS, DIM, LR, STEPS = 20, 2, 0.1, 4

@@ -1,8 +1,10 @@
-"""Adversarial review of checkpoints (Worker.save, adapm.checkpoint, restore): consistency
-in every mode, keys saved exactly once, interrupted and mismatched saves that must fail
-loudly instead of hanging, corruption found on restore, and malformed CHECKPOINT messages.
+"""Checkpoints under attack (Worker.save, adapm.checkpoint, restore): consistency in every
+mode, keys saved exactly once, interrupted and mismatched saves that must fail loudly
+instead of hanging, corruption found on restore, and malformed CHECKPOINT messages.
+test_save_restore.py has the saves and restores that go well.
 
-Tests that expose a defect fail until it is fixed; each says which claim it attacks."""
+These came from an adversarial review: each failed before its fix and says which claim
+it attacks."""
 import contextlib
 import glob
 import os
@@ -16,6 +18,7 @@ import time
 import numpy as np
 import pytest
 import zmq
+from testpaths import TESTS
 
 import adapm
 import adapm.checkpoint as checkpoint
@@ -160,7 +163,7 @@ def test_a_damaged_part_found_by_the_node_servers_names_the_file(tmp_path, how):
 
 
 LAUNCHER = os.path.join(os.path.dirname(sys.executable), "adapm-launch")
-SCRIPT = os.path.join(os.path.dirname(__file__), "checkpoint_script.py")
+SCRIPT = str(TESTS / "checkpoint_script.py")
 
 
 def test_launch_restore_of_a_corrupt_part_fails_naming_the_file(tmp_path):

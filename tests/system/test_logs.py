@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testpaths import TESTS
 
 import adapm
 from adapm.common import logs
@@ -18,7 +19,7 @@ from adapm.common import logs
 pytestmark = pytest.mark.timeout(120)
 
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
-SCRIPT = str(Path(__file__).with_name("launch_script.py"))
+SCRIPT = str(TESTS / "launch_script.py")
 TIME = r"\d\d:\d\d:\d\d\.\d{3}"
 OMP_NOTICE = "OMP_NUM_THREADS=1 for every worker"
 

@@ -2,14 +2,14 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from testpaths import ROOT
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.timeout(240)
 
-DOC = Path(__file__).parent.parent / "docs" / "torch.md"
+DOC = ROOT / "docs" / "torch.md"
 
 
 def test_the_ctr_example_runs(tmp_path):

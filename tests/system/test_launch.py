@@ -8,12 +8,13 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from testpaths import TESTS
 
 from conftest import wait_until_clean
 
 pytestmark = pytest.mark.timeout(90)
 
-SCRIPT = str(Path(__file__).with_name("launch_script.py"))
+SCRIPT = str(TESTS / "launch_script.py")
 
 
 # The console script that `pip install` made, beside this interpreter.

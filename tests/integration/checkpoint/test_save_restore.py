@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testpaths import TESTS
 
 import adapm
 import adapm.checkpoint as checkpoint
@@ -229,7 +230,7 @@ def test_a_restore_that_does_not_fit_is_refused_before_anything_starts(tmp_path)
 # -- adapm-launch --restore --------------------------------------------------------------
 
 LAUNCHER = str(Path(sys.executable).with_name("adapm-launch"))
-SCRIPT = str(Path(__file__).with_name("checkpoint_script.py"))
+SCRIPT = str(TESTS / "checkpoint_script.py")
 
 
 def _launch(*args, cwd):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import click
 import pytest
+from testpaths import ROOT
 
 from adapm.common.hostlist import expand, first_host, iter_hosts, parse
 from adapm.ops.placement import DEFAULT_COORDINATOR_PORT, environ_coordinator, machine_placement
@@ -35,7 +36,6 @@ from conftest import SESSION_TAG, wait_until_clean
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "examples" / "slurm" / "adapm.sbatch"
 MANIFEST = ROOT / "examples" / "kubernetes" / "adapm-job.yaml"
 HOSTS_FILE = ROOT / "examples" / "ssh" / "hosts"

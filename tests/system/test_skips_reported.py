@@ -5,13 +5,12 @@ import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from testpaths import ROOT, TESTS
 
 import conftest
 
-ROOT = Path(__file__).resolve().parents[1]
 PIP_NAMES = {"torch": "torch", "pyarrow": "pyarrow", "prometheus_client": "prometheus_client",
              "yaml": "pyyaml"}
 
@@ -53,7 +52,7 @@ def test_a_run_prints_the_report_at_its_top_and_bottom(tmp_path):
         "real(name, *a)\n")
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "conftest.py").write_text(
-        (Path(__file__).parent / "conftest.py").read_text())
+        (TESTS / "conftest.py").read_text())
     (tmp_path / "t" / "test_one.py").write_text("def test_one():\n    assert True\n")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(tmp_path / "t")],
