@@ -1,5 +1,6 @@
-"""B9 node-server CPU (docs/design/BENCHMARKS.md): CPU seconds of all node servers per
-million key accesses, on the Zipf workload (2 nodes x 2 workers, adaptive) and on B5's
+"""B9 node-server CPU and B13 node-server share (docs/design/BENCHMARKS.md): CPU seconds
+of all node servers per million key accesses, and the node servers' share of the
+cluster's CPU (with the compiled data plane, and with ADAPM_DATA_PLANE=python), on the Zipf workload (2 nodes x 2 workers, adaptive) and on B5's
 matrix factorisation (2 nodes x 1 worker, adaptive, 1 epoch), for this checkout and, with
 `--baseline PATH`, for another checkout (the previous commit, built in place: `git worktree
 add PATH COMMIT && cd PATH && python setup.py build_ext --inplace`), in the same run.
@@ -70,13 +71,15 @@ def inner(workload, idle=False):
                             init=mf.FactorInit(opts["rank"], 0.1, opts["seed"]))
     children = cpu_seconds(resource.RUSAGE_CHILDREN) - before
     workers = sum(cpu for _, cpu in results)
-    print(json.dumps({"server_cpu_s": children - workers,
+    print(json.dumps({"server_cpu_s": children - workers, "workers_cpu_s": workers,
                       "accesses": int(sum(n for n, _ in results)),
                       "adapm": os.path.dirname(adapm.__file__)}))
 
 
-def run_inner(workload, checkout, idle):
+def run_inner(workload, checkout, idle, plane=None):
     environ = dict(os.environ)
+    if plane:
+        environ["ADAPM_DATA_PLANE"] = plane
     if checkout:
         environ["PYTHONPATH"] = os.pathsep.join(
             [checkout, os.path.join(checkout, "bench"), HERE])
@@ -87,11 +90,15 @@ def run_inner(workload, checkout, idle):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(workload, checkout=None):
-    """CPU s per million accesses, without and with the fixed cost; the raw figures."""
-    figures = run_inner(workload, checkout, idle=False)
-    fixed = run_inner(workload, checkout, idle=True)["server_cpu_s"]
+def measure(workload, checkout=None, plane=None):
+    """CPU s per million accesses, without and with the fixed cost; the raw figures, with
+    the node servers' share of the cluster's CPU (B13: the servers' CPU less their fixed
+    cost, over that plus the workers' CPU)."""
+    figures = run_inner(workload, checkout, idle=False, plane=plane)
+    fixed = run_inner(workload, checkout, idle=True, plane=plane)["server_cpu_s"]
     figures["fixed_server_cpu_s"] = fixed
+    serving = max(0.0, figures["server_cpu_s"] - fixed)
+    figures["server_share"] = serving / (serving + figures["workers_cpu_s"])
     per_million = 1e6 / figures["accesses"]
     return ((figures["server_cpu_s"] - fixed) * per_million,
             figures["server_cpu_s"] * per_million, figures)
@@ -111,6 +118,12 @@ def main(argv=None):
         row = {"cpu_s_per_million": ours, "with_fixed_cost": ours_total, **figures}
         text = (f"{workload:4s} node servers: {ours:.3f} CPU s per million key accesses "
                 f"({ours_total:.3f} with start-up)")
+        share = figures["server_share"]
+        python_share = measure(workload, plane="python")[2]["server_share"]
+        row["python_plane_server_share"] = python_share
+        line("B13", f"{workload:4s} node servers' share of the cluster's CPU: {share:.0%} "
+             f"(with ADAPM_DATA_PLANE=python: {python_share:.0%}; target <= 10%)",
+             verdict(share, 0.10, higher_is_better=False))
         if args.baseline:
             theirs, theirs_total, base = measure(workload, args.baseline)
             ratio = ours / theirs

@@ -18,7 +18,7 @@ src/table/*.pxi, included here.
 """
 
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.stat cimport fstat, struct_stat
@@ -239,6 +239,17 @@ cdef class TableView:
                       keys.shape[0], self.lock_timeout_ns,
                       self.arena if prefetch_values else NULL, self.itemsize,
                       self.arena_capacity)
+
+    def kernel_handle(self):
+        """The raw addresses the node server's compiled data plane (adapm.node.data.plane)
+        runs this module's kernels (kernels.pxd) on: a dict of directory, arena,
+        arena_capacity, itemsize, dtype (0 float32, 1 float64), uniform_length, num_keys,
+        lock_timeout_ns. Valid while this view is open: the plane keeps the view."""
+        self._check_open()
+        return {"directory": <uintptr_t>self.directory, "arena": <uintptr_t>self.arena,
+                "arena_capacity": self.arena_capacity, "itemsize": self.itemsize,
+                "dtype": self.header.dtype, "uniform_length": self.uniform_length,
+                "num_keys": self.num_keys, "lock_timeout_ns": self.lock_timeout_ns}
 
     # -- raw views, for adapm.table alone ----------------------------------------
 

@@ -39,6 +39,7 @@ from adapm.node.control.local_workers import LocalWorkers
 from adapm.node.data.deferred_sets import DeferredSets
 from adapm.node.data.eviction import Eviction
 from adapm.node.data.holders import ReplicaHolders
+from adapm.node.data.plane import DataPlane
 from adapm.node.data.relocation import Relocation
 from adapm.node.data.replicas import ReplicaCopies
 from adapm.node.data.rounds import Rounds
@@ -144,6 +145,7 @@ class NodeServer:
         self.startup = Startup(spec, node, self.start_timeout, self._malformed)
         self._coordinator_seen = time.monotonic()
         self.outbox = None
+        self.plane = None           # adapm.node.data.plane.DataPlane, once started
         self._handlers = {}
         self.activity = None        # DEBUG lines of what the node did (adapm.node.control.activity)
         self.snapshots = Snapshots(self._snapshot)
@@ -169,6 +171,7 @@ class NodeServer:
         self.assemble(Outbox(self.node, self._count, router=self.sockets.router,
                              coordinator=to_coordinator))
         self.activity = ActivityLog(self.view)
+        self.plane = DataPlane(self.ctx, self.sockets.router, self._count)
         self.outbox.to_coordinator(self.startup.join(self.address, self.coordinator_address))
         if self.metrics_port is not None:  # Prometheus, on this node's address only
             self.metrics = metrics.start(self, self.spec.host, self.metrics_port)
@@ -296,7 +299,7 @@ class NodeServer:
         if self.outbox.coordinator in ready:
             self._drain(self.outbox.coordinator, self._from_coordinator)
         if self.sockets.router in ready:
-            self._drain(self.sockets.router, self._from_router)
+            self._drain_router()
         if self.coordinator is not None:
             self.coordinator.tick()
         # After the messages: an intent a worker appended before sending one of them
@@ -344,6 +347,16 @@ class NodeServer:
                 return
             handle(frames)
 
+    def _drain_router(self):
+        """The router's messages: served by the compiled data plane where it can, the
+        others dispatched here, in arrival order (adapm.node.data.plane)."""
+        if self.failures.failed is not None or self._raise_in is not None:
+            self.plane.stop()  # a failed node answers requests FAILED; fail points: Python
+        try:
+            self.plane.drain(MAX_BATCH, self._from_router)
+        except Exception as exc:  # noqa: BLE001 - a write it could not finish fails the node
+            self.failures.internal_error("the data plane", exc)
+
     def _housekeeping(self, now):
         self.activity.maybe_log()
         self.relocation.expire(now)
@@ -367,7 +380,9 @@ class NodeServer:
     # -- dispatch ------------------------------------------------------------------
 
     def _from_router(self, frames):
-        identity, body = frames[0].bytes, frames[1:]
+        """One message of the router: frames from pyzmq, or bytes from the data plane."""
+        identity, body = frames[0], frames[1:]
+        identity = identity if isinstance(identity, bytes) else identity.bytes
         try:
             msg = protocol.decode(body)
             check_sender(identity, msg, token=self.token, spec=self.spec, node=self.node,
@@ -465,6 +480,8 @@ class NodeServer:
         self.token = token
         self.outbox.token = token
         self.view.set_cluster_token(token)  # for this node's workers
+        if self.plane is not None:
+            self.plane.admit(token)
         self.addresses = addresses
         if self.spec.mode == "replicate_all" and self.spec.num_nodes > 1:
             self.rounds.replicate_everything()
@@ -491,6 +508,7 @@ class NodeServer:
         if self.metrics is not None:  # first: no scrape may read the table once unmapped
             self.metrics.stop()
             self.metrics = None
+        self.plane = None         # before its socket and table go
         failed = self.failures is not None and self.failures.failed is not None
         linger = 0 if failed else CLOSE_LINGER_MS
         outbox = self.outbox if isinstance(self.outbox, Outbox) else None

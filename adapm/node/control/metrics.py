@@ -277,6 +277,8 @@ NODE_COUNTER_METRICS = (
     ("adapm_rounds_done", "rounds_done", "Sync rounds this node completed"),
     ("adapm_malformed_messages", "malformed_messages",
      "Messages this node server dropped as malformed or not allowed"),
+    ("adapm_plane_served", "plane_served",
+     "Remote pulls and pushes that the node server's compiled data plane served"),
 )
 
 

@@ -1,0 +1,30 @@
+# The compiled half of adapm.wire.protocol: the 52-byte message header and the codes the
+# compiled data plane (_plane.pyx) reads and writes. protocol.py is the reference;
+# tests/unit/wire/test_wire_header.py checks that every offset and code here matches it.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef packed struct header_t:   # little-endian, as protocol.HEADER ("<HBBHHIQQqqQ")
+    uint16_t magic
+    uint8_t version
+    uint8_t type
+    uint16_t src_node
+    uint16_t flags
+    uint32_t src_worker
+    uint64_t request_id
+    uint64_t count
+    int64_t arg0
+    int64_t arg1
+    uint64_t token
+
+cdef enum:
+    WIRE_MAGIC = 0xADA0
+    WIRE_VERSION = 4
+    WIRE_HEADER_BYTES = 52
+    WIRE_SERVER = 0xFFFFFFFF          # src_worker of a node server
+    WIRE_ALL_POSITIONS = 1            # PULL_REPLY flag
+    WIRE_PULL = 6
+    WIRE_PUSH = 7
+    WIRE_PULL_REPLY = 20
+    WIRE_UPDATE_ACK = 21
+    WIRE_FWD_PULL = 32
+    WIRE_FWD_PUSH = 33
