@@ -1,9 +1,10 @@
-"""B9 node-server CPU and B13 node-server share (docs/design/BENCHMARKS.md): CPU seconds
-of all node servers per million key accesses, and the node servers' share of the
-cluster's CPU (with the compiled data plane, and with ADAPM_DATA_PLANE=python), on the Zipf workload (2 nodes x 2 workers, adaptive) and on B5's
-matrix factorisation (2 nodes x 1 worker, adaptive, 1 epoch), for this checkout and, with
-`--baseline PATH`, for another checkout (the previous commit, built in place: `git worktree
-add PATH COMMIT && cd PATH && python setup.py build_ext --inplace`), in the same run.
+"""B9 node-server CPU and B13 node-server share (docs/design/BENCHMARKS.md): CPU seconds of
+all node servers per million key accesses, and the node servers' share of the cluster's
+CPU (with the compiled data plane, and with ADAPM_DATA_PLANE=python), on the Zipf
+workload (2 nodes x 2 workers, adaptive) and on B5's matrix factorisation (2 nodes x 1
+worker, adaptive, 1 epoch), for this checkout and, with `--baseline PATH`, for another
+checkout (the previous commit, built in place: `git worktree add PATH COMMIT && cd PATH
+&& python setup.py build_ext --inplace`), in the same run.
 
 Each measurement runs in a fresh process (with PYTHONPATH pointing at the checkout under
 test): the node servers' CPU is the CPU of that process's children (node servers and

@@ -5,9 +5,10 @@ every code."""
 import re
 import struct
 
+from testpaths import ROOT
+
 from adapm.wire import protocol
 from adapm.wire.protocol import MsgType
-from testpaths import ROOT
 
 PXD = ROOT / "src" / "wire_header.pxd"
 C_FORMATS = {"uint8_t": "B", "uint16_t": "H", "uint32_t": "I", "uint64_t": "Q", "int64_t": "q"}
