@@ -16,6 +16,14 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-std=gnu11"],
     ),
+    # The node's intent store (adapm.policy.intents' IntentStore is its reference).
+    Extension(
+        "adapm.policy._intents",
+        sources=[os.path.join(SRC, "_intents.pyx")],
+        include_dirs=[SRC, numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3", "-std=gnu11"],
+    ),
     # The node server's compiled data plane: the table's kernels (cimported from src/)
     # and libzmq reached by address, so no header of any library is needed.
     Extension(

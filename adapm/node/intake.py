@@ -24,6 +24,7 @@ class IntentIntake:
     def take_queued(self):
         """Intents the local workers appended to their rings in the shared table."""
         first_rank = self.ctx.first_rank
+        received = 0
         for worker in range(self.ctx.workers):
             try:
                 queued = self.view.intent_take(worker)
@@ -32,15 +33,23 @@ class IntentIntake:
                 continue
             for start, end, keys in queued:
                 try:
-                    self._record(worker, start, end, keys)
+                    received += self._add(worker, start, end, keys)
                 except ProtocolError as exc:
                     self.malformed(f"an intent of worker {first_rank + worker}: {exc}")
+        if received:
+            self.ctx.count("intents_received", received)
 
     def _record(self, worker, start, end, keys):
+        self.ctx.count("intents_received", self._add(worker, start, end, keys))
+
+    def _add(self, worker, start, end, keys):
+        """Record one intent (the store checks its keys); returns its number of keys."""
         if end <= start or start < 0:
             raise ProtocolError(f"intent window [{start}, {end})")
-        self.ctx.check_keys(keys)
-        self.intents.add(worker, keys, start, end)
+        try:
+            self.intents.add(worker, keys, start, end)
+        except ValueError as exc:  # a key out of range
+            raise ProtocolError(str(exc)) from None
         if self.intent_log is not None:
             self.intent_log.record(self.ctx.first_rank + worker, start, end, keys)
-        self.ctx.count("intents_received", keys.shape[0])
+        return keys.shape[0]

@@ -36,6 +36,7 @@ from adapm.node.control.checkpoint_phases import CheckpointPhases
 from adapm.node.control.collectives import Collectives
 from adapm.node.control.coordinator import Coordinator
 from adapm.node.control.local_workers import LocalWorkers
+from adapm.node.data import plane as data_plane
 from adapm.node.data.deferred_sets import DeferredSets
 from adapm.node.data.eviction import Eviction
 from adapm.node.data.holders import ReplicaHolders
@@ -51,7 +52,7 @@ from adapm.node.outbox import Outbox
 from adapm.node.snapshot import Snapshots, node_snapshot
 from adapm.node.sockets import NodeSockets
 from adapm.node.startup import Startup
-from adapm.policy.intents import IntentLog, IntentStore
+from adapm.policy.intents import IntentLog, new_store
 from adapm.policy.manager import Manager
 from adapm.policy.ownership import Ownership, home_of
 from adapm.table.initializers import chunks, initial_values
@@ -130,7 +131,8 @@ class NodeServer:
         self.address = None
         self.addresses = None       # every node's address, once the coordinator sent PEERS
         self.ownership = Ownership(node, spec.num_nodes, spec.num_keys)
-        self.intents = IntentStore(self.workers, spec.num_keys)
+        self.intents = new_store(self.workers, spec.num_keys,
+                                 compiled=data_plane.wanted() == data_plane.COMPILED)
         log_to = os.environ.get(config.ENV_INTENT_LOG)
         self.intent_log = IntentLog(log_to, node) if log_to else None
         self.on_ready = None        # called with the address once the cluster is complete

@@ -1,9 +1,15 @@
 """The node's record of its workers' intents: which keys each worker will access in which
 window [start, end) of its own clock (DESIGN.md §6).
 
-The node server fills it from INTENT messages. The manager asks it for the intents that
-came due (start inside the action window) and whether a key is intended at all (any
-intent not yet expired); an intent is forgotten once its worker's clock passed its end."""
+Two implementations with one interface: `IntentStore` here, the reference (readable, a
+Python object per intent), and `adapm.policy._intents.CompiledIntentStore` (src/
+_intents.pyx, no Python object per intent), which node servers use (`new_store`); a test
+runs both side by side on random sequences of calls.
+
+The node server fills it from its workers' intent rings and INTENT messages. The manager
+asks it for the intents that came due (start inside the action window) and whether a key
+is intended at all (any intent not yet expired); an intent is forgotten once its worker's
+clock passed its end."""
 
 import bisect
 import heapq
@@ -44,10 +50,14 @@ class IntentStore:
         self._added, self._removed = [], []
 
     def add(self, worker, keys, start, end):
+        """Worker `worker` will access `keys` in clocks [start, end)."""
         if not 0 <= worker < len(self._by_worker):
             raise ValueError(f"intent from unknown worker {worker}")
         if end <= start:
             raise ValueError(f"intent window [{start}, {end}) is empty")
+        keys = np.asarray(keys, dtype=np.uint64)
+        if keys.shape[0] and int(keys.max()) >= self._count.shape[0]:
+            raise ValueError(f"key {int(keys.max())} out of range [0, {self._count.shape[0]})")
         intents = self._by_worker[worker]
         intent = Intent(start, end, keys)
         if not intents or intents[-1].start <= start:  # the usual order: no search
@@ -128,6 +138,16 @@ class IntentStore:
         self._next_due[worker] = i
         return found
 
+    def due_keys(self, worker, horizon):
+        """due(), as arrays: (the intents' keys concatenated, each one's start, each one's
+        number of keys)."""
+        found = self.due(worker, horizon)
+        if not found:
+            return _NO_KEYS, np.empty(0, np.int64), np.empty(0, np.int64)
+        return (np.concatenate([i.keys for i in found]).astype(np.uint64, copy=False),
+                np.array([i.start for i in found], dtype=np.int64),
+                np.array([i.keys.shape[0] for i in found], dtype=np.int64))
+
     def next_start(self, worker):
         """Start of this worker's first intent not acted on yet (a huge number if none)."""
         intents = self._by_worker[worker]
@@ -143,6 +163,17 @@ class IntentStore:
     def __len__(self):
         """Intents not expired."""
         return self._live
+
+
+def new_store(num_workers, num_keys, compiled=True):
+    """The intent store a node server keeps: the compiled one, or the reference."""
+    if compiled:
+        from adapm.policy._intents import CompiledIntentStore
+        return CompiledIntentStore(num_workers, num_keys)
+    return IntentStore(num_workers, num_keys)
+
+
+_NO_KEYS = np.empty(0, dtype=np.uint64)
 
 
 class IntentLog:

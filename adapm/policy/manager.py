@@ -259,14 +259,17 @@ class Manager:
         requests, due, late, due_keys = [], [], 0, 0
         if self.acts_on_intents:
             for worker, clock in enumerate(clocks):
-                for intent in self.intents.due(worker, int(clock) + int(windows[worker])):
-                    due_keys += intent.keys.shape[0]
-                    due.append(intent.keys)
-                    missing = intent.keys[~held(intent.keys)]
-                    if missing.shape[0]:
-                        requests.append(missing)
-                        if intent.start <= clock:
-                            late += missing.shape[0]
+                keys, starts, lengths = self.intents.due_keys(
+                    worker, int(clock) + int(windows[worker]))
+                if keys.shape[0] == 0:
+                    continue
+                due_keys += keys.shape[0]
+                due.append(keys)
+                missing = ~held(keys)
+                if missing.any():
+                    requests.append(keys[missing])
+                    # keys of intents that started already: late
+                    late += int(np.count_nonzero(missing[np.repeat(starts, lengths) <= clock]))
         requests = np.unique(np.concatenate(requests)) if requests else _NO_KEYS
         retention = self.retention
         if retention is not None:
