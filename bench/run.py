@@ -9,6 +9,7 @@ import bench_ctr
 import bench_input
 import bench_mf
 import bench_miss
+import bench_plane
 import bench_remote
 
 import bench_local
@@ -20,6 +21,7 @@ if __name__ == "__main__":
     bench_local.main(full)
     bench_memory.main(full)
     bench_remote.main(argv)
+    bench_plane.main([])
     bench_mf.main(full)
     bench_miss.main(full)
     bench_cpu.main([])

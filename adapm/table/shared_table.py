@@ -124,7 +124,7 @@ class SlotAllocator:
         lengths = np.asarray(lengths, dtype=np.uint64)
         offsets = np.empty(lengths.shape[0], dtype=np.uint64)
         fresh = np.ones(lengths.shape[0], dtype=bool)
-        for length in (np.unique(lengths).tolist() if self._free else ()):
+        for length in (_distinct(lengths) if self._free else ()):
             if not self._free.get(length):
                 continue
             wanted = np.flatnonzero(lengths == length)
@@ -158,8 +158,25 @@ class SlotAllocator:
     def free(self, offsets, lengths):
         offsets = np.asarray(offsets, dtype=np.uint64)
         lengths = np.asarray(lengths, dtype=np.uint64)
-        for length in np.unique(lengths).tolist():
-            self._free.setdefault(length, []).append(offsets[lengths == length])
+        distinct = _distinct(lengths)
+        for length in distinct:
+            # a copy either way: the caller may reuse its array
+            part = offsets.copy() if len(distinct) == 1 else offsets[lengths == length]
+            self._free.setdefault(length, []).append(part)
+
+
+def _one_length(lengths):
+    """Whether every length is the first (a uniform table's: the usual case)."""
+    return lengths.shape[0] > 0 and lengths.min() == lengths.max()
+
+
+def _distinct(lengths):
+    """The distinct lengths, as ints: without a sort when they are all one."""
+    if lengths.shape[0] == 0:
+        return []
+    if _one_length(lengths):
+        return [int(lengths[0])]
+    return np.unique(lengths).tolist()
 
 
 class SharedTable:
