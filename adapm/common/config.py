@@ -47,6 +47,8 @@ ENV_LOG_LEVEL = "ADAPM_LOG_LEVEL"    # level of every AdaPM process's log lines 
 # ENV_CLUSTER_TAG ("ADAPM_CLUSTER_TAG", from adapm.table.shared_table, which needs it and which this
 # module imports): inherited by every process; segment names carry it (the tests' scope).
 
+DATA_PLANES = ("compiled", "python")  # ENV_DATA_PLANE's values; the first is the default
+
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 DEFAULT_LOCK_TIMEOUT = 5.0
 DEFAULT_START_TIMEOUT = 60.0
@@ -134,3 +136,14 @@ class WorkerEnv:
             except ValueError:
                 raise RuntimeError(f"malformed {var}={environ[var]!r}") from None
         return cls(**values)
+
+
+def data_plane(environ=None):
+    """Which data plane node servers use: ADAPM_DATA_PLANE, "compiled" when unset or empty
+    (DESIGN.md §9), or "python" (the reference); anything else is a ValueError."""
+    environ = os.environ if environ is None else environ
+    choice = environ.get(ENV_DATA_PLANE) or DATA_PLANES[0]
+    if choice not in DATA_PLANES:
+        raise ValueError(f"environment variable {ENV_DATA_PLANE}={choice!r} must be "
+                         f"{' or '.join(map(repr, DATA_PLANES))}")
+    return choice

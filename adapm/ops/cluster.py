@@ -182,6 +182,7 @@ class LocalCluster:
         self._stats_reader = None   # receives node 0's ("stats", ...) at the end
         self._cluster_stats = None  # {node: statistics} of every node, from node 0
         self.log_level = logs.resolve_level(log_level)
+        config.data_plane()  # a bad ADAPM_DATA_PLANE fails here, before anything starts
         self._noticed = False  # OMP_NOTICE printed
         self.nodes = list(range(spec.num_nodes)) if nodes is None else list(nodes)
         node_port(metrics_port, len(self.nodes) - 1)  # ValueError past port 65535

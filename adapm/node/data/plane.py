@@ -12,7 +12,6 @@ ADAPM_DATA_PLANE=python (adapm.common.config) reads every message in Python inst
 the reference the compiled plane is tested against, and a way around it."""
 
 import logging
-import os
 import sys
 
 import zmq
@@ -23,16 +22,12 @@ from adapm.wire.protocol import node_identity, worker_identity
 
 log = logging.getLogger("adapm.server")
 
-COMPILED, PYTHON = "compiled", "python"
+COMPILED, PYTHON = config.DATA_PLANES
 
 
 def wanted():
     """Which data plane the environment asks for (ADAPM_DATA_PLANE)."""
-    choice = os.environ.get(config.ENV_DATA_PLANE, COMPILED) or COMPILED
-    if choice not in (COMPILED, PYTHON):
-        raise ValueError(f"environment variable {config.ENV_DATA_PLANE}={choice!r} must be "
-                         f"{COMPILED!r} or {PYTHON!r}")
-    return choice
+    return config.data_plane()
 
 
 class DataPlane:

@@ -296,3 +296,40 @@ def test_the_type_stub_names_exactly_what_the_compiled_plane_has():
              for item in classes["Plane"].body if isinstance(item, (ast.AnnAssign,
                                                                     ast.FunctionDef))}
     assert named - {"__init__"} == {n for n in dir(_plane.Plane) if not n.startswith("_")}
+
+
+def _static_task(w):
+    """Every worker pushes to every key (half of them remote: mode static), then pulls all."""
+    keys = np.arange(w.num_keys, dtype=np.uint64)
+    for step in range(5):
+        w.push(keys, np.full((w.num_keys, 4), w.rank + step, dtype=np.float32))
+    w.wait_sync()
+    w.barrier()
+    values = w.pull(keys)
+    return values, w.stats()["node"]["plane_served"]
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_gives_the_same_results_with_either_plane(monkeypatch):
+    """Real node servers: the remote pushes and pulls of mode static go through the
+    compiled plane (counted by plane_served), or all through Python; the values agree."""
+    import adapm
+    results = {}
+    for plane in ("compiled", "python"):
+        monkeypatch.setenv("ADAPM_DATA_PLANE", plane)
+        results[plane] = adapm.run(_static_task, nodes=2, workers_per_node=1, num_keys=40,
+                                   value_length=4, mode="static")
+    expected = np.full((40, 4), sum(r + s for r in range(2) for s in range(5)), np.float32)
+    for plane, rows in results.items():
+        for values, _ in rows:
+            assert np.array_equal(values, expected), plane
+    assert all(served > 0 for _, served in results["compiled"])
+    assert all(served == 0 for _, served in results["python"])
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_plane_choice_fails_before_anything_starts(monkeypatch):
+    import adapm
+    monkeypatch.setenv("ADAPM_DATA_PLANE", "fast")
+    with pytest.raises(ValueError, match="ADAPM_DATA_PLANE='fast' must be 'compiled' or"):
+        adapm.run(_static_task, nodes=1, workers_per_node=1, num_keys=4, value_length=4)
