@@ -237,6 +237,14 @@ cdef class CompiledIntentStore:
         """Intents not expired."""
         return self._live
 
+    @property
+    def nbytes(self):
+        """The memory it holds: the per-key counts, and every worker's records and keys."""
+        cdef size_t w, total = self._count.nbytes + self.num_workers * sizeof(Queue)
+        for w in range(self.num_workers):
+            total += self.queues[w].capacity * sizeof(Record) + self.queues[w].key_capacity * 8
+        return total
+
 
 cdef size_t _bisect_right(const Record* records, size_t size, int64_t start) noexcept nogil:
     cdef size_t lo = 0, hi = size, mid

@@ -198,6 +198,13 @@ cdef class Plane:
             return taken, self._hand_over()
         return taken, None
 
+    @property
+    def nbytes(self):
+        """The memory it holds: scratch buffers (they grow to the largest message) and
+        the members' identities."""
+        return self.keys_cap + self.misses_cap + self.values_cap + \
+            len(self.worker_ids or b"") + len(self.node_ids or b"")
+
     # -- receiving ---------------------------------------------------------------------
 
     cdef int _receive(self) noexcept nogil:

@@ -2,7 +2,8 @@
 (per-key arrays above all), found by walking the parts rather than by each part's own
 account, so that a new per-key array is counted without anyone remembering to. The table's
 segment is not counted here: its arrays are views of shared memory, not the node's own
-(bench/bench_memory.py, M1, adds the two)."""
+(bench/bench_memory.py, M1, adds the two). A compiled part (a Cython class: no attributes
+to walk) says what it holds in its `nbytes`."""
 
 import numpy as np
 
@@ -11,8 +12,8 @@ _ITEMS = 10_000     # a part's list or dict longer than this holds messages, not
 
 
 def private_bytes(root):
-    """Bytes of the distinct numpy arrays that own their memory, reachable from `root`
-    through attributes of AdaPM objects, lists, tuples and dicts."""
+    """Bytes of the distinct numpy arrays that own their memory, and of compiled parts,
+    reachable from `root` through attributes of AdaPM objects, lists, tuples and dicts."""
     seen, arrays = set(), {}
     _walk(root, seen, arrays, 0)
     return sum(a.nbytes for a in arrays.values())
@@ -31,6 +32,10 @@ def _walk(obj, seen, arrays, depth):
     elif isinstance(obj, dict):
         for item in list(obj.values())[:_ITEMS]:
             _walk(item, seen, arrays, depth + 1)
-    elif type(obj).__module__.startswith("adapm.") and hasattr(obj, "__dict__"):
+    elif not type(obj).__module__.startswith("adapm."):
+        return
+    elif hasattr(obj, "__dict__"):
         for item in vars(obj).values():
             _walk(item, seen, arrays, depth + 1)
+    elif hasattr(obj, "nbytes"):  # compiled: counted as it says
+        arrays[id(obj)] = obj

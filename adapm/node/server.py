@@ -352,10 +352,9 @@ class NodeServer:
     def _drain_router(self):
         """The router's messages: served by the compiled data plane where it can, the
         others dispatched here, in arrival order (adapm.node.data.plane)."""
-        if self.failures.failed is not None or self._raise_in is not None:
-            self.plane.stop()  # a failed node answers requests FAILED; fail points: Python
-        try:
-            self.plane.drain(MAX_BATCH, self._from_router)
+        try:  # a failed node answers requests FAILED, and fail points act: in Python
+            self.plane.drain(MAX_BATCH, self._from_router, healthy=lambda: (
+                self.failures.failed is None and self._raise_in is None))
         except Exception as exc:  # noqa: BLE001 - a write it could not finish fails the node
             self.failures.internal_error("the data plane", exc)
 

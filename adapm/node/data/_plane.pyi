@@ -8,6 +8,7 @@ class Plane:
     bytes_sent: int
     served: int
     unroutable: int
+    nbytes: int
     def __init__(self, functions: dict, socket: int, view: object, table: dict, node: int,
                  num_nodes: int, num_workers: int) -> None: ...
     def admit(self, token: int, worker_ids: list, node_ids: list) -> None: ...

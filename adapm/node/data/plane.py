@@ -68,10 +68,14 @@ class DataPlane:
         if self.compiled is not None:
             self.compiled.enabled = False
 
-    def drain(self, budget, handle):
+    def drain(self, budget, handle, healthy):
         """Take up to `budget` messages from the router; handle(frames) gets each one the
-        compiled plane leaves to Python (all of them while it is off)."""
+        compiled plane leaves to Python (all of them while it is off). healthy(): False
+        once the node failed; from then on every message goes to Python (which answers
+        requests FAILED), also the rest of this batch."""
         plane = self.compiled
+        if plane is not None and plane.enabled and not healthy():
+            self.stop()
         if plane is None or not plane.enabled:
             return self._drain_python(budget, handle)
         try:
@@ -81,7 +85,8 @@ class DataPlane:
                 if frames is None:
                     return
                 handle(frames)
-                if not plane.enabled:  # the message failed the node: Python from here
+                if not healthy():  # that message failed the node: Python from here
+                    self.stop()
                     return self._drain_python(budget, handle)
         finally:
             self._fold_counters()

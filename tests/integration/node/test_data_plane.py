@@ -10,6 +10,7 @@ the same change to the table, and hand every other message over untouched, in or
 
 import os
 import resource
+import time
 import types
 
 import numpy as np
@@ -333,3 +334,38 @@ def test_a_bad_plane_choice_fails_before_anything_starts(monkeypatch):
     monkeypatch.setenv("ADAPM_DATA_PLANE", "fast")
     with pytest.raises(ValueError, match="ADAPM_DATA_PLANE='fast' must be 'compiled' or"):
         adapm.run(_static_task, nodes=1, workers_per_node=1, num_keys=4, value_length=4)
+
+
+@pytest.mark.timeout(60)
+def test_once_the_node_failed_every_message_goes_to_python(rig):
+    """DataPlane: a message handed to Python fails the node; the valid pulls queued behind
+    it in the same batch are not served by the compiled plane any more."""
+    from adapm.node.data.plane import DataPlane
+    _, table, router, dealers = rig
+    ctx = types.SimpleNamespace(view=table.view, node=NODE, num_nodes=NUM_NODES,
+                                spec=types.SimpleNamespace(num_workers=NUM_WORKERS,
+                                                           num_nodes=NUM_NODES))
+    counted = {}
+    plane = DataPlane(ctx, router, lambda name, n: counted.update({name: n}))
+    plane.admit(TOKEN)
+    pull = protocol.Pull(keys=OWNED_KEYS[:3], request_id=7)
+    pull.src_worker, pull.src_node, pull.token = 0, 0, TOKEN
+    dealers["w0"].send_multipart([bytes(f) for f in pull.encode()])
+    dealers["w0"].send_multipart([b"junk"])                        # handed over: fails
+    for _ in range(3):
+        dealers["w0"].send_multipart([bytes(f) for f in pull.encode()])
+    time.sleep(0.3)
+    handled, failed = [], []
+
+    def handle(frames):  # the Python path: this message fails the node
+        handled.append(frames)
+        failed.append(True)
+
+    plane.drain(10, handle, healthy=lambda: not failed)
+    assert counted["plane_served"] == 1  # the first pull only
+    assert len(handled) == 4 and handled[0][1:] == [b"junk"]
+    dealers["w0"].send_multipart([bytes(f) for f in pull.encode()])
+    time.sleep(0.3)
+    plane.drain(10, handled.append, healthy=lambda: not failed)
+    assert len(handled) == 5 and counted["plane_served"] == 1
+    assert not plane.compiled.enabled

@@ -21,3 +21,15 @@ def test_every_per_key_array_of_the_parts_is_counted_once(cluster):
     assert private_bytes(server) == counted + 8 * 4000         # counted once
     server.rounds.view_only = server.replicas.extra[::2]       # a view owns nothing
     assert private_bytes(server) == counted + 8 * 4000
+
+
+def test_a_compiled_part_is_counted_by_what_it_says_it_holds(cluster):
+    """The compiled intent store has no attributes to walk: its nbytes (the per-key
+    counts, 4 bytes a key, and its records) is counted."""
+    _, (server, _) = cluster(2, num_keys=4000)
+    store = server.intents
+    assert not hasattr(store, "__dict__") and store.nbytes >= 4 * 4000
+    holder = object.__new__(type(server))  # an AdaPM object holding the store alone
+    holder.store = store
+    assert private_bytes(holder) == store.nbytes
+    assert private_bytes(server) >= store.nbytes + 4 * 4000  # with the other parts' arrays
