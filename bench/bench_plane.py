@@ -69,7 +69,7 @@ def _queue(dealer, router, n, keys):
 
 def _compiled(table, router, n):
     plane = _plane.Plane(libzmq.functions(), router.underlying, table.view,
-                         table.view.kernel_handle(), 0, 2, 2)
+                         table.view.kernel_handle(), 0, 2, 2, 1)
     plane.admit(TOKEN, [worker_identity(r, TOKEN) for r in range(2)],
                 [node_identity(n, TOKEN) for n in range(2)])
     plane.enabled = True

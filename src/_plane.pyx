@@ -6,8 +6,10 @@ message or per key.
 `Plane.drain` receives messages straight from libzmq (the library pyzmq loaded, reached
 through function addresses: adapm.node.data.libzmq), checks each one as adapm.wire.protocol
 and adapm.node.admission would (header, token, sender, key range, frame sizes), runs the
-table's kernel (kernels.pxd) and writes the reply into the outgoing frame itself. It
-serves PULL, PUSH, FWD_PULL and FWD_PUSH whose keys are all owned here. The first message
+table's kernel (kernels.pxd, optimizers.pxd) and writes the reply into the outgoing frame
+itself. It serves PULL, PUSH, SET (of another node's worker: a local worker's set may have
+to wait for a round, and overwrites replicas here), APPLY and their forwarded forms, whose
+keys are all owned here. The first message
 it does not serve (any other type, a key not owned here, anything that fails a check) it
 hands to the Python control plane as a list of bytes and stops: messages are handled in
 the order they arrived, by one plane or the other, never overtaking each other.
@@ -17,8 +19,9 @@ accepted and served the same way, and everything else it leaves to Python
 (tests/integration/node/test_data_plane.py checks that, message by message)."""
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, qsort, realloc
 from libc.string cimport memcmp, memcpy
 
 from arena cimport real
@@ -26,9 +29,14 @@ from atomic cimport adapm_load_relaxed_u8
 from batch cimport Batch, _batch
 from kernels cimport _pull, _update
 from layout cimport ADAPM_OWNED, adapm_entry_t
+from optimizers cimport (
+    OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
+    _state_length,
+)
 from wire_header cimport (
-    WIRE_ALL_POSITIONS, WIRE_FWD_PULL, WIRE_FWD_PUSH, WIRE_HEADER_BYTES, WIRE_MAGIC, WIRE_PULL,
-    WIRE_PULL_REPLY, WIRE_PUSH, WIRE_SERVER, WIRE_UPDATE_ACK, WIRE_VERSION, header_t,
+    WIRE_ALL_POSITIONS, WIRE_APPLY, WIRE_FWD_APPLY, WIRE_FWD_PULL, WIRE_FWD_PUSH, WIRE_FWD_SET,
+    WIRE_HEADER_BYTES, WIRE_MAGIC, WIRE_PARAMS_COUNT, WIRE_PULL, WIRE_PULL_REPLY, WIRE_PUSH,
+    WIRE_SERVER, WIRE_SET, WIRE_UPDATE_ACK, WIRE_VERSION, header_t,
 )
 
 
@@ -94,6 +102,7 @@ cdef class Plane:
     cdef uint64_t token
     cdef uint16_t node
     cdef uint32_t num_nodes, num_workers
+    cdef uint64_t first_rank, local_workers  # this node's workers: ranks first_rank + i
     cdef bytes worker_ids, node_ids # each member's routing identity, fixed width
     cdef const char* worker_ids_p   # their bytes (kept alive by the two above)
     cdef const char* node_ids_p
@@ -107,6 +116,7 @@ cdef class Plane:
     cdef uint64_t* misses_buf
     cdef char* values_buf
     cdef size_t keys_cap, misses_cap, values_cap
+    cdef OptStep step               # an APPLY's optimizer step, once its params are checked
 
     def __cinit__(self):
         self.msg.nframes = 0
@@ -115,9 +125,10 @@ cdef class Plane:
         self.keys_cap = self.misses_cap = self.values_cap = 0
 
     def __init__(self, dict functions, uintptr_t socket, view, dict table, uint16_t node,
-                 uint32_t num_nodes, uint32_t num_workers):
+                 uint32_t num_nodes, uint32_t num_workers, uint32_t workers_per_node):
         """functions: adapm.node.data.libzmq.functions(); socket: the ROUTER's handle
-        (pyzmq's Socket.underlying); table: view.kernel_handle()."""
+        (pyzmq's Socket.underlying); table: view.kernel_handle(); workers_per_node: the
+        node's workers are ranks node * workers_per_node onwards."""
         self.msg_init = <msg_init_f><uintptr_t>functions["zmq_msg_init"]
         self.msg_init_size = <msg_init_size_f><uintptr_t>functions["zmq_msg_init_size"]
         self.msg_recv = <msg_io_f><uintptr_t>functions["zmq_msg_recv"]
@@ -138,6 +149,8 @@ cdef class Plane:
         self.timeout_ns = table["lock_timeout_ns"]
         self.dtype = table["dtype"]
         self.node, self.num_nodes, self.num_workers = node, num_nodes, num_workers
+        self.first_rank = <uint64_t>node * workers_per_node
+        self.local_workers = workers_per_node
         self.token = 0
         self.enabled = False
 
@@ -277,22 +290,23 @@ cdef class Plane:
         memcpy(h, self._data(1), WIRE_HEADER_BYTES)
         if h.magic != WIRE_MAGIC or h.version != WIRE_VERSION or h.token != self.token:
             return _HAND_OVER
-        if h.type == WIRE_PULL or h.type == WIRE_PUSH:
-            if m.nframes != (3 if h.type == WIRE_PULL else 4):
-                return _HAND_OVER
+        cdef int frames = _FRAMES_OF(h.type)
+        if frames == 0 or m.nframes != 2 + frames:
+            return _HAND_OVER
+        if _FROM_WORKER(h.type):
             if h.src_worker >= self.num_workers or not self._is_worker(0, h.src_worker):
                 return _HAND_OVER
             requester = h.src_worker
-        elif h.type == WIRE_FWD_PULL or h.type == WIRE_FWD_PUSH:
-            if m.nframes != 4 or h.src_node >= self.num_nodes or h.src_node == self.node:
+            if h.type == WIRE_SET and requester - self.first_rank < self.local_workers:
+                return _HAND_OVER  # a local worker's set: it may wait for a round (Python)
+        else:
+            if h.src_node >= self.num_nodes or h.src_node == self.node:
                 return _HAND_OVER
             if not self._is_node(0, h.src_node):
                 return _HAND_OVER
             if h.arg0 < 0 or <uint64_t>h.arg0 >= self.num_workers:
                 return _HAND_OVER
             requester = <uint64_t>h.arg0
-        else:
-            return _HAND_OVER
         reply_to = self.worker_ids_p + requester * self.worker_id_len
         reply_to_len = self.worker_id_len
         cdef Py_ssize_t n = self._checked_keys()
@@ -301,7 +315,10 @@ cdef class Plane:
         self.bytes_received += self._body_bytes()
         if h.type == WIRE_PULL or h.type == WIRE_FWD_PULL:
             return self._serve_pull(n, reply_to, reply_to_len)
-        return self._serve_push(n, reply_to, reply_to_len, fault_key)
+        if h.type == WIRE_APPLY or h.type == WIRE_FWD_APPLY:
+            return self._serve_apply(n, reply_to, reply_to_len, fault_key)
+        return self._serve_update(n, h.type == WIRE_PUSH or h.type == WIRE_FWD_PUSH,
+                                  reply_to, reply_to_len, fault_key)
 
     cdef bint _is_worker(self, int frame, uint64_t rank) noexcept nogil:
         return self._size(frame) == <size_t>self.worker_id_len and memcmp(
@@ -327,13 +344,56 @@ cdef class Plane:
         for i in range(<size_t>n):
             if self.keys_buf[i] >= self.num_keys:
                 return -1
-        if self.msg.header.type == WIRE_FWD_PULL:  # positions: one uint32 per key
+        cdef uint8_t mtype = self.msg.header.type
+        if mtype == WIRE_FWD_PULL:                 # positions: one uint32 per key
             if self._size(3) != <size_t>n * 4:
                 return -1
-        elif self.msg.header.type != WIRE_PULL:    # values: each key's length
+        elif mtype == WIRE_APPLY or mtype == WIRE_FWD_APPLY:  # gradients: dim per key
+            if not self._checked_step() or self._size(3) != <size_t>n * self.step.dim * \
+                    self.itemsize or not self._distinct(n):
+                return -1
+        elif mtype != WIRE_PULL:                   # values: each key's length
             if self._size(3) != self._total_length(n) * self.itemsize:
                 return -1
         return n
+
+    cdef bint _checked_step(self) noexcept nogil:
+        """An APPLY's params frame (4), checked as adapm.optim.read_params checks it, into
+        self.step."""
+        cdef double p[WIRE_PARAMS_COUNT]
+        cdef int i, kind
+        if self._size(4) != sizeof(p) or self.uniform == 0:
+            return False
+        memcpy(p, self._data(4), sizeof(p))
+        for i in range(WIRE_PARAMS_COUNT):
+            if not isfinite(p[i]) or (i >= 2 and p[i] < 0):
+                return False
+        if p[5] >= 1 or p[6] >= 1 or p[1] < 1 or p[1] > <double>self.uniform:
+            return False
+        if p[0] != _OPT_SGD and p[0] != _OPT_ADAGRAD and p[0] != _OPT_ROWWISE_ADAGRAD and \
+                p[0] != _OPT_ADAM:
+            return False
+        kind = <int>p[0]
+        if <double><uint64_t>p[1] != p[1] or \
+                <uint64_t>p[1] + _state_length(kind, <uint64_t>p[1]) != self.uniform:
+            return False
+        self.step.kind, self.step.dim = kind, <uint64_t>p[1]
+        self.step.lr, self.step.eps, self.step.weight_decay = p[2], p[3], p[4]
+        self.step.beta1, self.step.beta2, self.step.step_size = p[5], p[6], p[7]
+        return True
+
+    cdef bint _distinct(self, Py_ssize_t n) noexcept nogil:
+        """No key twice (an APPLY's sender sums a key's gradients): checked on a sorted
+        copy in misses_buf."""
+        cdef Py_ssize_t i
+        if not self._reserve_misses(n):
+            return False
+        memcpy(self.misses_buf, self.keys_buf, n * 8)
+        qsort(self.misses_buf, n, 8, _by_key)
+        for i in range(1, n):
+            if self.misses_buf[i] == self.misses_buf[i - 1]:
+                return False
+        return True
 
     cdef uint64_t _total_length(self, Py_ssize_t n) noexcept nogil:
         cdef uint64_t total = 0
@@ -401,8 +461,8 @@ cdef class Plane:
                         self._size(3), &values)
         return _SERVED
 
-    cdef int _serve_push(self, Py_ssize_t n, const char* reply_to, size_t reply_to_len,
-                         uint64_t* fault_key) noexcept nogil:
+    cdef int _serve_update(self, Py_ssize_t n, bint additive, const char* reply_to,
+                           size_t reply_to_len, uint64_t* fault_key) noexcept nogil:
         cdef uint64_t nbytes = self._size(3)
         cdef int64_t nmiss
         cdef Batch b
@@ -414,14 +474,44 @@ cdef class Plane:
                    self.itemsize, self.capacity)
         if self.dtype == 0:
             nmiss = _update(&b, <float*>self.arena, <const float*>self.values_buf,
-                            self.misses_buf, True, True, self.uniform)
+                            self.misses_buf, additive, True, self.uniform)
         else:
             nmiss = _update(&b, <double*>self.arena, <const double*>self.values_buf,
-                            self.misses_buf, True, True, self.uniform)
+                            self.misses_buf, additive, True, self.uniform)
         if b.failed >= 0:
             fault_key[0] = self.keys_buf[b.failed]
             return _FAULT
         if n - nmiss > 0:  # nmiss is 0: every key was owned, and only this thread changes that
+            self._reply(WIRE_UPDATE_ACK, 0, n - nmiss, reply_to, reply_to_len, NULL, 0, NULL)
+        return _SERVED
+
+    cdef int _serve_apply(self, Py_ssize_t n, const char* reply_to, size_t reply_to_len,
+                          uint64_t* fault_key) noexcept nogil:
+        """One optimizer step per key (distinct, all owned: the same kernel and arithmetic
+        as the Python path's apply_optimizer, key by key), acknowledged with the count."""
+        cdef uint64_t nbytes = self._size(3), i, count = <uint64_t>n * self.step.dim
+        cdef int64_t nmiss
+        cdef Batch b
+        if not self._all_owned(n) or not self._reserve_misses(n) or \
+                not self._reserve_values(nbytes):
+            return _HAND_OVER
+        memcpy(self.values_buf, self._data(3), nbytes)  # aligned, and the step writes it
+        for i in range(count):  # NaN or infinite gradients would spoil rows and state
+            if self.dtype == 0 and not isfinite((<float*>self.values_buf)[i]) or \
+                    self.dtype != 0 and not isfinite((<double*>self.values_buf)[i]):
+                return _HAND_OVER
+        b = _batch(self.directory, self.keys_buf, n, self.timeout_ns, self.arena,
+                   self.itemsize, self.capacity)
+        if self.dtype == 0:
+            nmiss = _apply_steps(&b, <float*>self.arena, <float*>self.values_buf, &self.step,
+                                 self.misses_buf, True, self.uniform)
+        else:
+            nmiss = _apply_steps(&b, <double*>self.arena, <double*>self.values_buf, &self.step,
+                                 self.misses_buf, True, self.uniform)
+        if b.failed >= 0:
+            fault_key[0] = self.keys_buf[b.failed]
+            return _FAULT
+        if n - nmiss > 0:
             self._reply(WIRE_UPDATE_ACK, 0, n - nmiss, reply_to, reply_to_len, NULL, 0, NULL)
         return _SERVED
 
@@ -470,6 +560,28 @@ cdef class Plane:
 
     cdef bint _reserve_values(self, size_t nbytes) noexcept nogil:
         return _grow(<void**>&self.values_buf, &self.values_cap, nbytes)
+
+
+cdef inline int _FRAMES_OF(uint8_t mtype) noexcept nogil:
+    """Data frames of each type the plane serves (0: not one of them)."""
+    if mtype == WIRE_PULL:
+        return 1
+    if mtype == WIRE_PUSH or mtype == WIRE_SET or mtype == WIRE_FWD_PULL or \
+            mtype == WIRE_FWD_PUSH or mtype == WIRE_FWD_SET:
+        return 2
+    if mtype == WIRE_APPLY or mtype == WIRE_FWD_APPLY:
+        return 3
+    return 0
+
+
+cdef inline bint _FROM_WORKER(uint8_t mtype) noexcept nogil:
+    return mtype == WIRE_PULL or mtype == WIRE_PUSH or mtype == WIRE_SET or \
+        mtype == WIRE_APPLY
+
+
+cdef int _by_key(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t*>a)[0], y = (<const uint64_t*>b)[0]
+    return (x > y) - (x < y)
 
 
 cdef bint _grow(void** buf, size_t* cap, size_t nbytes) noexcept nogil:

@@ -24,7 +24,12 @@ cdef enum:
     WIRE_ALL_POSITIONS = 1            # PULL_REPLY flag
     WIRE_PULL = 6
     WIRE_PUSH = 7
+    WIRE_SET = 8
+    WIRE_APPLY = 12
     WIRE_PULL_REPLY = 20
     WIRE_UPDATE_ACK = 21
     WIRE_FWD_PULL = 32
     WIRE_FWD_PUSH = 33
+    WIRE_FWD_SET = 34
+    WIRE_FWD_APPLY = 40
+    WIRE_PARAMS_COUNT = 8             # float64s in an APPLY's params frame

@@ -49,7 +49,7 @@ NODE_COUNTERS = (
     "full_round_done",  # number of the last completed round that synced every replica
     "reaction_us",      # the node's estimate of the time from an intent to a usable key
     "replicas_retained",  # unintended replicas kept a round (learned retention), summed
-    "plane_served",     # remote pulls and pushes the compiled data plane served
+    "plane_served",     # remote requests the compiled data plane served
 )
 NODE_SLOT = {name: i for i, name in enumerate(NODE_COUNTERS)}
 # What a node server says it does, in the header (TableView.set_server_idle): a worker

@@ -278,7 +278,7 @@ NODE_COUNTER_METRICS = (
     ("adapm_malformed_messages", "malformed_messages",
      "Messages this node server dropped as malformed or not allowed"),
     ("adapm_plane_served", "plane_served",
-     "Remote pulls and pushes that the node server's compiled data plane served"),
+     "Remote requests (pull, push, set, apply) that the node server's compiled data plane served"),
 )
 
 

@@ -46,7 +46,7 @@ class DataPlane:
             from adapm.node.data import _plane
             self.compiled = _plane.Plane(functions, router.underlying, ctx.view,
                                          ctx.view.kernel_handle(), ctx.node, ctx.num_nodes,
-                                         ctx.spec.num_workers)
+                                         ctx.spec.num_workers, ctx.spec.workers_per_node)
         log.debug("node %d: %s data plane", ctx.node,
                   COMPILED if self.compiled is not None else PYTHON)
 

@@ -20,6 +20,7 @@ import zmq
 from adapm.common.errors import ProtocolError
 from adapm.node.admission import check_sender
 from adapm.node.data import libzmq
+from adapm.table import optimizers as optim
 from adapm.table.shared_table import OWNED, REPLICA
 from adapm.wire import protocol
 from adapm.wire.protocol import MsgType, node_identity, worker_identity
@@ -27,22 +28,40 @@ from adapm.wire.protocol import MsgType, node_identity, worker_identity
 pytestmark = pytest.mark.skipif(libzmq.functions() is None,
                                 reason="no libzmq of pyzmq's to reach from compiled code")
 
-NODE, NUM_NODES, NUM_WORKERS, NUM_KEYS, DIM = 1, 3, 4, 64, 4
+NODE, NUM_NODES, WORKERS_PER_NODE, NUM_KEYS, DIM = 1, 3, 2, 64, 4
+NUM_WORKERS = NUM_NODES * WORKERS_PER_NODE   # ranks 2 and 3 are node 1's own
 TOKEN = 0x1234_5678_9ABC_DEF0
 SPEC = types.SimpleNamespace(num_workers=NUM_WORKERS, num_nodes=NUM_NODES)
-SERVED = (MsgType.PULL, MsgType.PUSH, MsgType.FWD_PULL, MsgType.FWD_PUSH)
+SERVED = (MsgType.PULL, MsgType.PUSH, MsgType.SET, MsgType.APPLY, MsgType.FWD_PULL,
+          MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.FWD_APPLY)
+FORWARDED = {MsgType.FWD_PULL, MsgType.FWD_PUSH, MsgType.FWD_SET, MsgType.FWD_APPLY}
+# adapm.optim params that fit values of DIM = 4: SGD (dim 4), Adagrad (2 + 2 state),
+# RowWiseAdagrad (3 + 1); Adam would need 3 x dim.
+PARAMS = (np.array([0, 4, 0.1, 0, 0.01, 0, 0, 0]), np.array([1, 2, 0.1, 1e-8, 0, 0, 0, 0]),
+          np.array([2, 3, 0.05, 1e-6, 0, 0, 0, 0]))
 OWNED_KEYS = np.arange(0, NUM_KEYS, 2, dtype=np.uint64)       # even keys: owned here
 REPLICA_KEYS = np.arange(1, NUM_KEYS, 4, dtype=np.uint64)     # some odd ones: replicas
+
+
+def _node_table(make_table):
+    table = make_table(num_keys=NUM_KEYS, value_length=DIM, owned=OWNED_KEYS, node=NODE,
+                       num_nodes=NUM_NODES,
+                       values=np.arange(OWNED_KEYS.shape[0] * DIM, dtype=np.float32) / 10)
+    table.install(REPLICA_KEYS, REPLICA, np.full(REPLICA_KEYS.shape[0] * DIM, -1, np.float32))
+    return table
+
+
+@pytest.fixture
+def shadow(make_table):
+    """A second table like the rig's, changed by the reference model only."""
+    return _node_table(make_table)
 
 
 @pytest.fixture
 def rig(make_table):
     """(plane, table, router, dealers by sender name) around a table of node 1."""
     from adapm.node.data import _plane
-    table = make_table(num_keys=NUM_KEYS, value_length=DIM, owned=OWNED_KEYS, node=NODE,
-                       num_nodes=NUM_NODES,
-                       values=np.arange(OWNED_KEYS.shape[0] * DIM, dtype=np.float32))
-    table.install(REPLICA_KEYS, REPLICA, np.full(REPLICA_KEYS.shape[0] * DIM, -1, np.float32))
+    table = _node_table(make_table)
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -59,7 +78,8 @@ def rig(make_table):
         sock.connect(f"tcp://127.0.0.1:{port}")
         dealers[name] = sock
     plane = _plane.Plane(libzmq.functions(), router.underlying, table.view,
-                         table.view.kernel_handle(), NODE, NUM_NODES, NUM_WORKERS)
+                         table.view.kernel_handle(), NODE, NUM_NODES, NUM_WORKERS,
+                         WORKERS_PER_NODE)
     plane.admit(TOKEN, [worker_identity(r, TOKEN) for r in range(NUM_WORKERS)],
                 [node_identity(n, TOKEN) for n in range(NUM_NODES)])
     plane.enabled = True
@@ -88,20 +108,28 @@ def valid_message(rng):
     n = int(rng.integers(0, 6))
     keys = rng.choice(OWNED_KEYS, n) if rng.random() < 0.7 else \
         rng.integers(0, NUM_KEYS, n).astype(np.uint64)
-    keys = np.unique(keys) if mtype in (MsgType.PUSH, MsgType.FWD_PUSH) else keys
-    values = rng.standard_normal(keys.shape[0] * DIM).astype(np.float32)
+    if mtype not in (MsgType.PULL, MsgType.FWD_PULL) and rng.random() < 0.9:
+        keys = rng.permutation(np.unique(keys))  # pushes name a key once (mostly)
     rank = int(rng.integers(NUM_WORKERS))
     fields = {"request_id": int(rng.integers(1 << 40)), "keys": keys}
-    if mtype == MsgType.PUSH:
-        fields["values"] = values
-    elif mtype == MsgType.FWD_PULL:
-        fields.update(positions=rng.integers(0, 1000, keys.shape[0]).astype(np.uint32),
-                      requester=rank)
-    elif mtype == MsgType.FWD_PUSH:
-        fields.update(values=values, requester=rank)
+    if mtype in (MsgType.APPLY, MsgType.FWD_APPLY):
+        params = PARAMS[rng.integers(len(PARAMS))].copy()
+        dim = int(params[1])
+        if rng.random() < 0.1:  # a hyper-parameter no optimizer takes
+            params[int(rng.integers(8))] = [-1.0, np.nan, 7.0, 0.5][int(rng.integers(4))]
+        fields.update(params=params, values=rng.standard_normal(
+            keys.shape[0] * dim).astype(np.float32))
+        if rng.random() < 0.05 and keys.shape[0]:
+            fields["values"][0] = np.inf
+    elif mtype != MsgType.PULL and mtype != MsgType.FWD_PULL:
+        fields["values"] = rng.standard_normal(keys.shape[0] * DIM).astype(np.float32)
+    if mtype == MsgType.FWD_PULL:
+        fields["positions"] = rng.integers(0, 1000, keys.shape[0]).astype(np.uint32)
+    if mtype in FORWARDED:
+        fields["requester"] = rank
     msg = protocol.BY_TYPE[mtype](**fields)
     sender = f"w{rank}"
-    if mtype in (MsgType.FWD_PULL, MsgType.FWD_PUSH):
+    if mtype in FORWARDED:
         msg.src_node = int(rng.choice([0, 2]))
         sender = f"n{msg.src_node}"
     else:
@@ -150,8 +178,10 @@ def mutated(rng, sender, body):
 
 
 def reference(sender_identity, body, table):
-    """The Python path's verdict: the decoded message when it is a pull or push whose keys
-    this node owns in full (so it is served whole here), else None."""
+    """The Python path's verdict: the decoded message when it is a request this node
+    serves whole, from the table (every key owned here, every check passed: a remote
+    worker's SET; an APPLY whose params, gradients and keys adapm.optim accepts), else
+    None."""
     try:
         msg = protocol.decode(body)
         check_sender(sender_identity, msg, token=TOKEN, spec=SPEC, node=NODE,
@@ -160,19 +190,45 @@ def reference(sender_identity, body, table):
             return None
         if msg.keys.shape[0] and int(msg.keys.max()) >= NUM_KEYS:
             return None
-        if msg.type in (MsgType.PUSH, MsgType.FWD_PUSH):
+        if msg.type == MsgType.SET and msg.src_worker // WORKERS_PER_NODE == NODE:
+            return None  # a local worker's set: DataServing.on_set's deferral
+        if msg.type in (MsgType.APPLY, MsgType.FWD_APPLY):
+            _, dim = optim.read_params(msg.params, DIM)
+            grads = protocol.values_of(msg, np.float32, msg.keys.shape[0] * dim)
+            if not np.isfinite(grads).all() or \
+                    np.unique(msg.keys).shape[0] != msg.keys.shape[0]:
+                return None
+        elif msg.type not in (MsgType.PULL, MsgType.FWD_PULL):
             protocol.values_of(msg, np.float32, msg.keys.shape[0] * DIM)
-    except ProtocolError:
+    except (ProtocolError, ValueError):
         return None
     if not (table.states(msg.keys) == OWNED).all():
         return None
     return msg
 
 
+def reference_effect(msg, shadow):
+    """What the Python path (adapm.node.data.serving) does to the table for `msg`, done
+    to the shadow table through the same calls."""
+    view, keys = shadow.view, np.ascontiguousarray(msg.keys)
+    misses = np.empty(keys.shape[0], dtype=np.uint64)
+    if msg.type in (MsgType.APPLY, MsgType.FWD_APPLY):
+        params, dim = optim.read_params(msg.params, DIM)
+        n = keys.shape[0]
+        grads = protocol.values_of(msg, np.float32, n * dim).reshape(n, dim)
+        view.apply_optimizer(keys, np.argsort(keys, kind="stable"), grads, params,
+                             np.empty(n, np.uint64), np.empty((n, dim), np.float32),
+                             misses, True)
+    elif msg.type not in (MsgType.PULL, MsgType.FWD_PULL):
+        additive = msg.type in (MsgType.PUSH, MsgType.FWD_PUSH)
+        view.update(keys, np.array(protocol.values_of(msg, np.float32, keys.shape[0] * DIM)),
+                    misses, additive, True)
+
+
 def expected_reply(msg, table):
     """The frames the Python path (adapm.node.data.serving) sends for `msg`, and the
     worker they go to; None for a push of no keys (no acknowledgement)."""
-    requester = msg.src_worker if msg.type in (MsgType.PULL, MsgType.PUSH) else msg.requester
+    requester = msg.requester if msg.type in FORWARDED else msg.src_worker
     if msg.type in (MsgType.PULL, MsgType.FWD_PULL):
         values = _values(table, msg.keys)
         reply = protocol.PullReply(request_id=msg.request_id, values=values)
@@ -207,11 +263,12 @@ def _drain_one(plane, router):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_plane_agrees_with_the_python_path(rig, seed):
+def test_plane_agrees_with_the_python_path(rig, shadow, seed):
     plane, table, router, dealers = rig
     rng = np.random.default_rng(seed)
     identities = {name: bytes(sock.getsockopt(zmq.IDENTITY)) for name, sock in dealers.items()}
     served = handed = 0
+    kinds = set()
     for _ in range(1500):
         sender, body = valid_message(rng)
         if rng.random() < 0.5:
@@ -228,17 +285,15 @@ def test_plane_agrees_with_the_python_path(rig, seed):
             assert np.array_equal(_values(table, OWNED_KEYS), before)
             continue
         served += 1
+        kinds.add(msg.type)
         assert frames is None, f"the plane left a message Python would serve: {msg}"
-        if msg.type in (MsgType.PUSH, MsgType.FWD_PUSH) and msg.keys.shape[0]:
-            want = before.reshape(-1, DIM).copy()
-            rows = np.searchsorted(OWNED_KEYS, msg.keys)
-            want[rows] += protocol.values_of(msg, np.float32, want[rows].size).reshape(-1, DIM)
-            assert np.allclose(_values(table, OWNED_KEYS).reshape(-1, DIM), want)
+        reference_effect(msg, shadow)
+        assert np.array_equal(_values(table, OWNED_KEYS), _values(shadow, OWNED_KEYS))
         if expected is not None:
             rank, reply = expected
             assert dealers[f"w{rank}"].poll(5000)
             assert dealers[f"w{rank}"].recv_multipart() == reply
-    assert served > 300 and handed > 300
+    assert served > 300 and handed > 300 and kinds == set(SERVED)
     for sock in dealers.values():  # no reply the Python path would not have sent
         assert not sock.poll(50)
     assert plane.served <= served and plane.unroutable == 0
@@ -343,8 +398,9 @@ def test_once_the_node_failed_every_message_goes_to_python(rig):
     from adapm.node.data.plane import DataPlane
     _, table, router, dealers = rig
     ctx = types.SimpleNamespace(view=table.view, node=NODE, num_nodes=NUM_NODES,
-                                spec=types.SimpleNamespace(num_workers=NUM_WORKERS,
-                                                           num_nodes=NUM_NODES))
+                                spec=types.SimpleNamespace(
+                                    num_workers=NUM_WORKERS, num_nodes=NUM_NODES,
+                                    workers_per_node=WORKERS_PER_NODE))
     counted = {}
     plane = DataPlane(ctx, router, lambda name, n: counted.update({name: n}))
     plane.admit(TOKEN)

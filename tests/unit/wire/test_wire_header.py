@@ -42,7 +42,9 @@ def test_codes_match_protocol():
         "WIRE_ALL_POSITIONS": protocol.ALL_POSITIONS,
         "WIRE_PULL": MsgType.PULL, "WIRE_PUSH": MsgType.PUSH,
         "WIRE_PULL_REPLY": MsgType.PULL_REPLY, "WIRE_UPDATE_ACK": MsgType.UPDATE_ACK,
-        "WIRE_FWD_PULL": MsgType.FWD_PULL, "WIRE_FWD_PUSH": MsgType.FWD_PUSH}
+        "WIRE_FWD_PULL": MsgType.FWD_PULL, "WIRE_FWD_PUSH": MsgType.FWD_PUSH,
+        "WIRE_SET": MsgType.SET, "WIRE_APPLY": MsgType.APPLY, "WIRE_FWD_SET": MsgType.FWD_SET,
+        "WIRE_FWD_APPLY": MsgType.FWD_APPLY, "WIRE_PARAMS_COUNT": protocol.PARAMS_COUNT}
 
 
 def test_the_check_notices_a_drift():
