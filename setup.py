@@ -8,30 +8,25 @@ from setuptools import Extension, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join("src")
 
+
+def extension(name, source, uses_numpy=True):
+    """One compiled module of the package from src/SOURCE (C11, -O3)."""
+    return Extension(
+        name,
+        sources=[os.path.join(SRC, source)],
+        include_dirs=[SRC, numpy.get_include()] if uses_numpy else [SRC],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] if uses_numpy else [],
+        extra_compile_args=["-O3", "-std=gnu11"],
+    )
+
+
 extensions = [
-    Extension(
-        "adapm.table._table",
-        sources=[os.path.join(SRC, "_table.pyx")],
-        include_dirs=[SRC, numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-std=gnu11"],
-    ),
+    extension("adapm.table._table", "_table.pyx"),
     # The node's intent store (adapm.policy.intents' IntentStore is its reference).
-    Extension(
-        "adapm.policy._intents",
-        sources=[os.path.join(SRC, "_intents.pyx")],
-        include_dirs=[SRC, numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-std=gnu11"],
-    ),
+    extension("adapm.policy._intents", "_intents.pyx"),
     # The node server's compiled data plane: the table's kernels (cimported from src/)
     # and libzmq reached by address, so no header of any library is needed.
-    Extension(
-        "adapm.node.data._plane",
-        sources=[os.path.join(SRC, "_plane.pyx")],
-        include_dirs=[SRC],
-        extra_compile_args=["-O3", "-std=gnu11"],
-    ),
+    extension("adapm.node.data._plane", "_plane.pyx", uses_numpy=False),
 ]
 
 setup(
