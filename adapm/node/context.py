@@ -10,7 +10,8 @@ from adapm.table.shared_table import NODE_SLOT, OWNED
 
 
 class NodeContext:
-    def __init__(self, spec, node, table, ownership, intents):
+    def __init__(self, spec, node, table, ownership, intents, compiled=True):
+        """compiled: the parts' key sets are the compiled ones (else the reference)."""
         self.spec = spec
         self.node = node
         self.num_nodes = spec.num_nodes
@@ -22,10 +23,11 @@ class NodeContext:
         self.ownership = ownership
         self.intents = intents
         self.key_flags = KeyFlags(spec.num_keys)  # the parts' KeySets, a bit per key each
+        self.compiled = compiled
 
     def new_key_set(self):
         """A KeySet over this node's keys, sharing a byte per key with up to 7 others."""
-        return self.key_flags.new_set()
+        return self.key_flags.new_set(compiled=self.compiled)
 
     def count(self, name, n):
         """Add to one of the node's counters (in the table, read by w.stats())."""

@@ -131,8 +131,9 @@ class NodeServer:
         self.address = None
         self.addresses = None       # every node's address, once the coordinator sent PEERS
         self.ownership = Ownership(node, spec.num_nodes, spec.num_keys)
-        self.intents = new_store(self.workers, spec.num_keys,
-                                 compiled=data_plane.wanted() == data_plane.COMPILED)
+        # the compiled parts, or (ADAPM_DATA_PLANE=python) their Python references
+        self.compiled = data_plane.wanted() == data_plane.COMPILED
+        self.intents = new_store(self.workers, spec.num_keys, compiled=self.compiled)
         log_to = os.environ.get(config.ENV_INTENT_LOG)
         self.intent_log = IntentLog(log_to, node) if log_to else None
         self.on_ready = None        # called with the address once the cluster is complete
@@ -183,7 +184,7 @@ class NodeServer:
         one that records). Each part gets its collaborators here, once."""
         self.outbox = outbox
         ctx = self.ctx = NodeContext(self.spec, self.node, self.table, self.ownership,
-                                     self.intents)
+                                     self.intents, compiled=self.compiled)
         self.failures = NodeFailure(self.node, outbox, self.view, self._answer_failed)
         routes = Routes(ctx, outbox)
         holders = ReplicaHolders(self.spec.num_keys, self.spec.num_nodes)

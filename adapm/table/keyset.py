@@ -5,7 +5,9 @@ on their way to it, ...) that change a batch at a time and are read, now and the
 whole. Python sets cost an object per key and a Python step per key on every batch;
 `KeySet` costs one bit per key of the key range plus an array of its members, and every
 operation is a few numpy calls over the keys of the batch: up to eight sets share one byte
-per key (`KeyFlags`), each set one bit of it."""
+per key (`KeyFlags`), each set one bit of it. Node servers use the compiled twin,
+`adapm.table._keyset.CompiledKeySet` (src/_keyset.pyx: no sort per batch); `KeySet` is its
+reference, and a test runs both side by side."""
 
 import numpy as np
 
@@ -23,10 +25,15 @@ class KeyFlags:
         self._flags = np.zeros(num_keys, dtype=np.uint8)
         self._used = 0
 
-    def new_set(self):
+    def new_set(self, compiled=True):
+        """A set sharing these flags: the compiled one (adapm.table._keyset), or the
+        reference KeySet."""
         if self._used == self.BITS:
             raise RuntimeError(f"a KeyFlags holds at most {self.BITS} sets")
         self._used += 1
+        if compiled:
+            from adapm.table._keyset import CompiledKeySet
+            return CompiledKeySet(self._flags.shape[0], flags=self._flags, bit=self._used - 1)
         return KeySet(self._flags.shape[0], flags=self._flags, bit=self._used - 1)
 
 

@@ -1,18 +1,26 @@
-"""KeySet: the node server's sets of keys, as arrays (no processes)."""
+"""KeySet and its compiled twin CompiledKeySet: the node server's sets of keys, as arrays
+(no processes). Every behaviour below holds for both; the last tests run them side by
+side."""
 import numpy as np
 import pytest
 
+from adapm.table._keyset import CompiledKeySet
 from adapm.table.keyset import KeyFlags, KeySet
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=[KeySet, CompiledKeySet], ids=["reference", "compiled"])
+def make(request):
+    return request.param
 
 
 def k(*keys):
     return np.array(keys, dtype=np.uint64)
 
 
-def test_add_discard_contains_and_sorted_members():
-    s = KeySet(100)
+def test_add_discard_contains_and_sorted_members(make):
+    s = make(100)
     assert not s and len(s) == 0
     assert s.add(k(5, 3, 5, 9)).tolist() == [3, 5, 9]
     assert s.add(k(9, 1)).tolist() == [1]
@@ -23,8 +31,8 @@ def test_add_discard_contains_and_sorted_members():
     assert s.keys().dtype == np.uint64
 
 
-def test_a_key_removed_and_added_again_is_listed_once():
-    s = KeySet(10)
+def test_a_key_removed_and_added_again_is_listed_once(make):
+    s = make(10)
     s.add(k(1, 2))
     s.discard(k(1))
     s.add(k(1))
@@ -34,8 +42,8 @@ def test_a_key_removed_and_added_again_is_listed_once():
     assert len(s) == 2
 
 
-def test_take_empties_the_set():
-    s = KeySet(10)
+def test_take_empties_the_set(make):
+    s = make(10)
     s.add(k(4, 7))
     assert s.take().tolist() == [4, 7]
     assert not s and s.keys().tolist() == []
@@ -43,9 +51,9 @@ def test_take_empties_the_set():
     assert s.take().tolist() == []
 
 
-def test_against_a_python_set_under_random_batches():
+def test_against_a_python_set_under_random_batches(make):
     rng = np.random.default_rng(3)
-    s, ref = KeySet(500), set()
+    s, ref = make(500), set()
     for _ in range(300):
         batch = rng.integers(0, 500, rng.integers(0, 40)).astype(np.uint64)
         op = rng.integers(0, 4)
@@ -86,3 +94,39 @@ def test_sets_sharing_one_byte_per_key_do_not_see_each_other():
             [k in ref for k in range(100)]
     with pytest.raises(RuntimeError, match="at most 8"):
         flags.new_set()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_compiled_sets_answer_as_the_reference(seed):
+    """Random batches on both (each with its own flags, sharing them with a second set of
+    the same kind): every answer and the members after every call agree."""
+    rng = np.random.default_rng(seed)
+    ref_flags, comp_flags = KeyFlags(300), KeyFlags(300)
+    ref, comp = ref_flags.new_set(compiled=False), comp_flags.new_set()
+    ref_other, comp_other = ref_flags.new_set(compiled=False), comp_flags.new_set()
+    assert isinstance(comp, CompiledKeySet) and isinstance(ref, KeySet)
+    for _ in range(2000):
+        op = rng.random()
+        keys = rng.integers(0, 300, int(rng.integers(0, 30))).astype(np.uint64)
+        if op < 0.4:
+            assert np.array_equal(comp.add(keys), ref.add(keys))
+            comp_other.add(keys[::2])
+            ref_other.add(keys[::2])
+        elif op < 0.7:
+            assert np.array_equal(comp.discard(keys), ref.discard(keys))
+        elif op < 0.85:
+            assert np.array_equal(comp.contains(keys), ref.contains(keys))
+        elif op < 0.95:
+            assert np.array_equal(comp.keys(), ref.keys())
+        else:
+            assert np.array_equal(comp.take(), ref.take())
+        assert len(comp) == len(ref) and bool(comp) == bool(ref)
+        assert np.array_equal(comp_other.keys(), ref_other.keys())
+    assert np.array_equal(comp_flags._flags, ref_flags._flags)
+
+
+def test_compiled_set_refuses_keys_out_of_range():
+    s = CompiledKeySet(10)
+    with pytest.raises(IndexError):
+        s.add(np.array([3, 10], dtype=np.uint64))
+    assert len(s) == 0 and not s.contains(np.array([3], dtype=np.uint64))[0]

@@ -1,0 +1,174 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""A set of keys in compiled code: the same set as adapm.table.keyset.KeySet, which is its
+reference (tests/unit/table/test_compiled_keyset.py runs both side by side), without a
+sort per batch: membership is one bit per key (of a byte shared by up to eight sets,
+KeyFlags), the members are also listed in an array, and only the keys of a batch are
+touched. Results are sorted and distinct, as the reference's are."""
+
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint64_t
+from libc.stdlib cimport free, qsort, realloc
+
+import numpy as np
+
+cnp.import_array()
+
+
+cdef int _by_key(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t*>a)[0], y = (<const uint64_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef class CompiledKeySet:
+    cdef object _flags_array      # uint8 per key, maybe shared with other sets
+    cdef uint8_t* flags
+    cdef uint8_t bit
+    cdef uint64_t num_keys
+    cdef uint64_t* listed         # the members in some order, maybe with removed keys
+    cdef size_t length, capacity  # used part of listed, its room
+    cdef size_t size              # members
+    cdef bint compact             # listed[:length] is exactly the members, sorted
+
+    def __cinit__(self, uint64_t num_keys, flags=None, int bit=0):
+        if not 0 <= bit < 8:
+            raise ValueError(f"bit {bit} of a byte")
+        if flags is None:
+            flags = np.zeros(num_keys, dtype=np.uint8)
+        if flags.dtype != np.uint8 or flags.shape[0] != num_keys or \
+                not flags.flags.c_contiguous:
+            raise ValueError("flags must be a contiguous uint8 array of num_keys")
+        self._flags_array = flags
+        self.flags = <uint8_t*>cnp.PyArray_DATA(flags)
+        self.bit = <uint8_t>(1 << bit)
+        self.num_keys = num_keys
+        self.listed = NULL
+        self.length = self.capacity = self.size = 0
+        self.compact = True
+
+    def __dealloc__(self):
+        free(self.listed)
+
+    def __len__(self):
+        return self.size
+
+    def __bool__(self):
+        return self.size > 0
+
+    cdef cnp.ndarray _checked(self, keys):
+        cdef cnp.ndarray k = np.ascontiguousarray(keys, dtype=np.uint64)
+        cdef const uint64_t* kp = <const uint64_t*>cnp.PyArray_DATA(k)
+        cdef Py_ssize_t i
+        for i in range(k.shape[0]):
+            if kp[i] >= self.num_keys:
+                raise IndexError(f"key {kp[i]} of {self.num_keys}")
+        return k
+
+    def contains(self, keys):
+        """Mask: which of `keys` are members."""
+        cdef cnp.ndarray k = self._checked(keys)
+        cdef const uint64_t* kp = <const uint64_t*>cnp.PyArray_DATA(k)
+        cdef cnp.ndarray out = np.empty(k.shape[0], dtype=bool)
+        cdef uint8_t* op = <uint8_t*>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t i
+        for i in range(k.shape[0]):
+            op[i] = (self.flags[kp[i]] & self.bit) != 0
+        return out
+
+    def add(self, keys):
+        """Add `keys` (any order, repeats allowed); returns those that were not members,
+        sorted."""
+        cdef cnp.ndarray k = self._checked(keys)
+        cdef const uint64_t* kp = <const uint64_t*>cnp.PyArray_DATA(k)
+        cdef Py_ssize_t i, n = k.shape[0], m = 0
+        cdef cnp.ndarray new = np.empty(n, dtype=np.uint64)
+        cdef uint64_t* np_ = <uint64_t*>cnp.PyArray_DATA(new)
+        self._reserve(self.length + n)  # before any bit is set: nothing half done
+        for i in range(n):
+            if not self.flags[kp[i]] & self.bit:
+                self.flags[kp[i]] |= self.bit
+                np_[m] = kp[i]
+                m += 1
+        if m == 0:
+            return new[:0]
+        qsort(np_, m, 8, _by_key)
+        if self.length and self.listed[self.length - 1] >= np_[0]:
+            self.compact = False
+        for i in range(m):
+            self.listed[self.length + i] = np_[i]
+        self.length += m
+        self.size += m
+        return new[:m]
+
+    def discard(self, keys):
+        """Remove those of `keys` that are members; returns them, sorted."""
+        cdef cnp.ndarray k = self._checked(keys)
+        cdef const uint64_t* kp = <const uint64_t*>cnp.PyArray_DATA(k)
+        cdef Py_ssize_t i, n = k.shape[0], m = 0
+        cdef cnp.ndarray gone = np.empty(n, dtype=np.uint64)
+        cdef uint64_t* gp = <uint64_t*>cnp.PyArray_DATA(gone)
+        cdef uint8_t clear = ~self.bit
+        for i in range(n):
+            if self.flags[kp[i]] & self.bit:
+                self.flags[kp[i]] &= clear
+                gp[m] = kp[i]
+                m += 1
+        if m:
+            qsort(gp, m, 8, _by_key)
+            self.size -= m
+            self.compact = False
+        return gone[:m]
+
+    def keys(self):
+        """The members, sorted (a copy)."""
+        cdef size_t i, kept = 0
+        cdef uint64_t key
+        if not self.compact:
+            for i in range(self.length):  # members only, each once (a key removed and
+                key = self.listed[i]       # added again may be listed twice)
+                if self.flags[key] & self.bit:
+                    self.listed[kept] = key
+                    kept += 1
+            qsort(self.listed, kept, 8, _by_key)
+            self.length = 0
+            for i in range(kept):
+                if self.length == 0 or self.listed[self.length - 1] != self.listed[i]:
+                    self.listed[self.length] = self.listed[i]
+                    self.length += 1
+            self.compact = True
+        cdef cnp.ndarray out = np.empty(self.length, dtype=np.uint64)
+        cdef uint64_t* op = <uint64_t*>cnp.PyArray_DATA(out)
+        for i in range(self.length):
+            op[i] = self.listed[i]
+        return out
+
+    def take(self):
+        """The members, sorted; the set is empty afterwards."""
+        members = self.keys()
+        self.clear()
+        return members
+
+    def clear(self):
+        cdef size_t i
+        cdef uint8_t clear = ~self.bit
+        for i in range(self.length):
+            self.flags[self.listed[i]] &= clear
+        self.length = self.size = 0
+        self.compact = True
+
+    @property
+    def nbytes(self):
+        """The memory of its own: the list of members (the flags are KeyFlags')."""
+        return self.capacity * 8
+
+    cdef void _reserve(self, size_t wanted) except *:
+        cdef size_t grown
+        cdef void* p
+        if wanted <= self.capacity:
+            return
+        grown = self.capacity * 2 if self.capacity * 2 > wanted else wanted
+        grown = grown if grown > 64 else 64
+        p = realloc(self.listed, grown * 8)
+        if p == NULL:
+            raise MemoryError()
+        self.listed = <uint64_t*>p
+        self.capacity = grown
