@@ -38,6 +38,9 @@ class _Spec:
 def _rig():
     table = SharedTable.create(segment_name(f"p1x{os.getpid()}", 0), NUM_KEYS, DIM,
                                "float32", 1, node=0, num_nodes=2)
+    # Its name goes at once (the mapping stays): nothing is left in /dev/shm however this
+    # process ends, SIGKILL included; no other process needs to attach.
+    table.unlink()
     table.install(np.arange(NUM_KEYS, dtype=np.uint64), OWNED)
     table.publish()
     context = zmq.Context()
@@ -134,7 +137,6 @@ def main(argv=None):
         for sock in (router, dealer):
             sock.close(0)
         context.term()
-        table.unlink()
         table.close()
     path = save("plane", rows)
     print(f"    results: {path}")

@@ -115,3 +115,19 @@ def test_barrier_after_a_worker_finalized_fails_instead_of_hanging():
         with pytest.raises(adapm.ClusterError, match="already finalized"):
             w0.barrier()
         w0.finalize()
+
+
+def test_the_plane_benchmark_killed_midway_leaves_no_segment():
+    """bench/bench_plane.py maps a table of its own: SIGKILLed after its first figure (the
+    table in use, no cleanup code can run), no segment of its stays in /dev/shm."""
+    from testpaths import ROOT
+    proc = subprocess.Popen([sys.executable, "bench_plane.py", "--messages", "20000"],
+                            cwd=ROOT / "bench", stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("P1"), line + proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not [name for name in os.listdir("/dev/shm") if f"p1x{proc.pid}-" in name]
