@@ -198,7 +198,8 @@ cdef class Plane:
                     outcome = self._handle(&fault_key)
                     if outcome != _SERVED:
                         break
-                    self.served += 1
+                    self.served += 1  # a message handed over is counted by Python
+                    self.bytes_received += self._body_bytes()
                     self._release_message()
             if got < 0:
                 raise OSError(self.zmq_errno(), "the data plane could not receive")
@@ -312,7 +313,6 @@ cdef class Plane:
         cdef Py_ssize_t n = self._checked_keys()
         if n < 0:
             return _HAND_OVER
-        self.bytes_received += self._body_bytes()
         if h.type == WIRE_PULL or h.type == WIRE_FWD_PULL:
             return self._serve_pull(n, reply_to, reply_to_len)
         if h.type == WIRE_APPLY or h.type == WIRE_FWD_APPLY:
