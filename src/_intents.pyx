@@ -33,6 +33,7 @@ cdef struct Queue:      # one worker's intents
     size_t size, capacity
     size_t next_due     # first record not acted on (records before it are acted/expired)
     size_t flagged      # expired records still listed
+    int64_t min_end     # the earliest end of an unexpired record (NO_START: none)
     uint64_t* keys      # every listed record's keys, at its offset
     size_t key_end, key_capacity, key_dead
 
@@ -62,10 +63,13 @@ cdef class CompiledIntentStore:
     cdef Py_ssize_t _live
 
     def __cinit__(self, size_t num_workers, uint64_t num_keys):
+        cdef size_t w
         self.queues = <Queue*>malloc(max(num_workers, 1) * sizeof(Queue))
         if self.queues == NULL:
             raise MemoryError()
         memset(self.queues, 0, max(num_workers, 1) * sizeof(Queue))
+        for w in range(num_workers):
+            self.queues[w].min_end = NO_START
         self.num_workers = num_workers
         self.num_keys = num_keys
         self._count = np.zeros(num_keys, dtype=np.int32)
@@ -111,6 +115,8 @@ cdef class CompiledIntentStore:
         q.key_end += n
         if position < q.next_due:
             q.next_due = position
+        if end < q.min_end:
+            q.min_end = end
         for i in range(n):
             self.counts[kp[i]] += 1
         self._live += 1
@@ -129,14 +135,21 @@ cdef class CompiledIntentStore:
     cdef void _expire_queue(self, Queue* q, int64_t clock) noexcept nogil:
         cdef size_t i, j, front = 0
         cdef Record* r
+        if clock < q.min_end:  # nothing ends yet: the usual call, a round's, costs nothing
+            return
+        q.min_end = NO_START
         for i in range(q.size):
             r = &q.records[i]
-            if not r.expired and r.end <= clock:
+            if r.expired:
+                continue
+            if r.end <= clock:
                 r.expired = 1
                 for j in range(r.n):
                     self.counts[q.keys[r.offset + j]] -= 1
                 q.flagged += 1
                 self._live -= 1
+            elif r.end < q.min_end:
+                q.min_end = r.end
         if not q.flagged:
             return
         while front < q.size and q.records[front].expired:
