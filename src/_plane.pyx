@@ -489,17 +489,15 @@ cdef class Plane:
                           uint64_t* fault_key) noexcept nogil:
         """One optimizer step per key (distinct, all owned: the same kernel and arithmetic
         as the Python path's apply_optimizer, key by key), acknowledged with the count."""
-        cdef uint64_t nbytes = self._size(3), i, count = <uint64_t>n * self.step.dim
+        cdef uint64_t nbytes = self._size(3), count = <uint64_t>n * self.step.dim
         cdef int64_t nmiss
         cdef Batch b
         if not self._all_owned(n) or not self._reserve_misses(n) or \
                 not self._reserve_values(nbytes):
             return _HAND_OVER
         memcpy(self.values_buf, self._data(3), nbytes)  # aligned, and the step writes it
-        for i in range(count):  # NaN or infinite gradients would spoil rows and state
-            if self.dtype == 0 and not isfinite((<float*>self.values_buf)[i]) or \
-                    self.dtype != 0 and not isfinite((<double*>self.values_buf)[i]):
-                return _HAND_OVER
+        if not _all_finite(self.values_buf, count, self.dtype):  # they would spoil rows
+            return _HAND_OVER
         b = _batch(self.directory, self.keys_buf, n, self.timeout_ns, self.arena,
                    self.itemsize, self.capacity)
         if self.dtype == 0:
@@ -577,6 +575,19 @@ cdef inline int _FRAMES_OF(uint8_t mtype) noexcept nogil:
 cdef inline bint _FROM_WORKER(uint8_t mtype) noexcept nogil:
     return mtype == WIRE_PULL or mtype == WIRE_PUSH or mtype == WIRE_SET or \
         mtype == WIRE_APPLY
+
+
+cdef bint _all_finite(const char* values, uint64_t count, int dtype) noexcept nogil:
+    cdef uint64_t i
+    if dtype == 0:
+        for i in range(count):
+            if not isfinite((<const float*>values)[i]):
+                return False
+    else:
+        for i in range(count):
+            if not isfinite((<const double*>values)[i]):
+                return False
+    return True
 
 
 cdef int _by_key(const void* a, const void* b) noexcept nogil:

@@ -36,7 +36,6 @@ from adapm.node.control.checkpoint_phases import CheckpointPhases
 from adapm.node.control.collectives import Collectives
 from adapm.node.control.coordinator import Coordinator
 from adapm.node.control.local_workers import LocalWorkers
-from adapm.node.data import plane as data_plane
 from adapm.node.data.deferred_sets import DeferredSets
 from adapm.node.data.eviction import Eviction
 from adapm.node.data.holders import ReplicaHolders
@@ -132,7 +131,7 @@ class NodeServer:
         self.addresses = None       # every node's address, once the coordinator sent PEERS
         self.ownership = Ownership(node, spec.num_nodes, spec.num_keys)
         # the compiled parts, or (ADAPM_DATA_PLANE=python) their Python references
-        self.compiled = data_plane.wanted() == data_plane.COMPILED
+        self.compiled = config.data_plane() == "compiled"
         self.intents = new_store(self.workers, spec.num_keys, compiled=self.compiled)
         log_to = os.environ.get(config.ENV_INTENT_LOG)
         self.intent_log = IntentLog(log_to, node) if log_to else None
@@ -174,7 +173,7 @@ class NodeServer:
         self.assemble(Outbox(self.node, self._count, router=self.sockets.router,
                              coordinator=to_coordinator))
         self.activity = ActivityLog(self.view)
-        self.plane = DataPlane(self.ctx, self.sockets.router, self._count)
+        self.plane = DataPlane(self.ctx, self.sockets.router, self._count, self.compiled)
         self.outbox.to_coordinator(self.startup.join(self.address, self.coordinator_address))
         if self.metrics_port is not None:  # Prometheus, on this node's address only
             self.metrics = metrics.start(self, self.spec.host, self.metrics_port)

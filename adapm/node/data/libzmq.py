@@ -46,7 +46,7 @@ def functions():
 
 def loaded_path():
     """The file of the libzmq mapped into this process (pyzmq is imported), or None."""
-    if zmq.backend.Socket.__module__.split(".")[-2:-1] != ["cython"]:
+    if "cython" not in zmq.backend.Socket.__module__.split("."):
         return None  # the CFFI backend: its sockets' handles are not libzmq's to share
     try:
         with open(f"/proc/{os.getpid()}/maps") as maps:

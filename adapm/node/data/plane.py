@@ -16,43 +16,32 @@ import sys
 
 import zmq
 
-from adapm.common import config
 from adapm.node.data import libzmq
 from adapm.wire.protocol import node_identity, worker_identity
 
 log = logging.getLogger("adapm.server")
 
-COMPILED, PYTHON = config.DATA_PLANES
-
-
-def wanted():
-    """Which data plane the environment asks for (ADAPM_DATA_PLANE)."""
-    return config.data_plane()
-
 
 class DataPlane:
-    def __init__(self, ctx, router, count):
+    def __init__(self, ctx, router, count, compiled=True):
         """ctx: the node's NodeContext; router: its ROUTER socket (pyzmq); count(name, n):
-        adds to a node counter. The compiled plane is used when wanted and available
-        (Linux, pyzmq's Cython backend); else every message goes through Python."""
+        adds to a node counter. The compiled plane is used when `compiled` (the node's
+        choice, ADAPM_DATA_PLANE) and available (Linux, pyzmq's Cython backend); else
+        every message goes through Python."""
         self.ctx = ctx
         self.router = router
         self._count = count
         self.compiled = None
         self._seen = {"bytes_received": 0, "bytes_sent": 0, "served": 0, "unroutable": 0}
-        functions = libzmq.functions() if wanted() == COMPILED and \
-            sys.byteorder == "little" and sys.platform.startswith("linux") else None
+        functions = libzmq.functions() if compiled and sys.byteorder == "little" and \
+            sys.platform.startswith("linux") else None
         if functions is not None:
             from adapm.node.data import _plane
             self.compiled = _plane.Plane(functions, router.underlying, ctx.view,
                                          ctx.view.kernel_handle(), ctx.node, ctx.num_nodes,
                                          ctx.spec.num_workers, ctx.spec.workers_per_node)
         log.debug("node %d: %s data plane", ctx.node,
-                  COMPILED if self.compiled is not None else PYTHON)
-
-    @property
-    def kind(self):
-        return COMPILED if self.compiled is not None else PYTHON
+                  "compiled" if self.compiled is not None else "Python")
 
     def admit(self, token):
         """The cluster formed with `token`: the plane may serve its members."""

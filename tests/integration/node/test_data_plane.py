@@ -357,7 +357,7 @@ def test_the_type_stub_names_exactly_what_the_compiled_plane_has():
     assert named - {"__init__"} == {n for n in dir(_plane.Plane) if not n.startswith("_")}
 
 
-def _static_task(w):
+def _push_everything_task(w):
     """Every worker pushes to every key (half of them remote in mode static; in mode
     adaptive, announced first so that rounds replicate and relocate them), then pulls
     all."""
@@ -382,7 +382,7 @@ def test_a_cluster_gives_the_same_results_with_either_plane(monkeypatch, mode):
     results = {}
     for plane in ("compiled", "python"):
         monkeypatch.setenv("ADAPM_DATA_PLANE", plane)
-        results[plane] = adapm.run(_static_task, nodes=2, workers_per_node=1, num_keys=40,
+        results[plane] = adapm.run(_push_everything_task, nodes=2, workers_per_node=1, num_keys=40,
                                    value_length=4, mode=mode)
     expected = np.full((40, 4), sum(r + s for r in range(2) for s in range(5)), np.float32)
     for plane, rows in results.items():
@@ -398,7 +398,7 @@ def test_a_bad_plane_choice_fails_before_anything_starts(monkeypatch):
     import adapm
     monkeypatch.setenv("ADAPM_DATA_PLANE", "fast")
     with pytest.raises(ValueError, match="ADAPM_DATA_PLANE='fast' must be 'compiled' or"):
-        adapm.run(_static_task, nodes=1, workers_per_node=1, num_keys=4, value_length=4)
+        adapm.run(_push_everything_task, nodes=1, workers_per_node=1, num_keys=4, value_length=4)
 
 
 @pytest.mark.timeout(60)
