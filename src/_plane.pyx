@@ -182,35 +182,33 @@ cdef class Plane:
         frames is None when the socket ran dry or the budget was spent, else the frames
         (bytes, routing identity first) of the message taken last, which this plane
         leaves to the caller; it stops there, so that order is kept."""
-        cdef int taken = 0, outcome = _HAND_OVER, got
+        cdef int taken = 0, outcome = _SERVED, got = 0
         cdef uint64_t fault_key = 0
         if not self.enabled or self.token == 0:
             raise RuntimeError("the data plane is not enabled")
         if self.view.closed:  # never a pointer into an unmapped segment
             raise RuntimeError("the data plane's table is closed")
-        while taken < budget:
-            with nogil:
-                while taken < budget:
-                    got = self._receive()
-                    if got <= 0:
-                        break
-                    taken += 1
-                    outcome = self._handle(&fault_key)
-                    if outcome != _SERVED:
-                        break
-                    self.served += 1  # a message handed over is counted by Python
-                    self.bytes_received += self._body_bytes()
-                    self._release_message()
-            if got < 0:
-                raise OSError(self.zmq_errno(), "the data plane could not receive")
-            if got == 0 or taken >= budget and outcome == _SERVED:
-                return taken, None
-            if outcome == _FAULT:
+        with nogil:
+            while taken < budget:
+                got = self._receive()
+                if got <= 0:
+                    break
+                taken += 1
+                outcome = self._handle(&fault_key)
+                if outcome != _SERVED:
+                    break
+                self.served += 1  # a message handed over is counted by Python
+                self.bytes_received += self._body_bytes()
                 self._release_message()
-                raise PlaneFault(f"node {self.node}: the lock of key {fault_key} timed out "
-                                 "while the data plane applied a write to it")
-            return taken, self._hand_over()
-        return taken, None
+        if got < 0:
+            raise OSError(self.zmq_errno(), "the data plane could not receive")
+        if outcome == _SERVED:  # the socket ran dry, or the budget was spent
+            return taken, None
+        if outcome == _FAULT:
+            self._release_message()
+            raise PlaneFault(f"node {self.node}: the lock of key {fault_key} timed out "
+                             "while the data plane applied a write to it")
+        return taken, self._hand_over()
 
     @property
     def nbytes(self):
@@ -291,10 +289,10 @@ cdef class Plane:
         memcpy(h, self._data(1), WIRE_HEADER_BYTES)
         if h.magic != WIRE_MAGIC or h.version != WIRE_VERSION or h.token != self.token:
             return _HAND_OVER
-        cdef int frames = _FRAMES_OF(h.type)
+        cdef int frames = _frames_of(h.type)
         if frames == 0 or m.nframes != 2 + frames:
             return _HAND_OVER
-        if _FROM_WORKER(h.type):
+        if _from_worker(h.type):
             if h.src_worker >= self.num_workers or not self._is_worker(0, h.src_worker):
                 return _HAND_OVER
             requester = h.src_worker
@@ -560,7 +558,7 @@ cdef class Plane:
         return _grow(<void**>&self.values_buf, &self.values_cap, nbytes)
 
 
-cdef inline int _FRAMES_OF(uint8_t mtype) noexcept nogil:
+cdef inline int _frames_of(uint8_t mtype) noexcept nogil:
     """Data frames of each type the plane serves (0: not one of them)."""
     if mtype == WIRE_PULL:
         return 1
@@ -572,7 +570,7 @@ cdef inline int _FRAMES_OF(uint8_t mtype) noexcept nogil:
     return 0
 
 
-cdef inline bint _FROM_WORKER(uint8_t mtype) noexcept nogil:
+cdef inline bint _from_worker(uint8_t mtype) noexcept nogil:
     return mtype == WIRE_PULL or mtype == WIRE_PUSH or mtype == WIRE_SET or \
         mtype == WIRE_APPLY
 
