@@ -299,7 +299,7 @@ class NodeServer:
         if self.coordinator is not None and self.coordinator.socket in ready:
             self.coordinator.handle_ready()
         if self.outbox.coordinator in ready:
-            self._drain(self.outbox.coordinator, self._from_coordinator)
+            protocol.drain(self.outbox.coordinator, self._from_coordinator, MAX_BATCH)
         if self.sockets.router in ready:
             self._drain_router()
         if self.coordinator is not None:
@@ -340,14 +340,6 @@ class NodeServer:
         if self.view.intents_queued():
             return 0
         return IDLE_POLL_MS if idle else BUSY_POLL_MS
-
-    def _drain(self, sock, handle):
-        for _ in range(MAX_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            handle(frames)
 
     def _drain_router(self):
         """The router's messages: served by the compiled data plane where it can, the

@@ -25,6 +25,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import zmq
 
 from adapm.common.errors import ProtocolError
 
@@ -350,6 +351,17 @@ def send(sock, frames):
     size = frame_size(frames)
     sock.send_multipart(frames, copy=size < ZERO_COPY_MIN_BYTES)
     return size
+
+
+def drain(sock, handle, budget):
+    """Hand each message waiting on `sock` (its frames, zero-copy) to handle(frames), at
+    most `budget` of them."""
+    for _ in range(budget):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        handle(frames)
 
 
 def decode(frames):

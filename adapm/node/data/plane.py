@@ -14,9 +14,8 @@ the reference the compiled plane is tested against, and a way around it."""
 import logging
 import sys
 
-import zmq
-
 from adapm.node.data import libzmq
+from adapm.wire import protocol
 from adapm.wire.protocol import node_identity, worker_identity
 
 log = logging.getLogger("adapm.server")
@@ -66,7 +65,7 @@ class DataPlane:
         if plane is not None and plane.enabled and not healthy():
             self.stop()
         if plane is None or not plane.enabled:
-            return self._drain_python(budget, handle)
+            return protocol.drain(self.router, handle, budget)
         try:
             while budget > 0:
                 taken, frames = plane.drain(budget)
@@ -76,17 +75,9 @@ class DataPlane:
                 handle(frames)
                 if not healthy():  # that message failed the node: Python from here
                     self.stop()
-                    return self._drain_python(budget, handle)
+                    return protocol.drain(self.router, handle, budget)
         finally:
             self._fold_counters()
-
-    def _drain_python(self, budget, handle):
-        for _ in range(budget):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            handle(frames)
 
     def _fold_counters(self):
         plane = self.compiled
