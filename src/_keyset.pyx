@@ -6,8 +6,10 @@ KeyFlags), the members are also listed in an array, and only the keys of a batch
 touched. Results are sorted and distinct, as the reference's are."""
 
 cimport numpy as cnp
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, qsort, realloc
+
+from keyset cimport keyset_discard, keyset_t
 
 import numpy as np
 
@@ -21,13 +23,7 @@ cdef int _by_key(const void* a, const void* b) noexcept nogil:
 
 cdef class CompiledKeySet:
     cdef object _flags_array      # uint8 per key, maybe shared with other sets
-    cdef uint8_t* flags
-    cdef uint8_t bit
-    cdef uint64_t num_keys
-    cdef uint64_t* listed         # the members in some order, maybe with removed keys
-    cdef size_t length, capacity  # used part of listed, its room
-    cdef size_t size              # members
-    cdef bint compact             # listed[:length] is exactly the members, sorted
+    cdef keyset_t s               # the set (keyset.pxd)
 
     def __cinit__(self, uint64_t num_keys, flags=None, int bit=0):
         if not 0 <= bit < 8:
@@ -38,29 +34,29 @@ cdef class CompiledKeySet:
                 not flags.flags.c_contiguous:
             raise ValueError("flags must be a contiguous uint8 array of num_keys")
         self._flags_array = flags
-        self.flags = <uint8_t*>cnp.PyArray_DATA(flags)
-        self.bit = <uint8_t>(1 << bit)
-        self.num_keys = num_keys
-        self.listed = NULL
-        self.length = self.capacity = self.size = 0
-        self.compact = True
+        self.s.flags = <uint8_t*>cnp.PyArray_DATA(flags)
+        self.s.bit = <uint8_t>(1 << bit)
+        self.s.num_keys = num_keys
+        self.s.listed = NULL
+        self.s.length = self.s.capacity = self.s.size = 0
+        self.s.compact = True
 
     def __dealloc__(self):
-        free(self.listed)
+        free(self.s.listed)
 
     def __len__(self):
-        return self.size
+        return self.s.size
 
     def __bool__(self):
-        return self.size > 0
+        return self.s.size > 0
 
     cdef cnp.ndarray _checked(self, keys):
         cdef cnp.ndarray k = np.ascontiguousarray(keys, dtype=np.uint64)
         cdef const uint64_t* kp = <const uint64_t*>cnp.PyArray_DATA(k)
         cdef Py_ssize_t i
         for i in range(k.shape[0]):
-            if kp[i] >= self.num_keys:
-                raise IndexError(f"key {kp[i]} of {self.num_keys}")
+            if kp[i] >= self.s.num_keys:
+                raise IndexError(f"key {kp[i]} of {self.s.num_keys}")
         return k
 
     def contains(self, keys):
@@ -71,7 +67,7 @@ cdef class CompiledKeySet:
         cdef uint8_t* op = <uint8_t*>cnp.PyArray_DATA(out)
         cdef Py_ssize_t i
         for i in range(k.shape[0]):
-            op[i] = (self.flags[kp[i]] & self.bit) != 0
+            op[i] = (self.s.flags[kp[i]] & self.s.bit) != 0
         return out
 
     def add(self, keys):
@@ -82,21 +78,21 @@ cdef class CompiledKeySet:
         cdef Py_ssize_t i, n = k.shape[0], m = 0
         cdef cnp.ndarray new = np.empty(n, dtype=np.uint64)
         cdef uint64_t* np_ = <uint64_t*>cnp.PyArray_DATA(new)
-        self._reserve(self.length + n)  # before any bit is set: nothing half done
+        self._reserve(self.s.length + n)  # before any bit is set: nothing half done
         for i in range(n):
-            if not self.flags[kp[i]] & self.bit:
-                self.flags[kp[i]] |= self.bit
+            if not self.s.flags[kp[i]] & self.s.bit:
+                self.s.flags[kp[i]] |= self.s.bit
                 np_[m] = kp[i]
                 m += 1
         if m == 0:
             return new[:0]
         qsort(np_, m, 8, _by_key)
-        if self.length and self.listed[self.length - 1] >= np_[0]:
-            self.compact = False
+        if self.s.length and self.s.listed[self.s.length - 1] >= np_[0]:
+            self.s.compact = False
         for i in range(m):
-            self.listed[self.length + i] = np_[i]
-        self.length += m
-        self.size += m
+            self.s.listed[self.s.length + i] = np_[i]
+        self.s.length += m
+        self.s.size += m
         return new[:m]
 
     def discard(self, keys):
@@ -106,39 +102,35 @@ cdef class CompiledKeySet:
         cdef Py_ssize_t i, n = k.shape[0], m = 0
         cdef cnp.ndarray gone = np.empty(n, dtype=np.uint64)
         cdef uint64_t* gp = <uint64_t*>cnp.PyArray_DATA(gone)
-        cdef uint8_t clear = ~self.bit
         for i in range(n):
-            if self.flags[kp[i]] & self.bit:
-                self.flags[kp[i]] &= clear
+            if keyset_discard(&self.s, kp[i]):
                 gp[m] = kp[i]
                 m += 1
         if m:
             qsort(gp, m, 8, _by_key)
-            self.size -= m
-            self.compact = False
         return gone[:m]
 
     def keys(self):
         """The members, sorted (a copy)."""
         cdef size_t i, kept = 0
         cdef uint64_t key
-        if not self.compact:
-            for i in range(self.length):  # members only, each once (a key removed and
-                key = self.listed[i]       # added again may be listed twice)
-                if self.flags[key] & self.bit:
-                    self.listed[kept] = key
+        if not self.s.compact:
+            for i in range(self.s.length):  # members only, each once (a key removed and
+                key = self.s.listed[i]       # added again may be listed twice)
+                if self.s.flags[key] & self.s.bit:
+                    self.s.listed[kept] = key
                     kept += 1
-            qsort(self.listed, kept, 8, _by_key)
-            self.length = 0
+            qsort(self.s.listed, kept, 8, _by_key)
+            self.s.length = 0
             for i in range(kept):
-                if self.length == 0 or self.listed[self.length - 1] != self.listed[i]:
-                    self.listed[self.length] = self.listed[i]
-                    self.length += 1
-            self.compact = True
-        cdef cnp.ndarray out = np.empty(self.length, dtype=np.uint64)
+                if self.s.length == 0 or self.s.listed[self.s.length - 1] != self.s.listed[i]:
+                    self.s.listed[self.s.length] = self.s.listed[i]
+                    self.s.length += 1
+            self.s.compact = True
+        cdef cnp.ndarray out = np.empty(self.s.length, dtype=np.uint64)
         cdef uint64_t* op = <uint64_t*>cnp.PyArray_DATA(out)
-        for i in range(self.length):
-            op[i] = self.listed[i]
+        for i in range(self.s.length):
+            op[i] = self.s.listed[i]
         return out
 
     def take(self):
@@ -149,26 +141,32 @@ cdef class CompiledKeySet:
 
     def clear(self):
         cdef size_t i
-        cdef uint8_t clear = ~self.bit
-        for i in range(self.length):
-            self.flags[self.listed[i]] &= clear
-        self.length = self.size = 0
-        self.compact = True
+        cdef uint8_t clear = ~self.s.bit
+        for i in range(self.s.length):
+            self.s.flags[self.s.listed[i]] &= clear
+        self.s.length = self.s.size = 0
+        self.s.compact = True
+
+    def handle(self):
+        """The address of the set's state (keyset.pxd's keyset_t), for compiled code
+        that changes it without Python (the node's data plane); valid while this object
+        lives."""
+        return <uintptr_t>&self.s
 
     @property
     def nbytes(self):
         """The memory of its own: the list of members (the flags are KeyFlags')."""
-        return self.capacity * 8
+        return self.s.capacity * 8
 
     cdef void _reserve(self, size_t wanted) except *:
         cdef size_t grown
         cdef void* p
-        if wanted <= self.capacity:
+        if wanted <= self.s.capacity:
             return
-        grown = self.capacity * 2 if self.capacity * 2 > wanted else wanted
+        grown = self.s.capacity * 2 if self.s.capacity * 2 > wanted else wanted
         grown = grown if grown > 64 else 64
-        p = realloc(self.listed, grown * 8)
+        p = realloc(self.s.listed, grown * 8)
         if p == NULL:
             raise MemoryError()
-        self.listed = <uint64_t*>p
-        self.capacity = grown
+        self.s.listed = <uint64_t*>p
+        self.s.capacity = grown

@@ -9,7 +9,12 @@ and adapm.node.admission would (header, token, sender, key range, frame sizes), 
 table's kernel (kernels.pxd, optimizers.pxd) and writes the reply into the outgoing frame
 itself. It serves PULL, PUSH, SET (of another node's worker: a local worker's set may have
 to wait for a round, and overwrites replicas here), APPLY and their forwarded forms, whose
-keys are all owned here. The first message
+keys are all owned here, and the steady state of sync rounds: as owner, a SYNC straight
+from a replica node that only syncs and drops replicas of keys owned here (deltas applied,
+values sent when behind, holders updated); as replica node, a SYNC_REPLY that brings
+values or "current" and drops nothing (copies refreshed, versions and rounds stamped).
+What it did for a round it reports as an event (keys answered, per round) that the
+Python control plane takes after each drain (take_events). The first message
 it does not serve (any other type, a key not owned here, anything that fails a check) it
 hands to the Python control plane as a list of bytes and stops: messages are handled in
 the order they arrived, by one plane or the other, never overtaking each other.
@@ -18,16 +23,22 @@ Python is the reference: a message this plane serves is one the Python path woul
 accepted and served the same way, and everything else it leaves to Python
 (tests/integration/node/test_data_plane.py checks that, message by message)."""
 
+import numpy as np
+
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, qsort, realloc
+from libc.stdlib cimport calloc, free, qsort, realloc
 from libc.string cimport memcmp, memcpy
 
 from arena cimport real
-from atomic cimport adapm_load_relaxed_u8
+from atomic cimport adapm_load_relaxed_u8, adapm_store_release_u32
 from batch cimport Batch, _batch
-from kernels cimport _pull, _update
+from keyset cimport keyset_contains, keyset_discard, keyset_t
+from kernels cimport (
+    _SERVE_NO_VALUE, _SERVE_VALUE_IF_CHANGED, _pull, _replica_deltas, _replica_refresh,
+    _serve_sync, _update,
+)
 from layout cimport ADAPM_OWNED, adapm_entry_t
 from optimizers cimport (
     OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
@@ -37,6 +48,8 @@ from wire_header cimport (
     WIRE_ALL_POSITIONS, WIRE_APPLY, WIRE_FWD_APPLY, WIRE_FWD_PULL, WIRE_FWD_PUSH, WIRE_FWD_SET,
     WIRE_HEADER_BYTES, WIRE_MAGIC, WIRE_PARAMS_COUNT, WIRE_PULL, WIRE_PULL_REPLY, WIRE_PUSH,
     WIRE_SERVER, WIRE_SET, WIRE_UPDATE_ACK, WIRE_VERSION, header_t,
+    WIRE_HAS_DELTA, WIRE_HOPS_SHIFT, WIRE_REPLY_CURRENT, WIRE_REPLY_DROPPED, WIRE_REPLY_VALUE,
+    WIRE_SYNC, WIRE_SYNC_DROP, WIRE_SYNC_KEEP, WIRE_SYNC_REPLY,
 )
 
 
@@ -67,6 +80,22 @@ cdef enum:
     _HAND_OVER = 0                  # to the Python control plane, as received
     _SERVED = 1
     _FAULT = 2                      # a lock timed out halfway through a write
+    _SERVED_FULL = 3                # served, and the events queue is full: stop here
+    _NO_MEMORY = 4                  # a reply's frame could not be allocated after the write
+    _SPLIT = 5                      # served in part: the rest goes to Python (_hand_over_split)
+
+# Events the plane reports to the control plane (take_events).
+cdef enum:
+    EVENT_SYNC_ANSWERED = 1         # a SYNC_REPLY's keys were answered: (round, keys)
+    MAX_EVENTS = 64                 # a drain stops once this many wait
+
+EVENTS = {"sync_answered": EVENT_SYNC_ANSWERED}
+
+
+cdef struct Event:
+    uint32_t kind
+    uint64_t round
+    uint64_t count
 
 
 class PlaneFault(Exception):
@@ -117,12 +146,35 @@ cdef class Plane:
     cdef char* values_buf
     cdef size_t keys_cap, misses_cap, values_cap
     cdef OptStep step               # an APPLY's optimizer step, once its params are checked
+    # sync rounds (serve_rounds, admit): served only once both are set
+    cdef void** peers               # this node's DEALER to each node (NULL: none, itself)
+    cdef object peer_sockets        # the pyzmq sockets, kept alive
+    cdef uint32_t* fresh            # the table's per-key round stamps
+    cdef uint8_t* holder_bits       # ReplicaHolders' bits: key k, node n: bit n % 8 of
+    cdef size_t holder_stride       #   byte k * holder_stride + n // 8
+    cdef uint32_t* seen_version     # ReplicaCopies.seen_version
+    cdef const char* synced         # ReplicaCopies.synced: uint32 or uint64 per key
+    cdef int synced_width
+    cdef keyset_t* pending          # ReplicaCopies.pending (a CompiledKeySet's state)
+    cdef keyset_t* moving_in        # ReplicaCopies.moving_in (likewise)
+    cdef object round_state         # the arrays and the set above, kept alive
+    cdef Event events[MAX_EVENTS]
+    cdef int nevents
+    cdef readonly bint events_full  # the last drain stopped to have its events taken
+    cdef Py_ssize_t split           # keys of the message served in part left to Python
+    cdef char* out_buf              # an owner's answer's values
+    cdef char* per_key_buf          # a sync's per-key flags, versions, slots
+    cdef size_t out_cap, per_key_cap
 
     def __cinit__(self):
         self.msg.nframes = 0
         self.keys_buf = self.misses_buf = NULL
-        self.values_buf = NULL
-        self.keys_cap = self.misses_cap = self.values_cap = 0
+        self.values_buf = self.out_buf = self.per_key_buf = NULL
+        self.keys_cap = self.misses_cap = self.values_cap = self.out_cap = 0
+        self.per_key_cap = 0
+        self.peers = NULL
+        self.pending = self.moving_in = NULL
+        self.nevents = 0
 
     def __init__(self, dict functions, uintptr_t socket, view, dict table, uint16_t node,
                  uint32_t num_nodes, uint32_t num_workers, uint32_t workers_per_node):
@@ -148,6 +200,7 @@ cdef class Plane:
         self.num_keys = table["num_keys"]
         self.timeout_ns = table["lock_timeout_ns"]
         self.dtype = table["dtype"]
+        self.fresh = <uint32_t*><uintptr_t>table["fresh"]
         self.node, self.num_nodes, self.num_workers = node, num_nodes, num_workers
         self.first_rank = <uint64_t>node * workers_per_node
         self.local_workers = workers_per_node
@@ -159,13 +212,28 @@ cdef class Plane:
         free(self.keys_buf)
         free(self.misses_buf)
         free(self.values_buf)
+        free(self.out_buf)
+        free(self.per_key_buf)
+        free(self.peers)
 
-    def admit(self, uint64_t token, list worker_ids, list node_ids):
+    def admit(self, uint64_t token, list worker_ids, list node_ids, dict peers=None):
         """The cluster formed: its token, and the routing identity of every worker (by
         rank) and node server (by node), as protocol.worker_identity/node_identity give
-        them. Each kind has one length (a name of fixed size and an 8-byte MAC)."""
+        them. Each kind has one length (a name of fixed size and an 8-byte MAC).
+        peers: node -> this node's DEALER socket to it (pyzmq), where sync answers go;
+        without them the plane leaves sync rounds to Python."""
         if len(worker_ids) != self.num_workers or len(node_ids) != self.num_nodes:
             raise ValueError("an identity per worker and per node")
+        if peers:
+            if self.peers == NULL:
+                self.peers = <void**>calloc(self.num_nodes, sizeof(void*))
+                if self.peers == NULL:
+                    raise MemoryError()
+            for node, sock in peers.items():
+                if not 0 <= node < self.num_nodes or node == self.node:
+                    raise ValueError(f"a peer socket for node {node}")
+                self.peers[node] = <void*><uintptr_t>sock.underlying
+            self.peer_sockets = dict(peers)
         self.worker_id_len = len(worker_ids[0]) if worker_ids else 0
         self.node_id_len = len(node_ids[0]) if node_ids else 0
         if any(len(i) != self.worker_id_len for i in worker_ids) or \
@@ -176,6 +244,79 @@ cdef class Plane:
         self.worker_ids_p = self.worker_ids
         self.node_ids_p = self.node_ids
         self.token = token
+
+    def serve_rounds(self, holder_bits, seen_version, synced, pending_set, moving_set):
+        """Serve sync rounds' steady state too, and send rounds (send_round), on the
+        node's per-key round state: holder_bits (ReplicaHolders.raw(): a row of bytes per
+        key), seen_version (uint32 per key) and synced (uint32 or uint64 per key) of
+        ReplicaCopies, and its pending and moving-in sets (CompiledKeySets, changed and
+        read through their handle()). The arrays are changed in place; none may be
+        replaced afterwards."""
+        for name, arr in (("holder_bits", holder_bits), ("seen_version", seen_version),
+                          ("synced", synced)):
+            if not arr.flags.c_contiguous or arr.shape[0] != self.num_keys:
+                raise ValueError(f"{name}: a contiguous array of a row per key")
+        if seen_version.dtype.itemsize != 4 or synced.dtype.itemsize not in (4, 8) or \
+                holder_bits.strides[0] * 8 < self.num_nodes:
+            raise ValueError("the round state's element types")
+        self.holder_bits = <uint8_t*><uintptr_t>holder_bits.ctypes.data
+        self.holder_stride = holder_bits.strides[0]
+        self.seen_version = <uint32_t*><uintptr_t>seen_version.ctypes.data
+        self.synced = <const char*><uintptr_t>synced.ctypes.data
+        self.synced_width = synced.dtype.itemsize
+        self.pending = <keyset_t*><uintptr_t>pending_set.handle()
+        self.moving_in = <keyset_t*><uintptr_t>moving_set.handle()
+        self.round_state = (holder_bits, seen_version, synced, pending_set, moving_set)
+
+    def send_round(self, uint64_t round_id, const uint64_t[::1] keys,
+                   const uint32_t[::1] kinds):
+        """Send round `round_id`'s SYNCs (rounds._send_round's work): for each key (uint64,
+        distinct) with its SYNC kind (uint32), its delta taken under its lock (a replica's
+        value - value at last sync; none for keys moving in), HAS_DELTA where it is not
+        zero, the version last seen; the keys grouped by where they go (the location
+        cache, or the home where that is this node), one SYNC per node in node order
+        through the DEALER to it. Returns (the keys with a delta, the number of keys
+        sent: the others have nowhere to go, the path leads back here). Raises before
+        anything changed when it cannot send (can_send_rounds)."""
+        cdef Py_ssize_t n = keys.shape[0], i
+        cdef uint64_t fault_key = 0, sent = 0
+        cdef Py_ssize_t ndirty = 0
+        cdef int outcome
+        if not self.can_send_rounds:
+            raise RuntimeError("the data plane does not send rounds")
+        if kinds.shape[0] != n:
+            raise ValueError("a kind per key")
+        for i in range(n):
+            if keys[i] >= self.num_keys:
+                raise IndexError(f"key {keys[i]} of {self.num_keys}")
+        dirty = np.empty(n, dtype=np.uint64)
+        cdef uint64_t[::1] dv = dirty
+        with nogil:
+            outcome = self._send_round(round_id, &keys[0] if n else NULL,
+                                       &kinds[0] if n else NULL, n,
+                                       &dv[0] if n else NULL, &ndirty, &sent, &fault_key)
+        if outcome == _FAULT:
+            raise PlaneFault(f"node {self.node}: the lock of key {fault_key} timed out "
+                             "while the data plane took its delta for a sync round")
+        if outcome != _SERVED:
+            raise PlaneFault(f"node {self.node}: no memory to send sync round {round_id}")
+        return dirty[:ndirty], sent
+
+    @property
+    def can_send_rounds(self):
+        """Whether send_round may be called: the round state and the peers are known,
+        the plane is on, and the cluster has at most 64 nodes."""
+        return self.pending != NULL and self.peers != NULL and self.enabled and \
+            not self.view.closed and self.num_nodes <= 64
+
+    def take_events(self):
+        """What the plane did for the control plane to act on, since the last call, in
+        order: (kind, round, count) tuples (EVENTS names the kinds)."""
+        cdef int i
+        events = [(self.events[i].kind, self.events[i].round, self.events[i].count)
+                  for i in range(self.nevents)]
+        self.nevents = 0
+        return events
 
     def drain(self, int budget):
         """Serve up to `budget` messages of the socket. Returns (messages taken, frames):
@@ -195,27 +336,40 @@ cdef class Plane:
                     break
                 taken += 1
                 outcome = self._handle(&fault_key)
-                if outcome != _SERVED:
+                if outcome == _SERVED and self.nevents == MAX_EVENTS:
+                    outcome = _SERVED_FULL
+                if outcome != _SERVED and outcome != _SERVED_FULL:
                     break
                 self.served += 1  # a message handed over is counted by Python
                 self.bytes_received += self._body_bytes()
                 self._release_message()
+                if outcome == _SERVED_FULL:
+                    break
         if got < 0:
             raise OSError(self.zmq_errno(), "the data plane could not receive")
-        if outcome == _SERVED:  # the socket ran dry, or the budget was spent
-            return taken, None
+        self.events_full = outcome == _SERVED_FULL
+        if outcome == _SERVED or outcome == _SERVED_FULL:  # ran dry, budget spent, or
+            return taken, None                              # the events are to be taken
         if outcome == _FAULT:
             self._release_message()
             raise PlaneFault(f"node {self.node}: the lock of key {fault_key} timed out "
                              "while the data plane applied a write to it")
+        if outcome == _SPLIT:
+            self.served += 1
+            return taken, self._hand_over_split()
+        if outcome == _NO_MEMORY:
+            self._release_message()
+            raise PlaneFault(f"node {self.node}: no memory for the answer to a sync of "
+                             f"node {self.msg.header.src_node} after its deltas were applied")
         return taken, self._hand_over()
 
     @property
     def nbytes(self):
         """The memory it holds: scratch buffers (they grow to the largest message) and
         the members' identities."""
-        return self.keys_cap + self.misses_cap + self.values_cap + \
-            len(self.worker_ids or b"") + len(self.node_ids or b"")
+        return self.keys_cap + self.misses_cap + self.values_cap + self.out_cap + \
+            self.per_key_cap + len(self.worker_ids or b"") + len(self.node_ids or b"") + \
+            (self.num_nodes * sizeof(void*) if self.peers != NULL else 0)
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -289,6 +443,8 @@ cdef class Plane:
         memcpy(h, self._data(1), WIRE_HEADER_BYTES)
         if h.magic != WIRE_MAGIC or h.version != WIRE_VERSION or h.token != self.token:
             return _HAND_OVER
+        if h.type == WIRE_SYNC or h.type == WIRE_SYNC_REPLY:
+            return self._handle_round(fault_key)
         cdef int frames = _frames_of(h.type)
         if frames == 0 or m.nframes != 2 + frames:
             return _HAND_OVER
@@ -511,6 +667,435 @@ cdef class Plane:
             self._reply(WIRE_UPDATE_ACK, 0, n - nmiss, reply_to, reply_to_len, NULL, 0, NULL)
         return _SERVED
 
+    # -- starting a round --------------------------------------------------------------
+
+    cdef int _send_round(self, uint64_t round_id, const uint64_t* keys, const uint32_t* kinds,
+                         Py_ssize_t n, uint64_t* dirty, Py_ssize_t* ndirty, uint64_t* sent,
+                         uint64_t* fault_key) noexcept nogil:
+        """send_round's work. Per-key scratch (as a sync of n keys): slots, flags,
+        versions, destinations (as uint32 in _versions_out), skip marks; keys_buf holds
+        the keys in send order, misses_buf their index."""
+        cdef uint64_t* slots
+        cdef uint32_t* flags
+        cdef uint32_t* versions
+        cdef uint32_t* dest
+        cdef uint8_t* skip
+        cdef uint64_t key, home, length, pos = 0, total = 0
+        cdef uint64_t* starts
+        cdef Py_ssize_t i, j, d, at
+        cdef Batch b
+        cdef bint any_nonzero
+        cdef uint32_t nowhere = self.num_nodes
+        cdef uint64_t counts[65]
+        if not _grow(<void**>&self.per_key_buf, &self.per_key_cap, <size_t>n * 28 + 8) or \
+                not self._reserve_keys(n) or not self._reserve_misses(n) or \
+                not _grow(<void**>&self.out_buf, &self.out_cap, <size_t>n * 8 + 8):
+            return _NO_MEMORY
+        slots, flags, versions = self._slots(n), self._counters(n), self._versions(n)
+        dest, skip, starts = self._versions_out(n), self._bytes(n, 0), <uint64_t*>self.out_buf
+        for i in range(n):
+            key = keys[i]
+            slots[i] = (<const uint32_t*>self.synced)[key] if self.synced_width == 4 \
+                else (<const uint64_t*>self.synced)[key]
+            skip[i] = self.moving_in.size != 0 and keyset_contains(self.moving_in, key)
+            versions[i] = self.seen_version[key]
+            starts[i] = total
+            total += self.directory[key].length
+            dest[i] = self.directory[key].owner
+            if dest[i] == self.node:  # on its way here: its home knows the way
+                home = key % self.num_nodes
+                dest[i] = nowhere if home == self.node else <uint32_t>home
+        if not self._reserve_values(total * self.itemsize):
+            return _NO_MEMORY
+        b = _batch(self.directory, keys, n, self.timeout_ns, self.arena, self.itemsize,
+                   self.capacity)
+        if self.dtype == 0:
+            _replica_deltas(&b, <float*>self.arena, slots, <float*>self.values_buf, skip)
+        else:
+            _replica_deltas(&b, <double*>self.arena, slots, <double*>self.values_buf, skip)
+        if b.failed >= 0:
+            fault_key[0] = keys[b.failed]
+            return _FAULT
+        ndirty[0] = 0
+        for i in range(n):
+            length = self.directory[keys[i]].length
+            any_nonzero = False
+            for j in range(<Py_ssize_t>length):
+                if (self.dtype == 0 and (<float*>self.values_buf)[starts[i] + j] != 0) or \
+                        (self.dtype != 0 and (<double*>self.values_buf)[starts[i] + j] != 0):
+                    any_nonzero = True
+                    break
+            flags[i] = kinds[i] | (WIRE_HAS_DELTA if any_nonzero else 0)
+            if any_nonzero:
+                dirty[ndirty[0]] = keys[i]
+                ndirty[0] += 1
+        # Grouped by destination, in node order, each group in key order (a counting sort;
+        # can_send_rounds: at most 64 nodes).
+        for d in range(self.num_nodes + 1):
+            counts[d] = 0
+        for i in range(n):
+            counts[dest[i]] += 1
+        at = 0
+        for d in range(self.num_nodes + 1):
+            counts[d], at = at, at + counts[d]
+        for i in range(n):
+            self.misses_buf[counts[dest[i]]] = i
+            counts[dest[i]] += 1
+        sent[0] = 0
+        at = 0
+        while at < n:
+            d = dest[self.misses_buf[at]]
+            j = at
+            while j < n and dest[self.misses_buf[j]] == d:
+                j += 1
+            if d != nowhere:
+                if self.peers[d] == NULL:
+                    return _NO_MEMORY
+                if not self._send_sync(round_id, <uint64_t>d, keys, at, j, starts, n):
+                    return _NO_MEMORY
+                sent[0] += j - at
+            at = j
+        return _SERVED
+
+    cdef bint _send_sync(self, uint64_t round_id, uint64_t node, const uint64_t* keys,
+                         Py_ssize_t first, Py_ssize_t last, const uint64_t* starts,
+                         Py_ssize_t n) noexcept nogil:
+        """One SYNC to `node` of the keys at misses_buf[first:last] (indices into keys,
+        per-key scratch of a round of n keys): keys, the deltas of those with HAS_DELTA,
+        flags, versions. False when a frame could not be allocated (the node fails)."""
+        cdef header_t h
+        cdef void* sock = self.peers[node]
+        cdef Py_ssize_t m = last - first, i, idx
+        cdef uint64_t nbytes = 0, length
+        cdef uint32_t* flags = self._counters(n)
+        cdef uint32_t* versions = self._versions(n)
+        cdef zmq_msg_t frame
+        cdef char* p
+        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_SYNC
+        h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
+        h.request_id, h.count, h.arg0, h.arg1 = round_id, 0, self.node, 0
+        h.token = self.token
+        for i in range(m):
+            idx = self.misses_buf[first + i]
+            if flags[idx] & WIRE_HAS_DELTA:
+                nbytes += self.directory[keys[idx]].length * self.itemsize
+        self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
+        if self.msg_init_size(&frame, m * 8) != 0:
+            return False
+        p = <char*>self.msg_data(&frame)
+        for i in range(m):
+            memcpy(p + 8 * i, &keys[self.misses_buf[first + i]], 8)
+        self._send_frame(sock, &frame, True)
+        if self.msg_init_size(&frame, nbytes) != 0:
+            return False
+        p = <char*>self.msg_data(&frame)
+        for i in range(m):
+            idx = self.misses_buf[first + i]
+            if flags[idx] & WIRE_HAS_DELTA:
+                length = self.directory[keys[idx]].length * self.itemsize
+                memcpy(p, self.values_buf + starts[idx] * self.itemsize, length)
+                p += length
+        self._send_frame(sock, &frame, True)
+        if self.msg_init_size(&frame, m * 4) != 0:
+            return False
+        p = <char*>self.msg_data(&frame)
+        for i in range(m):
+            memcpy(p + 4 * i, &flags[self.misses_buf[first + i]], 4)
+        self._send_frame(sock, &frame, True)
+        if self.msg_init_size(&frame, m * 4) != 0:
+            return False
+        p = <char*>self.msg_data(&frame)
+        for i in range(m):
+            memcpy(p + 4 * i, &versions[self.misses_buf[first + i]], 4)
+        self._send_frame(sock, &frame, False)
+        self.bytes_sent += WIRE_HEADER_BYTES + m * 16 + nbytes
+        return True
+
+    cdef void _send_frame(self, void* sock, zmq_msg_t* frame, bint more) noexcept nogil:
+        if self.msg_send(frame, sock, ZMQ_SNDMORE if more else 0) < 0:
+            self.msg_close(frame)
+
+    # -- sync rounds -------------------------------------------------------------------
+
+    cdef int _handle_round(self, uint64_t* fault_key) noexcept nogil:
+        """A SYNC or SYNC_REPLY from another node server: checked as protocol.decode,
+        admission.check_sender and rounds.on_sync/on_sync_reply check it, then served
+        when it is the steady state (see the module's doc), else handed over."""
+        cdef header_t* h = &self.msg.header
+        if self.pending == NULL or self.peers == NULL or self.msg.nframes != 6:
+            return _HAND_OVER
+        if h.flags != 0 or h.src_node >= self.num_nodes or h.src_node == self.node or \
+                not self._is_node(0, h.src_node):
+            return _HAND_OVER
+        cdef Py_ssize_t n = self._round_keys()
+        if n <= 0:
+            return _HAND_OVER
+        if h.type == WIRE_SYNC:
+            return self._serve_sync_msg(n, fault_key)
+        return self._serve_sync_reply(n, fault_key)
+
+    cdef Py_ssize_t _round_keys(self) noexcept nogil:
+        """A sync's keys frame (2) copied to keys_buf, counters (4) and versions (5) to
+        per-key scratch: their number, or -1 when the frames do not fit."""
+        cdef size_t size = self._size(2), i
+        cdef Py_ssize_t n
+        if size % 8 != 0 or size // 8 > MAX_KEYS:
+            return -1
+        n = size // 8
+        if self._size(4) != <size_t>n * 4 or self._size(5) != <size_t>n * 4:
+            return -1
+        if not self._reserve_keys(n) or not _grow(<void**>&self.per_key_buf,
+                                                  &self.per_key_cap, <size_t>n * 28):
+            return -1
+        memcpy(self.keys_buf, self._data(2), size)
+        for i in range(<size_t>n):
+            if self.keys_buf[i] >= self.num_keys:
+                return -1
+        memcpy(self._counters(n), self._data(4), n * 4)
+        memcpy(self._versions(n), self._data(5), n * 4)
+        return n
+
+    # Per-key scratch of a sync of n keys: 8-byte slots, then four uint32 arrays, then
+    # four uint8 arrays (28 bytes a key).
+    cdef inline uint64_t* _slots(self, Py_ssize_t n) noexcept nogil:
+        return <uint64_t*>self.per_key_buf
+
+    cdef inline uint32_t* _counters(self, Py_ssize_t n) noexcept nogil:
+        return <uint32_t*>(self.per_key_buf + 8 * n)
+
+    cdef inline uint32_t* _versions(self, Py_ssize_t n) noexcept nogil:
+        return <uint32_t*>(self.per_key_buf + 12 * n)
+
+    cdef inline uint32_t* _versions_out(self, Py_ssize_t n) noexcept nogil:
+        return <uint32_t*>(self.per_key_buf + 16 * n)
+
+    cdef inline uint32_t* _answers(self, Py_ssize_t n) noexcept nogil:
+        return <uint32_t*>(self.per_key_buf + 20 * n)
+
+    cdef inline uint8_t* _bytes(self, Py_ssize_t n, int which) noexcept nogil:
+        return <uint8_t*>(self.per_key_buf + (24 + which) * n)
+
+    cdef int _serve_sync_msg(self, Py_ssize_t n, uint64_t* fault_key) noexcept nogil:
+        """The owner's answer to the keys a replica node syncs or drops (rounds.
+        _answer_sync without requests) in a SYNC it sent itself, when all of them are
+        owned here: every delta added, each key's version read and its value copied when
+        the replica is behind (KEEP), the node's holder bit cleared (DROP), one
+        SYNC_REPLY. Its requests (the manager decides them) stay in the message, which
+        then goes on to Python with them alone (_SPLIT)."""
+        cdef header_t* h = &self.msg.header
+        cdef uint64_t holder = h.src_node, deltas_len = 0, used, length, key
+        cdef uint32_t* counters = self._counters(n)
+        cdef uint32_t* seen = self._versions(n)
+        cdef uint32_t* answers = self._answers(n)
+        cdef uint64_t* requested = self._slots(n)
+        cdef uint8_t* has_delta = self._bytes(n, 0)
+        cdef uint8_t* wanted = self._bytes(n, 1)
+        cdef uint8_t* owned = self._bytes(n, 2)
+        cdef uint8_t* with_value = self._bytes(n, 3)
+        cdef uint32_t kind, flags
+        cdef Py_ssize_t i, ns = 0, nr = 0
+        cdef const char* deltas = self._data(3)
+        cdef size_t dpos = 0, spos = 0
+        cdef Batch b
+        cdef zmq_msg_t values
+        if h.arg0 != <int64_t>holder or self.peers[holder] == NULL:
+            return _HAND_OVER  # forwarded, or for another node, or no reply path: Python
+        if not self._reserve_values(self._size(3)):
+            return _HAND_OVER
+        for i in range(n):  # in place: the synced and dropped keys first (ns <= i)
+            flags = counters[i]
+            kind = flags & ~(<uint32_t>WIRE_HAS_DELTA)
+            if kind > WIRE_SYNC_DROP:
+                return _HAND_OVER  # unknown flags: Python rejects them
+            key = self.keys_buf[i]
+            length = self.directory[key].length * self.itemsize
+            if flags & WIRE_HAS_DELTA:
+                if dpos + length > self._size(3):
+                    return _HAND_OVER
+                if kind != 0:  # the deltas of the keys served here, gathered, aligned
+                    memcpy(self.values_buf + spos, deltas + dpos, length)
+                    spos += length
+                dpos += length
+            if kind == 0:  # SYNC_REQUEST
+                requested[nr] = i
+                nr += 1
+                continue
+            self.keys_buf[ns], counters[ns], seen[ns] = key, flags, seen[i]
+            has_delta[ns] = (flags & WIRE_HAS_DELTA) != 0
+            wanted[ns] = _SERVE_VALUE_IF_CHANGED if kind == WIRE_SYNC_KEEP else _SERVE_NO_VALUE
+            ns += 1
+        self.split = nr
+        if dpos != self._size(3) or ns == 0 or not self._all_owned(ns) or \
+                not _grow(<void**>&self.out_buf, &self.out_cap,
+                          self._total_length(ns) * self.itemsize):
+            return _HAND_OVER
+        b = _batch(self.directory, self.keys_buf, ns, self.timeout_ns, self.arena,
+                   self.itemsize, self.capacity)
+        if self.dtype == 0:
+            used = _serve_sync(&b, <float*>self.arena, <const float*>self.values_buf,
+                               has_delta, seen, wanted, owned, self._versions_out(n),
+                               with_value, <float*>self.out_buf, self.uniform)
+        else:
+            used = _serve_sync(&b, <double*>self.arena, <const double*>self.values_buf,
+                               has_delta, seen, wanted, owned, self._versions_out(n),
+                               with_value, <double*>self.out_buf, self.uniform)
+        if b.failed >= 0:  # deltas before it are applied: the node fails
+            fault_key[0] = self.keys_buf[b.failed]
+            return _FAULT
+        for i in range(ns):  # every key is owned (checked; only this thread changes that)
+            if (counters[i] & ~(<uint32_t>WIRE_HAS_DELTA)) == WIRE_SYNC_DROP:
+                self.holder_bits[self.keys_buf[i] * self.holder_stride + holder // 8] &= \
+                    ~(<uint8_t>(1 << (holder % 8)))
+                answers[i] = WIRE_REPLY_DROPPED
+            else:
+                answers[i] = WIRE_REPLY_VALUE if with_value[i] else WIRE_REPLY_CURRENT
+        if self.msg_init_size(&values, used * self.itemsize) != 0:
+            return _NO_MEMORY  # the deltas are applied: Python must not apply them again
+        memcpy(self.msg_data(&values), self.out_buf, used * self.itemsize)
+        self._send_sync_reply(holder, ns, n, &values)
+        return _SPLIT if nr else _SERVED
+
+    cdef void _send_sync_reply(self, uint64_t holder, Py_ssize_t n, Py_ssize_t layout,
+                               zmq_msg_t* values) noexcept nogil:
+        """A SYNC_REPLY to node `holder` through this node's DEALER to it: the n keys
+        answered (keys_buf), values, answers, versions (per-key scratch of a sync of
+        `layout` keys)."""
+        cdef header_t h
+        cdef void* sock = self.peers[holder]
+        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_SYNC_REPLY
+        h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
+        h.request_id, h.count, h.arg0, h.arg1 = self.msg.header.request_id, 0, 0, 0
+        h.token = self.token
+        # A DEALER queues (or blocks at its high-water mark, as pyzmq's send does): the
+        # frames of one message go out together or, on a closed socket, not at all.
+        self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
+        self._send_on(sock, <const char*>self.keys_buf, n * 8, True)
+        self.bytes_sent += WIRE_HEADER_BYTES + n * 8 + self.msg_size(values) + n * 8
+        if self.msg_send(values, sock, ZMQ_SNDMORE) < 0:
+            self.msg_close(values)
+        self._send_on(sock, <const char*>self._answers(layout), n * 4, True)
+        self._send_on(sock, <const char*>self._versions_out(layout), n * 4, False)
+
+    cdef int _serve_sync_reply(self, Py_ssize_t n, uint64_t* fault_key) noexcept nogil:
+        """The replica node's side of the keys an owner answered with a value or
+        "current" (rounds.on_sync_reply without drops): copies refreshed with the owner's
+        values (a PENDING copy becomes a REPLICA and leaves the pending set), every
+        key's version seen and round stamped, and an event: so many keys of the round
+        answered. Dropped keys (what stays depends on intents) stay in the message, which
+        then goes on to Python with them alone (_SPLIT)."""
+        cdef uint32_t* answers = self._counters(n)
+        cdef uint32_t* versions = self._versions(n)
+        cdef uint64_t* dropped = self._slots(n)
+        cdef uint64_t* slots = <uint64_t*>self.out_buf
+        cdef uint64_t values_len = 0, key, round_id = self.msg.header.request_id
+        cdef Py_ssize_t i, ns = 0, nv = 0, nr = 0
+        cdef Batch b
+        if not self._reserve_misses(n) or not _grow(<void**>&self.out_buf, &self.out_cap,
+                                                    <size_t>n * 8):
+            return _HAND_OVER
+        slots = <uint64_t*>self.out_buf
+        for i in range(n):  # in place: the answers served here first (ns <= i)
+            if answers[i] == WIRE_REPLY_DROPPED:
+                dropped[nr] = i
+                nr += 1
+                continue
+            if answers[i] != WIRE_REPLY_VALUE and answers[i] != WIRE_REPLY_CURRENT:
+                return _HAND_OVER  # unknown answers: Python rejects them
+            key = self.keys_buf[i]
+            self.keys_buf[ns], answers[ns], versions[ns] = key, answers[i], versions[i]
+            if answers[ns] == WIRE_REPLY_VALUE:  # with their "value at last sync" slots
+                self.misses_buf[nv] = key
+                slots[nv] = (<const uint32_t*>self.synced)[key] if self.synced_width == 4 \
+                    else (<const uint64_t*>self.synced)[key]
+                values_len += self.directory[key].length
+                nv += 1
+            ns += 1
+        self.split = nr
+        if ns == 0 or self._size(3) != values_len * self.itemsize or \
+                not self._reserve_values(self._size(3)):
+            return _HAND_OVER
+        if nv:
+            memcpy(self.values_buf, self._data(3), self._size(3))
+            b = _batch(self.directory, self.misses_buf, nv, self.timeout_ns, self.arena,
+                       self.itemsize, self.capacity)
+            if self.dtype == 0:
+                _replica_refresh(&b, <float*>self.arena, slots, <const float*>self.values_buf)
+            else:
+                _replica_refresh(&b, <double*>self.arena, slots,
+                                 <const double*>self.values_buf)
+            if b.failed >= 0:
+                fault_key[0] = self.misses_buf[b.failed]
+                return _FAULT
+            for i in range(nv):
+                keyset_discard(self.pending, self.misses_buf[i])
+        for i in range(ns):  # up to date as of this round (rounds.on_sync_reply)
+            key = self.keys_buf[i]
+            self.seen_version[key] = versions[i]
+            adapm_store_release_u32(&self.fresh[key], <uint32_t>round_id)
+        self._event(EVENT_SYNC_ANSWERED, round_id, ns)
+        return _SPLIT if nr else _SERVED
+
+    cdef object _hand_over_split(self):
+        """The rest of a sync this plane served in part, for the Python path: the same
+        routing identity and header, with the keys it left (their indices in
+        _slots(n)) and their data; the plane lets the message go."""
+        cdef Py_ssize_t n = self._size(2) // 8, nr = self.split, i, j = 0
+        cdef const uint64_t* left = self._slots(n)
+        cdef const char* keys = self._data(2)
+        cdef const char* deltas = self._data(3)
+        cdef const char* counters = self._data(4)
+        cdef const char* versions = self._data(5)
+        cdef uint32_t flags
+        cdef uint64_t key, length, dpos = 0
+        cdef bint sync = self.msg.header.type == WIRE_SYNC
+        cdef bytearray k = bytearray(nr * 8), c = bytearray(nr * 4), v = bytearray(nr * 4)
+        cdef bytearray d = bytearray()
+        for i in range(n):
+            memcpy(&flags, counters + 4 * i, 4)
+            memcpy(&key, keys + 8 * i, 8)
+            length = self.directory[key].length * self.itemsize
+            if j < nr and <Py_ssize_t>left[j] == i:
+                memcpy(<char*>k + 8 * j, keys + 8 * i, 8)
+                memcpy(<char*>c + 4 * j, counters + 4 * i, 4)
+                memcpy(<char*>v + 4 * j, versions + 4 * i, 4)
+                if sync and flags & WIRE_HAS_DELTA:
+                    d += deltas[dpos:dpos + length]
+                j += 1
+            if sync and flags & WIRE_HAS_DELTA:
+                dpos += length
+        frames = [PyBytes_FromStringAndSize(self._data(0), self._size(0)),
+                  PyBytes_FromStringAndSize(self._data(1), self._size(1)),
+                  bytes(k), bytes(d), bytes(c), bytes(v)]
+        self.bytes_received += self._body_bytes() - sum(len(f) for f in frames[1:])
+        self._release_message()
+        return frames
+
+    cdef void _event(self, uint32_t kind, uint64_t round_id, uint64_t count) noexcept nogil:
+        """Queue an event (the drain stops once MAX_EVENTS wait); one of the same kind
+        and round as the last adds to it."""
+        cdef Event* last
+        if self.nevents:
+            last = &self.events[self.nevents - 1]
+            if last.kind == kind and last.round == round_id:
+                last.count += count
+                return
+        self.events[self.nevents].kind = kind
+        self.events[self.nevents].round = round_id
+        self.events[self.nevents].count = count
+        self.nevents += 1
+
+    cdef bint _send_on(self, void* sock, const char* data, size_t size, bint more
+                       ) noexcept nogil:
+        cdef zmq_msg_t frame
+        if self.msg_init_size(&frame, size) != 0:
+            return False
+        if size:
+            memcpy(self.msg_data(&frame), data, size)
+        if self.msg_send(&frame, sock, ZMQ_SNDMORE if more else 0) < 0:
+            self.msg_close(&frame)
+            return False
+        return True
+
     cdef void _reply(self, uint8_t mtype, uint16_t flags, uint64_t count, const char* to,
                      size_t to_len, const char* positions, size_t positions_len,
                      zmq_msg_t* values) noexcept nogil:
@@ -536,15 +1121,7 @@ cdef class Plane:
                 self.msg_close(values)
 
     cdef bint _send_copy(self, const char* data, size_t size, bint more) noexcept nogil:
-        cdef zmq_msg_t frame
-        if self.msg_init_size(&frame, size) != 0:
-            return False
-        if size:
-            memcpy(self.msg_data(&frame), data, size)
-        if self.msg_send(&frame, self.socket, ZMQ_SNDMORE if more else 0) < 0:
-            self.msg_close(&frame)
-            return False
-        return True
+        return self._send_on(self.socket, data, size, more)
 
     # -- scratch -----------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from atomic cimport (
 )
 from batch cimport Batch, _batch, _lock_next, _unlock_held
 from kernels cimport (
-    _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _pull, _serve_sync, _update,
+    _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _pull, _replica_deltas,
+    _replica_refresh, _serve_sync, _update,
 )
 from layout cimport (
     ADAPM_REASON_BYTES,
@@ -244,12 +245,14 @@ cdef class TableView:
         """The raw addresses the node server's compiled data plane (adapm.node.data.plane)
         runs this module's kernels (kernels.pxd) on: a dict of directory, arena,
         arena_capacity, itemsize, dtype (0 float32, 1 float64), uniform_length, num_keys,
-        lock_timeout_ns. Valid while this view is open: the plane keeps the view."""
+        lock_timeout_ns, fresh (the per-key rounds of stamp_fresh). Valid while this view
+        is open: the plane keeps the view."""
         self._check_open()
         return {"directory": <uintptr_t>self.directory, "arena": <uintptr_t>self.arena,
                 "arena_capacity": self.arena_capacity, "itemsize": self.itemsize,
                 "dtype": self.header.dtype, "uniform_length": self.uniform_length,
-                "num_keys": self.num_keys, "lock_timeout_ns": self.lock_timeout_ns}
+                "num_keys": self.num_keys, "lock_timeout_ns": self.lock_timeout_ns,
+                "fresh": <uintptr_t>self.fresh}
 
     # -- raw views, for adapm.table alone ----------------------------------------
 

@@ -1,6 +1,6 @@
 # The table's kernels on a batch of keys (see batch.pxd), for the arena's element types:
 # the read side (_pull), the write side (_update) and the owner's side of a sync round
-# (_serve_sync). Each returns the number of misses (keys not usable here, their indices
+# (_serve_sync) and the replica's (_replica_deltas, _replica_refresh). Each returns the number of misses (keys not usable here, their indices
 # written to `misses`), or for _serve_sync the elements written; a lock that timed out
 # ends the batch (batch.failed) for the caller to report (_table.pyx's _check_batch).
 # Each walks a local copy of the batch: stores into the arena could alias a Batch reached
@@ -11,7 +11,7 @@
 # the C compiler keeps each batch loop in registers. The optimizers' kernel is in
 # optimizers.pxd.
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 from arena cimport _fits, _length, _usable, real
 from atomic cimport (
@@ -19,7 +19,7 @@ from atomic cimport (
     adapm_load_relaxed_u32, adapm_load_relaxed_u64, adapm_prefetch_read,
 )
 from batch cimport Batch, _entry_ahead, _lock_next, _slot_ahead, _unlock_held
-from layout cimport ADAPM_OWNED, adapm_entry_t
+from layout cimport ADAPM_OWNED, ADAPM_PENDING, ADAPM_REPLICA, adapm_entry_t
 from seqlock cimport Spinner, _spin, _spinner
 
 # _serve_sync: which of a sync's keys get their value copied out.
@@ -159,3 +159,75 @@ cdef inline uint64_t _serve_sync(Batch* batch, real* arena, const real* deltas,
             dpos += e.length
     batch.failed = b.failed
     return opos
+
+
+cdef inline uint64_t _replica_refresh(Batch* batch, real* arena, const uint64_t* synced,
+                                      const real* fresh) noexcept nogil:
+    """The replica's side of a sync round: for each key held here as REPLICA or PENDING,
+    value = owner's value (`fresh`, flat, key order) + the updates made here since the
+    delta was taken (value - synced), synced = owner's value, state = REPLICA, under the
+    key's lock. Other keys are left alone. `synced`: each key's "value at last sync" slot
+    (element offset). Returns the number refreshed."""
+    cdef Batch b = batch[0]
+    cdef uint64_t j, pos = 0, length, count = 0
+    cdef adapm_entry_t* e
+    cdef real* v
+    cdef real* sv
+    while _lock_next(&b):
+        e = b.entry
+        length = e.length
+        if e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING:
+            v = arena + e.offset
+            sv = arena + synced[b.i]
+            for j in range(length):
+                if memcmp(v + j, sv + j, sizeof(real)) == 0:
+                    v[j] = fresh[pos + j]  # unwritten since: exactly the owner's
+                else:
+                    v[j] = fresh[pos + j] + (v[j] - sv[j])
+                sv[j] = fresh[pos + j]
+            e.state = ADAPM_REPLICA
+            count += 1
+            _unlock_held(&b, True)
+        else:
+            _unlock_held(&b, False)
+        pos += length
+    batch.failed = b.failed
+    return count
+
+
+cdef inline void _replica_deltas(Batch* batch, real* arena, const uint64_t* synced, real* out,
+                                 const uint8_t* skip) noexcept nogil:
+    """The replica's side of a sync round, taking each key's delta under its lock: for a
+    REPLICA, out = value - synced (flat, key order), then synced = synced + out (the
+    owner's sum, which may differ from the value by a rounding: the copy takes it, so
+    that an answer "current" leaves it bit for bit equal to the owner's value). Other
+    keys, and those with skip[i] set (skip may be NULL), give zeros."""
+    cdef Batch b = batch[0]
+    cdef uint64_t j, pos = 0, length
+    cdef adapm_entry_t* e
+    cdef real* v
+    cdef real* sv
+    cdef real d
+    cdef bint rounded
+    while _lock_next(&b):
+        e = b.entry
+        length = e.length
+        rounded = False
+        if e.state == ADAPM_REPLICA and (skip == NULL or not skip[b.i]):
+            v = arena + e.offset
+            sv = arena + synced[b.i]
+            for j in range(length):
+                if memcmp(v + j, sv + j, sizeof(real)) == 0:
+                    out[pos + j] = 0  # unwritten: no delta (inf - inf would be NaN)
+                    continue
+                d = v[j] - sv[j]
+                out[pos + j] = d
+                sv[j] = sv[j] + d
+                if memcmp(v + j, sv + j, sizeof(real)) != 0:  # bitwise (-0.0, NaN)
+                    v[j] = sv[j]
+                    rounded = True
+        else:
+            memset(out + pos, 0, length * sizeof(real))
+        _unlock_held(&b, rounded)  # optimistic readers retry if a value was rounded
+        pos += length
+    batch.failed = b.failed

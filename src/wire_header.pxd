@@ -32,4 +32,13 @@ cdef enum:
     WIRE_FWD_PUSH = 33
     WIRE_FWD_SET = 34
     WIRE_FWD_APPLY = 40
+    WIRE_SYNC = 38
+    WIRE_SYNC_REPLY = 39
+    WIRE_SYNC_KEEP = 1                # SYNC's per-key flags
+    WIRE_SYNC_DROP = 2
+    WIRE_HAS_DELTA = 4
+    WIRE_REPLY_VALUE = 1              # SYNC_REPLY's per-key answers
+    WIRE_REPLY_DROPPED = 2
+    WIRE_REPLY_CURRENT = 3
+    WIRE_HOPS_SHIFT = 8               # flags bits 8..15: how often a message was forwarded
     WIRE_PARAMS_COUNT = 8             # float64s in an APPLY's params frame

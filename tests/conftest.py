@@ -126,10 +126,10 @@ def make_table():
     made = []
 
     def make(num_keys=100, value_length=4, dtype="float32", workers=2, values=None,
-             publish=True, node=0, num_nodes=1, owned=None):
+             publish=True, node=0, num_nodes=1, owned=None, arena_capacity=None):
         name = segment_name(f"t{os.getpid()}x{len(made)}", node)
         table = SharedTable.create(name, num_keys, value_length, dtype, workers, node=node,
-                                   num_nodes=num_nodes)
+                                   num_nodes=num_nodes, arena_capacity=arena_capacity)
         made.append(table)
         keys = np.arange(num_keys, dtype=np.uint64) if owned is None else \
             np.asarray(owned, dtype=np.uint64)

@@ -7,6 +7,11 @@ import os
 import signal
 import time
 
+# numpy imports numpy.ma the first time np.unique (and union1d, intersect1d, ...) runs,
+# 60 ms of CPU. Left to the first sync round, that is a node's first reaction to an
+# intent waiting on an import; here it is part of start-up, as every other import.
+import numpy.ma  # noqa: F401
+
 from adapm.common import config
 from adapm.common.process import die_with_parent, set_process_name
 from adapm.table.stats import node_stats

@@ -174,6 +174,8 @@ class NodeServer:
                              coordinator=to_coordinator))
         self.activity = ActivityLog(self.view)
         self.plane = DataPlane(self.ctx, self.sockets.router, self._count, self.compiled)
+        self.plane.serve_rounds(self.replicas, self.rounds.holders, self.rounds.progress)
+        self.rounds.compiled_sender = self.plane.send_round
         self.outbox.to_coordinator(self.startup.join(self.address, self.coordinator_address))
         if self.metrics_port is not None:  # Prometheus, on this node's address only
             self.metrics = metrics.start(self, self.spec.host, self.metrics_port)
@@ -474,7 +476,7 @@ class NodeServer:
         self.outbox.token = token
         self.view.set_cluster_token(token)  # for this node's workers
         if self.plane is not None:
-            self.plane.admit(token)
+            self.plane.admit(token, self.outbox.peers)
         self.addresses = addresses
         if self.spec.mode == "replicate_all" and self.spec.num_nodes > 1:
             self.rounds.replicate_everything()

@@ -4,68 +4,17 @@
 cdef object _deltas(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
                     real* out):
     cdef Batch b = view._batch_of(keys, True)
-    cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
-    cdef uint64_t j, pos = 0, length
-    cdef adapm_entry_t* e
-    cdef real* v
-    cdef real* sv
-    cdef real d
-    cdef bint rounded
     with nogil:
-        while _lock_next(&b):
-            e = b.entry
-            length = e.length
-            rounded = False
-            if e.state == ADAPM_REPLICA:
-                v = arena + e.offset
-                sv = arena + so[b.i]
-                for j in range(length):
-                    if memcmp(v + j, sv + j, sizeof(real)) == 0:
-                        out[pos + j] = 0  # unwritten: no delta (inf - inf would be NaN)
-                        continue
-                    # The owner will hold s + (r - s), which in floating point need not
-                    # be r: the copy takes exactly the owner's sum, so that an answer
-                    # "current" leaves it bit for bit equal to the owner's value.
-                    d = v[j] - sv[j]
-                    out[pos + j] = d
-                    sv[j] = sv[j] + d
-                    if memcmp(v + j, sv + j, sizeof(real)) != 0:  # bitwise (-0.0, NaN)
-                        v[j] = sv[j]
-                        rounded = True
-            else:
-                memset(out + pos, 0, length * sizeof(real))
-            _unlock_held(&b, rounded)  # optimistic readers retry if a value was rounded
-            pos += length
+        _replica_deltas(&b, arena, <const uint64_t*>cnp.PyArray_DATA(synced), out, NULL)
     _check_batch(b)
 
 
 cdef object _refresh(TableView view, real* arena, cnp.ndarray keys, cnp.ndarray synced,
                      real* fresh):
     cdef Batch b = view._batch_of(keys, True)
-    cdef const uint64_t* so = <const uint64_t*>cnp.PyArray_DATA(synced)
-    cdef uint64_t j, pos = 0, length, count = 0
-    cdef adapm_entry_t* e
-    cdef real* v
-    cdef real* sv
+    cdef uint64_t count
     with nogil:
-        while _lock_next(&b):
-            e = b.entry
-            length = e.length
-            if e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING:
-                v = arena + e.offset
-                sv = arena + so[b.i]
-                for j in range(length):
-                    if memcmp(v + j, sv + j, sizeof(real)) == 0:
-                        v[j] = fresh[pos + j]  # unwritten since: exactly the owner's
-                    else:
-                        v[j] = fresh[pos + j] + (v[j] - sv[j])
-                    sv[j] = fresh[pos + j]
-                e.state = ADAPM_REPLICA
-                count += 1
-                _unlock_held(&b, True)
-            else:
-                _unlock_held(&b, False)
-            pos += length
+        count = _replica_refresh(&b, arena, <const uint64_t*>cnp.PyArray_DATA(synced), fresh)
     _check_batch(b)
     return count
 

@@ -21,6 +21,12 @@ class ReplicaHolders:
         # Zeroed pages cost memory only once written: keys with holders are few.
         self._bits = np.zeros((num_keys, words), dtype=self._type)
 
+    def raw(self):
+        """The bits themselves, changed in place by the compiled data plane
+        (adapm.node.data.plane): a row per key, little-endian words, so node n's bit is
+        bit n % 8 of byte n // 8 of the key's row."""
+        return self._bits
+
     def _word_and_bit(self, node):
         return node // self._word_bits, self._type(1 << (node % self._word_bits))
 

@@ -5,8 +5,11 @@ turns it off when the node fails, and folds its counters into the node's.
 
 `drain(budget, handle)` reads the router until it is empty or `budget` messages were
 taken: the compiled plane serves what it can, and each message it cannot (control,
-keys not owned here, relocations, sync rounds, anything malformed) goes to `handle`
-(the node server's Python dispatch) in arrival order.
+keys not owned here, relocations, requests for keys, drops, forwarded syncs, anything
+malformed) goes to `handle` (the node server's Python dispatch) in arrival order. Once
+`serve_rounds` gave it the rounds' per-key state, the compiled plane also answers the
+steady state of sync rounds; what it did for a round comes back as events, which go to
+the rounds part (`on_sync_answered`) before any later message is handled.
 
 ADAPM_DATA_PLANE=python (adapm.common.config) reads every message in Python instead:
 the reference the compiled plane is tested against, and a way around it."""
@@ -31,6 +34,8 @@ class DataPlane:
         self.router = router
         self._count = count
         self.compiled = None
+        self._on_sync_answered = None
+        self._events = {}
         self._seen = {"bytes_received": 0, "bytes_sent": 0, "served": 0, "unroutable": 0}
         functions = libzmq.functions() if compiled and sys.byteorder == "little" and \
             sys.platform.startswith("linux") else None
@@ -39,16 +44,43 @@ class DataPlane:
             self.compiled = _plane.Plane(functions, router.underlying, ctx.view,
                                          ctx.view.kernel_handle(), ctx.node, ctx.num_nodes,
                                          ctx.spec.num_workers, ctx.spec.workers_per_node)
+            self._events = _plane.EVENTS
         log.debug("node %d: %s data plane", ctx.node,
                   "compiled" if self.compiled is not None else "Python")
 
-    def admit(self, token):
-        """The cluster formed with `token`: the plane may serve its members."""
+    def serve_rounds(self, replicas, holders, on_sync_answered):
+        """Let the compiled plane answer sync rounds' steady state and send rounds, on the
+        node's round state: replicas (ReplicaCopies), holders (ReplicaHolders);
+        on_sync_answered(keys, round) is the rounds part's progress (a SYNC_REPLY's keys
+        were answered). Only with compiled key sets (the plane changes the pending set
+        itself)."""
+        self._on_sync_answered = on_sync_answered
+        if self.compiled is None or not hasattr(replicas.pending, "handle"):
+            return
+        self.compiled.serve_rounds(holders.raw(), replicas.seen_version, replicas.synced,
+                                   replicas.pending, replicas.moving_in)
+
+    def send_round(self, round_id, keys, kinds):
+        """Send a round's SYNCs from compiled code (Plane.send_round): returns (keys with a
+        delta, keys sent), or None where the compiled plane cannot (then the rounds part
+        sends them itself)."""
+        plane = self.compiled
+        if plane is None or not plane.can_send_rounds:
+            return None
+        try:
+            return plane.send_round(round_id, keys, kinds)
+        finally:
+            self._fold_counters()
+
+    def admit(self, token, peers=None):
+        """The cluster formed with `token`: the plane may serve its members. peers: node
+        -> this node's DEALER to it (sync answers go there)."""
         if self.compiled is None:
             return
         spec = self.ctx.spec
         self.compiled.admit(token, [worker_identity(r, token) for r in range(spec.num_workers)],
-                            [node_identity(n, token) for n in range(spec.num_nodes)])
+                            [node_identity(n, token) for n in range(spec.num_nodes)],
+                            peers)
         self.compiled.enabled = True
 
     def stop(self):
@@ -70,7 +102,10 @@ class DataPlane:
             while budget > 0:
                 taken, frames = plane.drain(budget)
                 budget -= taken
+                self._report_events()  # before any later message
                 if frames is None:
+                    if plane.events_full:  # stopped to report them: go on
+                        continue
                     return
                 handle(frames)
                 if not healthy():  # that message failed the node: Python from here
@@ -78,6 +113,13 @@ class DataPlane:
                     return protocol.drain(self.router, handle, budget)
         finally:
             self._fold_counters()
+
+    def _report_events(self):
+        for kind, round_id, count in self.compiled.take_events():
+            if kind == self._events["sync_answered"]:
+                self._on_sync_answered(count, round_id)
+            else:
+                raise RuntimeError(f"node {self.ctx.node}: data plane event {kind}")
 
     def _fold_counters(self):
         plane = self.compiled

@@ -122,6 +122,9 @@ class Rounds:
         self.arrived_round = np.zeros(ctx.num_keys, dtype=np.uint32)
         self._observers = []         # observe(seconds, asked owners for keys), per round
         self._frozen = False         # a checkpoint is being written: start no round
+        # send_round(round, keys, kinds) -> (keys with a delta, keys sent) or None: the
+        # compiled data plane's (adapm.node.data.plane), set by the node server
+        self.compiled_sender = None
 
     def add_observer(self, observe):
         """Call observe(seconds, asked) on every completed round, with its time and
@@ -246,6 +249,13 @@ class Rounds:
             plan.drop = plan.drop[~moving]
 
     def _send_round(self, keys, kinds):
+        sent = None if self.compiled_sender is None else \
+            self.compiled_sender(self.round, keys, kinds)
+        if sent is not None:  # the compiled plane took the deltas and sent the SYNCs
+            dirty_keys, self.round_left = sent
+            self.deferred_sets.carry(dirty_keys)
+            self.progress(0)
+            return
         segments = Segments.of(self.view, keys)
         deltas = self.replicas.deltas(keys, segments)
         dirty = segments.nonzero(deltas)

@@ -44,7 +44,12 @@ def test_codes_match_protocol():
         "WIRE_PULL_REPLY": MsgType.PULL_REPLY, "WIRE_UPDATE_ACK": MsgType.UPDATE_ACK,
         "WIRE_FWD_PULL": MsgType.FWD_PULL, "WIRE_FWD_PUSH": MsgType.FWD_PUSH,
         "WIRE_SET": MsgType.SET, "WIRE_APPLY": MsgType.APPLY, "WIRE_FWD_SET": MsgType.FWD_SET,
-        "WIRE_FWD_APPLY": MsgType.FWD_APPLY, "WIRE_PARAMS_COUNT": protocol.PARAMS_COUNT}
+        "WIRE_FWD_APPLY": MsgType.FWD_APPLY, "WIRE_PARAMS_COUNT": protocol.PARAMS_COUNT,
+        "WIRE_SYNC": MsgType.SYNC, "WIRE_SYNC_REPLY": MsgType.SYNC_REPLY,
+        "WIRE_SYNC_KEEP": protocol.SYNC_KEEP, "WIRE_SYNC_DROP": protocol.SYNC_DROP,
+        "WIRE_HAS_DELTA": protocol.HAS_DELTA, "WIRE_REPLY_VALUE": protocol.REPLY_VALUE,
+        "WIRE_REPLY_DROPPED": protocol.REPLY_DROPPED,
+        "WIRE_REPLY_CURRENT": protocol.REPLY_CURRENT, "WIRE_HOPS_SHIFT": protocol.HOPS_SHIFT}
 
 
 def test_the_check_notices_a_drift():
