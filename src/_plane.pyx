@@ -27,17 +27,17 @@ import numpy as np
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.math cimport isfinite
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, qsort, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 from arena cimport real
-from atomic cimport adapm_load_relaxed_u8, adapm_store_release_u32
+from atomic cimport adapm_load_acquire_u32, adapm_load_relaxed_u8, adapm_store_release_u32
 from batch cimport Batch, _batch
 from keyset cimport keyset_contains, keyset_discard, keyset_t
 from kernels cimport (
-    _SERVE_NO_VALUE, _SERVE_VALUE_IF_CHANGED, _pull, _replica_deltas, _replica_refresh,
-    _serve_sync, _update,
+    _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _evict, _pull, _replica_deltas,
+    _replica_refresh, _serve_sync, _update,
 )
 from layout cimport ADAPM_OWNED, adapm_entry_t
 from optimizers cimport (
@@ -49,7 +49,8 @@ from wire_header cimport (
     WIRE_HEADER_BYTES, WIRE_MAGIC, WIRE_PARAMS_COUNT, WIRE_PULL, WIRE_PULL_REPLY, WIRE_PUSH,
     WIRE_SERVER, WIRE_SET, WIRE_UPDATE_ACK, WIRE_VERSION, header_t,
     WIRE_HAS_DELTA, WIRE_HOPS_SHIFT, WIRE_REPLY_CURRENT, WIRE_REPLY_DROPPED, WIRE_REPLY_VALUE,
-    WIRE_SYNC, WIRE_SYNC_DROP, WIRE_SYNC_KEEP, WIRE_SYNC_REPLY,
+    WIRE_SYNC, WIRE_SYNC_DROP, WIRE_SYNC_KEEP, WIRE_SYNC_REPLY, WIRE_MOVE,
+    WIRE_MOVE_FOR_ROUND,
 )
 
 
@@ -74,6 +75,9 @@ cdef enum:
     ZMQ_EINTR = 4
     MAX_FRAMES = 8                  # identity + header + at most 4 data frames are legal
     MAX_KEYS = 0xFFFFFFFF           # protocol.MAX_KEYS_PER_MESSAGE
+    PER_KEY = 32                    # bytes of per-key scratch a sync needs (see _slots)
+
+cdef uint64_t STAMPS = 0xFFFFFFFF   # rounds.py's _STAMPS: a round stamped per key, modulo
 
 # What the plane does with a received message.
 cdef enum:
@@ -83,6 +87,16 @@ cdef enum:
     _SERVED_FULL = 3                # served, and the events queue is full: stop here
     _NO_MEMORY = 4                  # a reply's frame could not be allocated after the write
     _SPLIT = 5                      # served in part: the rest goes to Python (_hand_over_split)
+
+# How the owner answers requests for keys (set_policy): the manager's modes.
+cdef enum:
+    POLICY_PYTHON = 0               # not here: requests go on to Python
+    POLICY_ADAPTIVE = 1             # relocate unless intended, held elsewhere or bouncing
+    POLICY_RELOCATE = 2             # relocate_only
+    POLICY_REPLICATE = 3            # replicate_only, replicate_all
+
+POLICIES = {"adaptive": POLICY_ADAPTIVE, "relocate_only": POLICY_RELOCATE,
+            "replicate_only": POLICY_REPLICATE, "replicate_all": POLICY_REPLICATE}
 
 # Events the plane reports to the control plane (take_events).
 cdef enum:
@@ -158,23 +172,45 @@ cdef class Plane:
     cdef keyset_t* pending          # ReplicaCopies.pending (a CompiledKeySet's state)
     cdef keyset_t* moving_in        # ReplicaCopies.moving_in (likewise)
     cdef object round_state         # the arrays and the set above, kept alive
+    # the owner's answer to requests (set_policy, set_clock): the manager's decision
+    cdef int policy                 # POLICY_*: how requests are answered here
+    cdef const int32_t* intent_counts    # per key: intents of this node's workers
+    cdef const float* last_used     # Retention: per key, seconds since its base
+    cdef const uint8_t* retain_level
+    cdef double retain_seconds[16]  # Retention.SECONDS by level
+    cdef int retain_levels
+    cdef const uint32_t* arrived    # Rounds.arrived_round: per key, its stamp
+    cdef const uint32_t* owner_counter   # Ownership.counter
+    cdef int64_t settle_rounds
+    cdef double now                 # Retention's clock at this drain (set_clock)
+    cdef uint64_t round             # this node's last round started (set_clock)
+    cdef object policy_state        # the arrays above, kept alive
+    cdef readonly uint64_t replicas_made, owner_changes
+    cdef uint64_t* freed            # slots given up by relocations: (offset, length)
+    cdef size_t nfreed, freed_cap
     cdef Event events[MAX_EVENTS]
     cdef int nevents
     cdef readonly bint events_full  # the last drain stopped to have its events taken
     cdef Py_ssize_t split           # keys of the message served in part left to Python
     cdef char* out_buf              # an owner's answer's values
+    cdef char* move_buf             # a relocation's values, offsets, marks
+    cdef size_t move_cap
     cdef char* per_key_buf          # a sync's per-key flags, versions, slots
     cdef size_t out_cap, per_key_cap
 
     def __cinit__(self):
         self.msg.nframes = 0
         self.keys_buf = self.misses_buf = NULL
-        self.values_buf = self.out_buf = self.per_key_buf = NULL
+        self.values_buf = self.out_buf = self.per_key_buf = self.move_buf = NULL
+        self.move_cap = 0
         self.keys_cap = self.misses_cap = self.values_cap = self.out_cap = 0
         self.per_key_cap = 0
         self.peers = NULL
         self.pending = self.moving_in = NULL
         self.nevents = 0
+        self.policy = POLICY_PYTHON
+        self.freed = NULL
+        self.nfreed = self.freed_cap = 0
 
     def __init__(self, dict functions, uintptr_t socket, view, dict table, uint16_t node,
                  uint32_t num_nodes, uint32_t num_workers, uint32_t workers_per_node):
@@ -215,6 +251,8 @@ cdef class Plane:
         free(self.out_buf)
         free(self.per_key_buf)
         free(self.peers)
+        free(self.freed)
+        free(self.move_buf)
 
     def admit(self, uint64_t token, list worker_ids, list node_ids, dict peers=None):
         """The cluster formed: its token, and the routing identity of every worker (by
@@ -309,6 +347,57 @@ cdef class Plane:
         return self.pending != NULL and self.peers != NULL and self.enabled and \
             not self.view.closed and self.num_nodes <= 64
 
+    def set_policy(self, mode, intent_counts, last_used, levels, retain_seconds, arrived,
+                   owner_counter, int64_t settle_rounds):
+        """Answer requests for keys here too, as Manager.relocate_mask decides in `mode`
+        (POLICIES; others leave requests to Python) from: intent_counts (int32 per key,
+        the intent store's count), the Retention's last_used (float32 per key) and
+        levels (uint8 per key) with retain_seconds (its SECONDS), arrived (uint32 per
+        key, Rounds.arrived_round), settle_rounds (SETTLE_ROUNDS); owner_counter (uint32
+        per key, Ownership.counter) goes with a relocated key. last_used and levels may
+        be None (no retention). Arrays are read in place."""
+        cdef int i
+        arrays = [intent_counts, arrived, owner_counter] + \
+            ([] if last_used is None else [last_used, levels])
+        if any(not a.flags.c_contiguous or a.shape[0] != self.num_keys for a in arrays):
+            raise ValueError("a contiguous array of a value per key")
+        if intent_counts.dtype.itemsize != 4 or arrived.dtype.itemsize != 4 or \
+                owner_counter.dtype.itemsize != 4 or len(retain_seconds) > 16 or \
+                (last_used is not None and (last_used.dtype.itemsize != 4 or
+                                            levels.dtype.itemsize != 1)):
+            raise ValueError("the policy's element types")
+        self.intent_counts = <const int32_t*><uintptr_t>intent_counts.ctypes.data
+        self.arrived = <const uint32_t*><uintptr_t>arrived.ctypes.data
+        self.owner_counter = <const uint32_t*><uintptr_t>owner_counter.ctypes.data
+        self.last_used = NULL if last_used is None else \
+            <const float*><uintptr_t>last_used.ctypes.data
+        self.retain_level = NULL if levels is None else \
+            <const uint8_t*><uintptr_t>levels.ctypes.data
+        self.retain_levels = len(retain_seconds)
+        for i in range(self.retain_levels):
+            self.retain_seconds[i] = retain_seconds[i]
+        self.settle_rounds = settle_rounds
+        self.policy_state = (intent_counts, last_used, levels, arrived, owner_counter)
+        self.policy = POLICIES.get(mode, POLICY_PYTHON)
+
+    def set_clock(self, double now, uint64_t round_id):
+        """The clock the next answers decide by: Retention's `now` (seconds since its
+        base) and this node's round (the last one started)."""
+        self.now, self.round = now, round_id
+
+    def take_freed(self):
+        """Slots given up by relocations since the last call: (offsets, lengths), for
+        the slot allocator."""
+        cdef size_t i
+        offsets = np.empty(self.nfreed, dtype=np.uint64)
+        lengths = np.empty(self.nfreed, dtype=np.uint64)
+        cdef uint64_t[::1] o = offsets
+        cdef uint64_t[::1] l = lengths
+        for i in range(self.nfreed):
+            o[i], l[i] = self.freed[2 * i], self.freed[2 * i + 1]
+        self.nfreed = 0
+        return offsets, lengths
+
     def take_events(self):
         """What the plane did for the control plane to act on, since the last call, in
         order: (kind, round, count) tuples (EVENTS names the kinds)."""
@@ -368,7 +457,7 @@ cdef class Plane:
         """The memory it holds: scratch buffers (they grow to the largest message) and
         the members' identities."""
         return self.keys_cap + self.misses_cap + self.values_cap + self.out_cap + \
-            self.per_key_cap + len(self.worker_ids or b"") + len(self.node_ids or b"") + \
+            self.move_cap + self.freed_cap + self.per_key_cap + len(self.worker_ids or b"") + len(self.node_ids or b"") + \
             (self.num_nodes * sizeof(void*) if self.peers != NULL else 0)
 
     # -- receiving ---------------------------------------------------------------------
@@ -687,7 +776,7 @@ cdef class Plane:
         cdef bint any_nonzero
         cdef uint32_t nowhere = self.num_nodes
         cdef uint64_t counts[65]
-        if not _grow(<void**>&self.per_key_buf, &self.per_key_cap, <size_t>n * 28 + 8) or \
+        if not _grow(<void**>&self.per_key_buf, &self.per_key_cap, <size_t>n * PER_KEY + 8) or \
                 not self._reserve_keys(n) or not self._reserve_misses(n) or \
                 not _grow(<void**>&self.out_buf, &self.out_cap, <size_t>n * 8 + 8):
             return _NO_MEMORY
@@ -845,7 +934,7 @@ cdef class Plane:
         if self._size(4) != <size_t>n * 4 or self._size(5) != <size_t>n * 4:
             return -1
         if not self._reserve_keys(n) or not _grow(<void**>&self.per_key_buf,
-                                                  &self.per_key_cap, <size_t>n * 28):
+                                                  &self.per_key_cap, <size_t>n * PER_KEY):
             return -1
         memcpy(self.keys_buf, self._data(2), size)
         for i in range(<size_t>n):
@@ -856,7 +945,7 @@ cdef class Plane:
         return n
 
     # Per-key scratch of a sync of n keys: 8-byte slots, then four uint32 arrays, then
-    # four uint8 arrays (28 bytes a key).
+    # five uint8 arrays (PER_KEY bytes a key, with room to spare).
     cdef inline uint64_t* _slots(self, Py_ssize_t n) noexcept nogil:
         return <uint64_t*>self.per_key_buf
 
@@ -876,14 +965,16 @@ cdef class Plane:
         return <uint8_t*>(self.per_key_buf + (24 + which) * n)
 
     cdef int _serve_sync_msg(self, Py_ssize_t n, uint64_t* fault_key) noexcept nogil:
-        """The owner's answer to the keys a replica node syncs or drops (rounds.
-        _answer_sync without requests) in a SYNC it sent itself, when all of them are
-        owned here: every delta added, each key's version read and its value copied when
-        the replica is behind (KEEP), the node's holder bit cleared (DROP), one
-        SYNC_REPLY. Its requests (the manager decides them) stay in the message, which
-        then goes on to Python with them alone (_SPLIT)."""
+        """The owner's answer (rounds._answer_sync) to a SYNC a replica node sent itself,
+        when all of its keys that this plane answers are owned here: the requests decided
+        as the manager decides them (set_policy), every delta added, each key's version
+        read and its value copied when the replica is behind (KEEP) or the key is
+        replicated there, the holder bits updated, the relocated keys taken out and sent
+        in one MOVE, the rest answered in one SYNC_REPLY. Requests the plane does not
+        decide stay in the message, which then goes on to Python with them alone
+        (_SPLIT)."""
         cdef header_t* h = &self.msg.header
-        cdef uint64_t holder = h.src_node, deltas_len = 0, used, length, key
+        cdef uint64_t holder = h.src_node, used, length, key, moved = 0
         cdef uint32_t* counters = self._counters(n)
         cdef uint32_t* seen = self._versions(n)
         cdef uint32_t* answers = self._answers(n)
@@ -892,8 +983,9 @@ cdef class Plane:
         cdef uint8_t* wanted = self._bytes(n, 1)
         cdef uint8_t* owned = self._bytes(n, 2)
         cdef uint8_t* with_value = self._bytes(n, 3)
+        cdef uint8_t* relocate = self._bytes(n, 4)
         cdef uint32_t kind, flags
-        cdef Py_ssize_t i, ns = 0, nr = 0
+        cdef Py_ssize_t i, ns = 0, nr = 0, nrep
         cdef const char* deltas = self._data(3)
         cdef size_t dpos = 0, spos = 0
         cdef Batch b
@@ -902,7 +994,7 @@ cdef class Plane:
             return _HAND_OVER  # forwarded, or for another node, or no reply path: Python
         if not self._reserve_values(self._size(3)):
             return _HAND_OVER
-        for i in range(n):  # in place: the synced and dropped keys first (ns <= i)
+        for i in range(n):  # in place: the keys answered here first (ns <= i)
             flags = counters[i]
             kind = flags & ~(<uint32_t>WIRE_HAS_DELTA)
             if kind > WIRE_SYNC_DROP:
@@ -912,22 +1004,31 @@ cdef class Plane:
             if flags & WIRE_HAS_DELTA:
                 if dpos + length > self._size(3):
                     return _HAND_OVER
-                if kind != 0:  # the deltas of the keys served here, gathered, aligned
+                if kind != 0 or self.policy != POLICY_PYTHON:  # gathered, aligned
                     memcpy(self.values_buf + spos, deltas + dpos, length)
                     spos += length
                 dpos += length
-            if kind == 0:  # SYNC_REQUEST
+            if kind == 0 and self.policy == POLICY_PYTHON:  # a request left to Python
                 requested[nr] = i
                 nr += 1
                 continue
             self.keys_buf[ns], counters[ns], seen[ns] = key, flags, seen[i]
             has_delta[ns] = (flags & WIRE_HAS_DELTA) != 0
-            wanted[ns] = _SERVE_VALUE_IF_CHANGED if kind == WIRE_SYNC_KEEP else _SERVE_NO_VALUE
+            wanted[ns] = _SERVE_VALUE if kind == 0 else \
+                _SERVE_VALUE_IF_CHANGED if kind == WIRE_SYNC_KEEP else _SERVE_NO_VALUE
             ns += 1
         self.split = nr
         if dpos != self._size(3) or ns == 0 or not self._all_owned(ns) or \
                 not _grow(<void**>&self.out_buf, &self.out_cap,
                           self._total_length(ns) * self.itemsize):
+            return _HAND_OVER
+        for i in range(ns):  # every decision before anything changes (relocate_mask)
+            relocate[i] = (counters[i] & ~(<uint32_t>WIRE_HAS_DELTA)) == 0 and \
+                self._relocates(self.keys_buf[i], holder)
+            if relocate[i]:
+                wanted[i] = _SERVE_NO_VALUE  # the MOVE takes the value
+                moved += 1
+        if moved and not self._reserve_freed(self.nfreed + moved):
             return _HAND_OVER
         b = _batch(self.directory, self.keys_buf, ns, self.timeout_ns, self.arena,
                    self.itemsize, self.capacity)
@@ -942,18 +1043,154 @@ cdef class Plane:
         if b.failed >= 0:  # deltas before it are applied: the node fails
             fault_key[0] = self.keys_buf[b.failed]
             return _FAULT
-        for i in range(ns):  # every key is owned (checked; only this thread changes that)
-            if (counters[i] & ~(<uint32_t>WIRE_HAS_DELTA)) == WIRE_SYNC_DROP:
-                self.holder_bits[self.keys_buf[i] * self.holder_stride + holder // 8] &= \
-                    ~(<uint8_t>(1 << (holder % 8)))
-                answers[i] = WIRE_REPLY_DROPPED
-            else:
-                answers[i] = WIRE_REPLY_VALUE if with_value[i] else WIRE_REPLY_CURRENT
-        if self.msg_init_size(&values, used * self.itemsize) != 0:
-            return _NO_MEMORY  # the deltas are applied: Python must not apply them again
-        memcpy(self.msg_data(&values), self.out_buf, used * self.itemsize)
-        self._send_sync_reply(holder, ns, n, &values)
+        self._track_holders(ns, holder, counters, relocate)
+        if moved:
+            if not self._send_move(ns, holder, relocate, moved, fault_key):
+                return _NO_MEMORY if fault_key[0] == <uint64_t>-1 else _FAULT
+        nrep = 0
+        for i in range(ns):  # the SYNC_REPLY: every key not relocated, in order
+            if relocate[i]:
+                continue
+            kind = counters[i] & ~(<uint32_t>WIRE_HAS_DELTA)
+            self.keys_buf[nrep] = self.keys_buf[i]
+            self._versions_out(n)[nrep] = self._versions_out(n)[i]
+            answers[nrep] = WIRE_REPLY_DROPPED if kind == WIRE_SYNC_DROP else \
+                WIRE_REPLY_VALUE if with_value[i] else WIRE_REPLY_CURRENT
+            nrep += 1
+        if nrep:
+            if self.msg_init_size(&values, used * self.itemsize) != 0:
+                return _NO_MEMORY  # the deltas are applied: Python must not apply them again
+            memcpy(self.msg_data(&values), self.out_buf, used * self.itemsize)
+            self._send_sync_reply(holder, nrep, n, &values)
         return _SPLIT if nr else _SERVED
+
+    cdef bint _relocates(self, uint64_t key, uint64_t holder) noexcept nogil:
+        """Manager.relocate_mask for one requested key: relocate it to `holder` unless a
+        worker here intends it or used it within its retention, another node holds a
+        replica of it, or it arrived here by relocation fewer than settle_rounds ago."""
+        cdef const uint8_t* row
+        cdef uint8_t bits
+        cdef size_t byte
+        cdef int64_t since
+        cdef float gap
+        if self.policy == POLICY_RELOCATE:
+            return True
+        if self.policy == POLICY_REPLICATE:
+            return False
+        if self.intent_counts[key] > 0:
+            return False
+        if self.last_used != NULL:  # float32 arithmetic, as numpy does it on those arrays
+            gap = <float>self.now - self.last_used[key]
+            if <double>gap < self.retain_seconds[self.retain_level[key]]:
+                return False
+        row = self.holder_bits + key * self.holder_stride
+        for byte in range(self.holder_stride):
+            bits = row[byte]
+            if byte == holder // 8:
+                bits &= ~(<uint8_t>(1 << (holder % 8)))
+            if bits:
+                return False
+        if self.arrived[key]:  # rounds since it arrived, modulo the stamps' range
+            since = (<int64_t>(self.round % STAMPS + 1) - <int64_t>self.arrived[key]) % \
+                <int64_t>STAMPS
+            if since < 0:
+                since += STAMPS
+            since = since - 1 if since > 0 else 0
+            if since < self.settle_rounds:
+                return False
+        return True
+
+    cdef void _track_holders(self, Py_ssize_t ns, uint64_t holder, const uint32_t* counters,
+                             const uint8_t* relocate) noexcept nogil:
+        """Who holds replicas (rounds._answer_requests, then _track_holders): a key
+        replicated to `holder` gains its bit, a dropped one loses it; relocated keys
+        forget all of them (their new owner learns them anew)."""
+        cdef Py_ssize_t i
+        cdef uint8_t* row
+        cdef uint8_t bit = <uint8_t>(1 << (holder % 8))
+        cdef uint32_t kind
+        for i in range(ns):
+            kind = counters[i] & ~(<uint32_t>WIRE_HAS_DELTA)
+            if kind == 0 and not relocate[i]:
+                self.holder_bits[self.keys_buf[i] * self.holder_stride + holder // 8] |= bit
+                self.replicas_made += 1
+        for i in range(ns):
+            kind = counters[i] & ~(<uint32_t>WIRE_HAS_DELTA)
+            if kind == WIRE_SYNC_DROP:
+                self.holder_bits[self.keys_buf[i] * self.holder_stride + holder // 8] &= \
+                    ~bit
+            elif relocate[i]:
+                row = self.holder_bits + self.keys_buf[i] * self.holder_stride
+                memset(row, 0, self.holder_stride)
+
+    cdef bint _send_move(self, Py_ssize_t ns, uint64_t holder, const uint8_t* relocate,
+                         uint64_t moved, uint64_t* fault_key) noexcept nogil:
+        """Eviction.evict_and_move for the relocated keys of a sync: taken out of the
+        table (_evict), one MOVE to `holder` (values, ownership counters + 1, versions;
+        the round as its request id, purpose MOVE_FOR_ROUND), their slots queued for the
+        allocator (take_freed). False: a lock timed out (fault_key) or no memory
+        (fault_key = -1)."""
+        cdef uint64_t* keys = self.misses_buf  # the relocated keys, in order
+        cdef uint64_t m = 0, nbytes = 0, i, key
+        cdef uint64_t* offsets
+        cdef uint8_t* taken
+        cdef Batch b
+        cdef zmq_msg_t frame
+        cdef header_t h
+        cdef void* sock = self.peers[holder]
+        cdef char* p
+        fault_key[0] = <uint64_t>-1
+        if not self._reserve_misses(moved):
+            return False
+        keys = self.misses_buf
+        for i in range(<uint64_t>ns):
+            if relocate[i]:
+                keys[m] = self.keys_buf[i]
+                nbytes += self.directory[keys[m]].length * self.itemsize
+                m += 1
+        # scratch: the values in move_buf, offsets and taken after them
+        if not _grow(<void**>&self.move_buf, &self.move_cap, nbytes + m * 9 + 16):
+            return False
+        offsets = <uint64_t*>(self.move_buf + ((nbytes + 7) // 8) * 8)
+        taken = <uint8_t*>(offsets + m)
+        b = _batch(self.directory, keys, m, self.timeout_ns, self.arena, self.itemsize,
+                   self.capacity)
+        _evict(&b, self.arena, self.itemsize, <uint16_t>holder, self.move_buf, offsets, taken)
+        if b.failed >= 0:
+            fault_key[0] = keys[b.failed]
+            return False
+        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_MOVE
+        h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
+        h.request_id, h.count, h.arg0, h.arg1 = self.msg.header.request_id, 0, 0, \
+            WIRE_MOVE_FOR_ROUND
+        h.token = self.token
+        self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
+        self._send_on(sock, <const char*>keys, m * 8, True)
+        self._send_on(sock, self.move_buf, nbytes, True)
+        if self.msg_init_size(&frame, m * 4) != 0:
+            return False
+        p = <char*>self.msg_data(&frame)
+        for i in range(m):
+            (<uint32_t*>p)[0] = self.owner_counter[keys[i]] + 1
+            p += 4
+        self._send_frame(sock, &frame, True)
+        if self.msg_init_size(&frame, m * 4) != 0:
+            return False
+        p = <char*>self.msg_data(&frame)
+        for i in range(m):  # ABSENT now: nobody changes them
+            (<uint32_t*>p)[0] = adapm_load_acquire_u32(&self.directory[keys[i]].version)
+            p += 4
+        self._send_frame(sock, &frame, False)
+        self.bytes_sent += WIRE_HEADER_BYTES + m * 16 + nbytes
+        for i in range(m):
+            self.freed[2 * self.nfreed] = offsets[i]
+            self.freed[2 * self.nfreed + 1] = self.directory[keys[i]].length
+            self.nfreed += 1
+        self.owner_changes += 1
+        return True
+
+    cdef bint _reserve_freed(self, size_t n) noexcept nogil:
+        return _grow(<void**>&self.freed, &self.freed_cap, n * 16)
 
     cdef void _send_sync_reply(self, uint64_t holder, Py_ssize_t n, Py_ssize_t layout,
                                zmq_msg_t* values) noexcept nogil:

@@ -36,7 +36,7 @@ from atomic cimport (
 )
 from batch cimport Batch, _batch, _lock_next, _unlock_held
 from kernels cimport (
-    _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _pull, _replica_deltas,
+    _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _evict, _pull, _replica_deltas,
     _replica_refresh, _serve_sync, _update,
 )
 from layout cimport (
@@ -710,27 +710,12 @@ cdef class TableView:
         left alone (taken[i] = 0). Returns the number taken."""
         self._check_open()
         cdef Batch b = self._batch_of(keys, True)
-        cdef uint64_t* offs = <uint64_t*>cnp.PyArray_DATA(offsets)
-        cdef uint8_t* t = <uint8_t*>cnp.PyArray_DATA(taken)
-        cdef char* out = <char*>cnp.PyArray_DATA(values)
-        cdef uint64_t pos = 0, itemsize = self.itemsize, count = 0
-        cdef adapm_entry_t* e
+        cdef uint64_t count
         with nogil:
-            while _lock_next(&b):
-                e = b.entry
-                if e.state == ADAPM_OWNED:
-                    memcpy(out + pos * itemsize, self.arena + e.offset * itemsize,
-                           e.length * itemsize)
-                    offs[b.i] = e.offset
-                    e.state = ADAPM_ABSENT
-                    e.owner = new_owner
-                    t[b.i] = 1
-                    count += 1
-                    _unlock_held(&b, True)
-                else:
-                    t[b.i] = 0
-                    _unlock_held(&b, False)
-                pos += e.length
+            count = _evict(&b, self.arena, self.itemsize, new_owner,
+                           <char*>cnp.PyArray_DATA(values),
+                           <uint64_t*>cnp.PyArray_DATA(offsets),
+                           <uint8_t*>cnp.PyArray_DATA(taken))
         _check_batch(b)
         return count
 

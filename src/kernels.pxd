@@ -10,7 +10,7 @@
 # that cimports this file compiles them into itself and calls them without Python, and
 # the C compiler keeps each batch loop in registers. The optimizers' kernel is in
 # optimizers.pxd.
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from arena cimport _fits, _length, _usable, real
@@ -19,7 +19,7 @@ from atomic cimport (
     adapm_load_relaxed_u32, adapm_load_relaxed_u64, adapm_prefetch_read,
 )
 from batch cimport Batch, _entry_ahead, _lock_next, _slot_ahead, _unlock_held
-from layout cimport ADAPM_OWNED, ADAPM_PENDING, ADAPM_REPLICA, adapm_entry_t
+from layout cimport ADAPM_ABSENT, ADAPM_OWNED, ADAPM_PENDING, ADAPM_REPLICA, adapm_entry_t
 from seqlock cimport Spinner, _spin, _spinner
 
 # _serve_sync: which of a sync's keys get their value copied out.
@@ -231,3 +231,31 @@ cdef inline void _replica_deltas(Batch* batch, real* arena, const uint64_t* sync
         _unlock_held(&b, rounded)  # optimistic readers retry if a value was rounded
         pos += length
     batch.failed = b.failed
+
+
+cdef inline uint64_t _evict(Batch* batch, const char* arena, uint64_t itemsize,
+                            uint16_t new_owner, char* out, uint64_t* offsets,
+                            uint8_t* taken) noexcept nogil:
+    """Take keys OWNED here out of the table for a relocation, each under its lock: its
+    value copied into `out` (flat, key order, every key's length reserved), its slot
+    offset recorded, state ABSENT with `new_owner` cached, taken[i] = 1. Keys not OWNED
+    here are left alone (taken[i] = 0). Returns the number taken."""
+    cdef Batch b = batch[0]
+    cdef uint64_t pos = 0, count = 0
+    cdef adapm_entry_t* e
+    while _lock_next(&b):
+        e = b.entry
+        if e.state == ADAPM_OWNED:
+            memcpy(out + pos * itemsize, arena + e.offset * itemsize, e.length * itemsize)
+            offsets[b.i] = e.offset
+            e.state = ADAPM_ABSENT
+            e.owner = new_owner
+            taken[b.i] = 1
+            count += 1
+            _unlock_held(&b, True)
+        else:
+            taken[b.i] = 0
+            _unlock_held(&b, False)
+        pos += e.length
+    batch.failed = b.failed
+    return count

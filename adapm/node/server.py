@@ -174,7 +174,8 @@ class NodeServer:
                              coordinator=to_coordinator))
         self.activity = ActivityLog(self.view)
         self.plane = DataPlane(self.ctx, self.sockets.router, self._count, self.compiled)
-        self.plane.serve_rounds(self.replicas, self.rounds.holders, self.rounds.progress)
+        self.plane.serve_rounds(self.rounds, self.manager, self.ownership,
+                                self.table.allocator.free)
         self.rounds.compiled_sender = self.plane.send_round
         self.outbox.to_coordinator(self.startup.join(self.address, self.coordinator_address))
         if self.metrics_port is not None:  # Prometheus, on this node's address only

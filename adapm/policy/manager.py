@@ -155,7 +155,7 @@ class Retention:
     LONGEST = SECONDS[-1]
 
     def __init__(self, num_keys):
-        # Seconds since `_base` (float32: 4 bytes per key). `_relative` moves the base up
+        # Seconds since `_base` (float32: 4 bytes per key). `relative` moves the base up
         # once it lies REBASE_AFTER behind, so recent uses, the only ones a retention of
         # at most LONGEST can cover, keep a resolution better than a millisecond.
         self.last_used = np.full(num_keys, -np.inf, dtype=np.float32)
@@ -163,7 +163,7 @@ class Retention:
         self.let_go = np.zeros(num_keys, dtype=bool)
         self.level = np.zeros(num_keys, dtype=np.uint8)
 
-    def _relative(self, now):
+    def relative(self, now):
         """`now` (time.monotonic()) as last_used holds times: seconds since the base."""
         if now - self._base > REBASE_AFTER:
             self.last_used -= np.float32(now - self._base)  # never used: stays -inf
@@ -177,7 +177,7 @@ class Retention:
     def used(self, keys, now):
         """This node wants these keys now (intended replicas, keys of intents that came
         due). Those it had let go since their last use came back: it learns from them."""
-        now = self._relative(now)
+        now = self.relative(now)
         keys = _index(keys)
         back = keys[self.let_go[keys]]
         if back.shape[0]:
@@ -188,7 +188,7 @@ class Retention:
     def requested(self, keys, now):
         """This node requests these keys (not held: dropped, given away, or never here).
         Those it used before came back; then they are used now."""
-        now = self._relative(now)
+        now = self.relative(now)
         keys = _index(keys)
         gaps = now - self.last_used[keys]
         back = np.isfinite(gaps)
@@ -200,7 +200,7 @@ class Retention:
     def keeps(self, candidates, now):
         """Mask over the replicas no intent names any more: True for those still within
         their retention since their last use; the others are recorded as let go."""
-        now = self._relative(now)
+        now = self.relative(now)
         idx = _index(candidates)
         keep = (now - self.last_used[idx]) < self.SECONDS[self.level[idx]]
         self.let_go[idx[~keep]] = True
@@ -209,7 +209,7 @@ class Retention:
     def retained(self, keys, now):
         """Mask: keys this node used within their retention (the owner side: a key the
         owner will soon want back is replicated to a requester, not moved away)."""
-        now = self._relative(now)
+        now = self.relative(now)
         idx = _index(keys)
         return (now - self.last_used[idx]) < self.SECONDS[self.level[idx]]
 

@@ -16,8 +16,10 @@ the reference the compiled plane is tested against, and a way around it."""
 
 import logging
 import sys
+import time
 
 from adapm.node.data import libzmq
+from adapm.policy.manager import SETTLE_ROUNDS
 from adapm.wire import protocol
 from adapm.wire.protocol import node_identity, worker_identity
 
@@ -35,8 +37,11 @@ class DataPlane:
         self._count = count
         self.compiled = None
         self._on_sync_answered = None
+        self._free_slots = None
+        self._rounds = self._manager = None
         self._events = {}
-        self._seen = {"bytes_received": 0, "bytes_sent": 0, "served": 0, "unroutable": 0}
+        self._seen = {"bytes_received": 0, "bytes_sent": 0, "served": 0, "unroutable": 0,
+                      "replicas_made": 0, "owner_changes": 0}
         functions = libzmq.functions() if compiled and sys.byteorder == "little" and \
             sys.platform.startswith("linux") else None
         if functions is not None:
@@ -48,17 +53,29 @@ class DataPlane:
         log.debug("node %d: %s data plane", ctx.node,
                   "compiled" if self.compiled is not None else "Python")
 
-    def serve_rounds(self, replicas, holders, on_sync_answered):
-        """Let the compiled plane answer sync rounds' steady state and send rounds, on the
-        node's round state: replicas (ReplicaCopies), holders (ReplicaHolders);
-        on_sync_answered(keys, round) is the rounds part's progress (a SYNC_REPLY's keys
-        were answered). Only with compiled key sets (the plane changes the pending set
-        itself)."""
-        self._on_sync_answered = on_sync_answered
+    def serve_rounds(self, rounds, manager, ownership, free_slots):
+        """Let the compiled plane answer sync rounds and send them, on the node's round
+        state: rounds (Rounds: its replicas, holders, arrival stamps and round; its
+        progress(keys, round) takes the plane's sync_answered events), manager (Manager:
+        its mode, intent counts and retention decide requests, as relocate_mask does),
+        ownership (its counters go with relocated keys), free_slots(offsets, lengths)
+        (the slot allocator's free: the slots of keys the plane relocated). Only with
+        compiled key sets (the plane changes the pending set itself)."""
+        self._on_sync_answered = rounds.progress
+        self._free_slots = free_slots
+        self._rounds, self._manager = rounds, manager
+        replicas = rounds.replicas
         if self.compiled is None or not hasattr(replicas.pending, "handle"):
             return
-        self.compiled.serve_rounds(holders.raw(), replicas.seen_version, replicas.synced,
-                                   replicas.pending, replicas.moving_in)
+        self.compiled.serve_rounds(rounds.holders.raw(), replicas.seen_version,
+                                   replicas.synced, replicas.pending, replicas.moving_in)
+        retention = manager.retention
+        self.compiled.set_policy(
+            manager.mode, manager.intents.count,
+            None if retention is None else retention.last_used,
+            None if retention is None else retention.level,
+            [] if retention is None else list(retention.SECONDS), rounds.arrived_round,
+            ownership.counter, SETTLE_ROUNDS)
 
     def send_round(self, round_id, keys, kinds):
         """Send a round's SYNCs from compiled code (Plane.send_round): returns (keys with a
@@ -100,6 +117,7 @@ class DataPlane:
             return protocol.drain(self.router, handle, budget)
         try:
             while budget > 0:
+                self._set_clock()
                 taken, frames = plane.drain(budget)
                 budget -= taken
                 self._report_events()  # before any later message
@@ -114,7 +132,18 @@ class DataPlane:
         finally:
             self._fold_counters()
 
+    def _set_clock(self):
+        """The clock the plane's answers to requests decide by, as now."""
+        if self._rounds is None:
+            return
+        retention = self._manager.retention
+        now = 0.0 if retention is None else retention.relative(time.monotonic())
+        self.compiled.set_clock(now, self._rounds.round)
+
     def _report_events(self):
+        offsets, lengths = self.compiled.take_freed()
+        if offsets.shape[0]:
+            self._free_slots(offsets, lengths)
         for kind, round_id, count in self.compiled.take_events():
             if kind == self._events["sync_answered"]:
                 self._on_sync_answered(count, round_id)
@@ -124,7 +153,9 @@ class DataPlane:
     def _fold_counters(self):
         plane = self.compiled
         for name, counter in (("bytes_received", "bytes_received"),
-                              ("bytes_sent", "bytes_sent"), ("served", "plane_served")):
+                              ("bytes_sent", "bytes_sent"), ("served", "plane_served"),
+                              ("replicas_made", "replicas_made"),
+                              ("owner_changes", "owner_changes")):
             now = getattr(plane, name)
             if now != self._seen[name]:
                 self._count(counter, now - self._seen[name])

@@ -21,12 +21,16 @@ import zmq
 from adapm.common.errors import ProtocolError
 from adapm.node.admission import check_sender
 from adapm.node.data import libzmq
+from adapm.node.data.holders import ReplicaHolders
+from adapm.node.data.rounds import Rounds
+from adapm.policy.manager import SETTLE_ROUNDS, Manager
 from adapm.policy.ownership import route, split_by
 from adapm.table._keyset import CompiledKeySet
 from adapm.table.shared_table import OWNED, PENDING, REPLICA
 from adapm.wire import protocol
 from adapm.wire.protocol import (
     HAS_DELTA,
+    MOVE_FOR_ROUND,
     REPLY_CURRENT,
     REPLY_DROPPED,
     REPLY_VALUE,
@@ -88,7 +92,10 @@ class RoundState:
         view.fresh_rounds(ALL_KEYS, fresh)
         versions = np.empty(NUM_KEYS, dtype=np.uint32)
         view.versions_of(ALL_KEYS, versions)
+        owners = np.empty(NUM_KEYS, dtype=np.uint16)
+        view.owners_of(ALL_KEYS, owners)
         return {"arena": bytes(view._arena_array()), "states": self.table.states(ALL_KEYS),
+                "owners": owners,
                 "versions": versions, "fresh": fresh, "seen": self.seen.copy(),
                 "holders": self.holders.copy(), "pending": self.pending.keys(),
                 "moving_in": self.moving_in.keys()}
@@ -509,3 +516,148 @@ def test_send_round_refuses_before_anything_changed(rig):
     with pytest.raises(RuntimeError):
         plane.send_round(1, keys, np.ones(3, np.uint32))
     _equal(state.snapshot(), before)
+
+
+class Policy:
+    """The owner's decision state, as the node server keeps it: a Manager in `mode` (its
+    Retention), intent counts, arrival stamps, ownership counters; the same on the rig's
+    plane and for the reference."""
+
+    NOW, ROUND = 100.0, 7
+
+    def __init__(self, mode, seed):
+        rng = np.random.default_rng(seed)
+        self.manager = Manager(mode, 1, None, num_keys=NUM_KEYS)
+        self.counts = (rng.random(NUM_KEYS) < 0.3).astype(np.int32)
+        retention = self.manager.retention
+        if retention is not None:
+            retention.last_used[:] = np.where(rng.random(NUM_KEYS) < 0.3, -np.inf,
+                                              self.NOW - rng.random(NUM_KEYS) * 6)
+            retention.level[:] = rng.integers(0, 9, NUM_KEYS)
+        self.rounds = Rounds.__new__(Rounds)  # its arrival arithmetic, nothing else
+        self.rounds.round = self.ROUND
+        self.rounds.arrived_round = np.where(rng.random(NUM_KEYS) < 0.3,
+                                             rng.integers(1, 30, NUM_KEYS), 0).astype(np.uint32)
+        self.counter = rng.integers(0, 1 << 32, NUM_KEYS).astype(np.uint32)
+
+    def install(self, plane):
+        retention = self.manager.retention
+        plane.set_policy(self.manager.mode, self.counts,
+                         None if retention is None else retention.last_used,
+                         None if retention is None else retention.level,
+                         [] if retention is None else list(retention.SECONDS),
+                         self.rounds.arrived_round, self.counter, SETTLE_ROUNDS)
+        plane.set_clock(self.NOW, self.ROUND)
+
+    def relocate(self, keys, holders, holder):
+        """Manager.relocate_mask as rounds._answer_requests calls it."""
+        return self.manager.relocate_mask(
+            self.counts[keys.astype(np.intp)] > 0, holders.others(keys, holder),
+            self.rounds._rounds_since_arrival(keys), keys=keys, now=self.NOW)
+
+
+def owner_reference(msg, shadow, holders, policy):
+    """rounds._answer_sync for a SYNC of keys all owned here (requests decided): the
+    frames it sends (a MOVE, then a SYNC_REPLY, either may be missing), the slots it
+    frees, and the counts of replicas made and MOVEs."""
+    view, keys, n = shadow.table.view, np.ascontiguousarray(msg.keys), msg.keys.shape[0]
+    kinds = msg.counters & ~np.uint32(HAS_DELTA)
+    dirty = (msg.counters & HAS_DELTA) != 0
+    relocate = np.zeros(n, dtype=bool)
+    requested = np.flatnonzero(kinds == SYNC_REQUEST)
+    relocate[requested] = policy.relocate(keys[requested], holders, msg.holder)
+    holders.add(keys[requested[~relocate[requested]]], msg.holder)
+    holders.discard(keys[kinds == SYNC_DROP], msg.holder)
+    wanted = np.where(kinds == SYNC_KEEP, 2, 1).astype(np.uint8)
+    wanted[(kinds == SYNC_DROP) | relocate] = 0
+    owned, with_value = np.empty(n, np.uint8), np.empty(n, np.uint8)
+    versions = np.empty(n, np.uint32)
+    out = np.empty(n * DIM, np.float32)
+    used = view.serve_sync(keys, np.frombuffer(msg.values, dtype=np.float32).copy(),
+                           dirty.astype(np.uint8), np.ascontiguousarray(msg.versions), wanted,
+                           owned, versions, with_value, out)
+    assert owned.all()
+    sent, freed = [], (np.empty(0, np.uint64), np.empty(0, np.uint64))
+    if relocate.any():
+        moved = keys[relocate]
+        values = np.empty(moved.shape[0] * DIM, np.float32)
+        offsets = np.zeros(moved.shape[0], np.uint64)
+        taken = np.zeros(moved.shape[0], np.uint8)
+        view.evict(moved, msg.holder, values, offsets, taken)
+        assert taken.all()
+        moved_versions = np.empty(moved.shape[0], np.uint32)
+        view.versions_of(moved, moved_versions)
+        move = protocol.Move(request_id=msg.round, purpose=MOVE_FOR_ROUND, keys=moved,
+                             values=values, counters=policy.counter[moved.astype(np.intp)] +
+                             np.uint32(1), versions=moved_versions)
+        move.src_node, move.token = NODE, TOKEN
+        sent.append([bytes(f) for f in move.encode()])
+        holders.forget(moved)
+        freed = (offsets, shadow.table.lengths(moved))
+    reply = ~relocate
+    if reply.any():
+        answer = np.where(with_value == 1, REPLY_VALUE, REPLY_CURRENT).astype(np.uint32)
+        answer[kinds == SYNC_DROP] = REPLY_DROPPED
+        sync_reply = protocol.SyncReply(round=msg.round, keys=keys[reply], values=out[:used],
+                                        counters=answer[reply], versions=versions[reply])
+        sync_reply.src_node, sync_reply.token = NODE, TOKEN
+        sent.append([bytes(f) for f in sync_reply.encode()])
+    return sent, freed, int((~relocate[requested]).sum()), int(relocate.any())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["adaptive", "relocate_only", "replicate_only"])
+def test_plane_answers_requests_as_the_manager_decides(rig, make_table, mode):
+    """With the manager's state (set_policy), the plane answers requests itself: each
+    key relocated (one MOVE: values, counters + 1, versions; its slot freed, its holders
+    forgotten) or replicated (holder bit, value) exactly where Manager.relocate_mask
+    says so, in mode adaptive (intents, retention, other holders, recent arrival),
+    relocate_only and replicate_only."""
+    plane, state, router, senders, inboxes = rig
+    shadow = RoundState(make_table, seed=7)
+    rng = np.random.default_rng(11)
+    state.holders[rng.random(NUM_KEYS) < 0.7] = 0  # fewer keys held elsewhere
+    holders = ReplicaHolders(NUM_KEYS, NUM_NODES)
+    holders.raw()[:] = state.holders
+    shadow.holders = holders.raw()
+    policy = Policy(mode, seed=3)
+    policy.install(plane)
+    identity = {NODE: node_identity(NODE, TOKEN)}
+    moves = relocated = replicated = 0
+    for _ in range(300):
+        owned = OWNED_KEYS[state.table.states(OWNED_KEYS) == OWNED]
+        if owned.shape[0] < 4:
+            break
+        src = int(rng.choice(PEERS))
+        n = int(rng.integers(1, 5))
+        keys = rng.permutation(rng.choice(owned, n, replace=False))
+        kinds = rng.choice([SYNC_REQUEST, SYNC_REQUEST, SYNC_KEEP, SYNC_DROP], n).astype(
+            np.uint32)
+        dirty = rng.random(n) < 0.5
+        msg = protocol.Sync(round=int(rng.integers(1, 1 << 30)), holder=src, keys=keys,
+                            values=rng.standard_normal(int(dirty.sum()) * DIM).astype(
+                                np.float32),
+                            counters=kinds | np.where(dirty, HAS_DELTA, 0).astype(np.uint32),
+                            versions=rng.integers(0, 3, n).astype(np.uint32))
+        msg.src_node, msg.token = src, TOKEN
+        body = [bytes(f) for f in msg.encode()]
+        sent, freed, made, moved = owner_reference(protocol.decode(body), shadow, holders,
+                                                   policy)
+        senders[f"n{src}"].send_multipart(body)
+        assert router.poll(5000)
+        assert plane.drain(1) == (1, None)
+        for frames in sent:
+            assert inboxes[src].poll(5000)
+            assert inboxes[src].recv_multipart() == [identity[NODE], *frames]
+        assert not inboxes[src].poll(0)
+        got_offsets, got_lengths = plane.take_freed()
+        assert np.array_equal(got_offsets, freed[0]) and np.array_equal(got_lengths, freed[1])
+        moves += moved
+        relocated += freed[0].shape[0]
+        replicated += made
+        _equal(state.snapshot(), shadow.snapshot())
+    assert plane.replicas_made == replicated and plane.owner_changes == moves
+    if mode != "replicate_only":
+        assert relocated > 10
+    if mode != "relocate_only":
+        assert replicated > 10
