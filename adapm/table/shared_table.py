@@ -114,14 +114,20 @@ class SlotAllocator:
     numpy arrays (each call to free() appends one), so that the thousands of slots a sync
     round takes or gives back cost a few array operations, not a loop over keys."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, uniform=0):
+        """uniform: the table's one value length (0: lengths per key). Calls whose
+        lengths are all that one take a shorter path (a node server allocates and frees
+        slots every sync round), with the same result."""
         self.capacity = capacity
         self.top = 0
+        self.uniform = uniform
         self._free = {}  # length -> [uint64 arrays of free offsets], used as a stack
 
     def allocate(self, lengths):
         """Offsets for slots of the given lengths (uint64 array)."""
         lengths = np.asarray(lengths, dtype=np.uint64)
+        if self.uniform and (lengths == self.uniform).all():
+            return self._allocate_uniform(lengths.shape[0])
         offsets = np.empty(lengths.shape[0], dtype=np.uint64)
         fresh = np.ones(lengths.shape[0], dtype=bool)
         for length in (_distinct(lengths) if self._free else ()):
@@ -141,6 +147,23 @@ class SlotAllocator:
         self.top += total
         return offsets
 
+    def _allocate_uniform(self, count):
+        """allocate() of `count` slots of the uniform length: freed ones first (as
+        allocate takes them), then fresh ones from the top."""
+        length = self.uniform
+        stack = self._free.get(length, ())
+        fresh = max(0, count - sum(chunk.shape[0] for chunk in stack))
+        if self.top + fresh * length > self.capacity:  # before any freed slot is taken
+            raise MemoryError(f"parameter table arena full: {self.top + fresh * length} > "
+                              f"{self.capacity} elements")
+        reused = self._pop(length, count) if stack else _NO_OFFSETS
+        offsets = np.empty(count, dtype=np.uint64)
+        offsets[:reused.shape[0]] = reused
+        offsets[reused.shape[0]:] = np.arange(self.top, self.top + fresh * length, length,
+                                              dtype=np.uint64)
+        self.top += fresh * length
+        return offsets
+
     def _pop(self, length, count):
         """Up to `count` free offsets of slots of `length`, taken off its free list."""
         stack, taken, left = self._free[length], [], count
@@ -158,11 +181,18 @@ class SlotAllocator:
     def free(self, offsets, lengths):
         offsets = np.asarray(offsets, dtype=np.uint64)
         lengths = np.asarray(lengths, dtype=np.uint64)
+        if self.uniform and (lengths == self.uniform).all():
+            if offsets.shape[0]:  # a copy: the caller may reuse its array
+                self._free.setdefault(self.uniform, []).append(offsets.copy())
+            return
         distinct = _distinct(lengths)
         for length in distinct:
             # a copy either way: the caller may reuse its array
             part = offsets.copy() if len(distinct) == 1 else offsets[lengths == length]
             self._free.setdefault(length, []).append(part)
+
+
+_NO_OFFSETS = np.empty(0, dtype=np.uint64)
 
 
 def _one_length(lengths):
@@ -186,7 +216,8 @@ class SharedTable:
         self.name = name
         self.view = view
         self.is_owner = owner
-        self.allocator = SlotAllocator(view.arena_capacity) if owner else None
+        self.allocator = SlotAllocator(view.arena_capacity, view.uniform_length) \
+            if owner else None
 
     @classmethod
     def create(cls, name, num_keys, value_length, dtype, num_workers, node=0, num_nodes=1,

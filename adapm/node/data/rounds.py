@@ -32,6 +32,7 @@ from adapm.common.errors import ProtocolError
 from adapm.node.data.waiters import RoundWaiters
 from adapm.policy.manager import ReactionTime
 from adapm.policy.ownership import split_by
+from adapm.table._keyset import difference_sorted, intersect_sorted, union_sorted
 from adapm.table.segments import Segments
 from adapm.table.shared_table import (
     NODE_SLOT,
@@ -213,19 +214,20 @@ class Rounds:
         here), and kept replicas whose owner forgot them (rejoin)."""
         requests = plan.requests
         if self.initial_requests is not None:
-            requests = np.union1d(requests, self.initial_requests)
+            requests = union_sorted(requests, self.initial_requests)
             self.initial_requests = None
         rejoin = self.rejoin.take()
         if rejoin.shape[0]:  # meanwhile moved here or dropped: not asked
             rejoin = rejoin[self.ctx.states(rejoin) == REPLICA]
-            plan.keep = np.setdiff1d(plan.keep, rejoin, assume_unique=True)
-            plan.drop = np.setdiff1d(plan.drop, rejoin, assume_unique=True)
+            plan.keep = difference_sorted(plan.keep, rejoin)
+            plan.drop = difference_sorted(plan.drop, rejoin)
         return self.replicas.make_pending(requests), rejoin
 
     def _choose_syncs(self, plan):
         """Which replicas this round syncs: every one in a full round (a wait_sync or a
         barrier waits, or REFRESH_INTERVAL passed), else only those a worker asked to
-        refresh, besides the drops."""
+        refresh, besides the drops. (Every array here is sorted and distinct: the set
+        algebra is one merge pass each, adapm.table._keyset.)"""
         now = time.monotonic()
         full = self.waiters.want_full_round or now - self.refreshed_at >= REFRESH_INTERVAL
         wanted = self.refresh.take()
@@ -233,19 +235,18 @@ class Rounds:
         # with the owner's value (KEEP), also those that no intent names any more: a drop
         # brings no value back, and a dropped replica may stay (updated since, or intended
         # again). They are dropped in a later round.
-        refresh = np.intersect1d(plan.drop, wanted, assume_unique=True)
-        plan.drop = np.setdiff1d(plan.drop, refresh, assume_unique=True)
+        refresh = intersect_sorted(plan.drop, wanted)
+        plan.drop = difference_sorted(plan.drop, refresh)
         self.round_is_full = bool(full)
         if full:
             self.refreshed_at = now
-            plan.keep = np.union1d(plan.keep, refresh)
+            plan.keep = union_sorted(plan.keep, refresh)
         else:
-            plan.keep = np.union1d(np.intersect1d(plan.keep, wanted, assume_unique=True),
-                                   refresh)
+            plan.keep = union_sorted(intersect_sorted(plan.keep, wanted), refresh)
         if self.replicas.moving_in and plan.drop.shape[0]:
             # kept until they arrive: a drop would not take their delta
             moving = self.replicas.moving_in.contains(plan.drop)
-            plan.keep = np.union1d(plan.keep, plan.drop[moving])
+            plan.keep = union_sorted(plan.keep, plan.drop[moving])
             plan.drop = plan.drop[~moving]
 
     def _send_round(self, keys, kinds):

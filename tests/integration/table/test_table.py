@@ -300,6 +300,50 @@ def test_intent_ring_between_processes_loses_and_tears_nothing(make_table):
         np.testing.assert_array_equal(keys, expected[i])
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_uniform_slot_allocator_gives_what_the_general_one_gives(seed):
+    """A uniform table's allocator (its shorter path) against the general one: the same
+    offsets for every call, the same top, the same arena-full errors, and a failed call
+    takes no freed slot."""
+    from adapm.table.shared_table import SlotAllocator
+    uniform, general = SlotAllocator(400, uniform=4), SlotAllocator(400)
+    rng = np.random.default_rng(seed)
+    live, errors = [], 0
+    for _ in range(400):
+        if live and rng.random() < 0.45:
+            idx = rng.choice(len(live), size=min(len(live), int(rng.integers(1, 8))),
+                             replace=False)
+            gone = np.array([live[i] for i in idx], dtype=np.uint64)
+            live = [o for i, o in enumerate(live) if i not in set(idx.tolist())]
+            lengths = np.full(gone.shape[0], 4, dtype=np.uint64)
+            uniform.free(gone, lengths)
+            general.free(gone, lengths)
+            continue
+        lengths = np.full(int(rng.integers(0, 12)), 4, dtype=np.uint64)
+        try:
+            got = uniform.allocate(lengths)
+        except MemoryError:
+            errors += 1
+            with pytest.raises(MemoryError):
+                general.allocate(lengths)
+            general = SlotAllocator(400)  # the general path loses what it popped: start
+            uniform = SlotAllocator(400, uniform=4)  # both anew
+            live = []
+            continue
+        assert np.array_equal(got, general.allocate(lengths))
+        assert uniform.top == general.top
+        live += got.tolist()
+    assert errors > 0
+    # a failed call takes no freed slot
+    alloc = SlotAllocator(8, uniform=4)
+    first = alloc.allocate(np.full(2, 4, dtype=np.uint64))
+    alloc.free(first[:1], np.full(1, 4, dtype=np.uint64))
+    with pytest.raises(MemoryError):
+        alloc.allocate(np.full(2, 4, dtype=np.uint64))
+    assert alloc.allocate(np.full(1, 4, dtype=np.uint64))[0] == first[0]
+
+
 def test_slot_allocator_reuses_freed_slots_and_never_overlaps_live_ones():
     from adapm.table.shared_table import SlotAllocator
     alloc = SlotAllocator(capacity=1000)

@@ -130,3 +130,24 @@ def test_compiled_set_refuses_keys_out_of_range():
     with pytest.raises(IndexError):
         s.add(np.array([3, 10], dtype=np.uint64))
     assert len(s) == 0 and not s.contains(np.array([3], dtype=np.uint64))[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sorted_key_array_algebra_is_numpys(seed):
+    """union_sorted / intersect_sorted / difference_sorted on sorted distinct keys give
+    what numpy's union1d / intersect1d / setdiff1d give (the sync rounds' set algebra)."""
+    from adapm.table._keyset import difference_sorted, intersect_sorted, union_sorted
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        a = np.unique(rng.integers(0, int(rng.choice([5, 50, 1 << 62])),
+                                   int(rng.integers(0, 40))).astype(np.uint64))
+        b = np.unique(rng.integers(0, int(rng.choice([5, 50, 1 << 62])),
+                                   int(rng.integers(0, 40))).astype(np.uint64))
+        for ours, theirs in ((union_sorted(a, b), np.union1d(a, b)),
+                             (intersect_sorted(a, b), np.intersect1d(a, b, assume_unique=True)),
+                             (difference_sorted(a, b), np.setdiff1d(a, b, assume_unique=True))):
+            assert ours.dtype == np.uint64
+            assert np.array_equal(ours, theirs.astype(np.uint64))
+    # keys as other integer arrays (a Python list, a strided view) are taken as uint64
+    assert union_sorted([1, 4], np.arange(0, 10, 3, dtype=np.uint64)[::1]).tolist() == \
+        [0, 1, 3, 4, 6, 9]
