@@ -36,10 +36,10 @@ from atomic cimport adapm_load_acquire_u32, adapm_load_relaxed_u8, adapm_store_r
 from batch cimport Batch, _batch
 from keyset cimport keyset_contains, keyset_discard, keyset_t
 from kernels cimport (
-    _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _evict, _pull, _replica_deltas,
-    _replica_refresh, _serve_sync, _update,
+    _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _evict, _install_copies, _pull,
+    _replica_deltas, _replica_refresh, _serve_sync, _update,
 )
-from layout cimport ADAPM_OWNED, adapm_entry_t
+from layout cimport ADAPM_OWNED, ADAPM_PENDING, ADAPM_REPLICA, adapm_entry_t
 from optimizers cimport (
     OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
     _state_length,
@@ -50,7 +50,7 @@ from wire_header cimport (
     WIRE_SERVER, WIRE_SET, WIRE_UPDATE_ACK, WIRE_VERSION, header_t,
     WIRE_HAS_DELTA, WIRE_HOPS_SHIFT, WIRE_REPLY_CURRENT, WIRE_REPLY_DROPPED, WIRE_REPLY_VALUE,
     WIRE_SYNC, WIRE_SYNC_DROP, WIRE_SYNC_KEEP, WIRE_SYNC_REPLY, WIRE_MOVE,
-    WIRE_MOVE_FOR_ROUND,
+    WIRE_MOVE_FOR_ROUND, WIRE_OWNER_UPDATE,
 )
 
 
@@ -100,10 +100,11 @@ POLICIES = {"adaptive": POLICY_ADAPTIVE, "relocate_only": POLICY_RELOCATE,
 
 # Events the plane reports to the control plane (take_events).
 cdef enum:
-    EVENT_SYNC_ANSWERED = 1         # a SYNC_REPLY's keys were answered: (round, keys)
+    EVENT_SYNC_ANSWERED = 1         # keys of a round answered (SYNC_REPLY, MOVE): (round, keys)
+    EVENT_MOVED_IN = 2              # the last keys a localize waits for arrived: (0, 0)
     MAX_EVENTS = 64                 # a drain stops once this many wait
 
-EVENTS = {"sync_answered": EVENT_SYNC_ANSWERED}
+EVENTS = {"sync_answered": EVENT_SYNC_ANSWERED, "moved_in": EVENT_MOVED_IN}
 
 
 cdef struct Event:
@@ -179,13 +180,18 @@ cdef class Plane:
     cdef const uint8_t* retain_level
     cdef double retain_seconds[16]  # Retention.SECONDS by level
     cdef int retain_levels
-    cdef const uint32_t* arrived    # Rounds.arrived_round: per key, its stamp
-    cdef const uint32_t* owner_counter   # Ownership.counter
+    cdef uint32_t* arrived          # Rounds.arrived_round: per key, its stamp
+    cdef uint32_t* owner_counter    # Ownership.counter
     cdef int64_t settle_rounds
     cdef double now                 # Retention's clock at this drain (set_clock)
     cdef uint64_t round             # this node's last round started (set_clock)
     cdef object policy_state        # the arrays above, kept alive
-    cdef readonly uint64_t replicas_made, owner_changes
+    cdef readonly uint64_t replicas_made, owner_changes, relocations
+    # keys arriving (serve_arrivals)
+    cdef keyset_t* held             # ReplicaCopies.held
+    cdef uint16_t* home_owner       # Ownership.home_owner, home_counter: the records of
+    cdef uint32_t* home_counter     #   this node's home keys, by key // num_nodes
+    cdef object arrival_state
     cdef uint64_t* freed            # slots given up by relocations: (offset, length)
     cdef size_t nfreed, freed_cap
     cdef Event events[MAX_EVENTS]
@@ -209,6 +215,9 @@ cdef class Plane:
         self.pending = self.moving_in = NULL
         self.nevents = 0
         self.policy = POLICY_PYTHON
+        self.held = NULL
+        self.home_owner = NULL
+        self.home_counter = NULL
         self.freed = NULL
         self.nfreed = self.freed_cap = 0
 
@@ -367,8 +376,8 @@ cdef class Plane:
                                             levels.dtype.itemsize != 1)):
             raise ValueError("the policy's element types")
         self.intent_counts = <const int32_t*><uintptr_t>intent_counts.ctypes.data
-        self.arrived = <const uint32_t*><uintptr_t>arrived.ctypes.data
-        self.owner_counter = <const uint32_t*><uintptr_t>owner_counter.ctypes.data
+        self.arrived = <uint32_t*><uintptr_t>arrived.ctypes.data
+        self.owner_counter = <uint32_t*><uintptr_t>owner_counter.ctypes.data
         self.last_used = NULL if last_used is None else \
             <const float*><uintptr_t>last_used.ctypes.data
         self.retain_level = NULL if levels is None else \
@@ -379,6 +388,21 @@ cdef class Plane:
         self.settle_rounds = settle_rounds
         self.policy_state = (intent_counts, last_used, levels, arrived, owner_counter)
         self.policy = POLICIES.get(mode, POLICY_PYTHON)
+
+    def serve_arrivals(self, held_set, home_owner, home_counter):
+        """Install keys that arrive by relocation for a round here too (after
+        set_policy): held_set, ReplicaCopies.held (a CompiledKeySet); home_owner (uint16)
+        and home_counter (uint32), Ownership's records of this node's home keys, changed
+        in place."""
+        homes = len(range(self.node, self.num_keys, self.num_nodes))
+        if home_owner.dtype.itemsize != 2 or home_counter.dtype.itemsize != 4 or \
+                home_owner.shape[0] != homes or home_counter.shape[0] != homes or \
+                not home_owner.flags.c_contiguous or not home_counter.flags.c_contiguous:
+            raise ValueError("a record per home key")
+        self.held = <keyset_t*><uintptr_t>held_set.handle()
+        self.home_owner = <uint16_t*><uintptr_t>home_owner.ctypes.data
+        self.home_counter = <uint32_t*><uintptr_t>home_counter.ctypes.data
+        self.arrival_state = (held_set, home_owner, home_counter)
 
     def set_clock(self, double now, uint64_t round_id):
         """The clock the next answers decide by: Retention's `now` (seconds since its
@@ -532,7 +556,7 @@ cdef class Plane:
         memcpy(h, self._data(1), WIRE_HEADER_BYTES)
         if h.magic != WIRE_MAGIC or h.version != WIRE_VERSION or h.token != self.token:
             return _HAND_OVER
-        if h.type == WIRE_SYNC or h.type == WIRE_SYNC_REPLY:
+        if h.type == WIRE_SYNC or h.type == WIRE_SYNC_REPLY or h.type == WIRE_MOVE:
             return self._handle_round(fault_key)
         cdef int frames = _frames_of(h.type)
         if frames == 0 or m.nframes != 2 + frames:
@@ -921,6 +945,8 @@ cdef class Plane:
             return _HAND_OVER
         if h.type == WIRE_SYNC:
             return self._serve_sync_msg(n, fault_key)
+        if h.type == WIRE_MOVE:
+            return self._serve_move(n, fault_key)
         return self._serve_sync_reply(n, fault_key)
 
     cdef Py_ssize_t _round_keys(self) noexcept nogil:
@@ -1063,6 +1089,135 @@ cdef class Plane:
             memcpy(self.msg_data(&values), self.out_buf, used * self.itemsize)
             self._send_sync_reply(holder, nrep, n, &values)
         return _SPLIT if nr else _SERVED
+
+    cdef int _serve_move(self, Py_ssize_t n, uint64_t* fault_key) noexcept nogil:
+        """A MOVE answering this node's round (Relocation.on_move with purpose
+        MOVE_FOR_ROUND) whose keys, all distinct, this node holds as copies (it asked for
+        them): each becomes OWNED in its copy's slot (_install_copies: the arriving value
+        plus the updates made here since the last sync), its "value at last sync" slot
+        goes to the allocator (take_freed), it leaves the copies' sets, its ownership
+        counter, arrival stamp and home record are written, OWNER_UPDATE goes to the
+        other homes, and events say that the round's keys are answered (and, when the
+        last keys a localize waits for came, moved_in). Anything else goes to Python."""
+        cdef header_t* h = &self.msg.header
+        cdef uint32_t* counters = self._counters(n)
+        cdef uint32_t* versions = self._versions(n)
+        cdef uint64_t* slots = self._slots(n)
+        cdef uint64_t key, total = 0, stamp
+        cdef uint8_t state
+        cdef Py_ssize_t i
+        cdef bint moving
+        cdef Batch b
+        if h.arg1 != WIRE_MOVE_FOR_ROUND or self.held == NULL or self.policy == POLICY_PYTHON:
+            return _HAND_OVER  # a localize's MOVE, or no state to install into: Python
+        if not self._distinct(n):
+            return _HAND_OVER
+        for i in range(n):
+            key = self.keys_buf[i]
+            state = adapm_load_relaxed_u8(&self.directory[key].state)
+            if (state != ADAPM_REPLICA and state != ADAPM_PENDING) or \
+                    not keyset_contains(self.held, key):
+                return _HAND_OVER  # not a copy asked for here: Python decides
+            slots[i] = (<const uint32_t*>self.synced)[key] if self.synced_width == 4 \
+                else (<const uint64_t*>self.synced)[key]
+            total += self.directory[key].length
+        if self._size(3) != total * self.itemsize or not self._reserve_values(self._size(3)) \
+                or not self._reserve_freed(self.nfreed + n):
+            return _HAND_OVER
+        memcpy(self.values_buf, self._data(3), self._size(3))
+        b = _batch(self.directory, self.keys_buf, n, self.timeout_ns, self.arena,
+                   self.itemsize, self.capacity)
+        if self.dtype == 0:
+            _install_copies(&b, <float*>self.arena, slots, <const float*>self.values_buf,
+                            versions, self.node)
+        else:
+            _install_copies(&b, <double*>self.arena, slots, <const double*>self.values_buf,
+                            versions, self.node)
+        if b.failed >= 0:
+            fault_key[0] = self.keys_buf[b.failed]
+            return _FAULT
+        stamp = self.round % STAMPS + 1
+        moving = self.moving_in.size != 0
+        for i in range(n):
+            key = self.keys_buf[i]
+            keyset_discard(self.pending, key)
+            keyset_discard(self.held, key)
+            keyset_discard(self.moving_in, key)
+            self.owner_counter[key] = counters[i]
+            self.arrived[key] = <uint32_t>stamp
+            self.freed[2 * self.nfreed] = slots[i]
+            self.freed[2 * self.nfreed + 1] = self.directory[key].length
+            self.nfreed += 1
+        self.relocations += n
+        self.owner_changes += 1
+        if moving and self.moving_in.size == 0:
+            self._event(EVENT_MOVED_IN, 0, 0)
+        if not self._tell_homes(n, counters):
+            fault_key[0] = <uint64_t>-1
+            return _NO_MEMORY
+        self._event(EVENT_SYNC_ANSWERED, h.request_id, n)
+        return _SERVED
+
+    cdef bint _tell_homes(self, Py_ssize_t n, const uint32_t* counters) noexcept nogil:
+        """Relocation._tell_homes: this node owns the keys now, as of `counters`; its own
+        home keys' records are written here (newer counters only), the other homes get
+        one OWNER_UPDATE each, in node order."""
+        cdef Py_ssize_t i, at, j
+        cdef uint64_t key, home, slot, d
+        cdef uint64_t counts[65]
+        cdef header_t h
+        cdef zmq_msg_t frame
+        cdef char* p
+        cdef uint32_t* order = self._answers(n)  # free in a MOVE's scratch
+        if self.num_nodes > 64:
+            return False
+        for d in range(self.num_nodes + 1):
+            counts[d] = 0
+        for i in range(n):
+            counts[self.keys_buf[i] % self.num_nodes] += 1
+        at = 0
+        for d in range(self.num_nodes + 1):
+            counts[d], at = at, at + counts[d]
+        for i in range(n):
+            home = self.keys_buf[i] % self.num_nodes
+            order[counts[home]] = <uint32_t>i
+            counts[home] += 1
+        at = 0
+        while at < n:
+            home = self.keys_buf[order[at]] % self.num_nodes
+            j = at
+            while j < n and self.keys_buf[order[j]] % self.num_nodes == home:
+                j += 1
+            if home == self.node:
+                for i in range(at, j):
+                    key = self.keys_buf[order[i]]
+                    slot = key // self.num_nodes
+                    if counters[order[i]] > self.home_counter[slot]:
+                        self.home_owner[slot] = self.node
+                        self.home_counter[slot] = counters[order[i]]
+            elif self.peers[home] != NULL:
+                h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_OWNER_UPDATE
+                h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
+                h.request_id, h.count, h.arg0, h.arg1 = 0, 0, self.node, 0
+                h.token = self.token
+                self._send_on(self.peers[home], <const char*>&h, WIRE_HEADER_BYTES, True)
+                if self.msg_init_size(&frame, (j - at) * 8) != 0:
+                    return False
+                p = <char*>self.msg_data(&frame)
+                for i in range(at, j):
+                    memcpy(p + 8 * (i - at), &self.keys_buf[order[i]], 8)
+                self._send_frame(self.peers[home], &frame, True)
+                if self.msg_init_size(&frame, (j - at) * 4) != 0:
+                    return False
+                p = <char*>self.msg_data(&frame)
+                for i in range(at, j):
+                    memcpy(p + 4 * (i - at), &counters[order[i]], 4)
+                self._send_frame(self.peers[home], &frame, False)
+                self.bytes_sent += WIRE_HEADER_BYTES + (j - at) * 12
+            else:
+                return False
+            at = j
+        return True
 
     cdef bint _relocates(self, uint64_t key, uint64_t holder) noexcept nogil:
         """Manager.relocate_mask for one requested key: relocate it to `holder` unless a

@@ -259,3 +259,39 @@ cdef inline uint64_t _evict(Batch* batch, const char* arena, uint64_t itemsize,
         pos += e.length
     batch.failed = b.failed
     return count
+
+
+cdef inline uint64_t _install_copies(Batch* batch, real* arena, const uint64_t* synced,
+                                     const real* values, const uint32_t* versions,
+                                     uint16_t owner) noexcept nogil:
+    """Keys arriving by relocation that this node holds as copies become OWNED in place,
+    each under its lock: a REPLICA's value = the arriving value + the updates made here
+    since its last sync (value - synced), a PENDING one's = the arriving value (it was
+    never written); owner cached as `owner`, version = the old owner's + 1 (as admit
+    gives it). Keys in another state are left alone. Returns the number installed."""
+    cdef Batch b = batch[0]
+    cdef uint64_t j, pos = 0, length, count = 0
+    cdef adapm_entry_t* e
+    cdef real* v
+    cdef real* sv
+    while _lock_next(&b):
+        e = b.entry
+        length = e.length
+        if e.state == ADAPM_REPLICA or e.state == ADAPM_PENDING:
+            v = arena + e.offset
+            if e.state == ADAPM_REPLICA:
+                sv = arena + synced[b.i]
+                for j in range(length):
+                    v[j] = values[pos + j] + (v[j] - sv[j])
+            else:
+                memcpy(v, values + pos, length * sizeof(real))
+            e.state = ADAPM_OWNED
+            e.owner = owner
+            e.version = versions[b.i] + 1
+            count += 1
+            _unlock_held(&b, True)
+        else:
+            _unlock_held(&b, False)
+        pos += length
+    batch.failed = b.failed
+    return count

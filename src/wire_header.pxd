@@ -34,6 +34,7 @@ cdef enum:
     WIRE_FWD_APPLY = 40
     WIRE_MOVE = 36
     WIRE_MOVE_FOR_ROUND = 1           # MOVE's purpose: the answer to a sync's request
+    WIRE_OWNER_UPDATE = 37
     WIRE_SYNC = 38
     WIRE_SYNC_REPLY = 39
     WIRE_SYNC_KEEP = 1                # SYNC's per-key flags

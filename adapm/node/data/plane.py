@@ -41,7 +41,7 @@ class DataPlane:
         self._rounds = self._manager = None
         self._events = {}
         self._seen = {"bytes_received": 0, "bytes_sent": 0, "served": 0, "unroutable": 0,
-                      "replicas_made": 0, "owner_changes": 0}
+                      "replicas_made": 0, "owner_changes": 0, "relocations": 0}
         functions = libzmq.functions() if compiled and sys.byteorder == "little" and \
             sys.platform.startswith("linux") else None
         if functions is not None:
@@ -54,13 +54,14 @@ class DataPlane:
                   "compiled" if self.compiled is not None else "Python")
 
     def serve_rounds(self, rounds, manager, ownership, free_slots):
-        """Let the compiled plane answer sync rounds and send them, on the node's round
-        state: rounds (Rounds: its replicas, holders, arrival stamps and round; its
-        progress(keys, round) takes the plane's sync_answered events), manager (Manager:
+        """Let the compiled plane answer sync rounds, send them and install the keys
+        they bring, on the node's round state: rounds (Rounds: its replicas, holders,
+        arrival stamps and round; its progress(keys, round) takes the plane's
+        sync_answered events, its answer_waiters the moved_in ones), manager (Manager:
         its mode, intent counts and retention decide requests, as relocate_mask does),
-        ownership (its counters go with relocated keys), free_slots(offsets, lengths)
-        (the slot allocator's free: the slots of keys the plane relocated). Only with
-        compiled key sets (the plane changes the pending set itself)."""
+        ownership (its counters go with relocated keys and come with arriving ones; its
+        home records), free_slots(offsets, lengths) (the slot allocator's free: the
+        slots the plane gave up). Only with compiled key sets (the plane changes them)."""
         self._on_sync_answered = rounds.progress
         self._free_slots = free_slots
         self._rounds, self._manager = rounds, manager
@@ -76,6 +77,8 @@ class DataPlane:
             None if retention is None else retention.level,
             [] if retention is None else list(retention.SECONDS), rounds.arrived_round,
             ownership.counter, SETTLE_ROUNDS)
+        self.compiled.serve_arrivals(replicas.held, ownership.home_owner,
+                                     ownership.home_counter)
 
     def send_round(self, round_id, keys, kinds):
         """Send a round's SYNCs from compiled code (Plane.send_round): returns (keys with a
@@ -147,6 +150,8 @@ class DataPlane:
         for kind, round_id, count in self.compiled.take_events():
             if kind == self._events["sync_answered"]:
                 self._on_sync_answered(count, round_id)
+            elif kind == self._events["moved_in"]:  # the keys a localize waited for
+                self._rounds.answer_waiters()
             else:
                 raise RuntimeError(f"node {self.ctx.node}: data plane event {kind}")
 
@@ -155,7 +160,8 @@ class DataPlane:
         for name, counter in (("bytes_received", "bytes_received"),
                               ("bytes_sent", "bytes_sent"), ("served", "plane_served"),
                               ("replicas_made", "replicas_made"),
-                              ("owner_changes", "owner_changes")):
+                              ("owner_changes", "owner_changes"),
+                              ("relocations", "relocations")):
             now = getattr(plane, name)
             if now != self._seen[name]:
                 self._count(counter, now - self._seen[name])

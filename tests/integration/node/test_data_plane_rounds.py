@@ -82,6 +82,8 @@ class RoundState:
         self.pending = CompiledKeySet(NUM_KEYS, self.flags, 1)
         self.pending.add(PENDING_KEYS)
         self.moving_in = CompiledKeySet(NUM_KEYS, self.flags, 2)
+        self.held = CompiledKeySet(NUM_KEYS, self.flags, 3)
+        self.held.add(held)
         # The location cache: odd keys at node 0 or 2, or (on their way here) node 1.
         odd = np.arange(1, NUM_KEYS, 2, dtype=np.uint64)
         self.table.set_owners(odd, rng.choice([0, 2, 2, NODE], odd.shape[0]))
@@ -661,3 +663,111 @@ def test_plane_answers_requests_as_the_manager_decides(rig, make_table, mode):
         assert relocated > 10
     if mode != "relocate_only":
         assert replicated > 10
+
+
+HOMES = len(range(NODE, NUM_KEYS, NUM_NODES))
+
+
+def key_values(table, keys):
+    """Each key's value where its slot is (any state), flat."""
+    directory = table.view._directory_array()
+    offsets = directory["offset"][keys.astype(np.intp)].astype(np.uint64)
+    return table.view.read_slots(offsets, table.lengths(keys))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plane_installs_keys_moved_for_its_round_as_python_does(rig, seed):
+    """A MOVE answering a round, of keys held here as copies: each becomes OWNED with
+    the arriving value plus the updates made here since its last sync (a replica) or
+    the arriving value (a pending copy), version + 1, owner this node; it leaves the
+    copies' sets; counters, arrival stamps and home records are written; the other
+    homes get OWNER_UPDATEs; the "value at last sync" slots go back; the round's keys
+    are answered (events). Relocation.on_move's semantics; a localize's MOVE, a key
+    not held as a copy, a key twice: handed over whole."""
+    plane, state, router, senders, inboxes = rig
+    policy = Policy("adaptive", seed=seed)
+    policy.install(plane)
+    home_owner = np.full(HOMES, NODE, dtype=np.uint16)
+    home_counter = np.random.default_rng(seed).integers(0, 4, HOMES).astype(np.uint32)
+    plane.serve_arrivals(state.held, home_owner, home_counter)
+    rng = np.random.default_rng(seed + 10)
+    # workers wrote some replicas here since their last sync
+    written = REPLICA_KEYS[rng.random(REPLICA_KEYS.shape[0]) < 0.5]
+    state.table.view.update(written, np.full(written.shape[0] * DIM, 0.25, np.float32),
+                            np.empty(written.shape[0], np.uint64), True, False)
+    state.moving_in.add(np.union1d(REPLICA_KEYS, PENDING_KEYS)[:3])
+    installed = handed = 0
+    for step in range(1000):
+        held = state.held.keys()
+        if held.shape[0] == 0:
+            break
+        src = int(rng.choice(PEERS))
+        n = int(rng.integers(1, min(5, held.shape[0]) + 1))
+        keys = rng.permutation(rng.choice(held, n, replace=False))
+        purpose = MOVE_FOR_ROUND
+        wrong = (step % 10) / 10 if step < 30 else 1.0  # a wrong one of each kind first
+        if wrong < 0.1:
+            purpose = 0                               # a localize's MOVE
+        elif wrong < 0.2:
+            keys = np.append(keys, OWNED_KEYS[:1])    # a key owned here already
+        elif wrong < 0.3:
+            keys = np.append(keys, keys[:1])          # a key twice
+        n = keys.shape[0]
+        values = rng.standard_normal(n * DIM).astype(np.float32)
+        counters = rng.integers(0, 6, n).astype(np.uint32)
+        versions = rng.integers(0, 100, n).astype(np.uint32)
+        msg = protocol.Move(request_id=int(rng.integers(1, 1 << 30)), purpose=purpose,
+                            keys=keys, values=values, counters=counters, versions=versions)
+        msg.src_node, msg.token = src, TOKEN
+        body = [bytes(f) for f in msg.encode()]
+        states = state.table.states(keys)
+        synced = state.synced[keys.astype(np.intp)].astype(np.uint64)
+        expected = values + np.where(np.repeat(states == REPLICA, DIM),
+                                     key_values(state.table, keys) -
+                                     state.table.view.read_slots(synced, state.table.lengths(keys)),
+                                     0)
+        moving_before = bool(state.moving_in)
+        senders[f"n{src}"].send_multipart(body)
+        assert router.poll(5000)
+        taken, frames = plane.drain(1)
+        events = plane.take_events()
+        if wrong < 0.3:
+            handed += 1
+            assert frames == [node_identity(src, TOKEN), *body] and events == []
+            assert np.array_equal(state.table.states(keys), states)
+            continue
+        installed += n
+        assert frames is None
+        assert (state.table.states(keys) == OWNED).all()
+        assert np.array_equal(key_values(state.table, keys), expected)
+        got_versions = np.empty(n, np.uint32)
+        state.table.view.versions_of(keys, got_versions)
+        assert np.array_equal(got_versions, versions + 1)
+        owners = np.empty(n, np.uint16)
+        state.table.view.owners_of(keys, owners)
+        assert (owners == NODE).all()
+        for keyset in (state.held, state.pending, state.moving_in):
+            assert not keyset.contains(keys).any()
+        assert np.array_equal(policy.counter[keys.astype(np.intp)], counters)
+        assert (policy.rounds.arrived_round[keys.astype(np.intp)] == Policy.ROUND + 1).all()
+        offsets, lengths = plane.take_freed()
+        assert np.array_equal(offsets, synced) and (lengths == DIM).all()
+        mine = keys % NUM_NODES == NODE
+        slots = (keys[mine] // NUM_NODES).astype(np.intp)
+        assert (home_counter[slots] >= counters[mine]).all()
+        assert (home_owner[slots][home_counter[slots] == counters[mine]] == NODE).all()
+        for home in PEERS:  # one OWNER_UPDATE per other home, its keys in the MOVE's order
+            part = keys % NUM_NODES == home
+            if part.any():
+                update = protocol.OwnerUpdate(owner=NODE, keys=keys[part],
+                                              counters=counters[part])
+                update.src_node, update.token = NODE, TOKEN
+                assert inboxes[home].poll(5000)
+                assert inboxes[home].recv_multipart() == \
+                    [node_identity(NODE, TOKEN), *[bytes(f) for f in update.encode()]]
+            assert not inboxes[home].poll(0)
+        moved_in = [(2, 0, 0)] if moving_before and not state.moving_in else []
+        assert events == moved_in + [(1, msg.request_id, n)]
+    assert installed > 10 and handed >= 3  # each wrong kind at least once
+    assert plane.relocations == installed

@@ -46,6 +46,7 @@ def test_codes_match_protocol():
         "WIRE_SET": MsgType.SET, "WIRE_APPLY": MsgType.APPLY, "WIRE_FWD_SET": MsgType.FWD_SET,
         "WIRE_FWD_APPLY": MsgType.FWD_APPLY, "WIRE_PARAMS_COUNT": protocol.PARAMS_COUNT,
         "WIRE_SYNC": MsgType.SYNC, "WIRE_MOVE": MsgType.MOVE,
+        "WIRE_OWNER_UPDATE": MsgType.OWNER_UPDATE,
         "WIRE_MOVE_FOR_ROUND": protocol.MOVE_FOR_ROUND, "WIRE_SYNC_REPLY": MsgType.SYNC_REPLY,
         "WIRE_SYNC_KEEP": protocol.SYNC_KEEP, "WIRE_SYNC_DROP": protocol.SYNC_DROP,
         "WIRE_HAS_DELTA": protocol.HAS_DELTA, "WIRE_REPLY_VALUE": protocol.REPLY_VALUE,
