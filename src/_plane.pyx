@@ -193,7 +193,8 @@ cdef class Plane:
     cdef uint32_t* home_counter     #   this node's home keys, by key // num_nodes
     cdef object arrival_state
     cdef uint64_t* freed            # slots given up by relocations: (offset, length)
-    cdef size_t nfreed, freed_cap
+    cdef readonly size_t nfreed     # slots waiting in `freed` (take_freed)
+    cdef size_t freed_cap
     cdef Event events[MAX_EVENTS]
     cdef int nevents
     cdef readonly bint events_full  # the last drain stopped to have its events taken
@@ -799,7 +800,6 @@ cdef class Plane:
         cdef Batch b
         cdef bint any_nonzero
         cdef uint32_t nowhere = self.num_nodes
-        cdef uint64_t counts[65]
         if not _grow(<void**>&self.per_key_buf, &self.per_key_cap, <size_t>n * PER_KEY + 8) or \
                 not self._reserve_keys(n) or not self._reserve_misses(n) or \
                 not _grow(<void**>&self.out_buf, &self.out_cap, <size_t>n * 8 + 8):
@@ -842,18 +842,9 @@ cdef class Plane:
             if any_nonzero:
                 dirty[ndirty[0]] = keys[i]
                 ndirty[0] += 1
-        # Grouped by destination, in node order, each group in key order (a counting sort;
-        # can_send_rounds: at most 64 nodes).
-        for d in range(self.num_nodes + 1):
-            counts[d] = 0
-        for i in range(n):
-            counts[dest[i]] += 1
-        at = 0
-        for d in range(self.num_nodes + 1):
-            counts[d], at = at, at + counts[d]
-        for i in range(n):
-            self.misses_buf[counts[dest[i]]] = i
-            counts[dest[i]] += 1
+        # Grouped by destination, in node order, each group in key order (can_send_rounds:
+        # at most 64 nodes, and `nowhere`).
+        self._group(dest, n, self.num_nodes + 1, self.misses_buf)
         sent[0] = 0
         at = 0
         while at < n:
@@ -876,7 +867,6 @@ cdef class Plane:
         """One SYNC to `node` of the keys at misses_buf[first:last] (indices into keys,
         per-key scratch of a round of n keys): keys, the deltas of those with HAS_DELTA,
         flags, versions. False when a frame could not be allocated (the node fails)."""
-        cdef header_t h
         cdef void* sock = self.peers[node]
         cdef Py_ssize_t m = last - first, i, idx
         cdef uint64_t nbytes = 0, length
@@ -884,21 +874,15 @@ cdef class Plane:
         cdef uint32_t* versions = self._versions(n)
         cdef zmq_msg_t frame
         cdef char* p
-        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_SYNC
-        h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
-        h.request_id, h.count, h.arg0, h.arg1 = round_id, 0, self.node, 0
-        h.token = self.token
+        cdef header_t h = self._header(WIRE_SYNC, 0, round_id, 0, self.node, 0)
         for i in range(m):
             idx = self.misses_buf[first + i]
             if flags[idx] & WIRE_HAS_DELTA:
                 nbytes += self.directory[keys[idx]].length * self.itemsize
         self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
-        if self.msg_init_size(&frame, m * 8) != 0:
+        if not self._send_gathered(sock, <const char*>keys, 8, self.misses_buf, first, last,
+                                   True):
             return False
-        p = <char*>self.msg_data(&frame)
-        for i in range(m):
-            memcpy(p + 8 * i, &keys[self.misses_buf[first + i]], 8)
-        self._send_frame(sock, &frame, True)
         if self.msg_init_size(&frame, nbytes) != 0:
             return False
         p = <char*>self.msg_data(&frame)
@@ -909,19 +893,56 @@ cdef class Plane:
                 memcpy(p, self.values_buf + starts[idx] * self.itemsize, length)
                 p += length
         self._send_frame(sock, &frame, True)
-        if self.msg_init_size(&frame, m * 4) != 0:
+        if not self._send_gathered(sock, <const char*>flags, 4, self.misses_buf, first, last,
+                                   True) or \
+                not self._send_gathered(sock, <const char*>versions, 4, self.misses_buf, first,
+                                        last, False):
             return False
-        p = <char*>self.msg_data(&frame)
-        for i in range(m):
-            memcpy(p + 4 * i, &flags[self.misses_buf[first + i]], 4)
-        self._send_frame(sock, &frame, True)
-        if self.msg_init_size(&frame, m * 4) != 0:
-            return False
-        p = <char*>self.msg_data(&frame)
-        for i in range(m):
-            memcpy(p + 4 * i, &versions[self.misses_buf[first + i]], 4)
-        self._send_frame(sock, &frame, False)
         self.bytes_sent += WIRE_HEADER_BYTES + m * 16 + nbytes
+        return True
+
+    cdef header_t _header(self, uint8_t mtype, uint16_t flags, uint64_t request_id,
+                          uint64_t count, int64_t arg0, int64_t arg1) noexcept nogil:
+        """The header of a message this node server sends (protocol.Message.encode's)."""
+        cdef header_t h
+        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, mtype
+        h.src_node, h.flags, h.src_worker = self.node, flags, WIRE_SERVER
+        h.request_id, h.count, h.arg0, h.arg1 = request_id, count, arg0, arg1
+        h.token = self.token
+        return h
+
+    cdef void _group(self, const uint32_t* group, Py_ssize_t n, uint32_t groups,
+                     uint64_t* order) noexcept nogil:
+        """order = the indices 0..n-1 grouped by group[i] (< groups <= 65), groups in
+        ascending order, indices ascending within each (a counting sort)."""
+        cdef uint64_t counts[65]
+        cdef uint64_t at = 0
+        cdef uint32_t g
+        cdef Py_ssize_t i
+        for g in range(groups):
+            counts[g] = 0
+        for i in range(n):
+            counts[group[i]] += 1
+        for g in range(groups):
+            counts[g], at = at, at + counts[g]
+        for i in range(n):
+            order[counts[group[i]]] = i
+            counts[group[i]] += 1
+
+    cdef bint _send_gathered(self, void* sock, const char* base, size_t width,
+                             const uint64_t* order, Py_ssize_t first, Py_ssize_t last,
+                             bint more) noexcept nogil:
+        """One frame of the `width`-byte items base[order[first]] .. base[order[last -
+        1]]; False when it could not be allocated."""
+        cdef zmq_msg_t frame
+        cdef char* p
+        cdef Py_ssize_t i
+        if self.msg_init_size(&frame, (last - first) * width) != 0:
+            return False
+        p = <char*>self.msg_data(&frame)
+        for i in range(first, last):
+            memcpy(p + (i - first) * width, base + order[i] * width, width)
+        self._send_frame(sock, &frame, more)
         return True
 
     cdef void _send_frame(self, void* sock, zmq_msg_t* frame, bint more) noexcept nogil:
@@ -1163,30 +1184,21 @@ cdef class Plane:
         home keys' records are written here (newer counters only), the other homes get
         one OWNER_UPDATE each, in node order."""
         cdef Py_ssize_t i, at, j
-        cdef uint64_t key, home, slot, d
-        cdef uint64_t counts[65]
+        cdef uint64_t key, slot
+        cdef uint32_t home
         cdef header_t h
-        cdef zmq_msg_t frame
-        cdef char* p
-        cdef uint32_t* order = self._answers(n)  # free in a MOVE's scratch
+        cdef uint32_t* homes = self._answers(n)  # free in a MOVE's scratch, as misses_buf
+        cdef uint64_t* order = self.misses_buf   # (only _distinct's check used it)
         if self.num_nodes > 64:
             return False
-        for d in range(self.num_nodes + 1):
-            counts[d] = 0
         for i in range(n):
-            counts[self.keys_buf[i] % self.num_nodes] += 1
-        at = 0
-        for d in range(self.num_nodes + 1):
-            counts[d], at = at, at + counts[d]
-        for i in range(n):
-            home = self.keys_buf[i] % self.num_nodes
-            order[counts[home]] = <uint32_t>i
-            counts[home] += 1
+            homes[i] = self.keys_buf[i] % self.num_nodes
+        self._group(homes, n, self.num_nodes, order)
         at = 0
         while at < n:
-            home = self.keys_buf[order[at]] % self.num_nodes
+            home = homes[order[at]]
             j = at
-            while j < n and self.keys_buf[order[j]] % self.num_nodes == home:
+            while j < n and homes[order[j]] == home:
                 j += 1
             if home == self.node:
                 for i in range(at, j):
@@ -1196,23 +1208,13 @@ cdef class Plane:
                         self.home_owner[slot] = self.node
                         self.home_counter[slot] = counters[order[i]]
             elif self.peers[home] != NULL:
-                h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_OWNER_UPDATE
-                h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
-                h.request_id, h.count, h.arg0, h.arg1 = 0, 0, self.node, 0
-                h.token = self.token
+                h = self._header(WIRE_OWNER_UPDATE, 0, 0, 0, self.node, 0)
                 self._send_on(self.peers[home], <const char*>&h, WIRE_HEADER_BYTES, True)
-                if self.msg_init_size(&frame, (j - at) * 8) != 0:
+                if not self._send_gathered(self.peers[home], <const char*>self.keys_buf, 8,
+                                           order, at, j, True) or \
+                        not self._send_gathered(self.peers[home], <const char*>counters, 4,
+                                                order, at, j, False):
                     return False
-                p = <char*>self.msg_data(&frame)
-                for i in range(at, j):
-                    memcpy(p + 8 * (i - at), &self.keys_buf[order[i]], 8)
-                self._send_frame(self.peers[home], &frame, True)
-                if self.msg_init_size(&frame, (j - at) * 4) != 0:
-                    return False
-                p = <char*>self.msg_data(&frame)
-                for i in range(at, j):
-                    memcpy(p + 4 * (i - at), &counters[order[i]], 4)
-                self._send_frame(self.peers[home], &frame, False)
                 self.bytes_sent += WIRE_HEADER_BYTES + (j - at) * 12
             else:
                 return False
@@ -1314,11 +1316,7 @@ cdef class Plane:
         if b.failed >= 0:
             fault_key[0] = keys[b.failed]
             return False
-        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_MOVE
-        h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
-        h.request_id, h.count, h.arg0, h.arg1 = self.msg.header.request_id, 0, 0, \
-            WIRE_MOVE_FOR_ROUND
-        h.token = self.token
+        h = self._header(WIRE_MOVE, 0, self.msg.header.request_id, 0, 0, WIRE_MOVE_FOR_ROUND)
         self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
         self._send_on(sock, <const char*>keys, m * 8, True)
         self._send_on(sock, self.move_buf, nbytes, True)
@@ -1352,12 +1350,8 @@ cdef class Plane:
         """A SYNC_REPLY to node `holder` through this node's DEALER to it: the n keys
         answered (keys_buf), values, answers, versions (per-key scratch of a sync of
         `layout` keys)."""
-        cdef header_t h
         cdef void* sock = self.peers[holder]
-        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, WIRE_SYNC_REPLY
-        h.src_node, h.flags, h.src_worker = self.node, 0, WIRE_SERVER
-        h.request_id, h.count, h.arg0, h.arg1 = self.msg.header.request_id, 0, 0, 0
-        h.token = self.token
+        cdef header_t h = self._header(WIRE_SYNC_REPLY, 0, self.msg.header.request_id, 0, 0, 0)
         # A DEALER queues (or blocks at its high-water mark, as pyzmq's send does): the
         # frames of one message go out together or, on a closed socket, not at all.
         self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
@@ -1493,12 +1487,8 @@ cdef class Plane:
                      zmq_msg_t* values) noexcept nogil:
         """Send a reply of `mtype` to routing identity `to`: header, then for a
         PULL_REPLY the positions and the values frame (handed to libzmq, not copied)."""
-        cdef header_t h
         cdef bint more = mtype == WIRE_PULL_REPLY
-        h.magic, h.version, h.type = WIRE_MAGIC, WIRE_VERSION, mtype
-        h.src_node, h.flags, h.src_worker = self.node, flags, WIRE_SERVER
-        h.request_id, h.count, h.arg0, h.arg1 = self.msg.header.request_id, count, 0, 0
-        h.token = self.token
+        cdef header_t h = self._header(mtype, flags, self.msg.header.request_id, count, 0, 0)
         if not self._send_copy(to, to_len, True) or \
                 not self._send_copy(<const char*>&h, WIRE_HEADER_BYTES, more):
             if values != NULL:  # ROUTER_MANDATORY: that worker is gone (logged by Python)

@@ -17,6 +17,7 @@ class Plane:
     replicas_made: int
     owner_changes: int
     relocations: int
+    nfreed: int
     def __init__(self, functions: dict, socket: int, view: object, table: dict, node: int,
                  num_nodes: int, num_workers: int, workers_per_node: int) -> None: ...
     def admit(self, token: int, worker_ids: list, node_ids: list,

@@ -36,7 +36,6 @@ class DataPlane:
         self.router = router
         self._count = count
         self.compiled = None
-        self._on_sync_answered = None
         self._free_slots = None
         self._rounds = self._manager = None
         self._events = {}
@@ -62,7 +61,6 @@ class DataPlane:
         ownership (its counters go with relocated keys and come with arriving ones; its
         home records), free_slots(offsets, lengths) (the slot allocator's free: the
         slots the plane gave up). Only with compiled key sets (the plane changes them)."""
-        self._on_sync_answered = rounds.progress
         self._free_slots = free_slots
         self._rounds, self._manager = rounds, manager
         replicas = rounds.replicas
@@ -144,12 +142,11 @@ class DataPlane:
         self.compiled.set_clock(now, self._rounds.round)
 
     def _report_events(self):
-        offsets, lengths = self.compiled.take_freed()
-        if offsets.shape[0]:
-            self._free_slots(offsets, lengths)
+        if self.compiled.nfreed:
+            self._free_slots(*self.compiled.take_freed())
         for kind, round_id, count in self.compiled.take_events():
             if kind == self._events["sync_answered"]:
-                self._on_sync_answered(count, round_id)
+                self._rounds.progress(count, round_id)
             elif kind == self._events["moved_in"]:  # the keys a localize waited for
                 self._rounds.answer_waiters()
             else:
