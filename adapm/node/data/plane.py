@@ -9,7 +9,8 @@ keys not owned here, relocations, requests for keys, drops, forwarded syncs, any
 malformed) goes to `handle` (the node server's Python dispatch) in arrival order. Once
 `serve_rounds` gave it the rounds' per-key state, the compiled plane also answers the
 steady state of sync rounds; what it did for a round comes back as events, which go to
-the rounds part (`on_sync_answered`) before any later message is handled.
+the rounds part (`Rounds.progress`, `answer_waiters`) before any later message is
+handled.
 
 ADAPM_DATA_PLANE=python (adapm.common.config) reads every message in Python instead:
 the reference the compiled plane is tested against, and a way around it."""
