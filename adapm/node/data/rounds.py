@@ -117,7 +117,6 @@ class Rounds:
         self.round_is_full = False   # the round in flight syncs every replica
         self.round_asks = False      # ... asks owners for keys (its time is a reaction)
         self.refreshed_at = 0.0      # when a round last synced every replica
-        # Per key: round + 1 when it last arrived here by relocation (0: never).
         # Per key, the round it arrived here by relocation (_stamp: 0 is never), 4 bytes
         # per key; only recent arrivals matter.
         self.arrived_round = np.zeros(ctx.num_keys, dtype=np.uint32)

@@ -14,23 +14,32 @@ pytestmark = pytest.mark.timeout(180)
 TINY = dict(rows=3000, cols=300, train=60_000, test=6_000, rank=8, noise=0.1, epochs=3,
             batch=128, lr=0.1, reg=0.01, lookahead=None, seed=3)
 # Same seed, same data and initial values: what differs between cluster shapes is the
-# order in which workers' updates meet (and replicas' staleness). Measured over 8 runs of
-# 2 nodes and of 1 node x 2 workers: from 2.1% better to 0.9% worse than 1 node x 1
-# worker; the test allows 5%. (On a 5x smaller matrix, whose hottest row held 18% of the
-# cells, the row partition made 2 workers 3-7% worse, on one node as on two.)
+# order in which workers' updates meet (and replicas' staleness), and that order changes
+# from run to run. Measured at b516a14 (RMSE after training; 1 node x 1 worker: 0.4565):
+# 1 node x 2 workers 0.448-0.469 and 2 nodes x 1 worker static 0.443-0.471 (no replica
+# anywhere), 2 x 1 adaptive 0.440-0.485 over 30 runs (mean 0.463, sd 0.010). One run of
+# the asynchronous cluster is one draw of that spread: compared alone, 1 in 15 was more than
+# 5% worse than one node. The claim is about the cluster, not one draw: the mean of three
+# runs (sd about 0.006) must be within 5% of one node.
 TOLERANCE = 0.05
+TWO_NODE_RUNS = 3
 
 
 def test_training_improves_rmse_and_two_nodes_match_one():
     one = mf.run(TINY, nodes=1, workers_per_node=1)
     assert one["rmse_after"] < 0.8 * one["rmse_before"], one
-    two = mf.run(TINY, nodes=2, workers_per_node=1, mode="adaptive")
-    assert two["rmse_before"] == pytest.approx(one["rmse_before"])  # same initial model
-    assert abs(two["rmse_after"] - one["rmse_after"]) <= TOLERANCE * one["rmse_after"]
     trained = len(mf.load_matrix(TINY).train[2])  # --valid-fraction (5%) held out
     assert 0.94 * 60_000 < trained < 0.96 * 60_000
-    assert two["workers"] == 2 and two["points"] == 3 * trained
-    assert two["local_share"] > 0.9  # intents made the keys local
+    runs = [mf.run(TINY, nodes=2, workers_per_node=1, mode="adaptive")
+            for _ in range(TWO_NODE_RUNS)]
+    for two in runs:
+        assert two["rmse_before"] == pytest.approx(one["rmse_before"])  # same initial model
+        assert two["rmse_after"] < 0.8 * two["rmse_before"], two
+        assert two["workers"] == 2 and two["points"] == 3 * trained
+        assert two["local_share"] > 0.9  # intents made the keys local
+    mean = np.mean([two["rmse_after"] for two in runs])
+    assert abs(mean - one["rmse_after"]) <= TOLERANCE * one["rmse_after"], \
+        ([two["rmse_after"] for two in runs], one["rmse_after"])
 
 
 def test_plain_numpy_loop_is_the_same_sgd():
