@@ -8,9 +8,17 @@ compacted as intents leave); per key, how many unexpired intents name it, kept c
 intents come and go (no deferred counting)."""
 
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memmove, memset
+
+from retention cimport (
+    RETAIN_LEVELS_MAX,
+    retention_keeps,
+    retention_requested,
+    retention_t,
+    retention_used,
+)
 
 import numpy as np
 
@@ -191,14 +199,9 @@ cdef class CompiledIntentStore:
         if not 0 <= worker < <Py_ssize_t>self.num_workers:
             raise IndexError(f"no worker {worker}")
         cdef Queue* q = &self.queues[worker]
-        cdef size_t i, first = q.next_due, last = q.next_due, total = 0, count = 0, at = 0
+        cdef size_t i, first = q.next_due, total = 0, count = 0, at = 0
+        cdef size_t last = _due_end(q, horizon, &total, &count)
         cdef Record* r
-        while last < q.size and q.records[last].start < horizon:
-            r = &q.records[last]
-            if not r.acted and not r.expired:
-                total += r.n
-                count += 1
-            last += 1
         cdef cnp.ndarray keys = np.empty(total, dtype=np.uint64)
         cdef cnp.ndarray starts = np.empty(count, dtype=np.int64)
         cdef cnp.ndarray lengths = np.empty(count, dtype=np.int64)
@@ -217,6 +220,118 @@ cdef class CompiledIntentStore:
                 count += 1
         q.next_due = last
         return keys, starts, lengths
+
+    def plan_round(self, clocks, horizons, states, replicas, retention, double now,
+                   bint acts, bint keep_all):
+        """Manager.plan's round in one call, the same plan: every worker's intents that
+        start before its horizon are acted on (marked); their keys whose `states` byte is
+        0 (not held) are requested. `clocks`, `horizons`: int64 per worker; `states`: a
+        uint8 per key (any stride; the table's state bytes); `replicas`: the replicas a
+        round syncs (uint64); `retention`: None or Retention's (last_used, let_go, level,
+        SECONDS), learned from in place at `now` (seconds on its base); `acts`: the mode
+        acts on intents; `keep_all`: replicate_all (every replica kept).
+        Returns (requests sorted and distinct, keep, drop, late, due keys, retained)."""
+        cdef cnp.ndarray c = np.ascontiguousarray(clocks, dtype=np.int64)
+        cdef cnp.ndarray h = np.ascontiguousarray(horizons, dtype=np.int64)
+        cdef cnp.ndarray reps = np.ascontiguousarray(replicas, dtype=np.uint64)
+        if c.shape[0] < <Py_ssize_t>self.num_workers or h.shape[0] < c.shape[0]:
+            raise ValueError("a clock and a horizon per worker")
+        if states.dtype.itemsize != 1 or states.ndim != 1 or \
+                states.shape[0] != <Py_ssize_t>self.num_keys:
+            raise ValueError("a state byte per key")
+        cdef retention_t ret
+        cdef retention_t* rp = _retention_of(retention, self.num_keys, &ret)
+        cdef const uint8_t* st = <const uint8_t*><uintptr_t>states.ctypes.data
+        cdef Py_ssize_t stride = states.strides[0], n = reps.shape[0], i
+        cdef const uint64_t* rk = <const uint64_t*>cnp.PyArray_DATA(reps)
+        for i in range(n):
+            if rk[i] >= self.num_keys:
+                raise IndexError(f"replica key {rk[i]} of {self.num_keys}")
+        cdef _Due due
+        cdef uint64_t* rq
+        memset(&due, 0, sizeof(_Due))
+        try:
+            if acts and not self._take_due(&due, <const int64_t*>cnp.PyArray_DATA(c),
+                                           <const int64_t*>cnp.PyArray_DATA(h), st, stride):
+                raise MemoryError()
+            requests = np.empty(due.nrequests, dtype=np.uint64)
+            rq = <uint64_t*>cnp.PyArray_DATA(requests)
+            due.nrequests = _sorted_distinct(due.requests, due.nrequests, rq)
+            if rp != NULL:
+                with nogil:  # requested first: requested keys are among the due ones
+                    for i in range(<Py_ssize_t>due.nrequests):
+                        retention_requested(rp, rq[i], now)
+                    for i in range(<Py_ssize_t>due.nkeys):
+                        retention_used(rp, due.keys[i], now)
+            keep = np.empty(n, dtype=np.uint64)
+            drop = np.empty(n, dtype=np.uint64)
+            kept, retained = self._split_replicas(
+                rk, n, rp, now, keep_all, <uint64_t*>cnp.PyArray_DATA(keep),
+                <uint64_t*>cnp.PyArray_DATA(drop))
+            return (requests[:due.nrequests], keep[:kept], drop[:n - kept], due.late,
+                    due.nkeys, retained)
+        finally:
+            free(due.keys)
+            free(due.requests)
+
+    cdef bint _take_due(self, _Due* due, const int64_t* clocks, const int64_t* horizons,
+                        const uint8_t* states, Py_ssize_t stride) noexcept nogil:
+        """Every worker's due intents marked acted on, their keys into due.keys, the
+        unheld ones into due.requests (late: of an intent started by the worker's clock);
+        False: out of memory (nothing is marked then)."""
+        cdef size_t w, i, j, last, total = 0, count = 0
+        cdef Queue* q
+        cdef Record* r
+        cdef uint64_t key
+        for w in range(self.num_workers):
+            _due_end(&self.queues[w], horizons[w], &total, &count)
+        due.keys = <uint64_t*>malloc((total if total else 1) * 8)
+        due.requests = <uint64_t*>malloc((total if total else 1) * 8)
+        if due.keys == NULL or due.requests == NULL:
+            return False
+        for w in range(self.num_workers):
+            q = &self.queues[w]
+            last = _due_end(q, horizons[w], &total, &count)
+            for i in range(q.next_due, last):
+                r = &q.records[i]
+                if r.acted or r.expired:
+                    continue
+                r.acted = 1
+                for j in range(r.n):
+                    key = q.keys[r.offset + j]
+                    due.keys[due.nkeys] = key
+                    due.nkeys += 1
+                    if states[<Py_ssize_t>key * stride] == 0:
+                        due.requests[due.nrequests] = key
+                        due.nrequests += 1
+                        if r.start <= clocks[w]:
+                            due.late += 1
+            q.next_due = last
+        return True
+
+    cdef tuple _split_replicas(self, const uint64_t* replicas, Py_ssize_t n,
+                               retention_t* rp, double now, bint keep_all,
+                               uint64_t* keep, uint64_t* drop):
+        """Replicas some intent names are kept (and used, with a retention); the others
+        are kept while within their retention, else dropped. (kept, retained)."""
+        cdef Py_ssize_t i, kept = 0, dropped = 0, retained = 0
+        cdef uint64_t key
+        with nogil:
+            for i in range(n):
+                key = replicas[i]
+                if keep_all or self.counts[key] > 0:
+                    if rp != NULL and not keep_all:
+                        retention_used(rp, key, now)
+                    keep[kept] = key
+                    kept += 1
+                elif rp != NULL and retention_keeps(rp, key, now):
+                    keep[kept] = key
+                    kept += 1
+                    retained += 1
+                else:
+                    drop[dropped] = key
+                    dropped += 1
+        return kept, retained
 
     def next_start(self, Py_ssize_t worker):
         """Start of this worker's first intent not acted on yet (a huge number if none)."""
@@ -257,6 +372,65 @@ cdef class CompiledIntentStore:
         for w in range(self.num_workers):
             total += self.queues[w].capacity * sizeof(Record) + self.queues[w].key_capacity * 8
         return total
+
+
+cdef struct _Due:           # a round's due intents' keys (plan_round)
+    uint64_t* keys
+    size_t nkeys
+    uint64_t* requests        # those not held (repeats until sorted and made distinct)
+    size_t nrequests
+    size_t late
+
+
+cdef size_t _due_end(Queue* q, int64_t horizon, size_t* total, size_t* count) noexcept nogil:
+    """The end of the queue's records from next_due that start before `horizon`; adds
+    the keys and the number of those not acted on nor expired to total and count."""
+    cdef size_t last = q.next_due
+    cdef Record* r
+    while last < q.size and q.records[last].start < horizon:
+        r = &q.records[last]
+        if not r.acted and not r.expired:
+            total[0] += r.n
+            count[0] += 1
+        last += 1
+    return last
+
+
+cdef int _by_key(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t*>a)[0], y = (<const uint64_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef size_t _sorted_distinct(uint64_t* keys, size_t n, uint64_t* out) noexcept nogil:
+    """`keys` sorted in place, their distinct values into `out`; how many."""
+    cdef size_t i, m = 0
+    qsort(keys, n, 8, _by_key)
+    for i in range(n):
+        if m == 0 or keys[i] != out[m - 1]:
+            out[m] = keys[i]
+            m += 1
+    return m
+
+
+cdef retention_t* _retention_of(retention, uint64_t num_keys, retention_t* r) except? NULL:
+    """`r` filled from Retention's (last_used, let_go, level, SECONDS), checked; NULL for
+    None (no retention)."""
+    if retention is None:
+        return NULL
+    last_used, let_go, level, seconds = retention
+    for a, size in ((last_used, 4), (let_go, 1), (level, 1)):
+        if not a.flags.c_contiguous or a.shape[0] != <Py_ssize_t>num_keys or \
+                a.dtype.itemsize != size or not a.flags.writeable:
+            raise ValueError("retention: a writable contiguous array of a value per key")
+    if not 0 < len(seconds) <= RETAIN_LEVELS_MAX:
+        raise ValueError("retention: its levels' seconds")
+    r.last_used = <float*><uintptr_t>last_used.ctypes.data
+    r.let_go = <uint8_t*><uintptr_t>let_go.ctypes.data
+    r.level = <uint8_t*><uintptr_t>level.ctypes.data
+    r.levels = len(seconds)
+    for i in range(r.levels):
+        r.seconds[i] = seconds[i]
+    return r
 
 
 cdef size_t _bisect_right(const Record* records, size_t size, int64_t start) noexcept nogil:

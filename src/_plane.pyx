@@ -44,6 +44,7 @@ from optimizers cimport (
     OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
     _state_length,
 )
+from retention cimport retention_t, retention_within
 from wire_header cimport (
     WIRE_ALL_POSITIONS, WIRE_APPLY, WIRE_FWD_APPLY, WIRE_FWD_PULL, WIRE_FWD_PUSH, WIRE_FWD_SET,
     WIRE_HEADER_BYTES, WIRE_MAGIC, WIRE_PARAMS_COUNT, WIRE_PULL, WIRE_PULL_REPLY, WIRE_PUSH,
@@ -176,10 +177,8 @@ cdef class Plane:
     # the owner's answer to requests (set_policy, set_clock): the manager's decision
     cdef int policy                 # POLICY_*: how requests are answered here
     cdef const int32_t* intent_counts    # per key: intents of this node's workers
-    cdef const float* last_used     # Retention: per key, seconds since its base
-    cdef const uint8_t* retain_level
-    cdef double retain_seconds[16]  # Retention.SECONDS by level
-    cdef int retain_levels
+    cdef retention_t retention      # Retention's arrays (read only here)
+    cdef bint retains               # ... given (not None)
     cdef uint32_t* arrived          # Rounds.arrived_round: per key, its stamp
     cdef uint32_t* owner_counter    # Ownership.counter
     cdef int64_t settle_rounds
@@ -379,13 +378,14 @@ cdef class Plane:
         self.intent_counts = <const int32_t*><uintptr_t>intent_counts.ctypes.data
         self.arrived = <uint32_t*><uintptr_t>arrived.ctypes.data
         self.owner_counter = <uint32_t*><uintptr_t>owner_counter.ctypes.data
-        self.last_used = NULL if last_used is None else \
-            <const float*><uintptr_t>last_used.ctypes.data
-        self.retain_level = NULL if levels is None else \
-            <const uint8_t*><uintptr_t>levels.ctypes.data
-        self.retain_levels = len(retain_seconds)
-        for i in range(self.retain_levels):
-            self.retain_seconds[i] = retain_seconds[i]
+        self.retains = last_used is not None
+        if self.retains:
+            self.retention.last_used = <float*><uintptr_t>last_used.ctypes.data
+            self.retention.level = <uint8_t*><uintptr_t>levels.ctypes.data
+            self.retention.let_go = NULL  # only the plan lets keys go
+            self.retention.levels = len(retain_seconds)
+            for i in range(self.retention.levels):
+                self.retention.seconds[i] = retain_seconds[i]
         self.settle_rounds = settle_rounds
         self.policy_state = (intent_counts, last_used, levels, arrived, owner_counter)
         self.policy = POLICIES.get(mode, POLICY_PYTHON)
@@ -1229,17 +1229,14 @@ cdef class Plane:
         cdef uint8_t bits
         cdef size_t byte
         cdef int64_t since
-        cdef float gap
         if self.policy == POLICY_RELOCATE:
             return True
         if self.policy == POLICY_REPLICATE:
             return False
         if self.intent_counts[key] > 0:
             return False
-        if self.last_used != NULL:  # float32 arithmetic, as numpy does it on those arrays
-            gap = <float>self.now - self.last_used[key]
-            if <double>gap < self.retain_seconds[self.retain_level[key]]:
-                return False
+        if self.retains and retention_within(&self.retention, key, self.now):
+            return False
         row = self.holder_bits + key * self.holder_stride
         for byte in range(self.holder_stride):
             bits = row[byte]

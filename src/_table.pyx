@@ -264,6 +264,14 @@ cdef class TableView:
         cdef uint8_t[::1] raw = <uint8_t[:self.num_keys * sizeof(adapm_entry_t)]> <uint8_t*>self.directory
         return np.asarray(raw).view(ENTRY_DTYPE)
 
+    def states_array(self):
+        """Every key's state byte (ABSENT 0 .. PENDING), a read-only strided view of the
+        directory (no copy): each read is a racy snapshot, as states_of gives, for
+        decisions that the node server alone can change (its round plan)."""
+        states = self._directory_array()["state"]
+        states.flags.writeable = False
+        return states
+
     def _arena_array(self):
         """Flat numpy view of the value arena (no copy); see _directory_array."""
         self._check_open()

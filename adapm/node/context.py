@@ -23,6 +23,7 @@ class NodeContext:
         self.ownership = ownership
         self.intents = intents
         self.key_flags = KeyFlags(spec.num_keys)  # the parts' KeySets, a bit per key each
+        self.state_bytes = self.view.states_array()  # every key's state, read in place
         self.compiled = compiled
 
     def new_key_set(self):

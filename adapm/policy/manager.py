@@ -219,6 +219,7 @@ class Retention:
         cover = np.searchsorted(self.SECONDS, 2 * gaps, side="left")  # 1st level >= 2 gaps
         grown = np.minimum(RETAIN_MAX_LEVEL, np.maximum(level + 1, cover))
         over = np.ceil(np.log2(np.maximum(gaps, self.LONGEST) / self.LONGEST))
+        over[~np.isfinite(over)] = RETAIN_MAX_LEVEL  # never used before: back to none
         shrunk = np.maximum(0, level - over.astype(np.int64))
         self.level[keys] = np.where(bounced, grown, shrunk)
 
@@ -245,17 +246,24 @@ class Manager:
             num_keys = intents.count.shape[0]
         self.retention = (Retention(num_keys) if mode in RETAINING_MODES and num_keys
                           else None)
+        self._compiled = hasattr(intents, "plan_round")  # CompiledIntentStore
 
     @property
     def acts_on_intents(self):
         return self.mode in INTENT_MODES
 
-    def plan(self, clocks, held, replicas, now=None):
+    def plan(self, clocks, held, replicas, now=None, states=None):
         """The plan of one round. `held(keys)` -> mask of keys this node holds or has
         already requested; `replicas`: keys this node holds as replicas;
-        `now`: time.monotonic() unless given."""
+        `now`: time.monotonic() unless given. With `states` (each key's table state, a
+        uint8 per key, 0: not held nor requested) and the compiled intent store, `held`
+        is not called and the plan is one compiled call
+        (CompiledIntentStore.plan_round), the same plan (tests/unit/policy/
+        test_compiled_plan.py)."""
         now = time.monotonic() if now is None else now
         windows = self.clocks.update(clocks)
+        if states is not None and self._compiled:
+            return self._plan_compiled(clocks, windows, states, replicas, now)
         requests, due, late, due_keys = [], [], 0, 0
         if self.acts_on_intents:
             for worker, clock in enumerate(clocks):
@@ -290,6 +298,17 @@ class Manager:
                 keeping[unintended] = retention.keeps(replicas[unintended], now)
                 retained = int(keeping.sum()) - int(intended.sum())
                 keep, drop = replicas[keeping], replicas[~keeping]
+        return RoundPlan(requests, keep, drop, late, due_keys, windows, retained)
+
+    def _plan_compiled(self, clocks, windows, states, replicas, now):
+        retention = self.retention
+        arrays = None if retention is None else (
+            retention.last_used, retention.let_go, retention.level, retention.SECONDS)
+        clocks = np.asarray(clocks, dtype=np.int64)
+        requests, keep, drop, late, due_keys, retained = self.intents.plan_round(
+            clocks, clocks + windows, states, replicas, arrays,
+            0.0 if retention is None else retention.relative(now),
+            self.acts_on_intents, self.mode == "replicate_all")
         return RoundPlan(requests, keep, drop, late, due_keys, windows, retained)
 
     def relocate_mask(self, owner_intends, others_hold, rounds_since_arrival, keys=None,

@@ -193,7 +193,8 @@ class Rounds:
         self.ctx.count("rounds_started", 1)
         clocks = self.view.counters()[:, WORKER_SLOT["clock"]]
         self.intents.expire(clocks)
-        plan = self.manager.plan(clocks, self.replicas.held_mask, self.replicas.to_sync())
+        plan = self.manager.plan(clocks, self.replicas.held_mask, self.replicas.to_sync(),
+                                 states=self.ctx.state_bytes)
         if plan.late:
             self.ctx.count("late_intents", plan.late)
         if plan.retained:
