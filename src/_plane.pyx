@@ -4,7 +4,7 @@ this node owns, from the ROUTER socket to the table and back, with no Python obj
 message or per key.
 
 `Plane.drain` receives messages straight from libzmq (the library pyzmq loaded, reached
-through function addresses: adapm.node.data.libzmq), checks each one as adapm.wire.protocol
+through function addresses: adapm.wire.libzmq), checks each one as adapm.wire.protocol
 and adapm.node.admission would (header, token, sender, key range, frame sizes), runs the
 table's kernel (kernels.pxd, optimizers.pxd) and writes the reply into the outgoing frame
 itself. It serves PULL, PUSH, SET (of another node's worker: a local worker's set may have
@@ -53,27 +53,12 @@ from wire_header cimport (
     WIRE_SYNC, WIRE_SYNC_DROP, WIRE_SYNC_KEEP, WIRE_SYNC_REPLY, WIRE_MOVE,
     WIRE_MOVE_FOR_ROUND, WIRE_OWNER_UPDATE,
 )
+from zmq_api cimport (
+    ZMQ_DONTWAIT, ZMQ_EAGAIN, ZMQ_EINTR, ZMQ_SNDMORE, zmq_api_load, zmq_api_t, zmq_msg_t,
+)
 
-
-# -- libzmq, by address (no header: the types as zmq.h declares them) ---------------------
-
-ctypedef struct zmq_msg_t:          # opaque, 64 bytes, pointer-aligned
-    uint64_t _[8]
-
-ctypedef int (*msg_init_f)(zmq_msg_t*) noexcept nogil
-ctypedef int (*msg_init_size_f)(zmq_msg_t*, size_t) noexcept nogil
-ctypedef int (*msg_io_f)(zmq_msg_t*, void*, int) noexcept nogil
-ctypedef int (*msg_close_f)(zmq_msg_t*) noexcept nogil
-ctypedef void* (*msg_data_f)(zmq_msg_t*) noexcept nogil
-ctypedef size_t (*msg_size_f)(const zmq_msg_t*) noexcept nogil
-ctypedef int (*msg_more_f)(const zmq_msg_t*) noexcept nogil
-ctypedef int (*errno_f)() noexcept nogil
 
 cdef enum:
-    ZMQ_DONTWAIT = 1
-    ZMQ_SNDMORE = 2
-    ZMQ_EAGAIN = 11                 # errno values of Linux, the one platform enabled
-    ZMQ_EINTR = 4
     MAX_FRAMES = 8                  # identity + header + at most 4 data frames are legal
     MAX_KEYS = 0xFFFFFFFF           # protocol.MAX_KEYS_PER_MESSAGE
     PER_KEY = 32                    # bytes of per-key scratch a sync needs (see _slots)
@@ -128,14 +113,7 @@ cdef struct Message:
 
 cdef class Plane:
     # libzmq
-    cdef msg_init_f msg_init
-    cdef msg_init_size_f msg_init_size
-    cdef msg_io_f msg_recv, msg_send
-    cdef msg_close_f msg_close
-    cdef msg_data_f msg_data
-    cdef msg_size_f msg_size
-    cdef msg_more_f msg_more
-    cdef errno_f zmq_errno
+    cdef zmq_api_t zmq
     cdef void* socket
     # the table
     cdef object view                # keeps the segment mapped while the plane lives
@@ -223,18 +201,10 @@ cdef class Plane:
 
     def __init__(self, dict functions, uintptr_t socket, view, dict table, uint16_t node,
                  uint32_t num_nodes, uint32_t num_workers, uint32_t workers_per_node):
-        """functions: adapm.node.data.libzmq.functions(); socket: the ROUTER's handle
+        """functions: adapm.wire.libzmq.functions(); socket: the ROUTER's handle
         (pyzmq's Socket.underlying); table: view.kernel_handle(); workers_per_node: the
         node's workers are ranks node * workers_per_node onwards."""
-        self.msg_init = <msg_init_f><uintptr_t>functions["zmq_msg_init"]
-        self.msg_init_size = <msg_init_size_f><uintptr_t>functions["zmq_msg_init_size"]
-        self.msg_recv = <msg_io_f><uintptr_t>functions["zmq_msg_recv"]
-        self.msg_send = <msg_io_f><uintptr_t>functions["zmq_msg_send"]
-        self.msg_close = <msg_close_f><uintptr_t>functions["zmq_msg_close"]
-        self.msg_data = <msg_data_f><uintptr_t>functions["zmq_msg_data"]
-        self.msg_size = <msg_size_f><uintptr_t>functions["zmq_msg_size"]
-        self.msg_more = <msg_more_f><uintptr_t>functions["zmq_msg_more"]
-        self.zmq_errno = <errno_f><uintptr_t>functions["zmq_errno"]
+        zmq_api_load(&self.zmq, functions)
         self.socket = <void*>socket
         self.view = view
         self.directory = <adapm_entry_t*><uintptr_t>table["directory"]
@@ -460,7 +430,7 @@ cdef class Plane:
                 if outcome == _SERVED_FULL:
                     break
         if got < 0:
-            raise OSError(self.zmq_errno(), "the data plane could not receive")
+            raise OSError(self.zmq.errno(), "the data plane could not receive")
         self.events_full = outcome == _SERVED_FULL
         if outcome == _SERVED or outcome == _SERVED_FULL:  # ran dry, budget spent, or
             return taken, None                              # the events are to be taken
@@ -497,22 +467,22 @@ cdef class Plane:
         m.truncated = False
         while True:
             if m.nframes < MAX_FRAMES:
-                self.msg_init(&m.frames[m.nframes])
-                rc = self.msg_recv(&m.frames[m.nframes], self.socket, flags)
+                self.zmq.msg_init(&m.frames[m.nframes])
+                rc = self.zmq.msg_recv(&m.frames[m.nframes], self.socket, flags)
                 if rc < 0:
-                    self.msg_close(&m.frames[m.nframes])
-                    if m.nframes == 0 and self.zmq_errno() in (ZMQ_EAGAIN, ZMQ_EINTR):
+                    self.zmq.msg_close(&m.frames[m.nframes])
+                    if m.nframes == 0 and self.zmq.errno() in (ZMQ_EAGAIN, ZMQ_EINTR):
                         return 0
                     self._release_message()
                     return -1
                 m.nframes += 1
-                if not self.msg_more(&m.frames[m.nframes - 1]):
+                if not self.zmq.msg_more(&m.frames[m.nframes - 1]):
                     return 1
             else:  # beyond every legal message: drop the rest, hand over what is held
-                self.msg_init(&spare)
-                rc = self.msg_recv(&spare, self.socket, 0)
-                more = rc >= 0 and self.msg_more(&spare)
-                self.msg_close(&spare)
+                self.zmq.msg_init(&spare)
+                rc = self.zmq.msg_recv(&spare, self.socket, 0)
+                more = rc >= 0 and self.zmq.msg_more(&spare)
+                self.zmq.msg_close(&spare)
                 m.truncated = True
                 if rc < 0:
                     self._release_message()
@@ -524,7 +494,7 @@ cdef class Plane:
     cdef void _release_message(self) noexcept nogil:
         cdef int i
         for i in range(self.msg.nframes):
-            self.msg_close(&self.msg.frames[i])
+            self.zmq.msg_close(&self.msg.frames[i])
         self.msg.nframes = 0
 
     cdef object _hand_over(self):
@@ -533,17 +503,17 @@ cdef class Plane:
         cdef list frames = []
         for i in range(self.msg.nframes):
             frames.append(PyBytes_FromStringAndSize(
-                <char*>self.msg_data(&self.msg.frames[i]), self.msg_size(&self.msg.frames[i])))
+                <char*>self.zmq.msg_data(&self.msg.frames[i]), self.zmq.msg_size(&self.msg.frames[i])))
         self._release_message()
         return frames
 
     # -- checking ----------------------------------------------------------------------
 
     cdef inline char* _data(self, int i) noexcept nogil:
-        return <char*>self.msg_data(&self.msg.frames[i])
+        return <char*>self.zmq.msg_data(&self.msg.frames[i])
 
     cdef inline size_t _size(self, int i) noexcept nogil:
-        return self.msg_size(&self.msg.frames[i])
+        return self.zmq.msg_size(&self.msg.frames[i])
 
     cdef int _handle(self, uint64_t* fault_key) noexcept nogil:
         """Check the held message and serve it, or say it goes to Python."""
@@ -700,11 +670,11 @@ cdef class Plane:
         if not self._all_owned(n) or not self._reserve_misses(n) or \
                 not self._reserve_values(nbytes):
             return _HAND_OVER
-        if self.msg_init_size(&values, nbytes) != 0:
+        if self.zmq.msg_init_size(&values, nbytes) != 0:
             return _HAND_OVER
         # The kernel writes into the frame libzmq sends; a frame of a few bytes lives
         # inside zmq_msg_t, maybe unaligned for the kernel's stores: then via scratch.
-        out = <char*>self.msg_data(&values)
+        out = <char*>self.zmq.msg_data(&values)
         direct = (<uintptr_t>out) % 8 == 0
         if not direct:
             out = self.values_buf
@@ -717,10 +687,10 @@ cdef class Plane:
             nmiss = _pull(&b, <double*>self.arena, <double*>out, self.misses_buf, True,
                           self.uniform)
         if nmiss != 0 or b.failed >= 0:  # a lock timed out: Python fails loudly on it
-            self.msg_close(&values)
+            self.zmq.msg_close(&values)
             return _HAND_OVER
         if not direct:
-            memcpy(self.msg_data(&values), out, nbytes)
+            memcpy(self.zmq.msg_data(&values), out, nbytes)
         if self.msg.header.type == WIRE_PULL:
             self._reply(WIRE_PULL_REPLY, WIRE_ALL_POSITIONS, 0, reply_to, reply_to_len,
                         NULL, 0, &values)
@@ -883,9 +853,9 @@ cdef class Plane:
         if not self._send_gathered(sock, <const char*>keys, 8, self.misses_buf, first, last,
                                    True):
             return False
-        if self.msg_init_size(&frame, nbytes) != 0:
+        if self.zmq.msg_init_size(&frame, nbytes) != 0:
             return False
-        p = <char*>self.msg_data(&frame)
+        p = <char*>self.zmq.msg_data(&frame)
         for i in range(m):
             idx = self.misses_buf[first + i]
             if flags[idx] & WIRE_HAS_DELTA:
@@ -937,17 +907,17 @@ cdef class Plane:
         cdef zmq_msg_t frame
         cdef char* p
         cdef Py_ssize_t i
-        if self.msg_init_size(&frame, (last - first) * width) != 0:
+        if self.zmq.msg_init_size(&frame, (last - first) * width) != 0:
             return False
-        p = <char*>self.msg_data(&frame)
+        p = <char*>self.zmq.msg_data(&frame)
         for i in range(first, last):
             memcpy(p + (i - first) * width, base + order[i] * width, width)
         self._send_frame(sock, &frame, more)
         return True
 
     cdef void _send_frame(self, void* sock, zmq_msg_t* frame, bint more) noexcept nogil:
-        if self.msg_send(frame, sock, ZMQ_SNDMORE if more else 0) < 0:
-            self.msg_close(frame)
+        if self.zmq.msg_send(frame, sock, ZMQ_SNDMORE if more else 0) < 0:
+            self.zmq.msg_close(frame)
 
     # -- sync rounds -------------------------------------------------------------------
 
@@ -1105,9 +1075,9 @@ cdef class Plane:
                 WIRE_REPLY_VALUE if with_value[i] else WIRE_REPLY_CURRENT
             nrep += 1
         if nrep:
-            if self.msg_init_size(&values, used * self.itemsize) != 0:
+            if self.zmq.msg_init_size(&values, used * self.itemsize) != 0:
                 return _NO_MEMORY  # the deltas are applied: Python must not apply them again
-            memcpy(self.msg_data(&values), self.out_buf, used * self.itemsize)
+            memcpy(self.zmq.msg_data(&values), self.out_buf, used * self.itemsize)
             self._send_sync_reply(holder, nrep, n, &values)
         return _SPLIT if nr else _SERVED
 
@@ -1317,16 +1287,16 @@ cdef class Plane:
         self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
         self._send_on(sock, <const char*>keys, m * 8, True)
         self._send_on(sock, self.move_buf, nbytes, True)
-        if self.msg_init_size(&frame, m * 4) != 0:
+        if self.zmq.msg_init_size(&frame, m * 4) != 0:
             return False
-        p = <char*>self.msg_data(&frame)
+        p = <char*>self.zmq.msg_data(&frame)
         for i in range(m):
             (<uint32_t*>p)[0] = self.owner_counter[keys[i]] + 1
             p += 4
         self._send_frame(sock, &frame, True)
-        if self.msg_init_size(&frame, m * 4) != 0:
+        if self.zmq.msg_init_size(&frame, m * 4) != 0:
             return False
-        p = <char*>self.msg_data(&frame)
+        p = <char*>self.zmq.msg_data(&frame)
         for i in range(m):  # ABSENT now: nobody changes them
             (<uint32_t*>p)[0] = adapm_load_acquire_u32(&self.directory[keys[i]].version)
             p += 4
@@ -1353,9 +1323,9 @@ cdef class Plane:
         # frames of one message go out together or, on a closed socket, not at all.
         self._send_on(sock, <const char*>&h, WIRE_HEADER_BYTES, True)
         self._send_on(sock, <const char*>self.keys_buf, n * 8, True)
-        self.bytes_sent += WIRE_HEADER_BYTES + n * 8 + self.msg_size(values) + n * 8
-        if self.msg_send(values, sock, ZMQ_SNDMORE) < 0:
-            self.msg_close(values)
+        self.bytes_sent += WIRE_HEADER_BYTES + n * 8 + self.zmq.msg_size(values) + n * 8
+        if self.zmq.msg_send(values, sock, ZMQ_SNDMORE) < 0:
+            self.zmq.msg_close(values)
         self._send_on(sock, <const char*>self._answers(layout), n * 4, True)
         self._send_on(sock, <const char*>self._versions_out(layout), n * 4, False)
 
@@ -1470,12 +1440,12 @@ cdef class Plane:
     cdef bint _send_on(self, void* sock, const char* data, size_t size, bint more
                        ) noexcept nogil:
         cdef zmq_msg_t frame
-        if self.msg_init_size(&frame, size) != 0:
+        if self.zmq.msg_init_size(&frame, size) != 0:
             return False
         if size:
-            memcpy(self.msg_data(&frame), data, size)
-        if self.msg_send(&frame, sock, ZMQ_SNDMORE if more else 0) < 0:
-            self.msg_close(&frame)
+            memcpy(self.zmq.msg_data(&frame), data, size)
+        if self.zmq.msg_send(&frame, sock, ZMQ_SNDMORE if more else 0) < 0:
+            self.zmq.msg_close(&frame)
             return False
         return True
 
@@ -1489,15 +1459,15 @@ cdef class Plane:
         if not self._send_copy(to, to_len, True) or \
                 not self._send_copy(<const char*>&h, WIRE_HEADER_BYTES, more):
             if values != NULL:  # ROUTER_MANDATORY: that worker is gone (logged by Python)
-                self.msg_close(values)
+                self.zmq.msg_close(values)
             self.unroutable += 1
             return
         self.bytes_sent += WIRE_HEADER_BYTES
         if more:
             self._send_copy(positions, positions_len, True)
-            self.bytes_sent += positions_len + self.msg_size(values)
-            if self.msg_send(values, self.socket, 0) < 0:
-                self.msg_close(values)
+            self.bytes_sent += positions_len + self.zmq.msg_size(values)
+            if self.zmq.msg_send(values, self.socket, 0) < 0:
+                self.zmq.msg_close(values)
 
     cdef bint _send_copy(self, const char* data, size_t size, bint more) noexcept nogil:
         return self._send_on(self.socket, data, size, more)

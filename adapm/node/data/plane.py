@@ -19,9 +19,8 @@ import logging
 import sys
 import time
 
-from adapm.node.data import libzmq
 from adapm.policy.manager import SETTLE_ROUNDS
-from adapm.wire import protocol
+from adapm.wire import libzmq, protocol
 from adapm.wire.protocol import node_identity, worker_identity
 
 log = logging.getLogger("adapm.server")

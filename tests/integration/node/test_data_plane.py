@@ -19,10 +19,9 @@ import zmq
 
 from adapm.common.errors import ProtocolError
 from adapm.node.admission import check_sender
-from adapm.node.data import libzmq
 from adapm.table import optimizers as optim
 from adapm.table.shared_table import OWNED, REPLICA
-from adapm.wire import protocol
+from adapm.wire import libzmq, protocol
 from adapm.wire.protocol import MsgType, node_identity, worker_identity
 
 pytestmark = pytest.mark.skipif(libzmq.functions() is None,

@@ -20,14 +20,13 @@ import zmq
 
 from adapm.common.errors import ProtocolError
 from adapm.node.admission import check_sender
-from adapm.node.data import libzmq
 from adapm.node.data.holders import ReplicaHolders
 from adapm.node.data.rounds import Rounds
 from adapm.policy.manager import SETTLE_ROUNDS, Manager
 from adapm.policy.ownership import route, split_by
 from adapm.table._keyset import CompiledKeySet
 from adapm.table.shared_table import OWNED, PENDING, REPLICA
-from adapm.wire import protocol
+from adapm.wire import libzmq, protocol
 from adapm.wire.protocol import (
     HAS_DELTA,
     MOVE_FOR_ROUND,

@@ -1,14 +1,16 @@
-"""The libzmq that pyzmq loaded, for the compiled data plane (adapm.node.data.plane).
+"""The libzmq that pyzmq loaded, for the compiled parts that use pyzmq's sockets: the node
+server's data plane (adapm.node.data.plane) and the worker's miss path
+(adapm.client.miss_path).
 
-The data plane receives and sends ZeroMQ messages from compiled code, on the sockets
-pyzmq created. It needs no libzmq headers and links no library: the functions it calls
-are resolved here, by address, in the very libzmq that pyzmq's backend already loaded
-(bundled in pyzmq's wheel, or the system's), so both speak to the same sockets. Options
+They receive and send ZeroMQ messages from compiled code, on the sockets pyzmq created,
+with no libzmq header and no library linked: the functions they call are resolved here, by
+address, in the very libzmq that pyzmq's backend already loaded (bundled in pyzmq's wheel,
+or the system's), so both speak to the same sockets. Options
 measured before choosing this one are in docs/architecture.md ("The two planes").
 
-`functions()` returns {name: address} of the functions the plane calls, or None where the
-library cannot be found (no /proc, a pyzmq without a Cython backend): the node server
-then reads every message in Python, as before (slower, the same behaviour)."""
+`functions()` returns {name: address} of the functions they call (src/zmq_api.pxd), or None
+where the library cannot be found (no /proc, a pyzmq without a Cython backend): node
+servers and workers then read every message in Python (slower, the same behaviour)."""
 
 import ctypes
 import functools
@@ -16,7 +18,7 @@ import os
 
 import zmq
 
-# What the plane calls, each with the C prototype it assumes (libzmq 4.x, zmq.h):
+# What they call, each with the C prototype it assumes (libzmq 4.x, zmq.h):
 FUNCTIONS = (
     "zmq_msg_init",       # int (zmq_msg_t*)
     "zmq_msg_init_size",  # int (zmq_msg_t*, size_t)
@@ -27,6 +29,7 @@ FUNCTIONS = (
     "zmq_msg_size",       # size_t (const zmq_msg_t*)
     "zmq_msg_more",       # int (const zmq_msg_t*)
     "zmq_errno",          # int (void)
+    "zmq_poll",           # int (zmq_pollitem_t*, int, long)
 )
 
 
