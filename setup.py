@@ -29,6 +29,8 @@ extensions = [
     # The node server's compiled data plane: the table's kernels (cimported from src/)
     # and libzmq reached by address, so no header of any library is needed.
     extension("adapm.node.data._plane", "_plane.pyx", uses_numpy=False),
+    # The worker's compiled miss path (adapm.client.miss_path), libzmq reached the same way.
+    extension("adapm.client._miss_path", "_miss_path.pyx", uses_numpy=False),
 ]
 
 setup(

@@ -21,9 +21,9 @@ import numpy as np
 import zmq
 
 from adapm.node.admission import check_sender
-from adapm.node.data import _plane, libzmq
+from adapm.node.data import _plane
 from adapm.table.shared_table import OWNED, SharedTable, segment_name
-from adapm.wire import protocol
+from adapm.wire import libzmq, protocol
 from adapm.wire.protocol import node_identity, worker_identity
 
 from common import line, save

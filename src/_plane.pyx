@@ -430,7 +430,7 @@ cdef class Plane:
                 if outcome == _SERVED_FULL:
                     break
         if got < 0:
-            raise OSError(self.zmq.errno(), "the data plane could not receive")
+            raise OSError(self.zmq.last_errno(), "the data plane could not receive")
         self.events_full = outcome == _SERVED_FULL
         if outcome == _SERVED or outcome == _SERVED_FULL:  # ran dry, budget spent, or
             return taken, None                              # the events are to be taken
@@ -471,7 +471,7 @@ cdef class Plane:
                 rc = self.zmq.msg_recv(&m.frames[m.nframes], self.socket, flags)
                 if rc < 0:
                     self.zmq.msg_close(&m.frames[m.nframes])
-                    if m.nframes == 0 and self.zmq.errno() in (ZMQ_EAGAIN, ZMQ_EINTR):
+                    if m.nframes == 0 and self.zmq.last_errno() in (ZMQ_EAGAIN, ZMQ_EINTR):
                         return 0
                     self._release_message()
                     return -1

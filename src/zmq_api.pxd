@@ -40,7 +40,7 @@ cdef struct zmq_api_t:
     msg_data_f msg_data
     msg_size_f msg_size
     msg_more_f msg_more
-    errno_f errno
+    errno_f last_errno
     poll_f poll
 
 
@@ -54,5 +54,5 @@ cdef inline void zmq_api_load(zmq_api_t* api, dict functions):
     api.msg_data = <msg_data_f><uintptr_t>functions["zmq_msg_data"]
     api.msg_size = <msg_size_f><uintptr_t>functions["zmq_msg_size"]
     api.msg_more = <msg_more_f><uintptr_t>functions["zmq_msg_more"]
-    api.errno = <errno_f><uintptr_t>functions["zmq_errno"]
+    api.last_errno = <errno_f><uintptr_t>functions["zmq_errno"]
     api.poll = <poll_f><uintptr_t>functions["zmq_poll"]

@@ -6,22 +6,47 @@ Each missed key goes to the node its node's location cache names (`_split`,
 node's keys go as messages of legal size (`_messages`), started through `Requests`; an
 update sent away is tracked for read-your-writes.
 
+A pull the caller waits for (`pull_now`) goes through the compiled miss path
+(adapm.client._miss_path, src/_miss_path.pyx) where one is given (`use_compiled`): one
+compiled call splits the misses by node and sends the requests, one more receives the
+replies into the caller's buffer; whatever is not a clean answer to the call is decided
+here, as before (a reply to another operation goes to Requests.dispatch; a FAILED or
+malformed answer hands the call over to the Python path, which fails it as it always did).
+
 `Worker` owns one MissPath and hands it, per call, the keys and the number of misses the
 table's kernel wrote into `buffer(n)`."""
 
 import os
+import sys
 import time
 
 import numpy as np
 
-from adapm.client.requests import CountOp, PullOp
+from adapm.client._miss_path import CompiledMissPath, Status
+from adapm.client.requests import POLL_SLICE_MS, CountOp, Pending, PullOp
+from adapm.common import config
 from adapm.common.errors import ClusterError
 from adapm.policy.ownership import route, split_by
 from adapm.table.segments import Segments
 from adapm.table.shared_table import PENDING, REPLICA, LockTimeout
-from adapm.wire import protocol
+from adapm.wire import libzmq, protocol
 from adapm.wire.protocol import MsgType
 
+
+def compiled_miss_path(view, sockets, node, rank, num_nodes, token):
+    """A CompiledMissPath on this worker's sockets (node -> pyzmq DEALER), or None where
+    it cannot serve: ADAPM_DATA_PLANE=python, a table of per-key lengths, no libzmq of
+    pyzmq's to reach (adapm.wire.libzmq), a big-endian machine."""
+    functions = libzmq.functions()
+    if config.data_plane() != "compiled" or functions is None or sys.byteorder != "little" \
+            or not view.uniform_length:
+        return None
+    return CompiledMissPath(functions, view, node, num_nodes, rank, token, sockets)
+
+
+# What the compiled miss path's calls return (plain ints, compared in every wait).
+_STARTED, _DONE, _IDLE, _FOREIGN = (int(Status.STARTED), int(Status.DONE), int(Status.IDLE),
+                                    int(Status.FOREIGN))
 STATE_CHANGE_TIMEOUT = 1.0  # seconds a key named here may stay unusable (a broken invariant)
 
 
@@ -45,6 +70,14 @@ class MissPath:
         self.dtype = view.dtype
         self.num_keys = view.num_keys
         self._misses = np.empty(1024, dtype=np.uint64)
+        self._compiled = None  # a CompiledMissPath (use_compiled)
+        self._compiled_bytes = (0, 0, 0)  # its byte counts already counted here
+        self._order = np.empty(1024, dtype=np.uint64)  # its keys' order in messages
+
+    def use_compiled(self, compiled):
+        """Serve the pulls the caller waits for through `compiled` (a CompiledMissPath
+        on this worker's sockets), where it can."""
+        self._compiled = compiled
 
     def buffer(self, n):
         """The buffer the kernel writes a call's miss positions into (at least n long)."""
@@ -78,6 +111,86 @@ class MissPath:
             self._count("pulls_local", arrived.shape[0])
         return op
 
+    def pull_now(self, keys, out, nmiss):
+        """Fetch the `nmiss` missed keys into `out` and wait: pull(...).wait(), in
+        compiled code where it serves the call (a table of one row length, every missed
+        key routed to another node)."""
+        compiled = self._compiled
+        if compiled is not None and out.ndim == 2 and out.flags.c_contiguous:
+            started = compiled.pull(keys, out.view(np.uint8), self._misses, nmiss,
+                                    self._requests.next_id)
+            if started == _STARTED:
+                self._requests.claim_ids(compiled.requests)
+                self._count("pulls_remote", nmiss)
+                self._wait_compiled(keys, out)
+                return out
+        return Pending(self._requests, self.pull(keys, out, nmiss)).wait()
+
+    def _wait_compiled(self, keys, out):
+        """Receive the compiled call's replies; hand Python what is its to decide."""
+        compiled, requests = self._compiled, self._requests
+        try:
+            while True:
+                status = compiled.wait(POLL_SLICE_MS)
+                if status == _DONE:
+                    return
+                if status == _IDLE:
+                    requests.check_cluster()  # a dead peer is a ClusterError, not a hang
+                    continue
+                frames = compiled.take_message()
+                if status == _FOREIGN:
+                    requests.dispatch(frames)
+                    continue
+                op = self._take_over(keys, out)  # HANDOFF: decided as it always was
+                requests.dispatch(frames)
+                requests.wait(op)
+                return
+        except BaseException:
+            compiled.abandon()  # its late replies are dropped, as a failed op's are
+            raise
+        finally:
+            self._count_compiled_bytes()
+
+    def _take_over(self, keys, out):
+        """The compiled call's unanswered requests, waited for by a PullOp from here on."""
+        op = PullOp(out, Segments.of(self._view, keys))
+        for request_id, _node, positions, left in self._compiled.take_call():
+            op.parts[request_id] = np.array(positions, dtype=np.intp)
+            self._requests.adopt(request_id, op, left)
+        return op
+
+    def _send_compiled(self, op, keys, rows, nmiss, mtype, params=None):
+        """Send an update's `nmiss` missed keys (rows: one per key) in one compiled call,
+        each message a request of `op` (its keys in op.keys, in message order, as the
+        Python path sends them); False where the compiled path declines (nothing sent)."""
+        compiled, requests = self._compiled, self._requests
+        if not rows.flags.c_contiguous:
+            return False
+        if self._order.shape[0] < nmiss:
+            self._order = np.empty(max(nmiss, 2 * self._order.shape[0]), dtype=np.uint64)
+        first = requests.next_id
+        sent = compiled.send_update(
+            keys, rows.view(np.uint8), self._misses, nmiss, int(mtype),
+            None if params is None else params.view(np.uint8), first, self._order)
+        self._count_compiled_bytes()
+        if not sent:
+            return False
+        requests.claim_ids(sent)
+        counts = np.empty(sent, dtype=np.uint64)
+        compiled.requests_of(counts)
+        for i, n in enumerate(counts.tolist()):
+            requests.adopt(first + i, op, n)
+        op.keys = keys[self._order[:nmiss].astype(np.intp)]
+        return True
+
+    def _count_compiled_bytes(self):
+        compiled, (sent, to_node, received) = self._compiled, self._compiled_bytes
+        self._count("bytes_sent", compiled.bytes_sent - sent)
+        self._count("bytes_to_node", compiled.bytes_to_node - to_node)
+        self._count("bytes_received", compiled.bytes_received - received)
+        self._compiled_bytes = (compiled.bytes_sent, compiled.bytes_to_node,
+                                compiled.bytes_received)
+
     def update(self, keys, values, nmiss, additive):
         """The operation that sends the `nmiss` missed keys' push (`additive`) or set to
         their owners; tracked for read-your-writes."""
@@ -86,9 +199,14 @@ class MissPath:
             return op
         op_name = "push" if additive else "set"
         kind = "pushes" if additive else "sets"
+        mtype = MsgType.PUSH if additive else MsgType.SET
+        if self._compiled is not None and \
+                self._send_compiled(op, keys, values.reshape(keys.shape[0], -1), nmiss, mtype):
+            self._count(f"{kind}_remote", nmiss)
+            self._consistency.track(op)
+            return op
         missed = self._misses[:nmiss].astype(np.intp)
         segments = Segments.of(self._view, keys)
-        mtype = MsgType.PUSH if additive else MsgType.SET
         groups, arrived = self._split(keys, missed, op_name)
         if arrived.shape[0]:  # became local since the first look: update them here
             away, dests = self._local_retry(keys[arrived], segments.take(values, arrived),
@@ -111,6 +229,12 @@ class MissPath:
     def apply(self, keys, summed, nmiss, params):
         """Send the `nmiss` missed distinct keys with their summed gradients to their
         owners; a key that became usable here meanwhile takes its step here."""
+        if self._compiled is not None:
+            op = CountOp()
+            if self._send_compiled(op, keys, summed, nmiss, MsgType.APPLY, params):
+                self._count("pushes_remote", nmiss)
+                self._consistency.track(op)
+                return
         missed = self._misses[:nmiss].astype(np.intp)
         groups, arrived = self._split(keys, missed, "apply")
         deadline = time.monotonic() + STATE_CHANGE_TIMEOUT

@@ -163,6 +163,26 @@ class Requests:
         # Traffic with the worker's own node server stays on its machine: counted apart.
         self._count("bytes_sent" if node != self.node else "bytes_to_node", size)
 
+    @property
+    def next_id(self):
+        """The id the next request will carry (the compiled miss path numbers its own
+        requests from it, then claims them)."""
+        return self._next_request + 1
+
+    def claim_ids(self, n):
+        """Request ids next_id .. next_id + n - 1 were used (by the compiled miss path)."""
+        self._next_request += n
+
+    def adopt(self, request_id, op, expected):
+        """Wait for `expected` more keys of a request sent elsewhere (the compiled miss
+        path hands a call over) as part of `op`."""
+        self._waiting[request_id] = (op, expected)
+        op.left += expected
+
+    def check_cluster(self):
+        """ClusterError once the cluster failed (what a waiting call checks)."""
+        self._check_cluster()
+
     def start(self, node, msg, op, expected):
         """Send `msg` to `node` as part of `op`, expecting `expected` keys/replies back;
         returns the request id it carries."""
@@ -287,6 +307,10 @@ class Sockets:
 
     def send(self, node, frames):
         return protocol.send(self._socks[node], frames)
+
+    def handles(self):
+        """node -> its socket (pyzmq), for compiled code that sends and receives on them."""
+        return dict(self._socks)
 
     def receive(self, timeout_ms):
         """Every message waiting once one arrived within `timeout_ms` (frame lists)."""

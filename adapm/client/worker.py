@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from adapm.client.consistency import ReadYourWrites
-from adapm.client.miss_path import MissPath
+from adapm.client.miss_path import MissPath, compiled_miss_path
 from adapm.client.requests import ClusterHealth, CountOp, Pending, Requests, Sockets
 from adapm.client.sampling import Sampler
 from adapm.client.saving import Saving
@@ -100,6 +100,8 @@ class Worker:
                                   self.wait_sync, self.node, self.rank, self.local_rank,
                                   self.mode, self.num_nodes, self.workers_per_node)
             self._connect_peers(welcome.addresses)
+            self._miss.use_compiled(compiled_miss_path(
+                self._view, sockets.handles(), self.node, self.rank, self.num_nodes, token))
             logging.getLogger("adapm.worker").debug(
                 "attached to node %d at %s (%d node(s), mode %s)", self.node, env.server,
                 self.num_nodes, self.mode)
@@ -143,7 +145,7 @@ class Worker:
         keys, out, nmiss = self._pull_here(keys, out)
         if nmiss == 0:  # every key held here: no operation to track
             return out
-        return Pending(self._requests, self._miss.pull(keys, out, nmiss)).wait()
+        return self._miss.pull_now(keys, out, nmiss)
 
     def pull_async(self, keys, out=None):
         keys, out, nmiss = self._pull_here(keys, out)
