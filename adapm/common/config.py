@@ -40,7 +40,7 @@ ENV_START_TIMEOUT = "ADAPM_START_TIMEOUT"          # seconds for a cluster to fo
 ENV_NODE_TIMEOUT = "ADAPM_NODE_TIMEOUT"            # seconds of silence before a node is dead
 ENV_PROFILE_SERVER = "ADAPM_PROFILE_SERVER"        # development: cProfile node servers to FILE
 ENV_INTENT_LOG = "ADAPM_INTENT_LOG"                # diagnostics: node servers log intents to FILE
-ENV_DATA_PLANE = "ADAPM_DATA_PLANE"  # node servers: "compiled" (default) or "python" (reference)
+ENV_DATA_PLANE = "ADAPM_DATA_PLANE"  # node servers and workers: "compiled" (default) or "python"
 ENV_LOG_LEVEL = "ADAPM_LOG_LEVEL"    # level of every AdaPM process's log lines (adapm.common.logs)
 # ENV_CLUSTER_SECRET ("ADAPM_CLUSTER_SECRET", from adapm.wire.cluster_secret): read by a
 # per-machine adapm-launch; what a JOIN proves knowledge of (never passed to workers).
@@ -139,8 +139,9 @@ class WorkerEnv:
 
 
 def data_plane(environ=None):
-    """Which data plane node servers use: ADAPM_DATA_PLANE, "compiled" when unset or empty
-    (DESIGN.md §9), or "python" (the reference); anything else is a ValueError."""
+    """Which data plane node servers and workers use: ADAPM_DATA_PLANE, "compiled" when
+    unset or empty (DESIGN.md §9), or "python" (the reference); anything else is a
+    ValueError."""
     environ = os.environ if environ is None else environ
     choice = environ.get(ENV_DATA_PLANE) or DATA_PLANES[0]
     if choice not in DATA_PLANES:
