@@ -28,7 +28,7 @@ from wire_header cimport (
 )
 from zmq_api cimport (
     ZMQ_DONTWAIT, ZMQ_EAGAIN, ZMQ_EINTR, ZMQ_POLLIN, ZMQ_SNDMORE, zmq_api_load, zmq_api_t,
-    zmq_msg_t, zmq_pollitem_t,
+    zmq_msg_t, zmq_pollitem_t, zmq_recv_frame,
 )
 
 # What pull and wait return.
@@ -432,10 +432,7 @@ cdef class CompiledMissPath:
         self._release_message()
         while True:
             if self.nframes < MAX_FRAMES:
-                self.zmq.msg_init(&self.frames[self.nframes])
-                rc = self.zmq.msg_recv(&self.frames[self.nframes], sock, flags)
-                if rc < 0:
-                    self.zmq.msg_close(&self.frames[self.nframes])
+                if zmq_recv_frame(&self.zmq, &self.frames[self.nframes], sock, flags) < 0:
                     if self.nframes == 0 and self.zmq.last_errno() in (ZMQ_EAGAIN, ZMQ_EINTR):
                         return 0
                     self._release_message()

@@ -55,6 +55,7 @@ from wire_header cimport (
 )
 from zmq_api cimport (
     ZMQ_DONTWAIT, ZMQ_EAGAIN, ZMQ_EINTR, ZMQ_SNDMORE, zmq_api_load, zmq_api_t, zmq_msg_t,
+    zmq_recv_frame,
 )
 
 
@@ -467,10 +468,7 @@ cdef class Plane:
         m.truncated = False
         while True:
             if m.nframes < MAX_FRAMES:
-                self.zmq.msg_init(&m.frames[m.nframes])
-                rc = self.zmq.msg_recv(&m.frames[m.nframes], self.socket, flags)
-                if rc < 0:
-                    self.zmq.msg_close(&m.frames[m.nframes])
+                if zmq_recv_frame(&self.zmq, &m.frames[m.nframes], self.socket, flags) < 0:
                     if m.nframes == 0 and self.zmq.last_errno() in (ZMQ_EAGAIN, ZMQ_EINTR):
                         return 0
                     self._release_message()

@@ -56,3 +56,14 @@ cdef inline void zmq_api_load(zmq_api_t* api, dict functions):
     api.msg_more = <msg_more_f><uintptr_t>functions["zmq_msg_more"]
     api.last_errno = <errno_f><uintptr_t>functions["zmq_errno"]
     api.poll = <poll_f><uintptr_t>functions["zmq_poll"]
+
+
+cdef inline int zmq_recv_frame(const zmq_api_t* api, zmq_msg_t* frame, void* sock,
+                               int flags) noexcept nogil:
+    """One frame into `frame` (initialised here, closed again when nothing came): 0, or
+    -1 (api.last_errno(): ZMQ_EAGAIN when nothing waits, ZMQ_EINTR on a signal)."""
+    api.msg_init(frame)
+    if api.msg_recv(frame, sock, flags) < 0:
+        api.msg_close(frame)
+        return -1
+    return 0
