@@ -6,18 +6,18 @@ Each missed key goes to the node its node's location cache names (`_split`,
 node's keys go as messages of legal size (`_messages`), started through `Requests`; an
 update sent away is tracked for read-your-writes.
 
-A pull the caller waits for (`pull_now`) goes through the compiled miss path
-(adapm.client._miss_path, src/_miss_path.pyx) where one is given (`use_compiled`): one
-compiled call splits the misses by node and sends the requests, one more receives the
-replies into the caller's buffer; whatever is not a clean answer to the call is decided
-here, as before (a reply to another operation goes to Requests.dispatch; a FAILED or
-malformed answer hands the call over to the Python path, which fails it as it always did).
+Where a compiled miss path is given (`use_compiled`: adapm.client._miss_path,
+src/_miss_path.pyx), one compiled call splits a call's misses by node and sends the
+requests (pulls, pushes, sets, optimizer steps); for a pull the caller waits for
+(`pull_now`) one more receives the replies into the caller's buffer. Whatever is not a
+clean answer to the call is decided here, as before (a reply to another operation goes to
+Requests.dispatch; a FAILED or malformed answer hands the call over to the Python path,
+which fails it as it always did).
 
 `Worker` owns one MissPath and hands it, per call, the keys and the number of misses the
 table's kernel wrote into `buffer(n)`."""
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -36,10 +36,9 @@ from adapm.wire.protocol import MsgType
 def compiled_miss_path(view, sockets, node, rank, num_nodes, token):
     """A CompiledMissPath on this worker's sockets (node -> pyzmq DEALER), or None where
     it cannot serve: ADAPM_DATA_PLANE=python, a table of per-key lengths, no libzmq of
-    pyzmq's to reach (adapm.wire.libzmq), a big-endian machine."""
+    pyzmq's to reach (adapm.wire.libzmq: nor on a machine other than little-endian Linux)."""
     functions = libzmq.functions()
-    if config.data_plane() != "compiled" or functions is None or sys.byteorder != "little" \
-            or not view.uniform_length:
+    if config.data_plane() != "compiled" or functions is None or not view.uniform_length:
         return None
     return CompiledMissPath(functions, view, node, num_nodes, rank, token, sockets)
 
@@ -75,8 +74,8 @@ class MissPath:
         self._order = np.empty(1024, dtype=np.uint64)  # its keys' order in messages
 
     def use_compiled(self, compiled):
-        """Serve the pulls the caller waits for through `compiled` (a CompiledMissPath
-        on this worker's sockets), where it can."""
+        """Send misses (and receive the replies of pulls the caller waits for) through
+        `compiled` (a CompiledMissPath on this worker's sockets, or None), where it can."""
         self._compiled = compiled
 
     def buffer(self, n):

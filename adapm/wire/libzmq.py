@@ -9,12 +9,13 @@ or the system's), so both speak to the same sockets. Options
 measured before choosing this one are in docs/architecture.md ("The two planes").
 
 `functions()` returns {name: address} of the functions they call (src/zmq_api.pxd), or None
-where the library cannot be found (no /proc, a pyzmq without a Cython backend): node
+where the library cannot be found (not Linux, a pyzmq without a Cython backend): node
 servers and workers then read every message in Python (slower, the same behaviour)."""
 
 import ctypes
 import functools
 import os
+import sys
 
 import zmq
 
@@ -35,7 +36,10 @@ FUNCTIONS = (
 
 @functools.lru_cache(maxsize=1)
 def functions():
-    """{name: address} of FUNCTIONS in the libzmq pyzmq uses, or None."""
+    """{name: address} of FUNCTIONS in the libzmq pyzmq uses, or None (also on a machine
+    that is not little-endian Linux, the one kind the compiled parts are built for)."""
+    if sys.byteorder != "little" or not sys.platform.startswith("linux"):
+        return None
     path = loaded_path()
     if path is None:
         return None

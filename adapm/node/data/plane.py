@@ -16,7 +16,6 @@ ADAPM_DATA_PLANE=python (adapm.common.config) reads every message in Python inst
 the reference the compiled plane is tested against, and a way around it."""
 
 import logging
-import sys
 import time
 
 from adapm.policy.manager import SETTLE_ROUNDS
@@ -41,8 +40,7 @@ class DataPlane:
         self._events = {}
         self._seen = {"bytes_received": 0, "bytes_sent": 0, "served": 0, "unroutable": 0,
                       "replicas_made": 0, "owner_changes": 0, "relocations": 0}
-        functions = libzmq.functions() if compiled and sys.byteorder == "little" and \
-            sys.platform.startswith("linux") else None
+        functions = libzmq.functions() if compiled else None
         if functions is not None:
             from adapm.node.data import _plane
             self.compiled = _plane.Plane(functions, router.underlying, ctx.view,
