@@ -72,6 +72,7 @@ cdef class CompiledMissPath:
     cdef uint64_t* order            # missed positions grouped by request
     cdef size_t order_cap
     cdef uint32_t* dest             # per missed key: its node (scratch)
+    cdef size_t* node_counts        # per node + 1: a call's counting sort (scratch)
     cdef size_t dest_cap
     cdef char* out
     cdef uint64_t out_rows
@@ -88,6 +89,7 @@ cdef class CompiledMissPath:
         self.requests = NULL
         self.order = NULL
         self.dest = NULL
+        self.node_counts = NULL
         self.nframes = 0
         self.active = False
 
@@ -107,7 +109,8 @@ cdef class CompiledMissPath:
         self.node, self.num_nodes, self.rank, self.token = node, num_nodes, rank, token
         self.sockets = <void**>malloc(num_nodes * sizeof(void*))
         self.items = <zmq_pollitem_t*>malloc(num_nodes * sizeof(zmq_pollitem_t))
-        if self.sockets == NULL or self.items == NULL:
+        self.node_counts = <size_t*>malloc((num_nodes + 1) * sizeof(size_t))
+        if self.sockets == NULL or self.items == NULL or self.node_counts == NULL:
             raise MemoryError()
         memset(self.sockets, 0, num_nodes * sizeof(void*))
         self.nitems = 0
@@ -131,6 +134,7 @@ cdef class CompiledMissPath:
         free(self.requests)
         free(self.order)
         free(self.dest)
+        free(self.node_counts)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -147,19 +151,10 @@ cdef class CompiledMissPath:
             raise ValueError("misses")
         if nmiss == 0:
             return FALLBACK
-        cdef uint64_t n = keys.shape[0]
         cdef int rc
-        if not self._reserve(<size_t>nmiss):
-            raise MemoryError()
-        with nogil:
-            rc = self._route(&keys[0], n, &misses[0], <size_t>nmiss)
-            if rc == 1:
-                rc = self._group(&misses[0], <size_t>nmiss)
-        if rc < 0:
-            raise MemoryError()
-        if rc == 0:
+        if not self._prepare(&keys[0], keys.shape[0], &misses[0], <size_t>nmiss, False):
             return FALLBACK
-        self.out, self.out_rows = <char*>&out[0, 0], n
+        self.out, self.out_rows = <char*>&out[0, 0], keys.shape[0]
         self.first_request = first_request
         self.left = <uint64_t>nmiss
         self.active = True
@@ -174,6 +169,21 @@ cdef class CompiledMissPath:
     def requests(self):
         """How many requests the call in flight sent (ids first_request onwards)."""
         return self.nrequests if self.active else 0
+
+    cdef bint _prepare(self, const uint64_t* keys, uint64_t n, const uint64_t* misses,
+                       size_t nmiss, bint copies_here) except -1:
+        """The requests of a call's misses (_route, then _group): True, or False where
+        the compiled path declines the call; MemoryError."""
+        cdef int rc
+        if not self._reserve(nmiss):
+            raise MemoryError()
+        with nogil:
+            rc = self._route(keys, n, misses, nmiss, copies_here)
+            if rc == 1:
+                rc = self._group(misses, nmiss)
+        if rc < 0:
+            raise MemoryError()
+        return rc == 1
 
     cdef bint _reserve(self, size_t nmiss):
         cdef void* p
@@ -227,10 +237,8 @@ cdef class CompiledMissPath:
         requests: each node's keys in messages of at most min(num_keys, MAX_KEYS) keys, as
         MissPath._messages splits them. 1, or -1 out of memory."""
         cdef size_t i, node, at = 0, total = 0, step, part
-        cdef size_t* counts = <size_t*>malloc((self.num_nodes + 1) * sizeof(size_t))
+        cdef size_t* counts = self.node_counts
         cdef void* p
-        if counts == NULL:
-            return -1
         memset(counts, 0, (self.num_nodes + 1) * sizeof(size_t))
         for i in range(nmiss):
             counts[self.dest[i] + 1] += 1
@@ -241,7 +249,6 @@ cdef class CompiledMissPath:
         if total > self.requests_cap:
             p = realloc(self.requests, total * sizeof(Request))
             if p == NULL:
-                free(counts)
                 return -1
             self.requests, self.requests_cap = <Request*>p, total
         for i in range(nmiss):  # counting sort: stable, so each node's keys keep call order
@@ -257,7 +264,6 @@ cdef class CompiledMissPath:
                 self.requests[self.nrequests].node = <uint32_t>node
                 self.nrequests += 1
                 at += part
-        free(counts)
         return 1
 
     cdef int _send_requests(self, const uint64_t* keys, uint8_t mtype, const char* rows,
@@ -356,16 +362,8 @@ cdef class CompiledMissPath:
         cdef int rc
         cdef size_t row_bytes = rows.shape[1]
         cdef const char* p = NULL if params is None else <const char*>&params[0]
-        if not self._reserve(<size_t>nmiss):
-            raise MemoryError()
-        with nogil:
-            rc = self._route(&keys[0], keys.shape[0], &misses[0], <size_t>nmiss,
-                             mtype == WIRE_SET)
-            if rc == 1:
-                rc = self._group(&misses[0], <size_t>nmiss)
-        if rc < 0:
-            raise MemoryError()
-        if rc == 0:
+        if not self._prepare(&keys[0], keys.shape[0], &misses[0], <size_t>nmiss,
+                             mtype == WIRE_SET):
             return 0
         self.first_request = first_request
         with nogil:
