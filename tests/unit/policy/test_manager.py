@@ -1,6 +1,7 @@
 """The manager as a unit: clock speeds, action windows, due intents, decisions,
 retention."""
 import tracemalloc
+import warnings
 
 import numpy as np
 
@@ -388,3 +389,16 @@ def test_retention_keeps_its_precision_over_days_of_uptime():
         assert r.seconds(key)[0] >= 0.06, day      # covers twice its 30 ms gaps
         assert r.retained(key, now + 0.031) and not r.retained(key, now + 30.0)
     assert np.isinf(r.last_used[0]) and r.last_used[0] < 0   # never used: still never
+
+
+def test_a_replica_never_used_here_learns_no_retention_and_warns_nothing():
+    """A replica let go that this node never used (last use -inf) comes back with an
+    infinite gap: its retention goes back to none, computed, not left to a float-to-int
+    cast of infinity (undefined; numpy warns about it)."""
+    retention = Retention(4)
+    retention.level[1] = 3
+    assert not retention.keeps(np.array([1], np.uint64), 10.0).any()  # let go, never used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        retention.used(np.array([1], np.uint64), 11.0)
+    assert retention.level[1] == 0
