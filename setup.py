@@ -24,6 +24,8 @@ extensions = [
     extension("adapm.table._table", "_table.pyx"),
     # Sets of keys (adapm.table.keyset's KeySet is the reference).
     extension("adapm.table._keyset", "_keyset.pyx"),
+    # The arena's slot allocator (adapm.table.shared_table's SlotAllocator is the reference).
+    extension("adapm.table._slots", "_slots.pyx"),
     # The node's intent store (adapm.policy.intents' IntentStore is its reference).
     extension("adapm.policy._intents", "_intents.pyx"),
     # The node server's compiled data plane: the table's kernels (cimported from src/)

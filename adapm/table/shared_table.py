@@ -12,6 +12,7 @@ import numpy as np
 import posix_ipc
 
 from adapm.table import _table
+from adapm.table._slots import CompiledSlotAllocator
 from adapm.table._table import (  # noqa: F401
     ABSENT,
     KEEP_OWNER,
@@ -109,10 +110,12 @@ def normalise_lengths(num_keys, value_length):
 
 
 class SlotAllocator:
-    """Value slots in the arena. Only the node server allocates, so this is private state
-    of that process: a bump pointer plus free lists by length. A free list is a list of
-    numpy arrays (each call to free() appends one), so that the thousands of slots a sync
-    round takes or gives back cost a few array operations, not a loop over keys."""
+    """Value slots in the arena (the reference of adapm.table._slots.CompiledSlotAllocator,
+    which tables use: its state is shared with the compiled data plane). Only the node
+    server allocates, so this is private state of that process: a bump pointer plus free
+    lists by length. A free list is a list of numpy arrays (each call to free() appends
+    one), so that the thousands of slots a sync round takes or gives back cost a few array
+    operations, not a loop over keys."""
 
     def __init__(self, capacity, uniform=0):
         """uniform: the table's one value length (0: lengths per key). Calls whose
@@ -216,7 +219,8 @@ class SharedTable:
         self.name = name
         self.view = view
         self.is_owner = owner
-        self.allocator = SlotAllocator(view.arena_capacity, view.uniform_length) \
+        # compiled: the node server's data plane allocates and frees in it as well
+        self.allocator = CompiledSlotAllocator(view.arena_capacity, view.uniform_length) \
             if owner else None
 
     @classmethod
