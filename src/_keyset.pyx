@@ -7,9 +7,9 @@ touched. Results are sorted and distinct, as the reference's are."""
 
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, qsort, realloc
+from libc.stdlib cimport free, qsort
 
-from keyset cimport keyset_discard, keyset_t
+from keyset cimport keyset_discard, keyset_reserve, keyset_t
 
 import numpy as np
 
@@ -159,17 +159,8 @@ cdef class CompiledKeySet:
         return self.s.capacity * 8
 
     cdef void _reserve(self, size_t wanted) except *:
-        cdef size_t grown
-        cdef void* p
-        if wanted <= self.s.capacity:
-            return
-        grown = self.s.capacity * 2 if self.s.capacity * 2 > wanted else wanted
-        grown = grown if grown > 64 else 64
-        p = realloc(self.s.listed, grown * 8)
-        if p == NULL:
+        if not keyset_reserve(&self.s, wanted):
             raise MemoryError()
-        self.s.listed = <uint64_t*>p
-        self.s.capacity = grown
 
 
 # -- sorted key arrays ---------------------------------------------------------------------
