@@ -29,22 +29,23 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.math cimport isfinite
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, qsort, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 from arena cimport real
 from atomic cimport adapm_load_acquire_u32, adapm_load_relaxed_u8, adapm_store_release_u32
-from batch cimport Batch, _batch
-from keyset cimport keyset_contains, keyset_discard, keyset_t
+from batch cimport Batch, _batch, _lock_next, _unlock_held
+from keyset cimport keyset_add, keyset_contains, keyset_discard, keyset_reserve, keyset_t
 from kernels cimport (
     _SERVE_NO_VALUE, _SERVE_VALUE, _SERVE_VALUE_IF_CHANGED, _evict, _install_copies, _pull,
     _replica_deltas, _replica_refresh, _serve_sync, _update,
 )
-from layout cimport ADAPM_OWNED, ADAPM_PENDING, ADAPM_REPLICA, adapm_entry_t
+from layout cimport ADAPM_ABSENT, ADAPM_OWNED, ADAPM_PENDING, ADAPM_REPLICA, adapm_entry_t
 from optimizers cimport (
     OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
     _state_length,
 )
 from retention cimport retention_t, retention_within
+from slots cimport slots_allocate, slots_free, slots_t
 from wire_header cimport (
     WIRE_ALL_POSITIONS, WIRE_APPLY, WIRE_FWD_APPLY, WIRE_FWD_PULL, WIRE_FWD_PUSH, WIRE_FWD_SET,
     WIRE_HEADER_BYTES, WIRE_MAGIC, WIRE_PARAMS_COUNT, WIRE_PULL, WIRE_PULL_REPLY, WIRE_PUSH,
@@ -89,9 +90,15 @@ POLICIES = {"adaptive": POLICY_ADAPTIVE, "relocate_only": POLICY_RELOCATE,
 cdef enum:
     EVENT_SYNC_ANSWERED = 1         # keys of a round answered (SYNC_REPLY, MOVE): (round, keys)
     EVENT_MOVED_IN = 2              # the last keys a localize waits for arrived: (0, 0)
+    EVENT_NOT_FULL = 3              # a replica of the round stays without a fresh value
+                                    # (its drop was answered, but it is kept): (round, 0)
     MAX_EVENTS = 64                 # a drain stops once this many wait
 
-EVENTS = {"sync_answered": EVENT_SYNC_ANSWERED, "moved_in": EVENT_MOVED_IN}
+# Plane.counters(), in order.
+COUNTERS = ("bytes_received", "bytes_sent", "served", "replicas_made", "owner_changes",
+            "relocations", "replicas_dropped", "unroutable")
+EVENTS = {"sync_answered": EVENT_SYNC_ANSWERED, "moved_in": EVENT_MOVED_IN,
+          "not_full": EVENT_NOT_FULL}
 
 
 cdef struct Event:
@@ -148,7 +155,7 @@ cdef class Plane:
     cdef uint8_t* holder_bits       # ReplicaHolders' bits: key k, node n: bit n % 8 of
     cdef size_t holder_stride       #   byte k * holder_stride + n // 8
     cdef uint32_t* seen_version     # ReplicaCopies.seen_version
-    cdef const char* synced         # ReplicaCopies.synced: uint32 or uint64 per key
+    cdef char* synced               # ReplicaCopies.synced: uint32 or uint64 per key
     cdef int synced_width
     cdef keyset_t* pending          # ReplicaCopies.pending (a CompiledKeySet's state)
     cdef keyset_t* moving_in        # ReplicaCopies.moving_in (likewise)
@@ -167,11 +174,17 @@ cdef class Plane:
     cdef readonly uint64_t replicas_made, owner_changes, relocations
     # keys arriving (serve_arrivals)
     cdef keyset_t* held             # ReplicaCopies.held
+    cdef keyset_t* rejoin           # Rounds.rejoin and Rounds.refresh (serve_drops)
+    cdef keyset_t* refresh
+    cdef object drop_state
+    cdef readonly uint64_t replicas_dropped
     cdef uint16_t* home_owner       # Ownership.home_owner, home_counter: the records of
     cdef uint32_t* home_counter     #   this node's home keys, by key // num_nodes
     cdef object arrival_state
     cdef uint64_t* freed            # slots given up by relocations: (offset, length)
-    cdef readonly size_t nfreed     # slots waiting in `freed` (take_freed)
+    cdef readonly size_t nfreed     # slots waiting in `freed` (take_freed, or the allocator)
+    cdef slots_t* slots             # the table's slot allocator (NULL: Python frees them)
+    cdef object allocator           # ... kept alive
     cdef size_t freed_cap
     cdef Event events[MAX_EVENTS]
     cdef int nevents
@@ -199,6 +212,8 @@ cdef class Plane:
         self.home_counter = NULL
         self.freed = NULL
         self.nfreed = self.freed_cap = 0
+        self.slots = NULL
+        self.rejoin = self.refresh = NULL
 
     def __init__(self, dict functions, uintptr_t socket, view, dict table, uint16_t node,
                  uint32_t num_nodes, uint32_t num_workers, uint32_t workers_per_node):
@@ -263,13 +278,16 @@ cdef class Plane:
         self.node_ids_p = self.node_ids
         self.token = token
 
-    def serve_rounds(self, holder_bits, seen_version, synced, pending_set, moving_set):
+    def serve_rounds(self, holder_bits, seen_version, synced, pending_set, moving_set,
+                     allocator=None):
         """Serve sync rounds' steady state too, and send rounds (send_round), on the
         node's per-key round state: holder_bits (ReplicaHolders.raw(): a row of bytes per
         key), seen_version (uint32 per key) and synced (uint32 or uint64 per key) of
         ReplicaCopies, and its pending and moving-in sets (CompiledKeySets, changed and
         read through their handle()). The arrays are changed in place; none may be
-        replaced afterwards."""
+        replaced afterwards. `allocator`: the table's CompiledSlotAllocator, which the
+        slots the plane gives up go back to and make_pending takes slots from (None:
+        they wait for take_freed, and make_pending is not available)."""
         for name, arr in (("holder_bits", holder_bits), ("seen_version", seen_version),
                           ("synced", synced)):
             if not arr.flags.c_contiguous or arr.shape[0] != self.num_keys:
@@ -280,11 +298,14 @@ cdef class Plane:
         self.holder_bits = <uint8_t*><uintptr_t>holder_bits.ctypes.data
         self.holder_stride = holder_bits.strides[0]
         self.seen_version = <uint32_t*><uintptr_t>seen_version.ctypes.data
-        self.synced = <const char*><uintptr_t>synced.ctypes.data
+        self.synced = <char*><uintptr_t>synced.ctypes.data
         self.synced_width = synced.dtype.itemsize
         self.pending = <keyset_t*><uintptr_t>pending_set.handle()
         self.moving_in = <keyset_t*><uintptr_t>moving_set.handle()
         self.round_state = (holder_bits, seen_version, synced, pending_set, moving_set)
+        if allocator is not None:
+            self.slots = <slots_t*><uintptr_t>allocator.handle()
+            self.allocator = allocator
 
     def send_round(self, uint64_t round_id, const uint64_t[::1] keys,
                    const uint32_t[::1] kinds):
@@ -376,14 +397,25 @@ cdef class Plane:
         self.home_counter = <uint32_t*><uintptr_t>home_counter.ctypes.data
         self.arrival_state = (held_set, home_owner, home_counter)
 
+    def serve_drops(self, rejoin_set, refresh_set):
+        """Answer the drops of this node's rounds too (after serve_rounds with an
+        allocator, set_policy and serve_arrivals): rejoin_set and refresh_set are
+        Rounds.rejoin and Rounds.refresh (CompiledKeySets), changed in place."""
+        if self.slots == NULL or self.held == NULL or self.intent_counts == NULL:
+            raise RuntimeError("serve_drops needs the copies' state, the allocator and "
+                               "the policy first")
+        self.rejoin = <keyset_t*><uintptr_t>rejoin_set.handle()
+        self.refresh = <keyset_t*><uintptr_t>refresh_set.handle()
+        self.drop_state = (rejoin_set, refresh_set)
+
     def set_clock(self, double now, uint64_t round_id):
         """The clock the next answers decide by: Retention's `now` (seconds since its
         base) and this node's round (the last one started)."""
         self.now, self.round = now, round_id
 
     def take_freed(self):
-        """Slots given up by relocations since the last call: (offsets, lengths), for
-        the slot allocator."""
+        """Slots given up by relocations since the last call, where serve_rounds got no
+        allocator: (offsets, lengths), for the slot allocator."""
         cdef size_t i
         offsets = np.empty(self.nfreed, dtype=np.uint64)
         lengths = np.empty(self.nfreed, dtype=np.uint64)
@@ -393,6 +425,116 @@ cdef class Plane:
             o[i], l[i] = self.freed[2 * i], self.freed[2 * i + 1]
         self.nfreed = 0
         return offsets, lengths
+
+    def make_pending(self, keys):
+        """ReplicaCopies.make_pending in one call: of `keys` (uint64), those ABSENT here
+        become PENDING (a zeroed value slot and a zeroed "value at last sync" slot from the
+        allocator, the state set under the key's lock, its version stepped, the location
+        cache left as it is), join the held and pending sets, and their "value at last
+        sync" slot is recorded. Returns them, in the order of `keys`. MemoryError (the
+        arena is full) before anything changed; needs serve_rounds with an allocator and
+        serve_arrivals."""
+        if self.slots == NULL or self.held == NULL:
+            raise RuntimeError("the data plane keeps no copies here (serve_rounds with an "
+                               "allocator, serve_arrivals)")
+        if self.view.closed:
+            raise RuntimeError("the data plane's table is closed")
+        cdef const uint64_t[::1] k = np.ascontiguousarray(keys, dtype=np.uint64)
+        cdef Py_ssize_t n = k.shape[0], i, m = 0
+        for i in range(n):
+            if k[i] >= self.num_keys:
+                raise IndexError(f"key {k[i]} of {self.num_keys}")
+        made = np.empty(n, dtype=np.uint64)
+        slots = np.empty(2 * n, dtype=np.uint64)
+        lengths = np.empty(2 * n, dtype=np.uint64)
+        cdef uint64_t[::1] mk = made
+        cdef uint64_t[::1] so = slots
+        cdef uint64_t[::1] ln = lengths
+        cdef bint ok
+        with nogil:
+            self._flush_freed()
+            for i in range(n):
+                if adapm_load_relaxed_u8(&self.directory[k[i]].state) == ADAPM_ABSENT:
+                    mk[m] = k[i]
+                    m += 1
+            for i in range(m):
+                ln[i] = ln[m + i] = self.directory[mk[i]].length
+            ok = keyset_reserve(self.held, self.held.length + m) and \
+                keyset_reserve(self.pending, self.pending.length + m)
+            if ok and m:
+                ok = slots_allocate(self.slots, &ln[0], 2 * m, &so[0])
+        if not ok:
+            raise MemoryError(f"node {self.node}: parameter table arena full: no slots for "
+                              f"{m} requested keys")
+        if m == 0:
+            return made[:0]
+        cdef Py_ssize_t failed = -1, admitted
+        with nogil:
+            admitted = self._admit_pending(&mk[0], m, &so[0], &ln[0], &failed)
+        if failed >= 0:
+            raise PlaneFault(f"node {self.node}: the lock of key {mk[failed]} timed out "
+                             "while the data plane made it PENDING")
+        return made[:admitted]
+
+    cdef Py_ssize_t _admit_pending(self, uint64_t* keys, Py_ssize_t m, const uint64_t* slots,
+                                   const uint64_t* lengths, Py_ssize_t* failed) noexcept nogil:
+        """keys[:m], ABSENT when looked at, with their value slots slots[:m] and "value
+        at last sync" slots slots[m:2m] (zeroed here): each key still ABSENT under its
+        lock becomes PENDING in its slot and joins the copies' state (room reserved);
+        the others' slots go back. The keys made PENDING are moved to the front of `keys`
+        in order; returns how many. A lock that times out stops the walk (failed: its
+        index; its slots and those of the keys after it go back)."""
+        cdef Py_ssize_t i, kept = 0
+        cdef uint64_t key, itemsize = self.itemsize
+        cdef adapm_entry_t* e
+        cdef Batch b
+        for i in range(2 * m):
+            memset(self.arena + slots[i] * itemsize, 0, lengths[i] * itemsize)
+        b = _batch(self.directory, keys, m, self.timeout_ns, NULL, itemsize, self.capacity)
+        while _lock_next(&b):
+            e = b.entry
+            if e.state != ADAPM_ABSENT:  # taken meanwhile (never by another thread today)
+                _unlock_held(&b, False)
+                slots_free(self.slots, slots[b.i], lengths[b.i])
+                slots_free(self.slots, slots[m + b.i], lengths[m + b.i])
+                continue
+            e.offset = slots[b.i]
+            e.state = ADAPM_PENDING
+            e.version += 1
+            _unlock_held(&b, True)
+            key = keys[b.i]
+            if self.synced_width == 4:
+                (<uint32_t*>self.synced)[key] = <uint32_t>slots[m + b.i]
+            else:
+                (<uint64_t*>self.synced)[key] = slots[m + b.i]
+            keyset_add(self.held, key)
+            keyset_add(self.pending, key)
+            keys[kept] = key  # an index the walk has passed
+            kept += 1
+        failed[0] = b.failed
+        if b.failed >= 0:
+            for i in range(b.failed, m):
+                slots_free(self.slots, slots[i], lengths[i])
+                slots_free(self.slots, slots[m + i], lengths[m + i])
+        return kept
+
+    cdef void _flush_freed(self) noexcept nogil:
+        """The slots relocations gave up go back to the allocator, if the plane has it
+        (any it has no memory to list stay queued for the next time)."""
+        cdef size_t i = 0
+        if self.slots == NULL:
+            return
+        while i < self.nfreed and slots_free(self.slots, self.freed[2 * i],
+                                             self.freed[2 * i + 1]):
+            i += 1
+        if i:
+            memmove(self.freed, self.freed + 2 * i, (self.nfreed - i) * 16)
+            self.nfreed -= i
+
+    def counters(self):
+        """Its counters in one call, in the order of COUNTERS."""
+        return (self.bytes_received, self.bytes_sent, self.served, self.replicas_made,
+                self.owner_changes, self.relocations, self.replicas_dropped, self.unroutable)
 
     def take_events(self):
         """What the plane did for the control plane to act on, since the last call, in
@@ -430,6 +572,7 @@ cdef class Plane:
                 self._release_message()
                 if outcome == _SERVED_FULL:
                     break
+            self._flush_freed()
         if got < 0:
             raise OSError(self.zmq.last_errno(), "the data plane could not receive")
         self.events_full = outcome == _SERVED_FULL
@@ -1344,6 +1487,11 @@ cdef class Plane:
         if not self._reserve_misses(n) or not _grow(<void**>&self.out_buf, &self.out_cap,
                                                     <size_t>n * 8):
             return _HAND_OVER
+        if self.rejoin != NULL and not (  # room for whatever the drops need, up front
+                keyset_reserve(self.rejoin, self.rejoin.length + n) and
+                keyset_reserve(self.refresh, self.refresh.length + n) and
+                self._reserve_freed(self.nfreed + 2 * n)):
+            return _HAND_OVER
         slots = <uint64_t*>self.out_buf
         for i in range(n):  # in place: the answers served here first (ns <= i)
             if answers[i] == WIRE_REPLY_DROPPED:
@@ -1362,8 +1510,8 @@ cdef class Plane:
                 nv += 1
             ns += 1
         self.split = nr
-        if ns == 0 or self._size(3) != values_len * self.itemsize or \
-                not self._reserve_values(self._size(3)):
+        if (ns == 0 and self.rejoin == NULL) or self._size(3) != values_len * self.itemsize \
+                or not self._reserve_values(self._size(3)):
             return _HAND_OVER
         if nv:
             memcpy(self.values_buf, self._data(3), self._size(3))
@@ -1383,8 +1531,72 @@ cdef class Plane:
             key = self.keys_buf[i]
             self.seen_version[key] = versions[i]
             adapm_store_release_u32(&self.fresh[key], <uint32_t>round_id)
+        if nr and self.rejoin != NULL:
+            if not self._release_dropped(dropped, nr, round_id, fault_key):
+                self._event(EVENT_SYNC_ANSWERED, round_id, ns)  # what was done is done
+                return _FAULT
+            self._event(EVENT_SYNC_ANSWERED, round_id, ns + nr)
+            return _SERVED
         self._event(EVENT_SYNC_ANSWERED, round_id, ns)
         return _SPLIT if nr else _SERVED
+
+    cdef bint _release_dropped(self, const uint64_t* dropped, Py_ssize_t nr,
+                               uint64_t round_id, uint64_t* fault_key) noexcept nogil:
+        """Rounds._release of the keys at `dropped` (indices into the message's keys,
+        room reserved): a key an intent of this node names again rejoins (it is asked
+        for anew); the others' copies go when no worker wrote them since their last sync
+        (ABSENT under the lock, both slots back to the allocator, out of the held set),
+        else they stay and sync with the next round (refresh). A key kept either way
+        means the round did not sync every replica (EVENT_NOT_FULL, before the keys are
+        counted as answered). False: a lock timed out (fault_key; keys before it done)."""
+        cdef const char* keys = self._data(2)
+        cdef uint64_t key, value_slot, synced_slot, length
+        cdef Py_ssize_t i
+        cdef bint kept = False, clean
+        cdef adapm_entry_t* e
+        cdef Batch b
+        for i in range(nr):
+            memcpy(&key, keys + 8 * dropped[i], 8)
+            if self.intent_counts[key] > 0:
+                keyset_add(self.rejoin, key)
+                kept = True
+                continue
+            synced_slot = (<const uint32_t*>self.synced)[key] if self.synced_width == 4 \
+                else (<const uint64_t*>self.synced)[key]
+            b = _batch(self.directory, &key, 1, self.timeout_ns, NULL, self.itemsize,
+                       self.capacity)
+            if not _lock_next(&b):
+                fault_key[0] = key
+                return False
+            e = b.entry
+            length = e.length
+            clean = e.state == ADAPM_REPLICA and synced_slot + length <= self.capacity and \
+                memcmp(self.arena + e.offset * self.itemsize,  # bitwise, as release_clean
+                       self.arena + synced_slot * self.itemsize, length * self.itemsize) == 0
+            if clean:
+                value_slot = e.offset
+                e.state = ADAPM_ABSENT
+            _unlock_held(&b, clean)
+            if not clean:  # written since: its delta goes, and a value comes, next round
+                keyset_add(self.refresh, key)
+                kept = True
+                continue
+            keyset_discard(self.held, key)
+            self._give_back(value_slot, length)
+            self._give_back(synced_slot, length)
+            self.replicas_dropped += 1
+        if kept:
+            self._event(EVENT_NOT_FULL, round_id, 0)
+        return True
+
+    cdef void _give_back(self, uint64_t offset, uint64_t length) noexcept nogil:
+        """A slot back to the allocator, or queued (room reserved) where it has no memory
+        to list it now."""
+        if slots_free(self.slots, offset, length):
+            return
+        self.freed[2 * self.nfreed] = offset
+        self.freed[2 * self.nfreed + 1] = length
+        self.nfreed += 1
 
     cdef object _hand_over_split(self):
         """The rest of a sync this plane served in part, for the Python path: the same

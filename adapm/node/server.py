@@ -175,8 +175,9 @@ class NodeServer:
         self.activity = ActivityLog(self.view)
         self.plane = DataPlane(self.ctx, self.sockets.router, self._count, self.compiled)
         self.plane.serve_rounds(self.rounds, self.manager, self.ownership,
-                                self.table.allocator.free)
+                                self.table.allocator)
         self.rounds.compiled_sender = self.plane.send_round
+        self.replicas.compiled_make_pending = self.plane.make_pending
         self.outbox.to_coordinator(self.startup.join(self.address, self.coordinator_address))
         if self.metrics_port is not None:  # Prometheus, on this node's address only
             self.metrics = metrics.start(self, self.spec.host, self.metrics_port)

@@ -23,6 +23,8 @@ from adapm.wire import libzmq, protocol
 from adapm.wire.protocol import node_identity, worker_identity
 
 log = logging.getLogger("adapm.server")
+# The node counter each of the compiled plane's counters adds to, where the names differ.
+_NODE_COUNTER = {"served": "plane_served"}
 
 
 class DataPlane:
@@ -35,11 +37,11 @@ class DataPlane:
         self.router = router
         self._count = count
         self.compiled = None
-        self._free_slots = None
+        self._allocator = None
+        self._serves_rounds = False
         self._rounds = self._manager = None
         self._events = {}
-        self._seen = {"bytes_received": 0, "bytes_sent": 0, "served": 0, "unroutable": 0,
-                      "replicas_made": 0, "owner_changes": 0, "relocations": 0}
+        self._seen = None            # the compiled plane's counters, as last folded
         functions = libzmq.functions() if compiled else None
         if functions is not None:
             from adapm.node.data import _plane
@@ -47,25 +49,29 @@ class DataPlane:
                                          ctx.view.kernel_handle(), ctx.node, ctx.num_nodes,
                                          ctx.spec.num_workers, ctx.spec.workers_per_node)
             self._events = _plane.EVENTS
+            self._counter_names = _plane.COUNTERS
+            self._seen = self.compiled.counters()
         log.debug("node %d: %s data plane", ctx.node,
                   "compiled" if self.compiled is not None else "Python")
 
-    def serve_rounds(self, rounds, manager, ownership, free_slots):
-        """Let the compiled plane answer sync rounds, send them and install the keys
-        they bring, on the node's round state: rounds (Rounds: its replicas, holders,
-        arrival stamps and round; its progress(keys, round) takes the plane's
-        sync_answered events, its answer_waiters the moved_in ones), manager (Manager:
-        its mode, intent counts and retention decide requests, as relocate_mask does),
-        ownership (its counters go with relocated keys and come with arriving ones; its
-        home records), free_slots(offsets, lengths) (the slot allocator's free: the
-        slots the plane gave up). Only with compiled key sets (the plane changes them)."""
-        self._free_slots = free_slots
+    def serve_rounds(self, rounds, manager, ownership, allocator):
+        """Let the compiled plane answer sync rounds, send them, install the keys
+        they bring and make requested keys PENDING, on the node's round state: rounds
+        (Rounds: its replicas, holders, arrival stamps and round; its progress(keys,
+        round) takes the plane's sync_answered events, its answer_waiters the moved_in
+        ones), manager (Manager: its mode, intent counts and retention decide requests,
+        as relocate_mask does), ownership (its counters go with relocated keys and come
+        with arriving ones; its home records), allocator (the table's slot allocator:
+        the plane takes slots from it and gives them back). Only with compiled key sets
+        (the plane changes them) and the compiled allocator."""
+        self._allocator = allocator
         self._rounds, self._manager = rounds, manager
         replicas = rounds.replicas
         if self.compiled is None or not hasattr(replicas.pending, "handle"):
             return
         self.compiled.serve_rounds(rounds.holders.raw(), replicas.seen_version,
-                                   replicas.synced, replicas.pending, replicas.moving_in)
+                                   replicas.synced, replicas.pending, replicas.moving_in,
+                                   allocator if hasattr(allocator, "handle") else None)
         retention = manager.retention
         self.compiled.set_policy(
             manager.mode, manager.intents.count,
@@ -75,6 +81,16 @@ class DataPlane:
             ownership.counter, SETTLE_ROUNDS)
         self.compiled.serve_arrivals(replicas.held, ownership.home_owner,
                                      ownership.home_counter)
+        self._serves_rounds = hasattr(allocator, "handle")
+        if self._serves_rounds and hasattr(rounds.rejoin, "handle"):
+            self.compiled.serve_drops(rounds.rejoin, rounds.refresh)
+
+    def make_pending(self, keys):
+        """ReplicaCopies.make_pending in compiled code (Plane.make_pending), or None
+        where the compiled plane keeps no copies (the replicas part does it itself)."""
+        if not self._serves_rounds or not self.compiled.enabled:
+            return None
+        return self.compiled.make_pending(keys)
 
     def send_round(self, round_id, keys, kinds):
         """Send a round's SYNCs from compiled code (Plane.send_round): returns (keys with a
@@ -140,28 +156,30 @@ class DataPlane:
         self.compiled.set_clock(now, self._rounds.round)
 
     def _report_events(self):
-        if self.compiled.nfreed:
-            self._free_slots(*self.compiled.take_freed())
+        if self.compiled.nfreed and not self._serves_rounds:
+            self._allocator.free(*self.compiled.take_freed())
         for kind, round_id, count in self.compiled.take_events():
             if kind == self._events["sync_answered"]:
                 self._rounds.progress(count, round_id)
             elif kind == self._events["moved_in"]:  # the keys a localize waited for
                 self._rounds.answer_waiters()
+            elif kind == self._events["not_full"]:  # a dropped replica stays after all
+                self._rounds.not_full_after_all()
             else:
                 raise RuntimeError(f"node {self.ctx.node}: data plane event {kind}")
 
     def _fold_counters(self):
-        plane = self.compiled
-        for name, counter in (("bytes_received", "bytes_received"),
-                              ("bytes_sent", "bytes_sent"), ("served", "plane_served"),
-                              ("replicas_made", "replicas_made"),
-                              ("owner_changes", "owner_changes"),
-                              ("relocations", "relocations")):
-            now = getattr(plane, name)
-            if now != self._seen[name]:
-                self._count(counter, now - self._seen[name])
-                self._seen[name] = now
-        if plane.unroutable != self._seen["unroutable"]:
-            log.warning("node %d: could not reply to a worker (%d replies): it is gone",
-                        self.ctx.node, plane.unroutable - self._seen["unroutable"])
-            self._seen["unroutable"] = plane.unroutable
+        """Add what the compiled plane counted since the last call to the node's
+        counters (one call: this runs after every drain)."""
+        now = self.compiled.counters()
+        if now == self._seen:
+            return
+        for name, was, value in zip(self._counter_names, self._seen, now):
+            if value == was:
+                continue
+            if name == "unroutable":
+                log.warning("node %d: could not reply to a worker (%d replies): it is gone",
+                            self.ctx.node, value - was)
+            else:
+                self._count(_NODE_COUNTER.get(name, name), value - was)
+        self._seen = now

@@ -30,6 +30,9 @@ class ReplicaCopies:
         # after that request, so the owner applies every earlier one before it moves the
         # key (FIFO along the key's path).
         self.moving_in = ctx.new_key_set()
+        # make_pending(keys) -> the keys made PENDING, or None: the compiled data plane's
+        # (adapm.node.data.plane), set by the node server
+        self.compiled_make_pending = None
 
     def _synced(self, keys):
         """The keys' "value at last sync" slots, as the kernels take them (uint64)."""
@@ -54,6 +57,10 @@ class ReplicaCopies:
         The location cache stays: this node's misses and requests still go to the owner."""
         if keys.shape[0] == 0:
             return keys
+        made = None if self.compiled_make_pending is None else \
+            self.compiled_make_pending(keys)
+        if made is not None:
+            return made
         keys = keys[~self.held_mask(keys)]
         if keys.shape[0] == 0:
             return keys

@@ -183,9 +183,7 @@ class Rounds:
         if not self.manager.acts_on_intents:
             return False
         clocks = self.view.counters()[:, WORKER_SLOT["clock"]]
-        windows = self.manager.clocks.windows()
-        return any(self.intents.next_start(w) < int(clocks[w]) + int(windows[w])
-                   for w in range(self.ctx.workers))
+        return self.intents.any_due(clocks, self.manager.clocks.windows())
 
     def start(self):
         """Start a round now (maybe_start decides when; tests start one directly)."""
@@ -305,7 +303,7 @@ class Rounds:
     def _reply_synced(self, identity, request_id):
         self.outbox.to_identity(identity, protocol.Synced(request_id=request_id))
 
-    def _not_full_after_all(self):
+    def not_full_after_all(self):
         """A replica of the round in flight stays without a fresh value (its drop was
         answered, but it is kept): the round does not count as syncing every replica, and
         the waits for such a round wait for the next one, which syncs it."""
@@ -477,11 +475,11 @@ class Rounds:
         if again.any():
             self.rejoin.add(keys[again])
             keys = keys[~again]
-            self._not_full_after_all()
+            self.not_full_after_all()
         gone = self.replicas.release_clean(keys)
         if not gone.all():  # written meanwhile: its delta goes, and a value comes, next round
             self.refresh.add(keys[~gone])
-            self._not_full_after_all()
+            self.not_full_after_all()
         if gone.any():
             self.ctx.count("replicas_dropped", int(gone.sum()))
 

@@ -25,7 +25,7 @@ from adapm.node.data.rounds import Rounds
 from adapm.policy.manager import SETTLE_ROUNDS, Manager
 from adapm.policy.ownership import route, split_by
 from adapm.table._keyset import CompiledKeySet
-from adapm.table.shared_table import OWNED, PENDING, REPLICA
+from adapm.table.shared_table import ABSENT, OWNED, PENDING, REPLICA
 from adapm.wire import libzmq, protocol
 from adapm.wire.protocol import (
     HAS_DELTA,
@@ -770,3 +770,199 @@ def test_plane_installs_keys_moved_for_its_round_as_python_does(rig, seed):
         assert events == moved_in + [(1, msg.request_id, n)]
     assert installed > 10 and handed >= 3  # each wrong kind at least once
     assert plane.relocations == installed
+
+
+def _live_slots(state, keys_with_values):
+    """(offset, length) of every slot in use: the values of held keys and the "value at
+    last sync" slots of the copies."""
+    directory = state.table.view._directory_array()
+    live = [(int(directory["offset"][k]), DIM) for k in keys_with_values]
+    live += [(int(state.synced[k]), DIM) for k in state.held.keys()]
+    return live
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plane_makes_requested_keys_pending_as_the_replicas_part_does(rig, seed):
+    """Plane.make_pending (ReplicaCopies.make_pending's work, slots from the table's
+    compiled allocator): of the keys asked for, exactly the ABSENT ones, in their order,
+    become PENDING with zeroed value and "value at last sync" slots, version + 1, the
+    location cache unchanged, held and pending; no slot overlaps one in use; keys held
+    in any way are left alone. The slots a relocation gives up go back to the
+    allocator at once (take_freed has none) and are taken again."""
+    plane, state, router, senders, inboxes = rig
+    allocator = state.table.allocator
+    plane.serve_rounds(state.holders, state.seen, state.synced, state.pending,
+                       state.moving_in, allocator)
+    with pytest.raises(RuntimeError, match="no copies"):
+        plane.make_pending(np.array([5], dtype=np.uint64))  # serve_arrivals not given yet
+    Policy("adaptive", seed=seed).install(plane)
+    plane.serve_arrivals(state.held, np.full(HOMES, NODE, dtype=np.uint16),
+                         np.zeros(HOMES, dtype=np.uint32))
+    rng = np.random.default_rng(seed)
+    made_all = []
+    for _ in range(12):
+        absent_now = np.flatnonzero(state.table.states(ALL_KEYS) == ABSENT)
+        keys = np.unique(np.concatenate([  # some keys of every state, an ABSENT one or two
+            rng.integers(0, NUM_KEYS, int(rng.integers(0, 9))),
+            rng.choice(absent_now, min(absent_now.shape[0], int(rng.integers(0, 3))),
+                       replace=False)]).astype(np.uint64))
+        states = state.table.states(keys)
+        versions, owners = np.empty(keys.shape[0], np.uint32), np.empty(keys.shape[0], np.uint16)
+        state.table.view.versions_of(keys, versions)
+        state.table.view.owners_of(keys, owners)
+        before = state.snapshot()
+        made = plane.make_pending(keys)
+        absent = keys[states == ABSENT]
+        assert made.dtype == np.uint64 and np.array_equal(made, absent)
+        assert (state.table.states(absent) == PENDING).all()
+        after_versions, after_owners = np.empty_like(versions), np.empty_like(owners)
+        state.table.view.versions_of(keys, after_versions)
+        state.table.view.owners_of(keys, after_owners)
+        assert np.array_equal(after_versions, versions + (states == ABSENT))
+        assert np.array_equal(after_owners, owners)
+        assert state.held.contains(absent).all() and state.pending.contains(absent).all()
+        assert not key_values(state.table, absent).any()
+        synced = state.synced[absent.astype(np.intp)].astype(np.uint64)
+        assert not state.table.view.read_slots(synced, state.table.lengths(absent)).any()
+        held_here = keys[states != ABSENT]
+        assert np.array_equal(key_values(state.table, held_here),
+                              before_values(before, state, held_here))
+        made_all += absent.tolist()
+    assert len(made_all) >= 6  # of the 8 ABSENT keys
+    held = np.flatnonzero(state.table.states(ALL_KEYS) != ABSENT)
+    cells = np.zeros(allocator.capacity, dtype=int)
+    for off, length in _live_slots(state, held):
+        cells[off:off + length] += 1
+    assert cells.max() == 1
+    # a relocation of copies: their "value at last sync" slots go back to the allocator
+    keys = state.held.keys()[:3]
+    synced = state.synced[keys.astype(np.intp)].astype(np.uint64)
+    msg = protocol.Move(request_id=9, purpose=MOVE_FOR_ROUND, keys=keys,
+                        values=np.zeros(keys.shape[0] * DIM, np.float32),
+                        counters=np.ones(keys.shape[0], np.uint32),
+                        versions=np.zeros(keys.shape[0], np.uint32))
+    msg.src_node, msg.token = 0, TOKEN
+    senders["n0"].send_multipart([bytes(f) for f in msg.encode()])
+    assert router.poll(5000)
+    assert plane.drain(1) == (1, None)
+    assert (state.table.states(keys) == OWNED).all()
+    assert plane.nfreed == 0 and plane.take_freed()[0].shape[0] == 0
+    top = allocator.top
+    again = allocator.allocate(np.full(keys.shape[0], DIM, dtype=np.uint64))
+    assert sorted(again.tolist()) == sorted(synced.tolist()) and allocator.top == top
+
+
+def before_values(snapshot, state, keys):
+    """The keys' values in a snapshot's arena (their slots then and now are the same)."""
+    arena = np.frombuffer(snapshot["arena"], dtype=np.float32)
+    return key_values_in(arena, state, keys)
+
+
+def key_values_in(arena, state, keys):
+    directory = state.table.view._directory_array()
+    return np.concatenate([arena[int(directory["offset"][k]):int(directory["offset"][k]) + DIM]
+                           for k in keys]) if keys.shape[0] else np.empty(0, np.float32)
+
+
+@pytest.mark.timeout(60)
+def test_make_pending_refuses_before_anything_changed(rig):
+    """A key out of range or an arena too full for the copies: an error, and no key,
+    set or slot changed."""
+    plane, state, router, senders, inboxes = rig
+    allocator = state.table.allocator
+    plane.serve_rounds(state.holders, state.seen, state.synced, state.pending,
+                       state.moving_in, allocator)
+    Policy("adaptive", seed=0).install(plane)
+    plane.serve_arrivals(state.held, np.full(HOMES, NODE, dtype=np.uint16),
+                         np.zeros(HOMES, dtype=np.uint32))
+    absent = np.flatnonzero(state.table.states(ALL_KEYS) == ABSENT).astype(np.uint64)
+    before = state.snapshot()
+    with pytest.raises(IndexError, match="of 64"):
+        plane.make_pending(np.array([absent[0], NUM_KEYS], dtype=np.uint64))
+    allocator.capacity = allocator.top  # nothing fresh; no slot freed yet
+    with pytest.raises(MemoryError, match="arena full"):
+        plane.make_pending(absent[:2])
+    _equal(state.snapshot(), before)
+    assert state.held.contains(absent).sum() == 0
+
+
+def release_reference(keys, shadow, counts, rejoin, refresh):
+    """Rounds._release of dropped keys, on the shadow state: (keys given up, their value
+    and "value at last sync" slots, whether a key stays)."""
+    again = counts[keys.astype(np.intp)] > 0
+    rejoin.add(keys[again])
+    rest = np.ascontiguousarray(keys[~again])
+    synced = shadow.synced[rest.astype(np.intp)].astype(np.uint64)
+    offsets, released = np.zeros(rest.shape[0], np.uint64), np.zeros(rest.shape[0], np.uint8)
+    shadow.table.view.release_clean(rest, synced, offsets, released)
+    gone = released.astype(bool)
+    shadow.held.discard(rest[gone])
+    refresh.add(rest[~gone])
+    return rest[gone], np.concatenate([offsets[gone], synced[gone]]), \
+        bool(again.any() or (~gone).any())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plane_answers_drops_of_its_rounds_as_python_does(rig, make_table, seed):
+    """With serve_drops, a SYNC_REPLY's REPLY_DROPPED keys are handled in the plane as
+    Rounds._release does: a key an intent names again rejoins; a replica no worker wrote
+    since its last sync goes (ABSENT, out of the held set, both slots back to the
+    allocator); any other stays and is refreshed next round; either way kept, the round
+    is reported as not full (before its keys are counted as answered). The whole message
+    is served; the state matches the reference's byte for byte."""
+    plane, state, router, senders, inboxes = rig
+    allocator = state.table.allocator
+    plane.serve_rounds(state.holders, state.seen, state.synced, state.pending,
+                       state.moving_in, allocator)
+    policy = Policy("adaptive", seed=seed)
+    policy.install(plane)
+    plane.serve_arrivals(state.held, np.full(HOMES, NODE, dtype=np.uint16),
+                         np.zeros(HOMES, dtype=np.uint32))
+    rejoin, refresh = CompiledKeySet(NUM_KEYS), CompiledKeySet(NUM_KEYS)
+    plane.serve_drops(rejoin, refresh)
+    shadow = RoundState(make_table, seed=7)
+    shadow_rejoin, shadow_refresh = CompiledKeySet(NUM_KEYS), CompiledKeySet(NUM_KEYS)
+    rng = np.random.default_rng(seed)
+    # workers wrote some replicas since their last sync: those are not clean
+    written = REPLICA_KEYS[rng.random(REPLICA_KEYS.shape[0]) < 0.4]
+    for table in (state.table, shadow.table):
+        table.view.update(written, np.full(written.shape[0] * DIM, 0.5, np.float32),
+                          np.empty(written.shape[0], np.uint64), True, False)
+    identities = {name: bytes(s.getsockopt(zmq.IDENTITY)) for name, s in senders.items()}
+    freed, dropped_total, kept_rounds = [], 0, 0
+    for _ in range(300):
+        sender, body = valid_sync(rng, state.table)
+        judged = verdict(identities[sender], body, state.table)
+        msg = protocol.decode(body)
+        if msg.type != MsgType.SYNC_REPLY or judged is None and \
+                not (msg.counters == REPLY_DROPPED).all():
+            continue  # the rest is the steady-state test's
+        drops = msg.keys[msg.counters == REPLY_DROPPED]
+        served = msg.counters != REPLY_DROPPED
+        if served.any():
+            apply_reference(msg, served, shadow)
+        gone, slots, kept = release_reference(drops, shadow, policy.counts, shadow_rejoin,
+                                              shadow_refresh)
+        senders[sender].send_multipart(body)
+        assert router.poll(5000)
+        assert plane.drain(1) == (1, None)
+        expected = ([(3, msg.round, 0)] if kept and drops.shape[0] else []) + \
+            [(1, msg.round, msg.keys.shape[0])]
+        assert plane.take_events() == expected
+        _equal(state.snapshot(), shadow.snapshot())
+        for mine, theirs in ((state.held, shadow.held), (rejoin, shadow_rejoin),
+                             (refresh, shadow_refresh)):
+            assert np.array_equal(mine.keys(), theirs.keys())
+        freed += slots.tolist()
+        dropped_total += gone.shape[0]
+        kept_rounds += kept and drops.shape[0] > 0
+        if not state.held:
+            break
+    assert dropped_total >= 3 and kept_rounds >= 3
+    assert plane.replicas_dropped == dropped_total and plane.nfreed == 0
+    # the freed slots are the allocator's again: taken before any fresh one
+    top = allocator.top
+    again = allocator.allocate(np.full(len(freed), DIM, dtype=np.uint64))
+    assert sorted(again.tolist()) == sorted(freed) and allocator.top == top
