@@ -343,6 +343,25 @@ cdef class CompiledIntentStore:
             i += 1
         return q.records[i].start if i < q.size else NO_START
 
+    def any_due(self, clocks, windows):
+        """Whether some worker w has an intent not acted on yet that starts before
+        clocks[w] + windows[w] (its action window); clocks and windows: int64 per worker
+        (any integer arrays are converted)."""
+        cdef const int64_t[:] c = np.asarray(clocks, dtype=np.int64)
+        cdef const int64_t[:] win = np.asarray(windows, dtype=np.int64)
+        if c.shape[0] < <Py_ssize_t>self.num_workers or win.shape[0] < c.shape[0]:
+            raise ValueError("a clock and a window per worker")
+        cdef size_t w, i
+        cdef Queue* q
+        for w in range(self.num_workers):
+            q = &self.queues[w]
+            i = q.next_due
+            while i < q.size and (q.records[i].acted or q.records[i].expired):
+                i += 1
+            if i < q.size and q.records[i].start < c[w] + win[w]:
+                return True
+        return False
+
     @property
     def count(self):
         """Per key: how many unexpired intents name it (int32; do not write)."""

@@ -156,6 +156,12 @@ class IntentStore:
             i += 1
         return intents[i].start if i < len(intents) else 2**62
 
+    def any_due(self, clocks, windows):
+        """Whether some worker w has an intent not acted on yet that starts before
+        clocks[w] + windows[w] (its action window)."""
+        return any(self.next_start(w) < int(clocks[w]) + int(windows[w])
+                   for w in range(len(self._by_worker)))
+
     def intended(self, keys):
         """Mask: keys named by any intent not yet expired."""
         return self.count[keys.astype(np.intp)] > 0

@@ -69,6 +69,7 @@ class ClockTracker:
         self.mean = np.zeros(workers)
         self.var = np.zeros(workers)
         self.started = False
+        self._windows = self._compute_windows()
 
     def update(self, clocks):
         clocks = np.asarray(clocks, dtype=np.int64)
@@ -79,14 +80,20 @@ class ClockTracker:
             self.var = (1 - SPEED_SMOOTHING) * (self.var + SPEED_SMOOTHING * diff * diff)
         self.started = True
         self.last = clocks
+        self._windows = self._compute_windows()
         return self.windows()
 
     def windows(self):
         """Clocks ahead of each worker's clock within which intents are acted on: at
         least the current and the next clock, even for a clock that seems to stand
-        still."""
+        still. (Computed once per update: the node server asks on every turn.)"""
+        return self._windows
+
+    def _compute_windows(self):
         spread = SPREAD * np.sqrt(ROUNDS_AHEAD * self.var)
-        return np.ceil(ROUNDS_AHEAD * self.mean + spread).astype(np.int64) + MIN_WINDOW
+        windows = np.ceil(ROUNDS_AHEAD * self.mean + spread).astype(np.int64) + MIN_WINDOW
+        windows.flags.writeable = False  # shared by every caller until the next update
+        return windows
 
 
 class ReactionTime:
