@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from adapm.client import bags as bag_kernels
 from adapm.client.consistency import ReadYourWrites
 from adapm.client.miss_path import MissPath, compiled_miss_path
 from adapm.client.requests import ClusterHealth, CountOp, Pending, Requests, Sockets
@@ -224,6 +225,82 @@ class Worker:
         self._count("pushes_local", u - nmiss)
         if nmiss:
             self._miss.apply(distinct[:u], summed[:u], nmiss, params)
+
+    def pool_bags(self, keys, bags, num_bags, optimizer, mode="sum", scale=None):
+        """Pooled lookup of embedding bags straight from the rows held here (TBE's
+        forward, adapm.client.bags): entry i (keys[i], in bag bags[i], weighted by
+        scale[i] if given; mode "sum" or "mean" or "max") pooled into a float32
+        (num_bags, dim) array, dim = optimizer's row length. Returns (out, argmax) (argmax:
+        for "max", each element's winning entry, for apply_bag_gradients), or None when
+        some key is not held here (nothing changed: pull the rows and pool them)."""
+        self._check_open()
+        dim = self._row_dim(optimizer)
+        code = bag_kernels.mode_code(mode)
+        keys, bags, scale = bag_kernels.check_entries(keys, bags, num_bags, scale, self._view)
+        self._first_touch_rows(keys, dim, optimizer)
+        self._consistency.before_access(keys)
+        out = np.empty((num_bags, dim), dtype=np.float32)
+        argmax = np.empty((num_bags, dim), dtype=np.int64)
+        misses = self._miss.buffer(keys.shape[0])
+        try:
+            nmiss = self._view.bag_pool(keys, bags, scale, code, out, argmax, misses)
+        except LockTimeout as exc:
+            raise self._lock_error(exc, "pool_bags") from None
+        if nmiss:
+            return None
+        self._count("pulls_local", keys.shape[0])
+        return out, (argmax if code == bag_kernels.MODES["max"] else None)
+
+    def apply_bag_gradients(self, keys, bags, grad, optimizer, mode="sum", scale=None,
+                            argmax=None):
+        """The backward of pool_bags fused with `optimizer`'s step (TBE's backward): the
+        pooled gradient `grad` ((num_bags, dim)) scattered to one summed gradient per
+        distinct key (times scale[i] per entry: the per-sample weight, or 1 / the bag's
+        entries for "mean"; for "max" to the entries in `argmax`), each key's step taken
+        in place where it is held here, at its owner otherwise, as apply_gradients does.
+        Returns (distinct keys, their summed gradients; for keys stepped here with the
+        optimizer's weight decay added, as the step leaves them)."""
+        self._check_open()
+        dim = self._row_dim(optimizer)
+        code = bag_kernels.mode_code(mode)
+        grad = np.ascontiguousarray(grad, dtype=np.float32)
+        if grad.ndim != 2 or grad.shape[1] != dim or not np.isfinite(grad).all():
+            raise ValueError(f"the pooled gradient must be finite, (bags, {dim}); got "
+                             f"shape {grad.shape}")
+        keys, bags, scale = bag_kernels.check_entries(keys, bags, grad.shape[0], scale,
+                                                      self._view)
+        if code == bag_kernels.MODES["max"] and (argmax is None or argmax.shape != grad.shape):
+            raise ValueError("mode max needs pool_bags' argmax")
+        try:
+            params, _ = read_params(optimizer.params(dim), self._view.uniform_length)
+        except ValueError as exc:
+            raise ValueError(f"{optimizer!r}: {exc}") from None
+        n = keys.shape[0]
+        if n == 0:
+            return keys, np.empty((0, dim), dtype=np.float32)
+        self._consistency.before_access(keys)
+        distinct, summed = np.empty(n, dtype=np.uint64), np.empty((n, dim), dtype=np.float32)
+        misses = self._miss.buffer(n)
+        try:
+            u, nmiss = self._view.apply_bag_gradients(
+                keys, np.argsort(keys, kind="stable"), bags, scale, code, grad,
+                None if argmax is None else np.ascontiguousarray(argmax, dtype=np.int64),
+                params, distinct, summed, misses)
+        except LockTimeout as exc:
+            raise self._lock_error(exc, "apply_bag_gradients") from None
+        self._count("pushes_local", u - nmiss)
+        if nmiss:
+            self._miss.apply(distinct[:u], summed[:u], nmiss, params)
+        return distinct[:u], summed[:u]
+
+    def _first_touch_rows(self, keys, dim, optimizer):
+        """FirstTouchCheck for keys read without pull_rows: those never checked are
+        pulled whole (once per key) and their optimizer state checked."""
+        if optimizer.state_length(dim) == 0:
+            return  # no state to check (SGD)
+        new = self._first_touch.unchecked(keys)
+        if new.shape[0]:
+            self._first_touch.check(new, self.pull(new), dim, optimizer)
 
     def _row_dim(self, optimizer):
         if not isinstance(optimizer, SparseOptimizer):

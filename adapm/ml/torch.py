@@ -126,6 +126,22 @@ class _Rows(torch.autograd.Function):
         return None, None, None, None, None
 
 
+class _FusedBag(torch.autograd.Function):
+    """An EmbeddingBag's fused path (Worker.pool_bags, .apply_bag_gradients): forward
+    returns the bags pooled straight from the table; backward sends the pooled gradient,
+    which the table scatters to its rows and steps the optimizer with, in one call."""
+
+    @staticmethod
+    def forward(ctx, anchor, module, entries, pooled):
+        ctx.module, ctx.entries = module, entries
+        return torch.from_numpy(pooled)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module._send_bags(ctx.entries, grad)
+        return None, None, None, None
+
+
 _ZERO_ROW = -1   # extra_key: an extra row of zeros (padding entries point at it)
 
 
@@ -407,6 +423,9 @@ class EmbeddingBag(_Table):
             raise NotImplementedError(
                 f"embedding_bag: per_sample_weights is only supported for mode='sum' "
                 f"(got mode='{self.mode}')")
+        fused = self._fused(input, offsets, per_sample_weights)
+        if fused is not None:
+            return fused
         rows, index, padding = self._lookup(input)
         device = rows.device
         if offsets is not None:
@@ -417,6 +436,76 @@ class EmbeddingBag(_Table):
                                per_sample_weights=per_sample_weights,
                                include_last_offset=self.include_last_offset,
                                padding_idx=padding)
+
+    # -- the fused path: pooled straight from the table -------------------------------
+
+    def _fused(self, input, offsets, per_sample_weights):
+        """The bags pooled straight from the rows held here (Worker.pool_bags: one pass
+        over the entries, no fetched rows, no torch kernel), with a backward that steps
+        the rows in the table in the same pass (Worker.apply_bag_gradients). None where
+        it does not apply, and the rows are pulled and pooled by torch instead: a worker
+        without it, a float64 table, outputs on a GPU, per-sample weights whose own
+        gradient is wanted, offsets torch itself would have to judge, or a key of the
+        batch not held on this node."""
+        if not hasattr(self.worker, "pool_bags") or self.worker.dtype != np.float32 or \
+                self._output_device(input).type != "cpu":
+            return None
+        if isinstance(per_sample_weights, torch.Tensor) and \
+                per_sample_weights.requires_grad and torch.is_grad_enabled():
+            return None
+        host = _host_ids(input)
+        entries = self._entries(host, offsets)
+        if entries is None:
+            return None
+        flat, bags, num_bags = entries
+        weights = None
+        if per_sample_weights is not None:
+            weights = torch.as_tensor(per_sample_weights).detach().to(
+                "cpu", torch.float32).numpy().reshape(-1)
+            if weights.shape[0] != flat.shape[0]:
+                return None  # torch's error
+        if self.padding_idx is not None:
+            kept = flat != self.padding_idx
+            flat, bags = flat[kept], bags[kept]
+            weights = None if weights is None else weights[kept]
+        keys = self._rows_of(flat) + self.key_offset
+        pooled = self.worker.pool_bags(keys, bags, num_bags, self.optimizer, self.mode,
+                                       weights)
+        if pooled is None:
+            return None
+        out, argmax = pooled
+        if not torch.is_grad_enabled():
+            return torch.from_numpy(out)
+        scale = weights
+        if self.mode == "mean":
+            counts = np.maximum(np.bincount(bags, minlength=num_bags), 1)  # empty: unused
+            scale = (1.0 / counts).astype(np.float32)[bags]
+        return _FusedBag.apply(self._anchor, self, (keys, bags, scale, argmax), out)
+
+    def _entries(self, host, offsets):
+        """(flat ids, each entry's bag, number of bags) of an input, or None for offsets
+        that torch should judge (not starting at 0, decreasing, past the input's end)."""
+        if host.ndim == 2:
+            num_bags, length = host.shape
+            return host.reshape(-1), np.repeat(np.arange(num_bags, dtype=np.int64),
+                                               length), num_bags
+        offs = _host_ids(offsets).reshape(-1)
+        n = host.shape[0]
+        starts = offs[:-1] if self.include_last_offset else offs
+        ends = offs[1:] if self.include_last_offset else np.append(offs[1:], n)
+        if starts.shape[0] == 0 or starts[0] != 0 or ends[-1] != n or \
+                (np.diff(offs) < 0).any() or offs[-1] > n:
+            return None
+        return host, np.repeat(np.arange(starts.shape[0], dtype=np.int64),
+                               ends - starts), starts.shape[0]
+
+    def _send_bags(self, entries, grad):
+        keys, bags, scale, argmax = entries
+        grads = np.ascontiguousarray(grad.detach().to("cpu", torch.float32).numpy())
+        distinct, summed = self.worker.apply_bag_gradients(
+            keys, bags, grads, self.optimizer, self.mode, scale, argmax)
+        if distinct.shape[0]:
+            self.last_update = (distinct.astype(np.int64), summed)
 
     def extra_repr(self):
         text = super().extra_repr() + f", mode={self.mode!r}"

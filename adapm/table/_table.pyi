@@ -123,6 +123,13 @@ class TableView:
     def apply_optimizer(self, keys: np.ndarray, order: np.ndarray, grads: np.ndarray,
                         params: np.ndarray, distinct: np.ndarray, summed: np.ndarray,
                         misses: np.ndarray, owned_only: bool = False) -> tuple[int, int]: ...
+    def bag_pool(self, keys: np.ndarray, bags: np.ndarray, scale: np.ndarray | None,
+                 mode: int, out: np.ndarray, argmax: np.ndarray, misses: np.ndarray) -> int: ...
+    def apply_bag_gradients(self, keys: np.ndarray, order: np.ndarray, bags: np.ndarray,
+                            scale: np.ndarray | None, mode: int, grad: np.ndarray,
+                            argmax: np.ndarray | None, params: np.ndarray,
+                            distinct: np.ndarray, summed: np.ndarray,
+                            misses: np.ndarray) -> tuple[int, int]: ...
     def serve_sync(self, keys: np.ndarray, deltas: np.ndarray, has_delta: np.ndarray,
                    seen: np.ndarray, wanted: np.ndarray, owned: np.ndarray,
                    versions: np.ndarray, with_value: np.ndarray, out: np.ndarray) -> int: ...

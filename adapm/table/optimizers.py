@@ -329,6 +329,13 @@ class FirstTouchCheck:
     def __init__(self, num_keys):
         self.checked = np.zeros((int(num_keys) + 7) // 8, dtype=np.uint8)
 
+    def unchecked(self, keys):
+        """The distinct keys of `keys` (uint64) not checked yet."""
+        byte, bit = (keys >> np.uint64(3)).astype(np.intp), (keys & np.uint64(7)).astype(
+            np.uint8)
+        new = ((self.checked[byte] >> bit) & 1) == 0
+        return np.unique(keys[new]) if new.any() else keys[:0]
+
     def check(self, keys, values, dim, optimizer):
         """`values`: the keys' whole values (n, dim + state_length), as pulled."""
         byte, bit = (keys >> np.uint64(3)).astype(np.intp), (keys & np.uint64(7)).astype(

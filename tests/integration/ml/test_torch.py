@@ -307,9 +307,18 @@ def versus_torch_task(w, specs, steps, device="cpu"):
     rng = np.random.default_rng(1)   # the same batches in every worker
     batches = [[p.batch(rng) for p in pairs] for _ in range(steps)]
     gen = torch.Generator().manual_seed(2)
-    calls = []
+    calls = []   # (keys, "fused" or "rows") of each call that sent gradients
     apply_gradients = w.apply_gradients
-    w.apply_gradients = lambda *a: (calls.append(a[0].copy()), apply_gradients(*a))
+    w.apply_gradients = lambda *a: (calls.append((a[0].copy(), "rows")), apply_gradients(*a))
+    apply_bag_gradients = getattr(w, "apply_bag_gradients", None)
+    if apply_bag_gradients is not None:   # a real worker: EmbeddingBag's fused path
+
+        def counted(*args):
+            sent = apply_bag_gradients(*args)
+            calls.append((sent[0].copy(), "fused"))
+            return sent
+
+        w.apply_bag_gradients = counted
     loader = IntentLoader(w, batches, keys_of=lambda b: np.concatenate(
         [p.ours.keys_of(raw) for p, (raw, _, _) in zip(pairs, b)]))
     for step, batch in enumerate(loader):
@@ -338,6 +347,8 @@ def versus_torch_task(w, specs, steps, device="cpu"):
         for p, (raw, offsets, _) in zip(pairs, batches[0]):
             p.forward((raw, offsets, None), 0, False)
     w.apply_gradients = apply_gradients
+    if apply_bag_gradients is not None:
+        w.apply_bag_gradients = apply_bag_gradients
     return calls
 
 
@@ -599,6 +610,10 @@ def test_one_node_every_optimizer_and_table_kind_matches_torch():
     [calls] = adapm.run(versus_torch_task, args=(ONE_NODE, 4), nodes=1, num_keys=num_keys,
                         value_length=VALUE_LENGTH, init=init)
     assert len(calls) == 4 * len(ONE_NODE)
+    # every key is held on the one node: each bag's step went through the fused path,
+    # except where per-sample weights want their own gradient
+    fused_bags = sum(s["kind"] == "bag" and not s["psw"] for s in ONE_NODE)
+    assert sum(path == "fused" for _, path in calls) == 4 * fused_bags
 
 
 TWO_NODES = [spec("bag", "adagrad", 7, 0, "sum", "offsets", psw=True, pad=2),

@@ -1,0 +1,254 @@
+"""The fused embedding-bag kernels (src/bags.pxd through TableView.bag_pool and
+.apply_bag_gradients), the worker's pool_bags and apply_bag_gradients, and EmbeddingBag's
+fused path: pooled straight from the table, stepped in the table, exactly what torch's
+embedding_bag and the optimizer's update rules give; a key not held here falls back to the
+rows path with the same result; bad arrays are refused before anything changes."""
+import numpy as np
+import pytest
+
+import adapm
+from adapm import optim
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import adapm.torch as at  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+KEYS, DIM = 40, 4
+MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def random_bags(rng, num_bags, keys, weights=False):
+    """(keys, bags, scale) of a batch: bags of 0 to 5 entries (some empty), duplicate keys,
+    entries of a bag together, in order."""
+    lengths = rng.integers(0, 6, num_bags)
+    bags = np.repeat(np.arange(num_bags, dtype=np.int64), lengths)
+    entries = rng.choice(keys, size=bags.shape[0]).astype(np.uint64)
+    scale = rng.random(bags.shape[0]).astype(np.float32) if weights else None
+    return entries, bags, scale
+
+
+def pooled_reference(values, keys, bags, scale, mode, num_bags):
+    """torch's embedding_bag on the rows (offsets from the bags)."""
+    offsets = torch.from_numpy(np.searchsorted(bags, np.arange(num_bags)).astype(np.int64))
+    weight = torch.from_numpy(values[:, :DIM].astype(np.float32))
+    return F.embedding_bag(torch.from_numpy(keys.astype(np.int64)), weight, offsets,
+                           mode=mode, per_sample_weights=None if scale is None
+                           else torch.from_numpy(scale)).numpy()
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_bag_pool_is_torchs_embedding_bag_and_leaves_keys_not_held_out(make_table, mode,
+                                                                        seed):
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((KEYS, DIM + 2)).astype(np.float32)
+    values[:, :DIM] = np.round(values[:, :DIM], 1)  # ties, for max's first-wins rule
+    held = np.arange(0, KEYS - 8, dtype=np.uint64)  # the last 8 keys are not held here
+    table = make_table(num_keys=KEYS, value_length=DIM + 2, owned=held,
+                       values=values[:KEYS - 8].reshape(-1))
+    view = table.view
+    for step in range(20):
+        num_bags = int(rng.integers(1, 9))
+        keys, bags, scale = random_bags(rng, num_bags, held, weights=mode == "sum" and
+                                        step % 2 == 0)
+        out = np.empty((num_bags, DIM), np.float32)
+        argmax = np.empty((num_bags, DIM), np.int64)
+        misses = np.empty(keys.shape[0], np.uint64)
+        assert view.bag_pool(keys, bags, scale, MODES[mode], out, argmax, misses) == 0
+        np.testing.assert_allclose(out, pooled_reference(values, keys, bags, scale, mode,
+                                                         num_bags), rtol=1e-6, atol=1e-6)
+        if mode == "max":  # each element's winner: the first entry of its bag with the max
+            for bag in range(num_bags):
+                mine = np.flatnonzero(bags == bag)
+                for j in range(DIM):
+                    expect = mine[np.argmax(values[keys[mine].astype(np.intp), j])] \
+                        if mine.shape[0] else -1
+                    assert argmax[bag, j] == expect
+    # entries of keys not held here: misses, in order, left out of the pool
+    keys = np.array([3, 35, 4, 39, 3], np.uint64)
+    bags = np.array([0, 0, 1, 1, 1], np.int64)
+    out, argmax = np.empty((2, DIM), np.float32), np.empty((2, DIM), np.int64)
+    misses = np.empty(5, np.uint64)
+    assert view.bag_pool(keys, bags, None, MODES[mode], out, argmax, misses) == 2
+    assert misses[:2].tolist() == [1, 3]
+    np.testing.assert_allclose(out, pooled_reference(
+        values, keys[[0, 2, 4]], bags[[0, 2, 4]], None, mode, 2), rtol=1e-6)
+
+
+def reference_bag_step(values, keys, bags, scale, mode, argmax, grad, opt, t=1):
+    """The rows' gradient as torch's backward of embedding_bag gives it, then the
+    optimizer's update rules (adapm.optim's), in float64. Returns (values after, the
+    distinct keys, their gradients with the weight decay added, as the step leaves them)."""
+    g = np.zeros((KEYS, DIM))
+    for i, (key, bag) in enumerate(zip(keys.astype(np.intp), bags)):
+        if mode == "max":
+            g[key] += np.where(argmax[bag] == i, grad[bag], 0)
+        else:
+            g[key] += (1.0 if scale is None else scale[i]) * grad[bag]
+    values = values.astype(np.float64).copy()
+    for key in np.unique(keys.astype(np.intp)):
+        w = values[key]
+        gk = g[key] = g[key] + opt.weight_decay * w[:DIM]
+        if isinstance(opt, optim.RowWiseAdagrad):
+            w[DIM] += np.mean(gk * gk)
+            w[:DIM] -= opt.lr * gk / (np.sqrt(w[DIM]) + opt.eps)
+        elif isinstance(opt, optim.Adagrad):
+            w[DIM:] += gk * gk
+            w[:DIM] -= opt.lr * gk / (np.sqrt(w[DIM:]) + opt.eps)
+        elif isinstance(opt, optim.Adam):
+            m, v = w[DIM:2 * DIM], w[2 * DIM:]
+            m += (1 - opt.beta1) * (gk - m)
+            v += (1 - opt.beta2) * (gk * gk - v)
+            size = opt.lr * np.sqrt(1 - opt.beta2 ** t) / (1 - opt.beta1 ** t)
+            w[:DIM] -= size * m / (np.sqrt(v) + opt.eps)
+        else:
+            w[:DIM] -= opt.lr * gk
+    return values, np.unique(keys), g[np.unique(keys).astype(np.intp)]
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("make_opt", [lambda: optim.SGD(0.1, weight_decay=0.01),
+                                      lambda: optim.Adagrad(0.2),
+                                      lambda: optim.RowWiseAdagrad(0.1),
+                                      lambda: optim.Adam(0.05, weight_decay=0.01)],
+                         ids=["sgd", "adagrad", "rowwise", "adam"])
+def test_apply_bag_gradients_scatters_sums_and_steps_in_one_call(make_table, make_opt, mode):
+    opt = make_opt()   # a fresh one: Adam counts its steps
+    rng = np.random.default_rng(5)
+    width = opt.value_length(DIM)
+    values = opt.init(("normal", 0.5, 1))(np.arange(KEYS), width).astype(np.float32)
+    table = make_table(num_keys=KEYS, value_length=width, values=values.reshape(-1))
+    view = table.view
+    keys, bags, scale = random_bags(rng, 6, np.arange(KEYS), weights=mode == "sum")
+    out, argmax = np.empty((6, DIM), np.float32), np.empty((6, DIM), np.int64)
+    misses = np.empty(keys.shape[0], np.uint64)
+    assert view.bag_pool(keys, bags, scale, MODES[mode], out, argmax, misses) == 0
+    if mode == "mean":
+        scale = (1.0 / np.maximum(np.bincount(bags, minlength=6), 1)).astype(np.float32)[bags]
+    grad = rng.standard_normal((6, DIM)).astype(np.float32)
+    params = np.asarray(opt.params(DIM), np.float64)
+    distinct = np.empty(keys.shape[0], np.uint64)
+    summed = np.empty((keys.shape[0], DIM), np.float32)
+    u, nmiss = view.apply_bag_gradients(keys, np.argsort(keys, kind="stable"), bags, scale,
+                                        MODES[mode], grad, argmax, params, distinct, summed,
+                                        misses)
+    expect, expect_keys, expect_grads = reference_bag_step(values, keys, bags, scale, mode,
+                                                           argmax, grad, opt)
+    assert nmiss == 0 and np.array_equal(distinct[:u], expect_keys)
+    np.testing.assert_allclose(summed[:u], expect_grads, rtol=1e-5, atol=1e-6)
+    got = view.read_slots(np.arange(KEYS, dtype=np.uint64) * width,
+                          np.full(KEYS, width, np.uint64)).reshape(KEYS, width)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arrays_are_refused_before_anything_changes(make_table):
+    opt = optim.SGD(1.0)
+    table = make_table(num_keys=KEYS, value_length=DIM,
+                       values=np.ones(KEYS * DIM, np.float32))
+    view = table.view
+    keys, bags = np.array([1, 2], np.uint64), np.array([0, 1], np.int64)
+    out, argmax = np.empty((2, DIM), np.float32), np.empty((2, DIM), np.int64)
+    misses = np.empty(2, np.uint64)
+    before = view.read_slots(np.zeros(1, np.uint64), np.full(1, KEYS * DIM, np.uint64))
+    for bad_keys, bad_bags in ((np.array([1, KEYS], np.uint64), bags),
+                               (keys, np.array([0, 2], np.int64)),
+                               (keys, np.array([0, -1], np.int64)),
+                               (keys.astype(np.int64), bags)):
+        with pytest.raises((IndexError, ValueError)):
+            view.bag_pool(bad_keys, bad_bags, None, 0, out, argmax, misses)
+    with pytest.raises(ValueError, match="mode"):
+        view.bag_pool(keys, bags, None, 3, out, argmax, misses)
+    grad = np.ones((2, DIM), np.float32)
+    params = np.asarray(opt.params(DIM), np.float64)
+    distinct, summed = np.empty(2, np.uint64), np.empty((2, DIM), np.float32)
+    with pytest.raises(ValueError, match="permutation"):
+        view.apply_bag_gradients(keys, np.array([0, 0], np.int64), bags, None, 0, grad,
+                                 None, params, distinct, summed, misses)
+    with pytest.raises(ValueError):
+        view.apply_bag_gradients(keys, np.array([0, 1], np.int64), bags, None, 0,
+                                 np.ones((2, DIM + 1), np.float32), None, params, distinct,
+                                 summed, misses)
+    after = view.read_slots(np.zeros(1, np.uint64), np.full(1, KEYS * DIM, np.uint64))
+    np.testing.assert_array_equal(after, before)
+
+
+# -- the worker and the module, on real clusters ------------------------------------------
+
+def weighted_bags_task(w, steps):
+    """EmbeddingBag (sum, per-sample weights without their own gradient, padding, empty
+    bags) against torch's, trained by Adagrad, on one node: every step fused."""
+    torch.set_num_threads(1)
+    opt = optim.Adagrad(0.3)
+    bag = at.EmbeddingBag(w, KEYS, DIM, mode="sum", optimizer=opt, padding_idx=0)
+    ref = torch.nn.EmbeddingBag(KEYS, DIM, mode="sum", padding_idx=0)
+    with torch.no_grad():
+        ref.weight[:] = torch.from_numpy(w.pull_rows(np.arange(KEYS), opt))
+    ref_opt = torch.optim.Adagrad(ref.parameters(), lr=0.3)
+    fused = []
+    apply_bag_gradients = w.apply_bag_gradients
+    w.apply_bag_gradients = lambda *a: (fused.append(1), apply_bag_gradients(*a))[1]
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        ids = torch.from_numpy(rng.integers(0, KEYS, 20))
+        offsets = torch.tensor([0, 4, 4, 9, 15])
+        psw = torch.from_numpy(rng.random(20).astype(np.float32))
+        target = torch.randn(5, DIM)
+        out = bag(ids, offsets, per_sample_weights=psw)
+        ref_out = ref(ids, offsets, per_sample_weights=psw)
+        np.testing.assert_allclose(out.detach(), ref_out.detach(), rtol=1e-5, atol=1e-6)
+        ((out - target) ** 2).sum().backward()
+        ((ref_out - target) ** 2).sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    rows = w.pull_rows(np.arange(KEYS), opt)
+    np.testing.assert_allclose(rows, ref.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():   # evaluation: fused, nothing sent
+        bag(torch.tensor([[1, 2], [3, 0]]))
+    return len(fused)
+
+
+def test_weighted_bags_train_as_torch_through_the_fused_path():
+    opt = optim.Adagrad(0.3)
+    [fused] = adapm.run(weighted_bags_task, args=(6,), nodes=1, num_keys=KEYS,
+                        value_length=opt.value_length(DIM), init=opt.init(("normal", 0.5, 2)))
+    assert fused == 6
+
+
+def remote_rows_task(w):
+    """Static placement on two nodes: half the rows live on the other node, so a batch
+    with such a row is pooled from pulled rows (the fallback), one with only rows held here
+    is fused; both train alike (SGD: each use of a row moves it by -lr)."""
+    torch.set_num_threads(1)
+    opt = optim.SGD(0.5)
+    bag = at.EmbeddingBag(w, KEYS, DIM, mode="mean", optimizer=opt)
+    mine = np.arange(w.node, KEYS, 2)   # the keys this node owns (static: home = key % 2)
+    paths = []
+    apply_bag_gradients, apply_gradients = w.apply_bag_gradients, w.apply_gradients
+    w.apply_bag_gradients = lambda *a: (paths.append("fused"), apply_bag_gradients(*a))[1]
+    w.apply_gradients = lambda *a: (paths.append("rows"), apply_gradients(*a))[1]
+    if w.rank == 0:
+        for ids in (mine[:6].reshape(2, 3), np.arange(6).reshape(2, 3)):
+            before = w.pull_rows(np.arange(KEYS), opt)
+            out = bag(torch.from_numpy(ids))
+            np.testing.assert_allclose(out.detach().numpy(),
+                                       before[ids].mean(axis=1), rtol=1e-6)
+            out.sum().backward()
+            w.wait_sync()
+            after = w.pull_rows(np.arange(KEYS), opt)
+            expect = before.copy()
+            np.add.at(expect, ids.reshape(-1), -0.5 / 3)
+            np.testing.assert_allclose(after, expect, rtol=1e-6, atol=1e-6)
+    w.barrier()
+    return paths
+
+
+def test_a_batch_with_rows_held_elsewhere_falls_back_with_the_same_result():
+    opt = optim.SGD(0.5)
+    results = adapm.run(remote_rows_task, nodes=2, num_keys=KEYS, value_length=DIM,
+                        mode="static", init=opt.init(("normal", 0.5, 4)))
+    assert results[0] == ["fused", "rows"]
+    assert results[1] == []
+
