@@ -46,6 +46,7 @@ from layout cimport (
     ADAPM_REPLICA, ADAPM_PENDING, ADAPM_RING_CONTROL_WORDS, ADAPM_RING_HEAD, ADAPM_RING_TAIL,
     ADAPM_RING_WORDS, ADAPM_RING_WRAP,
 )
+from bags cimport BAG_MAX, BAG_MEAN, _bag_grads_by_key, _bag_mean, _bag_pool
 from optimizers cimport (
     OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
     _state_length, _sum_by_key,
@@ -560,22 +561,7 @@ cdef class TableView:
         Returns (number of distinct keys, number of misses); the misses' indices into
         `distinct` are written to `misses`, their summed gradients left in `summed`."""
         self._check_open()
-        if params.shape[0] != 8 or not np.isfinite(params).all():
-            raise ValueError(f"optimizer params must be 8 finite numbers, got {list(params)}")
-        params = np.ascontiguousarray(params, dtype=np.float64)
-        if not (params[0] in OPTIMIZER_KINDS and 1 <= params[1] <= self.uniform_length):
-            raise ValueError(f"optimizer params {list(params)} do not fit a table of "
-                             f"uniform value length {self.uniform_length}")
-        cdef const double* pr = <const double*>cnp.PyArray_DATA(params)
-        cdef OptStep step
-        step.kind = <int>pr[0]
-        step.dim = <uint64_t>pr[1]
-        step.lr, step.eps, step.weight_decay = pr[2], pr[3], pr[4]
-        step.beta1, step.beta2, step.step_size = pr[5], pr[6], pr[7]
-        if pr[0] not in OPTIMIZER_KINDS or pr[1] < 1 or pr[1] != <double>step.dim or \
-                step.dim + _state_length(step.kind, step.dim) != self.uniform_length:
-            raise ValueError(f"optimizer params {list(params)} do not fit a table of "
-                             f"uniform value length {self.uniform_length}")
+        cdef OptStep step = self._opt_step(params)
         cdef Py_ssize_t n = keys.shape[0], u
         cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
         cdef const int64_t* o = <const int64_t*>cnp.PyArray_DATA(order)
@@ -601,6 +587,145 @@ cdef class TableView:
                 nmiss = _apply_steps(&b, <double*>self.arena,
                                      <double*>cnp.PyArray_DATA(summed), &step, m, owned_only,
                                      self.uniform_length)
+        _check_batch(b)
+        return u, nmiss
+
+    cdef OptStep _opt_step(self, cnp.ndarray params) except *:
+        """An APPLY's params (float64: kind, dim, lr, eps, weight_decay, beta1, beta2,
+        step_size) as the kernels take them, checked against this table."""
+        if params.shape[0] != 8 or not np.isfinite(params).all():
+            raise ValueError(f"optimizer params must be 8 finite numbers, got {list(params)}")
+        params = np.ascontiguousarray(params, dtype=np.float64)
+        if not (params[0] in OPTIMIZER_KINDS and 1 <= params[1] <= self.uniform_length):
+            raise ValueError(f"optimizer params {list(params)} do not fit a table of "
+                             f"uniform value length {self.uniform_length}")
+        cdef const double* pr = <const double*>cnp.PyArray_DATA(params)
+        cdef OptStep step
+        step.kind = <int>pr[0]
+        step.dim = <uint64_t>pr[1]
+        step.lr, step.eps, step.weight_decay = pr[2], pr[3], pr[4]
+        step.beta1, step.beta2, step.step_size = pr[5], pr[6], pr[7]
+        if pr[0] not in OPTIMIZER_KINDS or pr[1] < 1 or pr[1] != <double>step.dim or \
+                step.dim + _state_length(step.kind, step.dim) != self.uniform_length:
+            raise ValueError(f"optimizer params {list(params)} do not fit a table of "
+                             f"uniform value length {self.uniform_length}")
+        return step
+
+    # -- embedding bags (bags.pxd: FBGEMM's TBE on this table) -----------------------
+
+    cdef _check_bags(self, cnp.ndarray keys, cnp.ndarray bags, cnp.ndarray scale,
+                     Py_ssize_t nbags, uint64_t dim):
+        """The arrays of a bag kernel, checked: what the kernels index must be in range."""
+        if self.header.dtype != 0 or self.uniform_length == 0:
+            raise ValueError("embedding-bag kernels need a float32 table of uniform "
+                             "value_length")
+        if not 1 <= dim <= self.uniform_length:
+            raise ValueError(f"rows of {dim} do not fit values of {self.uniform_length}")
+        cdef Py_ssize_t n = keys.shape[0], i
+        if keys.dtype != np.uint64 or bags.dtype != np.int64 or bags.shape[0] != n or \
+                not keys.flags.c_contiguous or not bags.flags.c_contiguous:
+            raise ValueError("keys (uint64) and bags (int64): contiguous, one per entry")
+        if scale is not None and (scale.dtype != np.float32 or scale.shape[0] != n or
+                                  not scale.flags.c_contiguous):
+            raise ValueError("scale: contiguous float32, one per entry")
+        cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
+        cdef const int64_t* bg = <const int64_t*>cnp.PyArray_DATA(bags)
+        for i in range(n):
+            if k[i] >= self.num_keys:
+                raise IndexError(f"key {k[i]} of {self.num_keys}")
+            if not 0 <= bg[i] < nbags:
+                raise IndexError(f"bag {bg[i]} of {nbags}")
+
+    def bag_pool(self, cnp.ndarray keys, cnp.ndarray bags, cnp.ndarray scale, int mode,
+                 cnp.ndarray out, cnp.ndarray argmax, cnp.ndarray misses):
+        """Pooled lookup straight from the table (bags.pxd's _bag_pool): the entries
+        (keys, uint64; bags, int64: each entry's bag; scale, float32 or None) pooled into
+        `out` (float32, bags x dim, C order; written whole) by `mode` (0 sum, 1 mean, 2
+        max; argmax, int64 like out, gets each element's winning entry for max, -1 for an
+        empty bag). Returns the number of misses (entries whose key is not usable here,
+        their indices written to `misses`, uint64, one per entry; left out of `out`)."""
+        self._check_open()
+        if out.ndim != 2 or out.dtype != np.float32 or not out.flags.c_contiguous or \
+                argmax.dtype != np.int64 or argmax.size != out.size or \
+                not argmax.flags.c_contiguous or misses.dtype != np.uint64 or \
+                misses.shape[0] < keys.shape[0] or mode not in (0, 1, 2):
+            raise ValueError("bag_pool's out (float32 bags x dim), argmax (int64, its "
+                             "size), misses (uint64, an entry each) and mode (0, 1, 2)")
+        cdef Py_ssize_t nbags = out.shape[0]
+        cdef uint64_t dim = out.shape[1]
+        self._check_bags(keys, bags, scale, nbags, dim)
+        cdef cnp.ndarray counts = np.zeros(nbags, dtype=np.uint32)
+        cdef cnp.ndarray row = np.empty(dim, dtype=np.float32)
+        out[...] = 0
+        argmax[...] = -1
+        cdef Batch b = self._batch_of(keys, True)
+        cdef const float* sp = NULL if scale is None else \
+            <const float*>cnp.PyArray_DATA(scale)
+        cdef int64_t r
+        with nogil:
+            r = _bag_pool(&b, <const float*>self.arena,
+                          <const int64_t*>cnp.PyArray_DATA(bags), sp, mode, dim,
+                          self.uniform_length, <float*>cnp.PyArray_DATA(out),
+                          <int64_t*>cnp.PyArray_DATA(argmax),
+                          <uint32_t*>cnp.PyArray_DATA(counts),
+                          <float*>cnp.PyArray_DATA(row), <uint64_t*>cnp.PyArray_DATA(misses))
+            if mode == BAG_MEAN:
+                _bag_mean(<float*>cnp.PyArray_DATA(out),
+                          <const uint32_t*>cnp.PyArray_DATA(counts), nbags, dim)
+        _check_batch(b)
+        return r
+
+    def apply_bag_gradients(self, cnp.ndarray keys, cnp.ndarray order, cnp.ndarray bags,
+                            cnp.ndarray scale, int mode, cnp.ndarray grad,
+                            cnp.ndarray argmax, cnp.ndarray params, cnp.ndarray distinct,
+                            cnp.ndarray summed, cnp.ndarray misses):
+        """The backward of bag_pool fused with the optimizer (adapm.optim): the pooled
+        gradient `grad` (float32, bags x dim) scattered to one summed gradient per
+        distinct key (bags.pxd's _bag_grads_by_key; `order`, int64: a stable argsort of
+        keys; scale: float32 per entry or None, 1 / the bag's count for mode mean; argmax:
+        bag_pool's, for mode max), then one step per distinct key usable here, in place
+        under its lock (optimizers.pxd's _apply_steps). As apply_optimizer: returns
+        (distinct keys, misses); `distinct` (uint64, an entry each), `summed` (float32,
+        entries x dim) and `misses` (indices into distinct) as it fills them."""
+        self._check_open()
+        cdef OptStep step = self._opt_step(params)
+        cdef Py_ssize_t n = keys.shape[0], i, u
+        if grad.ndim != 2 or grad.dtype != np.float32 or not grad.flags.c_contiguous or \
+                <uint64_t>grad.shape[1] != step.dim or mode not in (0, 1, 2) or \
+                (mode == BAG_MAX and (argmax.dtype != np.int64 or argmax.size != grad.size
+                                      or not argmax.flags.c_contiguous)) or \
+                order.dtype != np.int64 or order.shape[0] != n or \
+                distinct.dtype != np.uint64 or distinct.shape[0] < n or \
+                summed.dtype != np.float32 or summed.size < n * step.dim or \
+                not summed.flags.c_contiguous or misses.dtype != np.uint64 or \
+                misses.shape[0] < n:
+            raise ValueError("apply_bag_gradients' arrays: grad (float32 bags x dim), "
+                             "argmax, order, distinct, summed, misses")
+        self._check_bags(keys, bags, scale, grad.shape[0], step.dim)
+        cdef const int64_t* o = <const int64_t*>cnp.PyArray_DATA(order)
+        cdef cnp.ndarray seen = np.zeros(n, dtype=np.uint8)
+        cdef uint8_t* sn = <uint8_t*>cnp.PyArray_DATA(seen)
+        for i in range(n):  # a permutation: the kernel reads entry order[i] for each i
+            if not 0 <= o[i] < n or sn[o[i]]:
+                raise ValueError("order must be a permutation of the entries")
+            sn[o[i]] = 1
+        cdef const float* sp = NULL if scale is None else \
+            <const float*>cnp.PyArray_DATA(scale)
+        cdef const int64_t* ap = NULL if mode != BAG_MAX else \
+            <const int64_t*>cnp.PyArray_DATA(argmax)
+        cdef uint64_t* d = <uint64_t*>cnp.PyArray_DATA(distinct)
+        cdef Batch b
+        cdef int64_t nmiss
+        with nogil:
+            u = _bag_grads_by_key(<const uint64_t*>cnp.PyArray_DATA(keys), o, n,
+                                  <const int64_t*>cnp.PyArray_DATA(bags), sp, mode,
+                                  <const float*>cnp.PyArray_DATA(grad), ap, step.dim, d,
+                                  <float*>cnp.PyArray_DATA(summed))
+            b = _batch(self.directory, d, u, self.lock_timeout_ns, self.arena,
+                       self.itemsize, self.arena_capacity)
+            nmiss = _apply_steps(&b, <float*>self.arena, <float*>cnp.PyArray_DATA(summed),
+                                 &step, <uint64_t*>cnp.PyArray_DATA(misses), False,
+                                 self.uniform_length)
         _check_batch(b)
         return u, nmiss
 
