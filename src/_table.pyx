@@ -46,7 +46,7 @@ from layout cimport (
     ADAPM_REPLICA, ADAPM_PENDING, ADAPM_RING_CONTROL_WORDS, ADAPM_RING_HEAD, ADAPM_RING_TAIL,
     ADAPM_RING_WORDS, ADAPM_RING_WRAP,
 )
-from bags cimport BAG_MAX, BAG_MEAN, _bag_grads_by_key, _bag_mean, _bag_pool
+from bags cimport BAG_MAX, BAG_MEAN, RADIX, _bag_grads_by_key, _bag_mean, _bag_pool, _radix_order
 from optimizers cimport (
     OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
     _state_length, _sum_by_key,
@@ -682,7 +682,7 @@ cdef class TableView:
         """The backward of bag_pool fused with the optimizer (adapm.optim): the pooled
         gradient `grad` (float32, bags x dim) scattered to one summed gradient per
         distinct key (bags.pxd's _bag_grads_by_key; `order`, int64: a stable argsort of
-        keys; scale: float32 per entry or None, 1 / the bag's count for mode mean; argmax:
+        keys, or None: sorted here, bags.pxd's _radix_order; scale: float32 per entry or None, 1 / the bag's count for mode mean; argmax:
         bag_pool's, for mode max), then one step per distinct key usable here, in place
         under its lock (optimizers.pxd's _apply_steps). As apply_optimizer: returns
         (distinct keys, misses); `distinct` (uint64, an entry each), `summed` (float32,
@@ -694,7 +694,7 @@ cdef class TableView:
                 <uint64_t>grad.shape[1] != step.dim or mode not in (0, 1, 2) or \
                 (mode == BAG_MAX and (argmax.dtype != np.int64 or argmax.size != grad.size
                                       or not argmax.flags.c_contiguous)) or \
-                order.dtype != np.int64 or order.shape[0] != n or \
+                (order is not None and (order.dtype != np.int64 or order.shape[0] != n)) or \
                 distinct.dtype != np.uint64 or distinct.shape[0] < n or \
                 summed.dtype != np.float32 or summed.size < n * step.dim or \
                 not summed.flags.c_contiguous or misses.dtype != np.uint64 or \
@@ -702,13 +702,27 @@ cdef class TableView:
             raise ValueError("apply_bag_gradients' arrays: grad (float32 bags x dim), "
                              "argmax, order, distinct, summed, misses")
         self._check_bags(keys, bags, scale, grad.shape[0], step.dim)
-        cdef const int64_t* o = <const int64_t*>cnp.PyArray_DATA(order)
-        cdef cnp.ndarray seen = np.zeros(n, dtype=np.uint8)
-        cdef uint8_t* sn = <uint8_t*>cnp.PyArray_DATA(seen)
-        for i in range(n):  # a permutation: the kernel reads entry order[i] for each i
-            if not 0 <= o[i] < n or sn[o[i]]:
-                raise ValueError("order must be a permutation of the entries")
-            sn[o[i]] = 1
+        cdef cnp.ndarray seen, spare, counts
+        cdef uint8_t* sn
+        cdef const int64_t* o
+        if order is None:  # sorted here, by a radix sort: O(entries) a pass
+            order = np.empty(n, dtype=np.int64)
+            spare = np.empty(n, dtype=np.int64)
+            counts = np.empty(RADIX + 1, dtype=np.intp)
+            with nogil:
+                _radix_order(<const uint64_t*>cnp.PyArray_DATA(keys), n, self.num_keys,
+                             <int64_t*>cnp.PyArray_DATA(order),
+                             <int64_t*>cnp.PyArray_DATA(spare),
+                             <Py_ssize_t*>cnp.PyArray_DATA(counts))
+            o = <const int64_t*>cnp.PyArray_DATA(order)
+        else:
+            o = <const int64_t*>cnp.PyArray_DATA(order)
+            seen = np.zeros(n, dtype=np.uint8)
+            sn = <uint8_t*>cnp.PyArray_DATA(seen)
+            for i in range(n):  # a permutation: the kernel reads entry order[i] for each i
+                if not 0 <= o[i] < n or sn[o[i]]:
+                    raise ValueError("order must be a permutation of the entries")
+                sn[o[i]] = 1
         cdef const float* sp = NULL if scale is None else \
             <const float*>cnp.PyArray_DATA(scale)
         cdef const int64_t* ap = NULL if mode != BAG_MAX else \

@@ -72,6 +72,7 @@ class Worker:
             config.env_float(config.ENV_HEARTBEAT_TIMEOUT, config.DEFAULT_HEARTBEAT_TIMEOUT),
             f"node {self.node}, worker {self.rank}")
         self._first_touch = FirstTouchCheck(self.num_keys)  # pull_rows: state checked once
+        self._last_params = None    # (raw bytes, checked params) of the last optimizer step
         self._samples_started = False  # count_samples was called
         self._clock = 0
         self._barriers = 0
@@ -209,10 +210,7 @@ class Worker:
         grads = as_gradients(grads, keys.shape[0], dim, self._view)
         if keys.shape[0] == 0:
             return
-        try:  # what an owner would refuse (a schedule may have set lr < 0) is refused here
-            params, _ = read_params(optimizer.params(dim), self._view.uniform_length)
-        except ValueError as exc:
-            raise ValueError(f"{optimizer!r}: {exc}") from None
+        params = self._checked_params(optimizer, dim)
         self._consistency.before_access(keys)
         n = keys.shape[0]
         distinct, summed = np.empty(n, dtype=np.uint64), np.empty((n, dim), dtype=self.dtype)
@@ -271,10 +269,7 @@ class Worker:
                                                       self._view)
         if code == bag_kernels.MODES["max"] and (argmax is None or argmax.shape != grad.shape):
             raise ValueError("mode max needs pool_bags' argmax")
-        try:
-            params, _ = read_params(optimizer.params(dim), self._view.uniform_length)
-        except ValueError as exc:
-            raise ValueError(f"{optimizer!r}: {exc}") from None
+        params = self._checked_params(optimizer, dim)
         n = keys.shape[0]
         if n == 0:
             return keys, np.empty((0, dim), dtype=np.float32)
@@ -283,7 +278,7 @@ class Worker:
         misses = self._miss.buffer(n)
         try:
             u, nmiss = self._view.apply_bag_gradients(
-                keys, np.argsort(keys, kind="stable"), bags, scale, code, grad,
+                keys, None, bags, scale, code, grad,  # None: a radix sort in the kernel
                 None if argmax is None else np.ascontiguousarray(argmax, dtype=np.int64),
                 params, distinct, summed, misses)
         except LockTimeout as exc:
@@ -292,6 +287,21 @@ class Worker:
         if nmiss:
             self._miss.apply(distinct[:u], summed[:u], nmiss, params)
         return distinct[:u], summed[:u]
+
+    def _checked_params(self, optimizer, dim):
+        """The optimizer's params for an APPLY, checked as an owner would check them (a
+        schedule may have set lr < 0): refused here. The last params checked are kept,
+        so a step with the same hyper-parameters costs no second check."""
+        params = optimizer.params(dim)
+        raw = np.asarray(params, dtype=np.float64).tobytes()
+        if self._last_params is not None and self._last_params[0] == raw:
+            return self._last_params[1]
+        try:
+            checked, _ = read_params(params, self._view.uniform_length)
+        except ValueError as exc:
+            raise ValueError(f"{optimizer!r}: {exc}") from None
+        self._last_params = (raw, checked)
+        return checked
 
     def _first_touch_rows(self, keys, dim, optimizer):
         """FirstTouchCheck for keys read without pull_rows: those never checked are

@@ -125,7 +125,7 @@ class TableView:
                         misses: np.ndarray, owned_only: bool = False) -> tuple[int, int]: ...
     def bag_pool(self, keys: np.ndarray, bags: np.ndarray, scale: np.ndarray | None,
                  mode: int, out: np.ndarray, argmax: np.ndarray, misses: np.ndarray) -> int: ...
-    def apply_bag_gradients(self, keys: np.ndarray, order: np.ndarray, bags: np.ndarray,
+    def apply_bag_gradients(self, keys: np.ndarray, order: np.ndarray | None, bags: np.ndarray,
                             scale: np.ndarray | None, mode: int, grad: np.ndarray,
                             argmax: np.ndarray | None, params: np.ndarray,
                             distinct: np.ndarray, summed: np.ndarray,

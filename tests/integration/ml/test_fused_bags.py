@@ -252,3 +252,35 @@ def test_a_batch_with_rows_held_elsewhere_falls_back_with_the_same_result():
     assert results[0] == ["fused", "rows"]
     assert results[1] == []
 
+
+
+@pytest.mark.parametrize("num_keys", [40, 5000, 3_000_000])
+def test_the_kernels_own_sort_groups_as_a_stable_argsort(make_table, num_keys):
+    """order=None: the kernel's radix sort (one pass per 11 bits of the key range) gives
+    the distinct keys, summed gradients and steps that numpy's stable argsort gives."""
+    rng = np.random.default_rng(num_keys)
+    opt = optim.Adagrad(0.1)
+    width = opt.value_length(DIM)
+    m = min(300, num_keys)
+    used = np.sort(rng.choice(num_keys, m, replace=False)).astype(np.uint64)
+    tables = [make_table(num_keys=num_keys, value_length=width, owned=used,
+                         values=np.ones(m * width, np.float32), arena_capacity=m * width)
+              for _ in range(2)]
+    keys = rng.choice(used, 1000).astype(np.uint64)
+    bags = np.sort(rng.integers(0, 50, 1000)).astype(np.int64)
+    grad = rng.standard_normal((50, DIM)).astype(np.float32)
+    params = np.asarray(opt.params(DIM), np.float64)
+    results = []
+    for table, order in zip(tables, (None, np.argsort(keys, kind="stable"))):
+        distinct, summed = np.empty(1000, np.uint64), np.empty((1000, DIM), np.float32)
+        misses = np.empty(1000, np.uint64)
+        u, nmiss = table.view.apply_bag_gradients(keys, order, bags, None, 0, grad, None,
+                                                  params, distinct, summed, misses)
+        assert nmiss == 0
+        values = np.empty(m * width, np.float32)
+        assert table.view.pull(used, values, np.empty(m, np.uint64)) == 0
+        results.append((distinct[:u], summed[:u], values))
+    (d0, s0, v0), (d1, s1, v1) = results
+    assert np.array_equal(d0, d1) and np.array_equal(d0, np.unique(keys))
+    np.testing.assert_array_equal(s0, s1)   # the same additions in the same order
+    np.testing.assert_array_equal(v0, v1)
