@@ -240,7 +240,10 @@ class _Table(torch.nn.Module):
         array): what adapm.data.IntentLoader's keys_of returns for this table's part of a
         batch. Applies hashing, key_offset and padding; raises IdOutOfRangeError as
         forward does."""
-        keys, extra, _ = self._plan(_host_ids(ids).reshape(-1))
+        ids = _host_ids(ids).reshape(-1)
+        if self.padding_idx is None:  # the common case: no inverse index to build
+            return np.unique(self._rows_of(ids)) + self.key_offset
+        keys, extra, _ = self._plan(ids)
         if extra is not None and extra != _ZERO_ROW:
             keys = np.union1d(keys, [extra])
         return keys
