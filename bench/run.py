@@ -11,6 +11,7 @@ import bench_mf
 import bench_miss
 import bench_plane
 import bench_remote
+import bench_twotower
 
 import bench_local
 import bench_memory
@@ -27,4 +28,5 @@ if __name__ == "__main__":
     bench_cpu.main([])
     bench_input.main(full)
     bench_ctr.main([])
+    bench_twotower.main([])
     bench_checkpoint.main([])
