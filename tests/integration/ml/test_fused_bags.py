@@ -284,3 +284,73 @@ def test_the_kernels_own_sort_groups_as_a_stable_argsort(make_table, num_keys):
     assert np.array_equal(d0, d1) and np.array_equal(d0, np.unique(keys))
     np.testing.assert_array_equal(s0, s1)   # the same additions in the same order
     np.testing.assert_array_equal(v0, v1)
+
+
+def collection_task(w, steps):
+    """Four tables (sum with per-sample weights, sum with padding, max, mean) in one
+    EmbeddingBagCollection, against three torch EmbeddingBags trained by Adagrad: the
+    outputs and rows equal torch's after every step; each (mode, optimizer) group (here:
+    the two sum tables, the max one, the mean one) is one pool_bags and one
+    apply_bag_gradients call."""
+    torch.set_num_threads(1)
+    opt = optim.Adagrad(0.2)
+    specs = [dict(n=10, offset=0, mode="sum"), dict(n=12, offset=10, mode="sum", pad=3),
+             dict(n=8, offset=22, mode="max"), dict(n=6, offset=30, mode="mean")]
+    ours = at.EmbeddingBagCollection([
+        at.EmbeddingBag(w, s["n"], DIM, mode=s["mode"], optimizer=opt,
+                        key_offset=s["offset"], padding_idx=s.get("pad")) for s in specs])
+    refs = [torch.nn.EmbeddingBag(s["n"], DIM, mode=s["mode"], padding_idx=s.get("pad"))
+            for s in specs]
+    for s, ref in zip(specs, refs):
+        with torch.no_grad():
+            ref.weight[:] = torch.from_numpy(
+                w.pull_rows(np.arange(s["offset"], s["offset"] + s["n"]), opt))
+    ref_opt = torch.optim.Adagrad([p for r in refs for p in r.parameters()], lr=0.2)
+    calls = {"pool": 0, "apply": 0}
+    pool_bags, apply_bag_gradients = w.pool_bags, w.apply_bag_gradients
+
+    def pool(*a):
+        calls["pool"] += 1
+        return pool_bags(*a)
+
+    def apply(*a):
+        calls["apply"] += 1
+        return apply_bag_gradients(*a)
+
+    w.pool_bags, w.apply_bag_gradients = pool, apply
+    rng = np.random.default_rng(3)
+    for _ in range(steps):
+        inputs = [(torch.from_numpy(rng.integers(0, 10, 9)), torch.tensor([0, 2, 2, 6]),
+                   torch.from_numpy(rng.random(9).astype(np.float32))),
+                  torch.from_numpy(rng.integers(0, 12, (4, 3))),
+                  (torch.from_numpy(rng.integers(0, 8, 7)), torch.tensor([0, 3, 3])),
+                  torch.from_numpy(rng.integers(0, 6, (4, 2)))]
+        outs = ours(inputs)
+        ref_outs = [ref(*(inp if isinstance(inp, tuple) else (inp,)))
+                    for ref, inp in zip(refs, inputs)]
+        targets = [torch.randn(o.shape) for o in ref_outs]
+        for out, ref_out in zip(outs, ref_outs):
+            np.testing.assert_allclose(out.detach(), ref_out.detach(), rtol=1e-5, atol=1e-6)
+        sum(((o - t) ** 2).sum() for o, t in zip(outs, targets)).backward()
+        sum(((o - t) ** 2).sum() for o, t in zip(ref_outs, targets)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for s, ref in zip(specs, refs):
+            np.testing.assert_allclose(
+                w.pull_rows(np.arange(s["offset"], s["offset"] + s["n"]), opt),
+                ref.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    return calls
+
+
+def test_a_collection_pools_and_steps_each_mode_of_its_tables_in_one_call():
+    opt = optim.Adagrad(0.2)
+    [calls] = adapm.run(collection_task, args=(4,), nodes=1, num_keys=KEYS,
+                        value_length=opt.value_length(DIM), init=opt.init(("normal", 0.5, 6)))
+    assert calls == {"pool": 3 * 4, "apply": 3 * 4}   # sum, max and mean: three groups
+
+
+def test_a_collection_refuses_what_is_not_its_tables():
+    with pytest.raises(TypeError):
+        at.EmbeddingBagCollection([])
+    with pytest.raises(TypeError):
+        at.EmbeddingBagCollection([torch.nn.EmbeddingBag(3, 2)])
