@@ -9,48 +9,17 @@
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from arena cimport _fits, _length, _usable
-from atomic cimport (
-    adapm_fence_acquire, adapm_load_acquire_u32, adapm_load_relaxed_u8,
-    adapm_load_relaxed_u32, adapm_load_relaxed_u64, adapm_prefetch_read,
-)
+from arena cimport _length
+from atomic cimport adapm_prefetch_read
 from batch cimport Batch, _entry_ahead, _slot_ahead
+from kernels cimport _seq_copy
 from layout cimport adapm_entry_t
-from seqlock cimport Spinner, _spin, _spinner
+from seqlock cimport Spinner, _spinner
 
 cdef enum:
     BAG_SUM = 0
     BAG_MEAN = 1
     BAG_MAX = 2
-
-
-cdef inline int _read_row(Batch* b, Py_ssize_t i, const float* arena, uint64_t dim,
-                          uint64_t uniform, float* row) noexcept nogil:
-    """Entry i's row into `row`, read as _pull reads (optimistically, retried when a
-    writer held or changed the key). 1: read; 0: not usable here; -1: the key's writer
-    held it past the timeout."""
-    cdef adapm_entry_t* e = &b.directory[b.keys[i]]
-    cdef uint64_t length = _length(e, uniform), off
-    cdef uint32_t s1
-    cdef uint8_t state
-    cdef Spinner sp = _spinner(b.timeout_ns)
-    while True:
-        s1 = adapm_load_acquire_u32(&e.seq)
-        if s1 & 1:
-            if _spin(&sp):
-                return -1
-            continue
-        state = adapm_load_relaxed_u8(&e.state)
-        off = adapm_load_relaxed_u64(&e.offset)
-        if not _usable(state, False) or length < dim or not _fits(off, length, b.capacity):
-            adapm_fence_acquire()
-            if adapm_load_relaxed_u32(&e.seq) != s1:
-                continue
-            return 0
-        memcpy(row, arena + off, dim * sizeof(float))
-        adapm_fence_acquire()
-        if adapm_load_relaxed_u32(&e.seq) == s1:
-            return 1
 
 
 cdef inline int64_t _bag_pool(Batch* batch, const float* arena, const int64_t* bags,
@@ -63,8 +32,8 @@ cdef inline int64_t _bag_pool(Batch* batch, const float* arena, const int64_t* b
     max (per element, the first entry with the greatest value wins, as torch's; argmax:
     bags x dim, -1 filled by the caller, gets that entry's index). counts (per bag,
     zeroed) counts the entries pooled. Entries whose key is not usable here are misses
-    (indices into the batch), and are left out. A lock that times out ends the walk
-    (batch.failed)."""
+    (indices into the batch), and are left out. Rows are read as _pull reads them
+    (kernels.pxd's _seq_copy). A lock that times out ends the walk (batch.failed)."""
     cdef Batch b = batch[0]
     cdef Py_ssize_t i
     cdef uint64_t j
@@ -74,6 +43,8 @@ cdef inline int64_t _bag_pool(Batch* batch, const float* arena, const int64_t* b
     cdef float* o
     cdef int64_t* a
     cdef const void* ahead
+    cdef adapm_entry_t* e
+    cdef Spinner sp
     for i in range(b.n):
         ahead = _entry_ahead(&b, i)
         if ahead != NULL:
@@ -81,7 +52,9 @@ cdef inline int64_t _bag_pool(Batch* batch, const float* arena, const int64_t* b
         ahead = _slot_ahead(&b, i)
         if ahead != NULL:
             adapm_prefetch_read(ahead)
-        got = _read_row(&b, i, arena, dim, uniform, row)
+        e = &b.directory[b.keys[i]]
+        sp = _spinner(b.timeout_ns)
+        got = _seq_copy(e, arena, _length(e, uniform), dim, b.capacity, False, &sp, row)
         if got < 0:
             batch.failed = i
             return nmiss

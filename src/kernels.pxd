@@ -28,21 +28,53 @@ cdef enum:
     _SERVE_VALUE = 1             # always (a requested key)
     _SERVE_VALUE_IF_CHANGED = 2  # only when its version is not the one the replica saw
 
+cdef inline int _seq_copy(adapm_entry_t* e, const real* arena, uint64_t length, uint64_t count,
+                          uint64_t capacity, bint owned_only, Spinner* sp,
+                          real* dst) noexcept nogil:
+    """The read side's one step, as a seqlock reader: the first `count` of the `length`
+    elements of the key's value copied into dst optimistically, the copy retried when a
+    writer held or changed the key meanwhile. 1: copied; 0: not usable here; -1: a writer
+    held it past the spinner's timeout."""
+    cdef uint32_t s1
+    cdef uint8_t state
+    cdef uint64_t off
+    while True:
+        s1 = adapm_load_acquire_u32(&e.seq)
+        if s1 & 1:
+            if _spin(sp):
+                return -1
+            continue
+        # Racing reads by design (a writer may change them): single atomic loads, so
+        # that the compiler cannot re-read `off` after the bounds check.
+        state = adapm_load_relaxed_u8(&e.state)
+        off = adapm_load_relaxed_u64(&e.offset)
+        if not _usable(state, owned_only) or length == 0 or length < count or \
+                not _fits(off, length, capacity):
+            adapm_fence_acquire()
+            if adapm_load_relaxed_u32(&e.seq) != s1:
+                continue
+            return 0
+        memcpy(dst, arena + off, count * sizeof(real))
+        adapm_fence_acquire()
+        if adapm_load_relaxed_u32(&e.seq) == s1:
+            return 1
+
+
 cdef inline int64_t _pull(Batch* batch, real* arena, real* out, uint64_t* misses, bint owned_only,
                    uint64_t uniform) noexcept nogil:
     """The read side: no lock is taken. Each value is copied optimistically and the copy
-    retried when a writer held or changed the key meanwhile (a seqlock reader)."""
+    retried when a writer held or changed the key meanwhile (a seqlock reader,
+    _seq_copy)."""
     cdef Batch b = batch[0]
     b.arena = <const char*>arena  # the same slots; a constant itemsize frees a register
     b.itemsize = sizeof(real)
     cdef Py_ssize_t i
     cdef int64_t nmiss = 0
-    cdef uint64_t pos = 0, off, length, capacity = b.capacity
-    cdef uint32_t s1, s2
-    cdef uint8_t state
+    cdef uint64_t pos = 0, length, capacity = b.capacity
     cdef adapm_entry_t* e
     cdef const void* ahead
     cdef Spinner sp
+    cdef int got
     for i in range(b.n):
         ahead = _entry_ahead(&b, i)
         if ahead != NULL:
@@ -53,30 +85,13 @@ cdef inline int64_t _pull(Batch* batch, real* arena, real* out, uint64_t* misses
         e = &b.directory[b.keys[i]]
         length = _length(e, uniform)  # fixed at creation
         sp = _spinner(b.timeout_ns)
-        while True:
-            s1 = adapm_load_acquire_u32(&e.seq)
-            if s1 & 1:
-                if _spin(&sp):
-                    batch.failed = i
-                    return nmiss
-                continue
-            # Racing reads by design (a writer may change them): single atomic loads, so
-            # that the compiler cannot re-read `off` after the bounds check.
-            state = adapm_load_relaxed_u8(&e.state)
-            off = adapm_load_relaxed_u64(&e.offset)
-            if not _usable(state, owned_only) or length == 0 or \
-                    not _fits(off, length, capacity):
-                adapm_fence_acquire()
-                if adapm_load_relaxed_u32(&e.seq) != s1:
-                    continue
-                misses[nmiss] = i
-                nmiss += 1
-                break
-            memcpy(out + pos, arena + off, length * sizeof(real))
-            adapm_fence_acquire()
-            s2 = adapm_load_relaxed_u32(&e.seq)
-            if s1 == s2:
-                break
+        got = _seq_copy(e, arena, length, length, capacity, owned_only, &sp, out + pos)
+        if got < 0:
+            batch.failed = i
+            return nmiss
+        if got == 0:
+            misses[nmiss] = i
+            nmiss += 1
         pos += uniform if uniform != 0 else length
     return nmiss
 
