@@ -12,28 +12,31 @@ apply_gradients' do."""
 
 import numpy as np
 
+from adapm.table.keys import as_keys
+
 MODES = {"sum": 0, "mean": 1, "max": 2}
 
 
-def check_entries(keys, bags, num_bags, scale, view):
-    """keys (uint64, in the table), bags (int64 in [0, num_bags)), scale (float32 or None),
-    one per entry, as the kernels take them; ValueError says what is wrong."""
-    keys = np.ascontiguousarray(keys)
-    if keys.ndim != 1 or keys.dtype.kind not in "iu":
-        raise ValueError(f"keys must be a 1-D integer array, got {keys.dtype} {keys.shape}")
-    keys = keys.astype(np.uint64, copy=False)
-    bad = view.first_invalid_key(keys)
-    if bad >= 0:
-        raise ValueError(f"key {int(keys[bad])} out of range [0, {view.num_keys})")
+def check_entries(keys, bags, scale, view):
+    """keys (uint64, in the table: adapm.table.keys.as_keys), bags (int64), scale
+    (float32 or None), one per entry, as the kernels take them; ValueError says what is
+    wrong. Each bag's range is the kernel's to check (it must, and does so before
+    anything changes): bag_error turns its IndexError into this module's ValueError."""
+    keys = as_keys(keys, view)
     bags = np.ascontiguousarray(bags, dtype=np.int64)
-    if bags.shape != keys.shape or (bags.size and (bags.min() < 0 or bags.max() >= num_bags)):
-        raise ValueError(f"bags must give each of the {keys.shape[0]} entries a bag in "
-                         f"[0, {num_bags})")
+    if bags.shape != keys.shape:
+        raise ValueError(f"bags must give each of the {keys.shape[0]} entries a bag, got "
+                         f"shape {bags.shape}")
     if scale is not None:
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         if scale.shape != keys.shape or not np.isfinite(scale).all():
             raise ValueError("per-entry weights must be finite, one per entry")
     return keys, bags, scale
+
+
+def bag_error(exc, num_bags):
+    """The kernels' refusal of an entry (IndexError: a bag out of range) as ValueError."""
+    return ValueError(f"{exc}: each entry's bag must be in [0, {num_bags})")
 
 
 def mode_code(mode):

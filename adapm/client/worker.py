@@ -234,7 +234,7 @@ class Worker:
         self._check_open()
         dim = self._row_dim(optimizer)
         code = bag_kernels.mode_code(mode)
-        keys, bags, scale = bag_kernels.check_entries(keys, bags, num_bags, scale, self._view)
+        keys, bags, scale = bag_kernels.check_entries(keys, bags, scale, self._view)
         self._first_touch_rows(keys, dim, optimizer)
         self._consistency.before_access(keys)
         out = np.empty((num_bags, dim), dtype=np.float32)
@@ -244,6 +244,8 @@ class Worker:
             nmiss = self._view.bag_pool(keys, bags, scale, code, out, argmax, misses)
         except LockTimeout as exc:
             raise self._lock_error(exc, "pool_bags") from None
+        except IndexError as exc:
+            raise bag_kernels.bag_error(exc, num_bags) from None
         if nmiss:
             return None
         self._count("pulls_local", keys.shape[0])
@@ -265,8 +267,7 @@ class Worker:
         if grad.ndim != 2 or grad.shape[1] != dim or not np.isfinite(grad).all():
             raise ValueError(f"the pooled gradient must be finite, (bags, {dim}); got "
                              f"shape {grad.shape}")
-        keys, bags, scale = bag_kernels.check_entries(keys, bags, grad.shape[0], scale,
-                                                      self._view)
+        keys, bags, scale = bag_kernels.check_entries(keys, bags, scale, self._view)
         if code == bag_kernels.MODES["max"] and (argmax is None or argmax.shape != grad.shape):
             raise ValueError("mode max needs pool_bags' argmax")
         params = self._checked_params(optimizer, dim)
@@ -283,6 +284,8 @@ class Worker:
                 params, distinct, summed, misses)
         except LockTimeout as exc:
             raise self._lock_error(exc, "apply_bag_gradients") from None
+        except IndexError as exc:
+            raise bag_kernels.bag_error(exc, grad.shape[0]) from None
         self._count("pushes_local", u - nmiss)
         if nmiss:
             self._miss.apply(distinct[:u], summed[:u], nmiss, params)

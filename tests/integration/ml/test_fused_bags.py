@@ -207,14 +207,33 @@ def weighted_bags_task(w, steps):
     np.testing.assert_allclose(rows, ref.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():   # evaluation: fused, nothing sent
         bag(torch.tensor([[1, 2], [3, 0]]))
-    return len(fused)
+    w.apply_bag_gradients = apply_bag_gradients   # the steps are counted
+    refused = []   # bad entries: ValueError, and nothing pooled or stepped
+    before = w.pull(np.arange(KEYS))
+    for keys, bags in (([1, KEYS], [0, 1]), ([1, -2], [0, 1]), ([1, 2], [0, 2]),
+                       ([1, 2], [0, -1]), ([1, 2], [0])):
+        for call in (lambda: w.pool_bags(keys, bags, 2, opt),
+                     lambda: w.apply_bag_gradients(keys, bags, np.ones((2, DIM)), opt)):
+            try:
+                call()
+            except ValueError as exc:
+                refused.append(str(exc))
+    np.testing.assert_array_equal(w.pull(np.arange(KEYS)), before)
+    return len(fused), refused
 
 
 def test_weighted_bags_train_as_torch_through_the_fused_path():
     opt = optim.Adagrad(0.3)
-    [fused] = adapm.run(weighted_bags_task, args=(6,), nodes=1, num_keys=KEYS,
-                        value_length=opt.value_length(DIM), init=opt.init(("normal", 0.5, 2)))
+    [(fused, refused)] = adapm.run(weighted_bags_task, args=(6,), nodes=1, num_keys=KEYS,
+                                   value_length=opt.value_length(DIM),
+                                   init=opt.init(("normal", 0.5, 2)))
     assert fused == 6
+    assert len(refused) == 10   # every bad call of both kinds
+    assert "key 40 out of range [0, 40)" in refused[0]
+    assert "key -2 out of range" in refused[2]
+    assert "bag 2 of 2" in refused[4] and "in [0, 2)" in refused[4]
+    assert "bag -1 of 2" in refused[6]
+    assert "a bag" in refused[8]
 
 
 def remote_rows_task(w):
