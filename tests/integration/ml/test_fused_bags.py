@@ -212,10 +212,10 @@ def weighted_bags_task(w, steps):
     before = w.pull(np.arange(KEYS))
     for keys, bags in (([1, KEYS], [0, 1]), ([1, -2], [0, 1]), ([1, 2], [0, 2]),
                        ([1, 2], [0, -1]), ([1, 2], [0])):
-        for call in (lambda: w.pool_bags(keys, bags, 2, opt),
-                     lambda: w.apply_bag_gradients(keys, bags, np.ones((2, DIM)), opt)):
+        for call, args in ((w.pool_bags, (keys, bags, 2, opt)),
+                           (w.apply_bag_gradients, (keys, bags, np.ones((2, DIM)), opt))):
             try:
-                call()
+                call(*args)
             except ValueError as exc:
                 refused.append(str(exc))
     np.testing.assert_array_equal(w.pull(np.arange(KEYS)), before)
