@@ -37,8 +37,7 @@ class DataPlane:
         self.router = router
         self._count = count
         self.compiled = None
-        self._allocator = None
-        self._serves_rounds = False
+        self._serves_rounds = False  # the plane keeps the copies and answers rounds
         self._rounds = self._manager = None
         self._events = {}
         self._seen = None            # the compiled plane's counters, as last folded
@@ -63,15 +62,15 @@ class DataPlane:
         as relocate_mask does), ownership (its counters go with relocated keys and come
         with arriving ones; its home records), allocator (the table's slot allocator:
         the plane takes slots from it and gives them back). Only with compiled key sets
-        (the plane changes them) and the compiled allocator."""
-        self._allocator = allocator
+        (the plane changes them) and the compiled allocator (it shares their state)."""
         self._rounds, self._manager = rounds, manager
         replicas = rounds.replicas
-        if self.compiled is None or not hasattr(replicas.pending, "handle"):
+        if self.compiled is None or not hasattr(replicas.pending, "handle") or \
+                not hasattr(allocator, "handle"):
             return
         self.compiled.serve_rounds(rounds.holders.raw(), replicas.seen_version,
                                    replicas.synced, replicas.pending, replicas.moving_in,
-                                   allocator if hasattr(allocator, "handle") else None)
+                                   allocator)
         retention = manager.retention
         self.compiled.set_policy(
             manager.mode, manager.intents.count,
@@ -81,9 +80,8 @@ class DataPlane:
             ownership.counter, SETTLE_ROUNDS)
         self.compiled.serve_arrivals(replicas.held, ownership.home_owner,
                                      ownership.home_counter)
-        self._serves_rounds = hasattr(allocator, "handle")
-        if self._serves_rounds and hasattr(rounds.rejoin, "handle"):
-            self.compiled.serve_drops(rounds.rejoin, rounds.refresh)
+        self.compiled.serve_drops(rounds.rejoin, rounds.refresh)
+        self._serves_rounds = True
 
     def make_pending(self, keys):
         """ReplicaCopies.make_pending in compiled code (Plane.make_pending), or None
@@ -156,8 +154,6 @@ class DataPlane:
         self.compiled.set_clock(now, self._rounds.round)
 
     def _report_events(self):
-        if self.compiled.nfreed and not self._serves_rounds:
-            self._allocator.free(*self.compiled.take_freed())
         for kind, round_id, count in self.compiled.take_events():
             if kind == self._events["sync_answered"]:
                 self._rounds.progress(count, round_id)
