@@ -5,6 +5,7 @@ embedding_bag and the optimizer's update rules give; a key not held here falls b
 rows path with the same result; bad arrays are refused before anything changes."""
 import numpy as np
 import pytest
+from optimizer_rules import reference_step
 
 import adapm
 from adapm import optim
@@ -79,34 +80,19 @@ def test_bag_pool_is_torchs_embedding_bag_and_leaves_keys_not_held_out(make_tabl
 
 
 def reference_bag_step(values, keys, bags, scale, mode, argmax, grad, opt, t=1):
-    """The rows' gradient as torch's backward of embedding_bag gives it, then the
-    optimizer's update rules (adapm.optim's), in float64. Returns (values after, the
-    distinct keys, their gradients with the weight decay added, as the step leaves them)."""
-    g = np.zeros((KEYS, DIM))
-    for i, (key, bag) in enumerate(zip(keys.astype(np.intp), bags)):
+    """Each entry's gradient as torch's backward of embedding_bag gives it, then the
+    optimizer's update rules (tests/optimizer_rules.py), in float64. Returns (values
+    after, the distinct keys, their gradients with the weight decay added, as the step
+    used them)."""
+    entry_grads = np.empty((keys.shape[0], DIM))
+    for i, bag in enumerate(bags):
         if mode == "max":
-            g[key] += np.where(argmax[bag] == i, grad[bag], 0)
+            entry_grads[i] = np.where(argmax[bag] == i, grad[bag], 0)
         else:
-            g[key] += (1.0 if scale is None else scale[i]) * grad[bag]
+            entry_grads[i] = (1.0 if scale is None else scale[i]) * grad[bag]
     values = values.astype(np.float64).copy()
-    for key in np.unique(keys.astype(np.intp)):
-        w = values[key]
-        gk = g[key] = g[key] + opt.weight_decay * w[:DIM]
-        if isinstance(opt, optim.RowWiseAdagrad):
-            w[DIM] += np.mean(gk * gk)
-            w[:DIM] -= opt.lr * gk / (np.sqrt(w[DIM]) + opt.eps)
-        elif isinstance(opt, optim.Adagrad):
-            w[DIM:] += gk * gk
-            w[:DIM] -= opt.lr * gk / (np.sqrt(w[DIM:]) + opt.eps)
-        elif isinstance(opt, optim.Adam):
-            m, v = w[DIM:2 * DIM], w[2 * DIM:]
-            m += (1 - opt.beta1) * (gk - m)
-            v += (1 - opt.beta2) * (gk * gk - v)
-            size = opt.lr * np.sqrt(1 - opt.beta2 ** t) / (1 - opt.beta1 ** t)
-            w[:DIM] -= size * m / (np.sqrt(v) + opt.eps)
-        else:
-            w[:DIM] -= opt.lr * gk
-    return values, np.unique(keys), g[np.unique(keys).astype(np.intp)]
+    distinct, used = reference_step(opt, values, keys, entry_grads, DIM, t)
+    return values, distinct, used
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])

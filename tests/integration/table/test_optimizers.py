@@ -2,6 +2,7 @@
 the key's owner, equal to torch.optim's arithmetic; their inits, params and bad input."""
 import numpy as np
 import pytest
+from optimizer_rules import reference_step
 
 import adapm
 from adapm import optim
@@ -20,30 +21,8 @@ def reference_steps(optimizer, values, batches):
     """What the optimizer's rules give, in float64 numpy, one step per distinct key of
     each batch (gradients summed; weight decay on the rows that get a step)."""
     values = values.astype(np.float64).copy()
-    t = 0
-    for keys, grads in batches:
-        t += 1
-        distinct = np.unique(keys)
-        summed = np.zeros((distinct.shape[0], DIM))
-        np.add.at(summed, np.searchsorted(distinct, keys), grads)
-        for key, g in zip(distinct, summed):
-            w = values[key]
-            g = g + optimizer.weight_decay * w[:DIM]
-            if isinstance(optimizer, optim.RowWiseAdagrad):
-                w[DIM] += np.mean(g * g)
-                w[:DIM] -= optimizer.lr * g / (np.sqrt(w[DIM]) + optimizer.eps)
-            elif isinstance(optimizer, optim.Adagrad):
-                w[DIM:] += g * g
-                w[:DIM] -= optimizer.lr * g / (np.sqrt(w[DIM:]) + optimizer.eps)
-            elif isinstance(optimizer, optim.Adam):
-                m, v = w[DIM:2 * DIM], w[2 * DIM:]
-                m += (1 - optimizer.beta1) * (g - m)
-                v += (1 - optimizer.beta2) * (g * g - v)
-                size = optimizer.lr * np.sqrt(1 - optimizer.beta2 ** t) / \
-                    (1 - optimizer.beta1 ** t)
-                w[:DIM] -= size * m / (np.sqrt(v) + optimizer.eps)
-            else:
-                w[:DIM] -= optimizer.lr * g
+    for t, (keys, grads) in enumerate(batches, start=1):
+        reference_step(optimizer, values, keys, grads, DIM, t)
     return values
 
 
