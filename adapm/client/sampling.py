@@ -11,11 +11,11 @@ is equally likely (`rng.integers`). With `distribution=`, key lo + i is drawn wi
 probability weights[i] / sum(weights): one non-negative, finite weight per key of the
 range (probabilities are weights too), at least one positive. A `Distribution` built once
 from the weights can be passed instead of the array, so that a training loop that draws
-every step does not validate and sum the weights every step. Such draws are a search of
-uniform numbers in the cumulative sum of the probabilities (O(log range) per draw, numpy);
-a key of weight 0 is never drawn. The draws are fixed when the handle is made;
-`pull_sample` only hands them out in order. Nothing about placement changes which keys
-are drawn.
+every step does not validate and sum the weights every step. Such draws use Walker's
+alias table, built once per Distribution (Vose's construction): one uniform number and
+O(1) work per draw (numpy), whatever the range; a key of weight 0 is never drawn. The
+draws are fixed when the handle is made; `pull_sample` only hands them out in order.
+Nothing about placement changes which keys are drawn.
 
 Where the locality comes from: the draws are announced as an intent for the clocks
 [start, end) the moment they are made, so by the time the worker's clock reaches
@@ -115,14 +115,13 @@ class Distribution:
     validated and summed here, not at every draw. Its length must match the range the
     call draws from (`key_range`, or every key of the table)."""
 
-    __slots__ = ("probabilities", "_cdf", "_last")
+    __slots__ = ("probabilities", "_accept", "_alias")
 
     def __init__(self, weights):
         p = _weights(weights)
-        self._cdf = np.cumsum(p)
-        p.flags.writeable = self._cdf.flags.writeable = False
+        self._accept, self._alias = _alias_table(p)
+        p.flags.writeable = False
         self.probabilities = p            # float64, sums to 1 (read-only)
-        self._last = int(np.flatnonzero(p)[-1])  # the last key that can be drawn
 
     def __len__(self):
         return self.probabilities.shape[0]
@@ -132,12 +131,39 @@ class Distribution:
 
     def draw(self, rng, n):
         """`n` positions in [0, len(self)), independent draws from `rng` (a numpy
-        Generator): uniform numbers searched in the cumulative sum. Side "right" skips
-        positions of weight 0 (their cumulative sum equals their predecessor's); a number
-        that rounding put at the very end goes to the last position of positive weight."""
-        u = rng.random(n) * self._cdf[-1]
-        positions = np.searchsorted(self._cdf, u, side="right")
-        return np.minimum(positions, self._last, out=positions)
+        Generator) by the alias table: a uniform number u in [0, len) picks column
+        floor(u), whose own position is kept when the fraction of u is below the
+        column's acceptance, else its alias is taken."""
+        x = rng.random(n)
+        x *= len(self)
+        column = x.astype(np.int64)
+        np.minimum(column, len(self) - 1, out=column)  # rounding cannot leave the table
+        x -= column
+        return np.where(x < self._accept[column], column, self._alias[column])
+
+
+def _alias_table(p):
+    """Walker's alias table of the probabilities p, by Vose's construction: column i keeps
+    position i with probability accept[i] and gives alias[i] otherwise, so that every
+    position's total is n * p. A position of weight 0 has acceptance 0 and an alias of
+    positive weight: it is never drawn, whatever rounding leaves over."""
+    n = p.shape[0]
+    scaled = p * n
+    accept, alias = np.ones(n), np.arange(n, dtype=np.int64)
+    small = np.flatnonzero(scaled < 1.0).tolist()
+    large = np.flatnonzero(scaled >= 1.0).tolist()
+    mass = scaled.tolist()
+    while small and large:
+        s, g = small.pop(), large[-1]
+        accept[s], alias[s] = mass[s], g
+        mass[g] -= 1.0 - mass[s]
+        if mass[g] < 1.0:
+            small.append(large.pop())
+    # what rounding leaves in either list keeps its own column (acceptance 1)
+    zero = np.flatnonzero(p == 0)
+    accept[zero] = 0.0
+    alias[zero[alias[zero] == zero]] = int(np.argmax(p))
+    return accept, alias
 
 
 def _weights(weights):
