@@ -395,6 +395,13 @@ class Worker:
         keys = self._sampler.take(handle, count)
         return keys, self.pull(keys)
 
+    def sample_keys(self, handle, count=None):
+        """The next `count` (default: all remaining) keys of a prepare_sample handle,
+        without their values, as pull_sample takes them (uint64 array): for a step that
+        pulls a batch's distinct rows once, with the samples among them."""
+        self._check_open()
+        return self._sampler.take(handle, count)
+
     def reaction_time(self):
         """Seconds this worker's node currently takes from an intent to a usable key, as
         it measures it (0.0 before it has acted on any): announce keys at least this far
