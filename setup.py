@@ -33,6 +33,9 @@ extensions = [
     extension("adapm.node.data._plane", "_plane.pyx", uses_numpy=False),
     # The worker's compiled miss path (adapm.client.miss_path), libzmq reached the same way.
     extension("adapm.client._miss_path", "_miss_path.pyx", uses_numpy=False),
+    # The word2vec app's training step (adapm.apps.word2vec_model), as gensim's
+    # word2vec_inner: it knows nothing of the table.
+    extension("adapm.apps._word2vec", "_word2vec.pyx"),
 ]
 
 setup(

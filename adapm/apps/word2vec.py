@@ -9,20 +9,22 @@
 
 Keys: the input vector of word i is key i, its output (context) vector key V + i, for a
 vocabulary of V words; key 2V is a metrics slot (each worker adds its epoch's loss and
-throughput to it, so that rank 0 reports the whole cluster's). A word key's value is
-[vector (dim) | AdaGrad accumulator (dim)], so the optimizer state travels with the key.
+throughput to it, so that rank 0 reports the whole cluster's). A word key's value is its
+vector (dim) and its row-wise AdaGrad accumulator (--optimizer sgd, word2vec's own with the
+rate falling linearly: the vector alone), so that the optimizer state travels with the key.
 
 Each worker trains on its shard of the corpus' sentences: every (centre, context) pair
-within `window` words of one sentence is a positive example, and `negatives` output
+within a word's window (drawn from 1 .. `window` per word, as word2vec and gensim draw it;
+--fixed-window: `window`) of one sentence is a positive example, and `negatives` output
 vectors drawn with w.prepare_sample(..., key_range=(V, 2V), distribution=noise) for the
 clock of the batch that uses them are the negative examples: word i with probability
 proportional to count_i^0.75 (`--ns-exponent`), as the original word2vec draws them (0:
-uniform; see docs/app-word2vec.md). A minibatch pulls its rows and hands the gradients
-of every occurrence to the fused AdaGrad of adapm.optim (w.apply_gradients: the table
-sums duplicate keys' gradients and takes one step per key, in place where the node holds
-it, else at its owner). adapm.data.IntentLoader announces each batch's centre and context
-keys ahead of their use; the negatives are announced by prepare_sample itself, as far
-ahead as the loader announces batches.
+uniform; see docs/app-word2vec.md). A minibatch pulls its distinct rows once, trains its
+pairs one after another on them in one compiled call (word2vec_model.SkipGramStep: the
+update of word2vec.c and gensim) and pushes what changed as an additive update (in place
+where the node holds the key, else at its owner). adapm.data.IntentLoader announces each
+batch's centre and context keys ahead of their use; the negatives are announced by
+prepare_sample itself, as far ahead as the loader announces batches.
 
 Data: a generated corpus (Zipf word frequencies, words in planted topics, each sentence
 drawn from one topic) or any plain-text file (sentences split at . ! ? and blank lines, or
@@ -65,35 +67,57 @@ from adapm.apps.word2vec_corpus import (
 from adapm.apps.word2vec_model import (
     TOP_K,
     EmbeddingInit,
+    SkipGramStep,
     neighbour_report,
     pair_loss,
-    sgns_step,
     shown_ids,
     word_vectors,
     write_vectors,
 )
 from adapm.ml.data import IntentLoader
-from adapm.table.optimizers import Adagrad
 
 APP = "word2vec"
-ADAGRAD_EPS = 1e-8
-STATS_SLOTS = 6           # metrics slot: sums over workers of [loss, pairs, pairs/s, 1,
-                          # local key accesses, remote key accesses] of their training
+STATS_SLOTS = 7           # metrics slot: sums over workers of [loss, pairs, pairs/s, 1,
+                          # local key accesses, remote key accesses, words/s] of their
+                          # training
 
 
 # -- training -----------------------------------------------------------------------
 
 
 def epoch_batches(rng, corpus, sentences, opts):
-    """This epoch's minibatches: (centres, contexts) of the shard's sentences (frequent
-    words subsampled anew each epoch), shuffled."""
+    """(This epoch's minibatches, its words): (centres, contexts) of the shard's sentences
+    (frequent words subsampled and windows reduced anew each epoch, unless
+    opts["shrink_windows"] is off), shuffled; the words left after subsampling, the
+    words trained as gensim counts its "effective words"."""
     tokens, labels = corpus.sentences(sentences)
     tokens, labels = subsample(rng, corpus, tokens, labels, opts["subsample"])
-    centres, contexts = skipgram_pairs(tokens, labels, opts["window"])
+    centres, contexts = skipgram_pairs(tokens, labels, opts["window"],
+                                       rng if opts["shrink_windows"] else None)
     order = rng.permutation(centres.shape[0])
     size = opts["batch"]
     return [(centres[order[s:s + size]], contexts[order[s:s + size]])
-            for s in range(0, order.shape[0], size)]
+            for s in range(0, order.shape[0], size)], tokens.shape[0]
+
+
+OPTIMIZERS = {"rowwise-adagrad": 0.1, "sgd": 0.025}   # each one's default learning rate
+
+
+def start_rate(opts):
+    """The learning rate at the start: opts["lr"], or the optimizer's default."""
+    return OPTIMIZERS[opts["optimizer"]] if opts["lr"] is None else opts["lr"]
+
+
+def learning_rate(opts, epoch, done):
+    """The learning rate after `done` (a share) of epoch `epoch` (from 0): for sgd,
+    word2vec's, falling linearly from the start rate at the start of training to
+    opts["min_lr"] at its end; row-wise AdaGrad's is constant (its accumulators make the
+    steps smaller)."""
+    lr = start_rate(opts)
+    if opts["optimizer"] != "sgd":
+        return lr
+    progress = (epoch + done) / opts["epochs"]
+    return lr - (lr - opts["min_lr"]) * progress
 
 
 class Negatives:
@@ -133,7 +157,8 @@ def train(w, opts):
     corpus = opts["corpus"]
     v, dim, k = corpus.vocab_size, opts["dim"], opts["negatives"]
     stats_key = np.array([2 * v])
-    opt = Adagrad(lr=opts["lr"], eps=ADAGRAD_EPS)
+    adagrad = opts["optimizer"] == "rowwise-adagrad"
+    step = SkipGramStep(2 * v + 1, v, k, adagrad)
     noise = noise_distribution(corpus, opts["ns_exponent"])  # built once, drawn every batch
     train_ids, _ = split_sentences(corpus, opts["heldout"])
     shard = train_ids[w.rank::w.num_workers]
@@ -143,10 +168,10 @@ def train(w, opts):
     rng = np.random.default_rng([opts["seed"], 1, w.rank])
     progress = None
     totals = np.zeros(STATS_SLOTS)
-    log, train_losses, heldout_losses, rates, shares = [], [], [], [], []
-    accesses, points, seconds = AccessCounter(), 0, 0.0
+    log, train_losses, heldout_losses, rates, word_rates, shares = [], [], [], [], [], []
+    accesses, points, seconds, trained_words = AccessCounter(), 0, 0.0, 0
     for epoch in range(opts["epochs"]):
-        batches = epoch_batches(rng, corpus, shard, opts)
+        batches, words = epoch_batches(rng, corpus, shard, opts)
         pairs = sum(c.shape[0] for c, _ in batches)
         if progress is None:
             progress = Progress(APP, pairs * opts["epochs"], unit="pairs",
@@ -157,38 +182,43 @@ def train(w, opts):
         local_before, remote_before = accesses.local, accesses.remote
         accesses.begin(w)
         loss_sum, t0 = 0.0, time.perf_counter()
-        for centres, contexts in loader:
+        for i, (centres, contexts) in enumerate(loader):
             negatives.prepare(w.clock + loader.ahead())
-            loss_sum += sgns_step(w, centres, contexts, negatives.take(w.clock), v, dim, k,
-                                  opt)
+            alpha = learning_rate(opts, epoch, i / len(batches))
+            alpha_end = learning_rate(opts, epoch, (i + 1) / len(batches))
+            loss_sum += step(w, centres, contexts, w.sample_keys(negatives.take(w.clock)),
+                             alpha, alpha_end)
             progress.update(centres.shape[0], prefix=f"epoch {epoch + 1}: ")
         elapsed = time.perf_counter() - t0
         accesses.end(w)
         points, seconds = points + pairs, seconds + elapsed
-        mine = np.zeros((1, 2 * dim), dtype=np.float32)
+        trained_words += words
+        mine = np.zeros((1, w.value_length), dtype=np.float32)
         mine[0, :STATS_SLOTS] = [loss_sum, pairs, pairs / max(elapsed, 1e-9), 1.0,
                                  accesses.local - local_before,
-                                 accesses.remote - remote_before]
+                                 accesses.remote - remote_before,
+                                 words / max(elapsed, 1e-9)]
         w.push(stats_key, mine)
         w.wait_sync()
         w.barrier()
         if w.rank == 0:
             now = w.pull(stats_key)[0, :STATS_SLOTS].astype(np.float64)
-            loss, done, rate, workers, local, remote = now - totals
+            loss, done, rate, workers, local, remote, word_rate = now - totals
             totals = now
             train_losses.append(loss / max(done, 1))
             rates.append(rate / workers)
+            word_rates.append(word_rate / workers)
             shares.append(local / max(local + remote, 1))
             heldout_losses.append(pair_loss(w, v, dim, *held))
             text = (f"epoch {epoch + 1}/{opts['epochs']}: training loss "
                     f"{train_losses[-1]:.4f}, {loss_label(opts)} {heldout_losses[-1]:.4f}, "
-                    f"{rates[-1]:,.0f} pairs/s per worker, {shares[-1]:.1%} of key "
-                    "accesses local")
+                    f"{word_rates[-1]:,.0f} words/s ({rates[-1]:,.0f} pairs/s) per worker, "
+                    f"{shares[-1]:.1%} of key accesses local")
             print(f"[{APP}] {text}", flush=True)
             log.append(text)
         w.barrier()
     result = {"rank": w.rank, "node": w.node, "points": points, "seconds": seconds,
-              "accesses": accesses.as_dict()}
+              "words": trained_words, "accesses": accesses.as_dict()}
     if w.rank == 0:
         vectors = word_vectors(w, corpus, dim)
         if opts.get("save_vectors"):
@@ -198,8 +228,9 @@ def train(w, opts):
             log=log, loss_pairs=loss_pairs(opts), heldout_before=before,
             heldout_after=heldout_losses[-1] if heldout_losses else before,
             train_losses=train_losses, heldout_losses=heldout_losses, pairs_per_s=rates,
+            words_per_s=word_rates,
             local_share=shares, neighbours=neighbours, precision=precision, chance=chance,
-            probes=probed, stats=w.stats())
+            probes=probed, vocab=v, stats=w.stats())
     return save_worker_result(opts, w, result)
 
 
@@ -207,8 +238,12 @@ def finish(results):
     """The run's metrics from the workers' results by rank (rank 0's first; all of them
     embedded, or every worker's --worker-json files): rank 0's metrics, plus "throughput",
     the cluster's pairs/s, local share and bytes over the results given
-    (common.throughput_summary; one worker's own under adapm-launch)."""
-    return dict(results[0]["metrics"], throughput=throughput_summary(results))
+    (common.throughput_summary; one worker's own under adapm-launch), and
+    "words_per_s_cluster", their words trained (left after subsampling, as gensim counts
+    "effective words") over the slowest one's training time."""
+    seconds = max(max(res["seconds"] for res in results), 1e-9)
+    return dict(results[0]["metrics"], throughput=throughput_summary(results),
+                words_per_s_cluster=sum(res["words"] for res in results) / seconds)
 
 
 # -- running ------------------------------------------------------------------------
@@ -216,8 +251,9 @@ def finish(results):
 
 DEFAULTS = dict(text=None, one_sentence_per_line=False, min_count=5, max_vocab=0, vocab=2000,
                 topics=20, sentences=20_000, sentence_length=10, noise=0.1, zipf=1.0,
-                heldout=0.05, heldout_pairs=20_000, dim=32, window=2, negatives=5,
-                ns_exponent=0.75, subsample=0.0, epochs=3, batch=1024, lr=0.1, lookahead=None,
+                heldout=0.05, heldout_pairs=20_000, dim=32, window=2, shrink_windows=True,
+                negatives=5, ns_exponent=0.75, subsample=0.0, epochs=3, batch=1024,
+                min_lr=0.0001, optimizer="rowwise-adagrad", lr=None, lookahead=None,
                 probes=100, show=5, probe=None, seed=0, save_vectors=None,
                 worker_json=None)
 
@@ -230,7 +266,7 @@ def build_corpus(opts):
                      opts["sentence_length"], opts["noise"], opts["zipf"], opts["seed"])
 
 
-MIN_DIM = (STATS_SLOTS + 1) // 2  # the metrics slot must fit in a value
+MIN_DIM = STATS_SLOTS  # the metrics slot must fit in a value
 
 
 def check(opts):
@@ -241,6 +277,12 @@ def check(opts):
             raise ValueError(f"{name} must be >= {low}, got {opts[name]}")
     if not 0 <= opts["heldout"] < 1:
         raise ValueError(f"heldout must be in [0, 1), got {opts['heldout']}")
+    if opts["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                         f"{opts['optimizer']!r}")
+    if not 0 <= opts["min_lr"] <= start_rate(opts) < float("inf"):
+        raise ValueError(f"need 0 <= min_lr <= lr, got lr {start_rate(opts)}, min_lr "
+                         f"{opts['min_lr']}")
     if not 0 <= opts["ns_exponent"] < float("inf"):
         raise ValueError(f"ns_exponent must be a number >= 0, got {opts['ns_exponent']}")
 
@@ -253,9 +295,15 @@ def check_corpus(corpus, opts):
                          "larger corpus")
 
 
-def table_shape(vocab, dim):
-    """(num_keys, value_length) of the table for a vocabulary of `vocab` words."""
-    return 2 * vocab + 1, 2 * dim
+def state_length(opts):
+    """Optimizer state per key: row-wise AdaGrad's accumulator, or none for SGD."""
+    return 1 if opts["optimizer"] == "rowwise-adagrad" else 0
+
+
+def table_shape(vocab, dim, state=0):
+    """(num_keys, value_length) of the table for a vocabulary of `vocab` words, vectors of
+    `dim` and `state` elements of optimizer state per key."""
+    return 2 * vocab + 1, dim + state
 
 
 def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **changes):
@@ -266,9 +314,10 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
     check(opts)
     corpus = corpus if corpus is not None else build_corpus(opts)
     check_corpus(corpus, opts)
-    num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"])
+    num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"], state_length(opts))
     results = start_cluster(APP, train, dict(opts, corpus=corpus), num_keys, value_length,
-                            EmbeddingInit(corpus.vocab_size, opts["dim"], opts["seed"]),
+                            EmbeddingInit(corpus.vocab_size, opts["dim"], opts["seed"],
+                                          state_length(opts)),
                             nodes, workers_per_node, mode)
     return finish(results) if results else None
 
@@ -310,6 +359,10 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
 @click.option("--window", default=DEFAULTS["window"],
               type=click.IntRange(min=1), show_default=True,
               help="context words on each side")
+@click.option("--shrink-windows/--fixed-window", default=DEFAULTS["shrink_windows"],
+              show_default=True,
+              help="each word draws its window from 1 .. --window, as word2vec and gensim "
+                   "(--fixed-window: every word pairs with all words within --window)")
 @click.option("--negatives", default=DEFAULTS["negatives"],
               type=click.IntRange(min=1), show_default=True,
               help="negative samples per pair")
@@ -322,7 +375,18 @@ def run(opts=None, nodes=1, workers_per_node=1, mode="adaptive", corpus=None, **
               type=click.IntRange(min=1), show_default=True)
 @click.option("--batch", default=DEFAULTS["batch"],
               type=click.IntRange(min=1), show_default=True, help="pairs per batch")
-@click.option("--lr", default=DEFAULTS["lr"], show_default=True, help="AdaGrad learning rate")
+@click.option("--lr", default=None, type=click.FloatRange(min=0),
+              help="learning rate (sgd: at the start, word2vec's -alpha, gensim's alpha) "
+                   "[default: rowwise-adagrad 0.1, sgd 0.025]")
+@click.option("--optimizer", type=click.Choice(["sgd", "rowwise-adagrad"]),
+              default=DEFAULTS["optimizer"], show_default=True,
+              help="rowwise-adagrad: word2vec's update, each row's rate divided by the root "
+                   "of its mean squared steps; sgd: word2vec's own (the rate falls from "
+                   "--lr to --min-lr)")
+@click.option("--min-lr", default=DEFAULTS["min_lr"], type=click.FloatRange(min=0),
+              show_default=True,
+              help="sgd: the learning rate at the end, falling linearly from --lr (gensim's "
+                   "min_alpha)")
 @click.option("--probes", default=DEFAULTS["probes"], type=click.IntRange(min=1),
               show_default=True,
               help="generated corpus: the neighbour precision is measured on this many of "
@@ -353,7 +417,7 @@ def main(nodes, workers_per_node, mode, json_path, **opts):
         raise click.UsageError(str(exc)) from None
     source = opts["text"] or (f"generated corpus ({opts['topics']} topics, Zipf "
                               f"{opts['zipf']}, noise {opts['noise']})")
-    num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"])
+    num_keys, value_length = table_shape(corpus.vocab_size, opts["dim"], state_length(opts))
     if reports():
         shape = "" if launched() else f"; {nodes} node(s) x {workers_per_node} worker(s)"
         print(f"[{APP}] {source}: {corpus.vocab_size:,} words, {corpus.tokens.shape[0]:,} "

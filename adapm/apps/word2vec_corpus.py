@@ -113,15 +113,21 @@ def read_text(path, min_count=5, max_vocab=0, lines=False):
     return Corpus(vocab, np.bincount(tokens, minlength=len(vocab)), tokens, starts, None)
 
 
-def skipgram_pairs(tokens, labels, window):
+def skipgram_pairs(tokens, labels, window, rng=None):
     """(centres, contexts): every ordered pair of words at most `window` apart within one
-    sentence (labels: the sentence of each token)."""
+    sentence (labels: the sentence of each token). With `rng`, word2vec's and gensim's
+    reduced windows: each word draws its own window uniformly from 1 .. window and pairs,
+    as a centre, with the words within it (so a word has window + 1 contexts on average
+    in a long sentence, not 2 window)."""
+    reach = None if rng is None else rng.integers(1, window + 1, size=tokens.shape[0])
     centres, contexts = [], []
     for offset in range(1, window + 1):
         same = labels[:-offset] == labels[offset:]
-        left, right = tokens[:-offset][same], tokens[offset:][same]
-        centres += [left, right]
-        contexts += [right, left]
+        left, right = same, same  # left: the earlier word is the centre
+        if reach is not None:
+            left, right = same & (reach[:-offset] >= offset), same & (reach[offset:] >= offset)
+        centres += [tokens[:-offset][left], tokens[offset:][right]]
+        contexts += [tokens[offset:][left], tokens[:-offset][right]]
     if not centres:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     return (np.concatenate(centres).astype(np.int64),

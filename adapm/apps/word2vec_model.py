@@ -6,30 +6,32 @@ import io
 
 import numpy as np
 
+from adapm.apps._word2vec import KeyIndex, train_pairs
 from adapm.table.initializers import initial_values
 
 TOP_K = 5                 # neighbours per probe word for the neighbour precision
 EVAL_BATCH = 8192         # held-out pairs per pull when measuring the held-out loss
+ADAGRAD_EPS = 1e-8        # row-wise AdaGrad's, as adapm.optim.RowWiseAdagrad's default
 
 
 class EmbeddingInit:
     """Initial values: input vectors (keys [0, V)) uniform in +-0.5/dim, seeded (as
     init=("uniform", ...), so the same whatever the number of nodes); output vectors
-    (keys [V, 2V)), AdaGrad accumulators and the metrics slot (key 2V) zero."""
+    (keys [V, 2V)) and the metrics slot (key 2V) zero, as word2vec's."""
 
-    def __init__(self, vocab, dim, seed):
-        self.vocab, self.dim, self.seed = vocab, dim, seed
+    def __init__(self, vocab, dim, seed, state=0):
+        self.vocab, self.dim, self.seed, self.state = vocab, dim, seed, state
 
     def __call__(self, keys):
         keys = np.asarray(keys, dtype=np.uint64)
-        values = np.zeros((keys.shape[0], 2 * self.dim), dtype=np.float32)
+        values = np.zeros((keys.shape[0], self.dim + self.state), dtype=np.float32)
         inputs = np.flatnonzero(keys < self.vocab)
         if inputs.shape[0]:
             lengths = np.full(inputs.shape[0], self.dim, dtype=np.uint64)
             half = 0.5 / self.dim
-            vectors = initial_values(("uniform", -half, half, self.seed), keys[inputs],
-                                     lengths, "float32")
-            values[inputs, :self.dim] = vectors.reshape(-1, self.dim)
+            values[inputs, :self.dim] = initial_values(
+                ("uniform", -half, half, self.seed), keys[inputs], lengths,
+                "float32").reshape(-1, self.dim)
         return values
 
 
@@ -37,33 +39,31 @@ def log_sigmoid(x):
     return -np.logaddexp(0.0, -x)
 
 
-def sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
+class SkipGramStep:
+    """One minibatch of skip-gram with negative sampling, trained as word2vec and gensim
+    train (word2vec's update pair after pair, compiled: adapm.apps._word2vec): the
+    batch's distinct rows are pulled once (from shared memory where this node holds them,
+    from their owners otherwise), every pair is trained in turn on that copy, and what
+    the batch changed is pushed as an additive update (in place where held, else to the
+    owner): another worker's updates meanwhile are added to, never overwritten."""
 
+    def __init__(self, num_keys, vocab, negatives, adagrad=False):
+        self.keys = KeyIndex(num_keys)
+        self.vocab, self.negatives, self.adagrad = vocab, negatives, adagrad
 
-def sgns_step(w, centres, contexts, handle, vocab, dim, negatives, opt):
-    """One minibatch of skip-gram with negative sampling; `opt` (adapm.optim.Adagrad)
-    takes one step per distinct key in the table (duplicate keys' gradients summed
-    there). Loss per pair: -log s(u_ctx . v_c) - sum_k log s(-u_neg_k . v_c). Returns the
-    batch's summed loss."""
-    b = centres.shape[0]
-    neg_keys, neg_values = w.pull_sample(handle)  # b * negatives output keys, local
-    keys = np.concatenate([centres, vocab + contexts])
-    rows = w.pull_rows(keys, opt)
-    v_c, u_o = rows[:b], rows[b:]
-    u_n = neg_values[:, :dim].reshape(b, negatives, dim)
-    s_pos = np.einsum("ij,ij->i", v_c, u_o)
-    s_neg = np.einsum("ikj,ij->ik", u_n, v_c)
-    loss = float(-(log_sigmoid(s_pos).sum() + log_sigmoid(-s_neg).sum()))
-    g_pos = sigmoid(s_pos) - 1.0          # dloss / ds_pos
-    g_neg = sigmoid(s_neg)                # dloss / ds_neg
-    grads = np.concatenate([
-        g_pos[:, None] * u_o + np.einsum("ik,ikj->ij", g_neg, u_n),   # centres' inputs
-        g_pos[:, None] * v_c,                                         # contexts' outputs
-        (g_neg[:, :, None] * v_c[:, None, :]).reshape(-1, dim),       # negatives' outputs
-    ])
-    w.apply_gradients(np.concatenate([keys, neg_keys.astype(np.int64)]), grads, opt)
-    return loss
+    def __call__(self, w, centres, contexts, negative_keys, alpha, alpha_end):
+        """Train pairs (centres[i], contexts[i]) (word ids) against negative_keys (output
+        keys, `negatives` per pair, pair by pair), the learning rate falling linearly from
+        `alpha` to `alpha_end` over the batch. Returns the batch's summed loss."""
+        pairs = centres.shape[0]
+        keys = np.concatenate([centres, contexts + self.vocab, negative_keys.astype(np.int64)])
+        distinct, inverse = self.keys.index(keys)
+        values = w.pull(distinct)
+        rows = np.array(values, dtype=np.float32, order="C")  # trained in place
+        loss = train_pairs(rows, inverse, pairs, self.negatives, alpha, alpha_end,
+                           self.adagrad, ADAGRAD_EPS)
+        w.push(distinct, (rows - values).astype(values.dtype, copy=False))
+        return loss
 
 
 def pair_loss(w, vocab, dim, centres, contexts, negatives):
