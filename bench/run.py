@@ -12,6 +12,7 @@ import bench_miss
 import bench_plane
 import bench_remote
 import bench_twotower
+import bench_word2vec
 
 import bench_local
 import bench_memory
@@ -29,4 +30,5 @@ if __name__ == "__main__":
     bench_input.main(full)
     bench_ctr.main([])
     bench_twotower.main([])
+    bench_word2vec.main([])
     bench_checkpoint.main([])
