@@ -6,10 +6,11 @@ KeyFlags), the members are also listed in an array, and only the keys of a batch
 touched. Results are sorted and distinct, as the reference's are."""
 
 cimport numpy as cnp
-from libc.stdint cimport uint8_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, qsort
 
 from keyset cimport keyset_discard, keyset_reserve, keyset_t
+from radix cimport RADIX, _radix_order
 
 import numpy as np
 
@@ -232,3 +233,39 @@ cdef cnp.ndarray _merge_select(a, b, bint in_b):
                 op[m] = xp[i]
                 m += 1
     return out[:m]
+
+
+def distinct_keys(keys, uint64_t bound, bint inverse=False):
+    """np.unique of a batch's keys (integers in [0, bound)), sorted, in O(keys) per 11
+    bits of the bound (radix.pxd's sort) where np.unique sorts by comparison: the keys
+    as uint64, with `inverse` also each key's index into them (int64, as np.unique's
+    return_inverse). ValueError naming the first key outside [0, bound), if any."""
+    cdef cnp.ndarray k = np.ascontiguousarray(keys).reshape(-1)
+    if k.dtype.kind not in "iu":
+        raise ValueError(f"keys must be integers, got dtype {k.dtype}")
+    if k.shape[0] and (k.min() < 0 or k.max() >= bound):
+        bad = int(np.flatnonzero((k < 0) | (k >= bound))[0])
+        raise ValueError(f"key {k[bad]} at position {bad} is not in [0, {bound})")
+    k = k.astype(np.uint64, copy=False)
+    cdef Py_ssize_t n = k.shape[0], i, u = 0
+    cdef cnp.ndarray order = np.empty(n, dtype=np.int64)
+    cdef cnp.ndarray spare = np.empty(n, dtype=np.int64)
+    cdef cnp.ndarray counts = np.empty(RADIX + 1, dtype=np.intp)
+    cdef cnp.ndarray out = np.empty(n, dtype=np.uint64)
+    cdef cnp.ndarray where = np.empty(n if inverse else 0, dtype=np.int64)
+    cdef const uint64_t* kp = <const uint64_t*>cnp.PyArray_DATA(k)
+    cdef const int64_t* op = <const int64_t*>cnp.PyArray_DATA(order)
+    cdef uint64_t* up = <uint64_t*>cnp.PyArray_DATA(out)
+    cdef int64_t* wp = <int64_t*>cnp.PyArray_DATA(where)
+    with nogil:
+        _radix_order(kp, n, bound if bound else 1, <int64_t*>op,
+                     <int64_t*>cnp.PyArray_DATA(spare), <Py_ssize_t*>cnp.PyArray_DATA(counts))
+        for i in range(n):
+            if u == 0 or up[u - 1] != kp[op[i]]:
+                up[u] = kp[op[i]]
+                u += 1
+            if inverse:
+                wp[op[i]] = u - 1
+    if inverse:
+        return out[:u], where
+    return out[:u]

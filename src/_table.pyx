@@ -46,7 +46,8 @@ from layout cimport (
     ADAPM_REPLICA, ADAPM_PENDING, ADAPM_RING_CONTROL_WORDS, ADAPM_RING_HEAD, ADAPM_RING_TAIL,
     ADAPM_RING_WORDS, ADAPM_RING_WRAP,
 )
-from bags cimport BAG_MAX, BAG_MEAN, RADIX, _bag_grads_by_key, _bag_mean, _bag_pool, _radix_order
+from bags cimport BAG_MAX, BAG_MEAN, _bag_grads_by_key, _bag_mean, _bag_pool
+from radix cimport RADIX, _radix_order
 from optimizers cimport (
     OptStep, _OPT_ADAGRAD, _OPT_ADAM, _OPT_ROWWISE_ADAGRAD, _OPT_SGD, _apply_steps,
     _state_length, _sum_by_key,
@@ -553,7 +554,8 @@ cdef class TableView:
                         cnp.ndarray params, cnp.ndarray distinct, cnp.ndarray summed,
                         cnp.ndarray misses, bint owned_only=False):
         """One optimizer step per distinct key (adapm.optim): `keys` (uint64, any order,
-        repeats allowed), `order` (int64, a stable argsort of keys), `grads` (len(keys) x
+        repeats allowed, each < num_keys), `order` (int64, a stable argsort of keys, or
+        None: sorted here by a radix sort, as apply_bag_gradients does), `grads` (len(keys) x
         dim, the table's dtype), `params` (float64: kind, dim, lr, eps, weight_decay,
         beta1, beta2, step_size). The distinct keys go to `distinct` (uint64, len(keys)),
         their summed gradients to `summed` (len(keys) x dim); each key usable here
@@ -563,6 +565,8 @@ cdef class TableView:
         self._check_open()
         cdef OptStep step = self._opt_step(params)
         cdef Py_ssize_t n = keys.shape[0], u
+        if order is None:
+            order = self._key_order(keys)
         cdef const uint64_t* k = <const uint64_t*>cnp.PyArray_DATA(keys)
         cdef const int64_t* o = <const int64_t*>cnp.PyArray_DATA(order)
         cdef uint64_t* d = <uint64_t*>cnp.PyArray_DATA(distinct)
@@ -675,6 +679,19 @@ cdef class TableView:
         _check_batch(b)
         return r
 
+    cdef cnp.ndarray _key_order(self, cnp.ndarray keys):
+        """A stable argsort of keys (uint64, each < num_keys) by radix.pxd's radix sort:
+        O(keys) per 11 bits of the key range, where a comparison sort is O(keys log keys)."""
+        cdef Py_ssize_t n = keys.shape[0]
+        cdef cnp.ndarray order = np.empty(n, dtype=np.int64)
+        cdef cnp.ndarray spare = np.empty(n, dtype=np.int64)
+        cdef cnp.ndarray counts = np.empty(RADIX + 1, dtype=np.intp)
+        with nogil:
+            _radix_order(<const uint64_t*>cnp.PyArray_DATA(keys), n, self.num_keys,
+                         <int64_t*>cnp.PyArray_DATA(order), <int64_t*>cnp.PyArray_DATA(spare),
+                         <Py_ssize_t*>cnp.PyArray_DATA(counts))
+        return order
+
     def apply_bag_gradients(self, cnp.ndarray keys, cnp.ndarray order, cnp.ndarray bags,
                             cnp.ndarray scale, int mode, cnp.ndarray grad,
                             cnp.ndarray argmax, cnp.ndarray params, cnp.ndarray distinct,
@@ -682,7 +699,7 @@ cdef class TableView:
         """The backward of bag_pool fused with the optimizer (adapm.optim): the pooled
         gradient `grad` (float32, bags x dim) scattered to one summed gradient per
         distinct key (bags.pxd's _bag_grads_by_key; `order`, int64: a stable argsort of
-        keys, or None: sorted here, bags.pxd's _radix_order; scale: float32 per entry or None, 1 / the bag's count for mode mean; argmax:
+        keys, or None: sorted here, radix.pxd's _radix_order; scale: float32 per entry or None, 1 / the bag's count for mode mean; argmax:
         bag_pool's, for mode max), then one step per distinct key usable here, in place
         under its lock (optimizers.pxd's _apply_steps). As apply_optimizer: returns
         (distinct keys, misses); `distinct` (uint64, an entry each), `summed` (float32,
@@ -702,18 +719,11 @@ cdef class TableView:
             raise ValueError("apply_bag_gradients' arrays: grad (float32 bags x dim), "
                              "argmax, order, distinct, summed, misses")
         self._check_bags(keys, bags, scale, grad.shape[0], step.dim)
-        cdef cnp.ndarray seen, spare, counts
+        cdef cnp.ndarray seen
         cdef uint8_t* sn
         cdef const int64_t* o
         if order is None:  # sorted here, by a radix sort: O(entries) a pass
-            order = np.empty(n, dtype=np.int64)
-            spare = np.empty(n, dtype=np.int64)
-            counts = np.empty(RADIX + 1, dtype=np.intp)
-            with nogil:
-                _radix_order(<const uint64_t*>cnp.PyArray_DATA(keys), n, self.num_keys,
-                             <int64_t*>cnp.PyArray_DATA(order),
-                             <int64_t*>cnp.PyArray_DATA(spare),
-                             <Py_ssize_t*>cnp.PyArray_DATA(counts))
+            order = self._key_order(keys)
             o = <const int64_t*>cnp.PyArray_DATA(order)
         else:
             o = <const int64_t*>cnp.PyArray_DATA(order)

@@ -216,8 +216,8 @@ class Worker:
         distinct, summed = np.empty(n, dtype=np.uint64), np.empty((n, dim), dtype=self.dtype)
         misses = self._miss.buffer(n)
         try:
-            u, nmiss = self._view.apply_optimizer(keys, np.argsort(keys, kind="stable"),
-                                                  grads, params, distinct, summed, misses)
+            u, nmiss = self._view.apply_optimizer(keys, None, grads, params, distinct, summed,
+                                                  misses)  # None: radix-sorted in the call
         except LockTimeout as exc:
             raise self._lock_error(exc, "apply_gradients") from None
         self._count("pushes_local", u - nmiss)

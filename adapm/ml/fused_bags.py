@@ -7,6 +7,8 @@ tables at once. adapm.torch re-exports the collection; EmbeddingBag calls pool_f
 import numpy as np
 import torch
 
+from adapm.table._keyset import distinct_keys
+
 __all__ = ["EmbeddingBagCollection", "pool_fused"]
 
 
@@ -86,8 +88,9 @@ class EmbeddingBagCollection(torch.nn.Module):
 
     def keys_of(self, inputs):
         """The distinct keys a forward of `inputs` fetches (for IntentLoader)."""
-        return np.unique(np.concatenate(
-            [bag.keys_of(_unpack(inp)[0]) for bag, inp in zip(self.bags, inputs)]))
+        keys = np.concatenate([bag.keys_of(_unpack(inp)[0])
+                               for bag, inp in zip(self.bags, inputs)])
+        return distinct_keys(keys, self.bags[0].worker.num_keys).astype(np.int64)
 
     def forward(self, inputs):
         inputs = list(inputs)

@@ -120,7 +120,7 @@ class TableView:
     def admit(self, keys: np.ndarray, values: np.ndarray, offsets: np.ndarray, state: int,
               owner: int, admitted: np.ndarray,
               versions: np.ndarray | None = None) -> int: ...
-    def apply_optimizer(self, keys: np.ndarray, order: np.ndarray, grads: np.ndarray,
+    def apply_optimizer(self, keys: np.ndarray, order: np.ndarray | None, grads: np.ndarray,
                         params: np.ndarray, distinct: np.ndarray, summed: np.ndarray,
                         misses: np.ndarray, owned_only: bool = False) -> tuple[int, int]: ...
     def bag_pool(self, keys: np.ndarray, bags: np.ndarray, scale: np.ndarray | None,

@@ -301,6 +301,31 @@ def _step(view, keys, grads, params, owned_only=False):
                                 owned_only)
 
 
+def test_apply_optimizer_sorts_the_keys_itself_when_given_no_order():
+    """order None (what Worker.apply_gradients passes): the keys are radix-sorted in the
+    call; the steps equal those of numpy's stable argsort, key for key, bit for bit."""
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 5000, 3000).astype(np.uint64)   # duplicates: sums in order
+    grads = rng.normal(0, 1, (3000, DIM)).astype(np.float32)
+    params = optim.Adagrad(0.1).params(DIM)
+    arenas = []
+    for order in ("argsort", None):
+        spec, net, servers = make_cluster(num_keys=5000, nodes=1, length=2 * DIM)
+        try:
+            view = servers[0].view
+            given = np.argsort(keys, kind="stable") if order else None
+            n = keys.shape[0]
+            distinct, summed = np.empty(n, np.uint64), np.empty((n, DIM), np.float32)
+            u, nmiss = view.apply_optimizer(keys, given, grads, params, distinct, summed,
+                                            np.empty(n, np.uint64))
+            assert (u, nmiss) == (np.unique(keys).shape[0], 0)
+            np.testing.assert_array_equal(distinct[:u], np.unique(keys))
+            arenas.append(view._arena_array().copy())
+        finally:
+            close(servers)
+    np.testing.assert_array_equal(arenas[0], arenas[1])
+
+
 # -- 1. a remote APPLY with non-finite gradients ---------------------------------------
 
 
