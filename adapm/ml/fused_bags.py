@@ -83,6 +83,8 @@ class EmbeddingBagCollection(torch.nn.Module):
         if any(b.worker is not bags[0].worker for b in bags):
             raise ValueError("the tables of a collection belong to one worker")
         self.bags = torch.nn.ModuleList(bags)
+        ranges = [b.key_range for b in bags]
+        self._ranges_ascend = all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
         self.last_update = None
         self._anchor = torch.empty(0, requires_grad=True)
 
@@ -90,6 +92,8 @@ class EmbeddingBagCollection(torch.nn.Module):
         """The distinct keys a forward of `inputs` fetches (for IntentLoader)."""
         keys = np.concatenate([bag.keys_of(_unpack(inp)[0])
                                for bag, inp in zip(self.bags, inputs)])
+        if self._ranges_ascend:  # each table's keys sorted and distinct, and below the next's
+            return keys
         return distinct_keys(keys, self.bags[0].worker.num_keys).astype(np.int64)
 
     def forward(self, inputs):

@@ -296,7 +296,8 @@ def collection_task(w, steps):
     EmbeddingBagCollection, against three torch EmbeddingBags trained by Adagrad: the
     outputs and rows equal torch's after every step; each (mode, optimizer) group (here:
     the two sum tables, the max one, the mean one) is one pool_bags and one
-    apply_bag_gradients call."""
+    apply_bag_gradients call. keys_of gives the batch's distinct keys, sorted, whatever
+    the order of the tables' key ranges."""
     torch.set_num_threads(1)
     opt = optim.Adagrad(0.2)
     specs = [dict(n=10, offset=0, mode="sum"), dict(n=12, offset=10, mode="sum", pad=3),
@@ -304,6 +305,7 @@ def collection_task(w, steps):
     ours = at.EmbeddingBagCollection([
         at.EmbeddingBag(w, s["n"], DIM, mode=s["mode"], optimizer=opt,
                         key_offset=s["offset"], padding_idx=s.get("pad")) for s in specs])
+    descending = at.EmbeddingBagCollection(list(ours.bags)[::-1])  # for keys_of
     refs = [torch.nn.EmbeddingBag(s["n"], DIM, mode=s["mode"], padding_idx=s.get("pad"))
             for s in specs]
     for s, ref in zip(specs, refs):
@@ -330,6 +332,12 @@ def collection_task(w, steps):
                   torch.from_numpy(rng.integers(0, 12, (4, 3))),
                   (torch.from_numpy(rng.integers(0, 8, 7)), torch.tensor([0, 3, 3])),
                   torch.from_numpy(rng.integers(0, 6, (4, 2)))]
+        ids = [np.asarray(inp[0] if isinstance(inp, tuple) else inp).reshape(-1)
+               for inp in inputs]
+        expected = np.unique(np.concatenate([s["offset"] + i[i != s.get("pad", -1)]
+                                             for s, i in zip(specs, ids)]))
+        np.testing.assert_array_equal(ours.keys_of(inputs), expected)  # ranges ascend
+        np.testing.assert_array_equal(descending.keys_of(inputs[::-1]), expected)
         outs = ours(inputs)
         ref_outs = [ref(*(inp if isinstance(inp, tuple) else (inp,)))
                     for ref, inp in zip(refs, inputs)]
