@@ -402,6 +402,13 @@ class Worker:
         self._check_open()
         return self._sampler.take(handle, count)
 
+    @property
+    def intents_matter(self):
+        """Whether an intent can change where keys are: a cluster of several nodes in an
+        intent-driven mode. On one node, or in static and replicate_all, w.intent only
+        checks and counts its keys; adapm.data.IntentLoader then computes none."""
+        return self._intents_matter
+
     def reaction_time(self):
         """Seconds this worker's node currently takes from an intent to a usable key, as
         it measures it (0.0 before it has acted on any): announce keys at least this far

@@ -9,7 +9,9 @@ The wrapper reads batches ahead of the training loop, signals an intent for each
 keys at the clock at which the loop will use it (`w.intent(keys, clock)`), and advances
 the worker's clock each time the loop comes back for the next batch. `batches` may be any
 iterable: a list, a generator, a `torch.utils.data.DataLoader` (whose tensors `keys_of`
-may return; they are converted with numpy).
+may return; they are converted with numpy). Where intents cannot change where keys are
+(`w.intents_matter` is False: a cluster of one node, or modes static and replicate_all)
+the wrapper still advances the clock but calls no `keys_of` and announces nothing.
 
 How far ahead: by default the wrapper measures how long the loop takes per batch, and
 reads how long the node takes to act on an intent (`w.reaction_time()`, which the node
@@ -78,6 +80,9 @@ class IntentLoader:
         queue = collections.deque()   # (batch, clock at which it is used)
         next_clock = w.clock
         exhausted = False
+        # Where intents change nothing (one node; modes static, replicate_all) keys_of is
+        # not called: its keys would only be counted.
+        announce = getattr(w, "intents_matter", True)
 
         def read_ahead():
             nonlocal next_clock, exhausted
@@ -87,9 +92,10 @@ class IntentLoader:
                 except StopIteration:
                     exhausted = True
                     return
-                keys = _as_key_array(self.keys_of(batch))
-                if keys.shape[0]:
-                    w.intent(keys, next_clock)
+                if announce:
+                    keys = _as_key_array(self.keys_of(batch))
+                    if keys.shape[0]:
+                        w.intent(keys, next_clock)
                 queue.append((batch, next_clock))
                 next_clock += 1
 
