@@ -2,7 +2,8 @@
 Adagrad in the parameter server, the MLPs under DistributedDataParallel), 2 nodes x 1
 worker on this machine, against the same model as one process with torch.nn.EmbeddingBag
 (sparse gradients) and torch.optim.Adagrad, on the same generated data, batch size and
-number of epochs, in the same run. Targets: >= 1.0x its samples/s; test AUC within 0.01.
+number of epochs, in the same run. Targets (issue 20): >= 1.3x its samples/s; test AUC
+within 0.01.
 
 Writes bench/results/ctr.json."""
 
@@ -35,7 +36,7 @@ def main(argv=None):
     if adaptive is not None:
         speed = adaptive["data_points_per_s"] / plain["data_points_per_s"]
         line("B11", f"adaptive, 2 nodes x 1 worker vs one torch process: {speed:.2f}x "
-                    "samples/s (target >= 1.0x)", verdict(speed, 1.0))
+                    "samples/s (target >= 1.3x)", verdict(speed, 1.3))
         gap = abs(adaptive["auc_after"] - plain["auc_after"])
         line("B11", f"test AUC {adaptive['auc_after']:.4f} vs {plain['auc_after']:.4f}: "
                     f"{gap:.4f} apart (target <= 0.01)", verdict(gap, 0.01,
