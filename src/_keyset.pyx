@@ -243,10 +243,13 @@ def distinct_keys(keys, uint64_t bound, bint inverse=False):
     cdef cnp.ndarray k = np.ascontiguousarray(keys).reshape(-1)
     if k.dtype.kind not in "iu":
         raise ValueError(f"keys must be integers, got dtype {k.dtype}")
-    if k.shape[0] and (k.min() < 0 or k.max() >= bound):
-        bad = int(np.flatnonzero((k < 0) | (k >= bound))[0])
+    if k.dtype.kind == "i" and k.shape[0] and k.min() < 0:
+        bad = int(np.flatnonzero(k < 0)[0])
         raise ValueError(f"key {k[bad]} at position {bad} is not in [0, {bound})")
-    k = k.astype(np.uint64, copy=False)
+    k = k.astype(np.uint64, copy=False)  # compared as uint64: no float on the way
+    if k.shape[0] and k.max() >= np.uint64(bound):
+        bad = int(np.flatnonzero(k >= np.uint64(bound))[0])
+        raise ValueError(f"key {k[bad]} at position {bad} is not in [0, {bound})")
     cdef Py_ssize_t n = k.shape[0], i, u = 0
     cdef cnp.ndarray order = np.empty(n, dtype=np.int64)
     cdef cnp.ndarray spare = np.empty(n, dtype=np.int64)

@@ -13,7 +13,7 @@ score beyond +-6) and the pair's loss added up."""
 
 cimport numpy as cnp
 from libc.math cimport expf, fabsf, log1pf, sqrt
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memset
 
 import numpy as np
@@ -37,24 +37,29 @@ cdef class KeyIndex:
 
     def index(self, keys):
         """(distinct uint64, inverse int64) of `keys` (a 1-D array of integers, each in
-        [0, num_keys)); ValueError naming the first key out of range, nothing kept."""
-        cdef cnp.ndarray k = np.ascontiguousarray(keys, dtype=np.uint64)
-        if k.ndim != 1:
-            raise ValueError(f"keys must be 1-D, got shape {np.shape(keys)}")
+        [0, num_keys)); ValueError naming the first key out of range, nothing kept. One
+        thread at a time: the GIL is held throughout, as the marks are shared."""
+        given = np.asarray(keys)
+        if given.ndim != 1 or given.dtype.kind not in "iu":
+            raise ValueError(f"keys must be a 1-D array of integers, got shape "
+                             f"{given.shape} of {given.dtype}")
+        if given.dtype.kind == "i" and given.shape[0] and given.min() < 0:
+            bad = int(np.flatnonzero(given < 0)[0])
+            raise ValueError(f"key {given[bad]} at position {bad} is not in [0, "
+                             f"{self.num_keys})")
+        cdef cnp.ndarray k = np.ascontiguousarray(given, dtype=np.uint64)
         cdef Py_ssize_t n = k.shape[0]
         cdef cnp.ndarray inverse = np.empty(n, dtype=np.int64)
         cdef cnp.ndarray distinct = np.empty(n, dtype=np.uint64)
-        cdef Py_ssize_t u, bad
-        with nogil:
-            bad = _first_out_of_range(<const uint64_t*>cnp.PyArray_DATA(k), n, self.num_keys)
-            if bad < 0:
-                u = _number(<const uint64_t*>cnp.PyArray_DATA(k), n,
-                            <int32_t*>cnp.PyArray_DATA(self.mark),
-                            <int64_t*>cnp.PyArray_DATA(inverse),
-                            <uint64_t*>cnp.PyArray_DATA(distinct))
-        if bad >= 0:
-            raise ValueError(f"key {k[bad]} at position {bad} is not in [0, "
+        cdef Py_ssize_t u = 0
+        cdef Py_ssize_t bad_at = _first_out_of_range(<const uint64_t*>cnp.PyArray_DATA(k), n,
+                                                     self.num_keys)
+        if bad_at >= 0:
+            raise ValueError(f"key {k[bad_at]} at position {bad_at} is not in [0, "
                              f"{self.num_keys})")
+        u = _number(<const uint64_t*>cnp.PyArray_DATA(k), n,
+                    <int32_t*>cnp.PyArray_DATA(self.mark), <int64_t*>cnp.PyArray_DATA(inverse),
+                    <uint64_t*>cnp.PyArray_DATA(distinct))
         return distinct[:u].copy(), inverse
 
 
@@ -123,6 +128,8 @@ cdef inline float _rate(float* acc, double a, double eps, double squares,
     if acc == NULL:
         return <float>a
     acc[0] = acc[0] + <float>(squares / dim)
+    if acc[0] < 0:  # merged replicas' deltas may undershoot, as in optimizers.pxd
+        acc[0] = 0
     return <float>(a / (sqrt(acc[0]) + eps))
 
 
@@ -170,9 +177,8 @@ cdef double _train(float* rows, Py_ssize_t dim, Py_ssize_t stride, bint adagrad,
     return loss
 
 
-def train_pairs(float[:, ::1] rows, cnp.ndarray inverse, Py_ssize_t pairs,
-                Py_ssize_t negatives, double alpha, double alpha_end, bint adagrad=False,
-                double eps=1e-8):
+def train_pairs(float[:, ::1] rows not None, cnp.ndarray inverse not None, pairs, negatives,
+                double alpha, double alpha_end, bint adagrad=False, double eps=1e-8):
     """Train a batch's pairs on `rows` (float32, distinct keys x their values: the
     batch's rows, changed in place): `inverse` (int64) holds row numbers, the pairs'
     centres (input rows), then their contexts (output rows), then `negatives` output rows
@@ -183,6 +189,7 @@ def train_pairs(float[:, ::1] rows, cnp.ndarray inverse, Py_ssize_t pairs,
     v_c) - sum log s(-u_n . v_c) (s the sigmoid; a skipped negative adds nothing)."""
     if inverse.ndim != 1 or inverse.dtype != np.int64 or not inverse.flags.c_contiguous:
         raise ValueError("inverse must be a contiguous 1-D int64 array")
+    pairs, negatives = int(pairs), int(negatives)  # Python ints: the product cannot wrap
     if pairs < 0 or negatives < 0 or inverse.shape[0] != pairs * (2 + negatives):
         raise ValueError(f"{pairs} pairs with {negatives} negatives each need "
                          f"{max(pairs, 0) * (2 + max(negatives, 0))} row numbers, got "
@@ -192,6 +199,7 @@ def train_pairs(float[:, ::1] rows, cnp.ndarray inverse, Py_ssize_t pairs,
         raise ValueError(f"learning rates must be finite and >= 0 and eps finite and > 0, "
                          f"got {alpha}, {alpha_end}, eps {eps}")
     cdef Py_ssize_t n = inverse.shape[0], stride = rows.shape[1]
+    cdef Py_ssize_t npairs = pairs, k = negatives   # fit: their product is n's
     cdef Py_ssize_t dim = stride - 1 if adagrad else stride
     if adagrad and stride < 2:
         raise ValueError("row-wise AdaGrad needs rows of a vector and an accumulator")
@@ -200,15 +208,33 @@ def train_pairs(float[:, ::1] rows, cnp.ndarray inverse, Py_ssize_t pairs,
     if bad >= 0:
         raise ValueError(f"row number {inverse[bad]} at position {bad} is not in [0, "
                          f"{rows.shape[0]})")
-    if pairs == 0 or dim == 0:
+    bad = _shared_row(idx, npairs, n, rows.shape[0])
+    if bad >= 0:  # an input row that is also an output would move under its own step
+        raise ValueError(f"row {inverse[bad]} is both a centre (input) and an output row")
+    if npairs == 0 or dim == 0:
         return 0.0
     cdef cnp.ndarray neu1e = np.empty(dim, dtype=np.float32)
     cdef double loss
     with nogil:
-        loss = _train(&rows[0, 0], dim, stride, adagrad, eps, idx, idx + pairs,
-                      idx + 2 * pairs, pairs, negatives, alpha, alpha_end,
+        loss = _train(&rows[0, 0], dim, stride, adagrad, eps, idx, idx + npairs,
+                      idx + 2 * npairs, npairs, k, alpha, alpha_end,
                       <float*>cnp.PyArray_DATA(neu1e))
     return loss
+
+
+cdef Py_ssize_t _shared_row(const int64_t* idx, Py_ssize_t pairs, Py_ssize_t n,
+                            Py_ssize_t rows):
+    """The position of the first output row number (after the `pairs` centres) that is
+    also a centre's, or -1 (all numbers already checked to be in [0, rows))."""
+    cdef cnp.ndarray centre = np.zeros(rows, dtype=np.uint8)
+    cdef uint8_t* c = <uint8_t*>cnp.PyArray_DATA(centre)
+    cdef Py_ssize_t i
+    for i in range(pairs):
+        c[idx[i]] = 1
+    for i in range(pairs, n):
+        if c[idx[i]]:
+            return i
+    return -1
 
 
 cdef Py_ssize_t _first_outside(const int64_t* idx, Py_ssize_t n, Py_ssize_t rows) noexcept nogil:

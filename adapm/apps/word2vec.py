@@ -280,9 +280,11 @@ def check(opts):
     if opts["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
                          f"{opts['optimizer']!r}")
-    if not 0 <= opts["min_lr"] <= start_rate(opts) < float("inf"):
+    if not 0 <= start_rate(opts) < float("inf"):
+        raise ValueError(f"lr must be a number >= 0, got {start_rate(opts)}")
+    if opts["optimizer"] == "sgd" and not 0 <= opts["min_lr"] <= start_rate(opts):
         raise ValueError(f"need 0 <= min_lr <= lr, got lr {start_rate(opts)}, min_lr "
-                         f"{opts['min_lr']}")
+                         f"{opts['min_lr']}")  # sgd's schedule; row-wise AdaGrad has none
     if not 0 <= opts["ns_exponent"] < float("inf"):
         raise ValueError(f"ns_exponent must be a number >= 0, got {opts['ns_exponent']}")
 

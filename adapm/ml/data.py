@@ -86,7 +86,8 @@ class IntentLoader:
 
         def read_ahead():
             nonlocal next_clock, exhausted
-            while not exhausted and len(queue) <= self.ahead():
+            # Nothing announced: one batch at a time (reading ahead would gain nothing).
+            while not exhausted and len(queue) <= (self.ahead() if announce else 0):
                 try:
                     batch = next(source)
                 except StopIteration:

@@ -53,18 +53,25 @@ def test_each_batch_is_announced_lookahead_clocks_before_its_use(lookahead):
 
 
 def one_node_loader_task(w):
-    """IntentLoader on a worker whose intents change nothing: keys_of is never called."""
-    called = []
-    for _ in IntentLoader(w, plan(6), keys_of=lambda b: called.append(b) or b):
-        pass
-    return w.intents_matter, len(called), w.clock, w.stats()["intents"]
+    """IntentLoader on a worker whose intents change nothing: keys_of is never called,
+    and batches are read one at a time (nothing is gained by reading ahead)."""
+    called, produced, seen = [], [], []
+
+    def batches():
+        for batch in plan(6):
+            produced.append(batch)
+            yield batch
+
+    for _ in IntentLoader(w, batches(), keys_of=lambda b: called.append(b) or b):
+        seen.append(len(produced))
+    return w.intents_matter, len(called), w.clock, w.stats()["intents"], seen
 
 
 def test_where_intents_change_nothing_no_keys_are_computed():
     for nodes, mode in ((1, "adaptive"), (2, "static")):
         [result, *_] = adapm.run(one_node_loader_task, nodes=nodes, num_keys=1000,
                                  value_length=2, mode=mode)
-        assert result == (False, 0, 6, 0)   # the clock advanced once per batch
+        assert result == (False, 0, 6, 0, [1, 2, 3, 4, 5, 6])   # a clock step a batch
     # a worker that does not say (a stand-in) is announced to, as before
     w = RecordingWorker()
     for _ in IntentLoader(w, plan(3), keys_of=lambda b: b, lookahead=1):

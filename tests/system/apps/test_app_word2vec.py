@@ -399,6 +399,7 @@ def test_sgd_is_word2vecs_own_rate_schedule_and_trains_too():
     r = word2vec.run(dict(TINY, optimizer="sgd"), nodes=1, workers_per_node=1)
     assert r["heldout_after"] < 0.6 * r["heldout_before"]      # measured: 0.47 of it
     assert r["precision"] >= 0.8
+    word2vec.check(dict(word2vec.DEFAULTS, lr=5e-5))  # min_lr is sgd's alone
     for bad, match in ((dict(optimizer="adam"), "optimizer"),
                        (dict(optimizer="sgd", lr=0.01, min_lr=0.02), "min_lr <= lr")):
         with pytest.raises(ValueError, match=match):

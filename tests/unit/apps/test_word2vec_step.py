@@ -112,7 +112,25 @@ def test_bad_batches_are_refused_with_the_rows_unchanged():
             train_pairs(*args)
     with pytest.raises((ValueError, TypeError)):
         train_pairs(rows.astype(np.float64), inverse, n, 5, 0.1, 0.1)
+    with pytest.raises(ValueError, match="row numbers"):  # a count whose product wraps
+        train_pairs(rows, np.zeros(0, np.int64), 2 ** 62, 2, 0.1, 0.1)
+    with pytest.raises(TypeError):
+        train_pairs(rows, None, 0, 0, 0.1, 0.1)
+    shared = inverse.copy()
+    shared[n + 3] = shared[0]   # a context row that is also a centre's
+    with pytest.raises(ValueError, match="both a centre"):
+        train_pairs(rows, shared, n, 5, 0.1, 0.1)
     np.testing.assert_array_equal(rows, before)
+
+
+def test_a_negative_accumulator_is_taken_as_zero_not_rooted():
+    """Merged replicas' deltas may leave an accumulator a little below zero: the rate is
+    then taken from zero, as the table's RowWiseAdagrad takes it, never a NaN."""
+    rows, centres, contexts, negatives = batch(5, dim=8)
+    rows = np.concatenate([rows, np.full((rows.shape[0], 1), -1e-6, np.float32)], axis=1)
+    train_pairs(rows, inverse_of(centres, contexts, negatives), len(centres), 5, 0.1, 0.1,
+                True)
+    assert np.isfinite(rows).all() and (rows[:, -1] >= 0).all()
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -134,6 +152,10 @@ def test_key_index_refuses_keys_out_of_range_and_keeps_working():
         index.index(np.array([1, 2, 10, 3]))
     with pytest.raises(ValueError, match="1-D"):
         index.index(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="integers"):
+        index.index(np.array([1.7, 2.2]))   # never truncated
+    with pytest.raises(ValueError, match="key -1 at position 1"):
+        index.index(np.array([1, -1]))
     distinct, inverse = index.index(np.array([3, 1, 3, 9]))
     assert distinct.tolist() == [3, 1, 9] and inverse.tolist() == [0, 1, 0, 2]
     for bad in (0, 2 ** 31):

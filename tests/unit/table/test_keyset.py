@@ -160,16 +160,18 @@ def test_distinct_keys_is_numpys_unique_with_its_inverse(seed):
     radix passes, int64 and uint64 keys, empty and repeated batches."""
     from adapm.table._keyset import distinct_keys
     rng = np.random.default_rng(seed)
-    for bound in (1, 7, 2048, 5_000, 3_000_000, 1 << 62):
-        for size in (0, 1, 50, 5_000):
-            keys = rng.integers(0, bound, size, dtype=np.int64)
-            keys = keys.astype(np.uint64) if size % 2 else keys
-            unique, inverse = np.unique(keys, return_inverse=True)
-            ours, where = distinct_keys(keys, bound, inverse=True)
-            assert ours.dtype == np.uint64 and where.dtype == np.int64
-            np.testing.assert_array_equal(ours, unique.astype(np.uint64))
-            np.testing.assert_array_equal(where, inverse.reshape(-1))
-            np.testing.assert_array_equal(distinct_keys(keys, bound), ours)
+    cases = [(bound, rng.integers(0, bound, size, dtype=np.int64).astype(dtype))
+             for bound in (1, 7, 2048, 2049, 5_000, 3_000_000, 1 << 62)
+             for size in (0, 1, 50, 5_000) for dtype in (np.int64, np.uint64)]
+    high = (1 << 64) - 1  # uint64 keys above 2**63, up to the largest bound there is
+    cases.append((high, rng.integers(1 << 63, high, 3000, dtype=np.uint64)))
+    for bound, keys in cases:
+        unique, inverse = np.unique(keys, return_inverse=True)
+        ours, where = distinct_keys(keys, bound, inverse=True)
+        assert ours.dtype == np.uint64 and where.dtype == np.int64
+        np.testing.assert_array_equal(ours, unique.astype(np.uint64))
+        np.testing.assert_array_equal(where, inverse.reshape(-1))
+        np.testing.assert_array_equal(distinct_keys(keys, bound), ours)
     # 2-D input is taken flat, as np.unique takes it
     np.testing.assert_array_equal(distinct_keys(np.array([[3, 1], [3, 0]]), 4), [0, 1, 3])
     for bad, match in ((np.array([1, 4, 2]), "key 4 at position 1"),
