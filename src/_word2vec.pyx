@@ -24,9 +24,11 @@ cnp.import_array()
 cdef class KeyIndex:
     """Numbers of keys in [0, num_keys) per batch: index(keys) gives (distinct, inverse),
     distinct[inverse] == keys, distinct in order of first appearance. One mark (int32)
-    per key of the table, reset after every batch."""
+    per key of the table, reset after every batch, and room for every key as distinct
+    (kept between batches: a fresh array of a batch's size costs its page faults)."""
 
     cdef cnp.ndarray mark
+    cdef cnp.ndarray distinct
     cdef readonly uint64_t num_keys
 
     def __cinit__(self, uint64_t num_keys):
@@ -34,6 +36,7 @@ cdef class KeyIndex:
             raise ValueError(f"KeyIndex needs 1 <= num_keys < 2**31, got {num_keys}")
         self.num_keys = num_keys
         self.mark = np.full(num_keys, -1, dtype=np.int32)
+        self.distinct = np.empty(num_keys, dtype=np.uint64)
 
     def index(self, keys):
         """(distinct uint64, inverse int64) of `keys` (a 1-D array of integers, each in
@@ -47,10 +50,12 @@ cdef class KeyIndex:
             bad = int(np.flatnonzero(given < 0)[0])
             raise ValueError(f"key {given[bad]} at position {bad} is not in [0, "
                              f"{self.num_keys})")
+        if given.dtype == np.int64:  # none negative: the same bits as uint64, no copy
+            given = np.ascontiguousarray(given).view(np.uint64)
         cdef cnp.ndarray k = np.ascontiguousarray(given, dtype=np.uint64)
         cdef Py_ssize_t n = k.shape[0]
         cdef cnp.ndarray inverse = np.empty(n, dtype=np.int64)
-        cdef cnp.ndarray distinct = np.empty(n, dtype=np.uint64)
+        cdef cnp.ndarray distinct = self.distinct
         cdef Py_ssize_t u = 0
         cdef Py_ssize_t bad_at = _first_out_of_range(<const uint64_t*>cnp.PyArray_DATA(k), n,
                                                      self.num_keys)
