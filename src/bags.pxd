@@ -22,6 +22,21 @@ cdef enum:
     BAG_MAX = 2
 
 
+cdef inline void _add_scaled(float* acc, const float* x, const float* scale, Py_ssize_t at,
+                             uint64_t dim) noexcept nogil:
+    """acc += scale[at] * x, or acc += x when scale is NULL (no multiply by one): an
+    entry's row into its bag (forward), or its bag's gradient into its row's (backward)."""
+    cdef uint64_t j
+    cdef float s
+    if scale == NULL:
+        for j in range(dim):
+            acc[j] = acc[j] + x[j]
+    else:
+        s = scale[at]
+        for j in range(dim):
+            acc[j] = acc[j] + s * x[j]
+
+
 cdef inline int64_t _bag_pool(Batch* batch, const float* arena, const int64_t* bags,
                               const float* scale, int mode, uint64_t dim, uint64_t uniform,
                               float* out, int64_t* argmax, uint32_t* counts, float* row,
@@ -39,7 +54,6 @@ cdef inline int64_t _bag_pool(Batch* batch, const float* arena, const int64_t* b
     cdef uint64_t j
     cdef int64_t nmiss = 0, bag
     cdef int got
-    cdef float s
     cdef float* o
     cdef int64_t* a
     cdef const void* ahead
@@ -70,13 +84,8 @@ cdef inline int64_t _bag_pool(Batch* batch, const float* arena, const int64_t* b
                 if a[j] < 0 or row[j] > o[j]:
                     o[j] = row[j]
                     a[j] = i
-        elif scale != NULL:
-            s = scale[i]
-            for j in range(dim):
-                o[j] = o[j] + s * row[j]
         else:
-            for j in range(dim):
-                o[j] = o[j] + row[j]
+            _add_scaled(o, row, scale, i, dim)
         counts[bag] += 1
     return nmiss
 
@@ -110,7 +119,6 @@ cdef inline Py_ssize_t _bag_grads_by_key(const uint64_t* keys, const int64_t* or
     cdef const float* g
     cdef const int64_t* a
     cdef float* acc = summed
-    cdef float s
     for i in range(n):
         e = order[i]
         key = keys[e]
@@ -125,11 +133,6 @@ cdef inline Py_ssize_t _bag_grads_by_key(const uint64_t* keys, const int64_t* or
             for j in range(dim):
                 if a[j] == e:
                     acc[j] = acc[j] + g[j]
-        elif scale != NULL:
-            s = scale[e]
-            for j in range(dim):
-                acc[j] = acc[j] + s * g[j]
         else:
-            for j in range(dim):
-                acc[j] = acc[j] + g[j]
+            _add_scaled(acc, g, scale, e, dim)
     return u
