@@ -391,8 +391,7 @@ class Worker:
     def pull_sample(self, handle, count=None):
         """The next `count` (default: all remaining) keys of a prepare_sample handle and
         their values: (keys uint64 array, values array of shape (count, value_length))."""
-        self._check_open()
-        keys = self._sampler.take(handle, count)
+        keys = self.sample_keys(handle, count)
         return keys, self.pull(keys)
 
     def sample_keys(self, handle, count=None):
